@@ -1,0 +1,86 @@
+"""The default job: a tiny byte-level LM on Python's standard library, packed rows.
+
+    python -m lcx.main --config configs/lm_tiny.py --workdir runs/lm_tiny
+    python -m lcx.main --config configs/lm_tiny.py:smoke --workdir /tmp/smoke   # seconds
+
+Reaches a clearly falling loss (about 5.5 -> below 2.5 nats per byte) in under ten
+minutes on a 2-core CPU.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+    """`arg`: None for the full run, 'smoke' for a seconds-long CPU run."""
+    if arg not in (None, "", "smoke"):
+        raise ValueError(f"configs/lm_tiny.py takes no argument or 'smoke'; got {arg!r}")
+    smoke = arg == "smoke"
+    c = config_dict.ConfigDict()
+    c.mode = "train"
+    c.seed = 0
+
+    c.data = dict(
+        paths=(),  # empty: the embedded corpus (Python's standard library sources)
+        packing="first_fit",  # first_fit | best_fit | padded
+        num_packing_bins=0,  # 0: one bin per row of the batch
+        eval_fraction=0.02,
+        max_documents=0,  # 0: all
+        cache=True,  # tokenized corpus cached as zarr in WORKDIR/cache
+    )
+    c.train = dict(
+        steps=600,
+        batch_size=16,
+        seq_len=256,
+        log_every=10,
+        eval_every=200,
+        eval_batches=8,
+        checkpoint_every=200,
+        keep_checkpoints=2,
+        async_checkpoints=True,
+        progress=True,
+    )
+    c.optimizer = dict(
+        learning_rate=3e-3,
+        warmup_steps=50,
+        end_lr_fraction=0.1,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.1,
+        grad_clip=1.0,
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
+    # Logical axis -> mesh axes. Batch over data and fsdp; parameters FSDP-sharded on
+    # their model dimension and tensor-parallel on heads and the MLP width.
+    c.sharding_rules = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("vocab", "tensor"),
+    )
+    c.model = dict(
+        vocab_size=384,
+        d_model=256,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        mlp_dim=768,
+        rope_theta=10_000.0,
+        norm_eps=1e-6,
+        dtype="float32",
+        attention_implementation=config_dict.placeholder(str),
+        attention_window=config_dict.placeholder(int),
+    )
+
+    if smoke:
+        c.data.max_documents = 40
+        c.train.update(steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=2, eval_batches=1)
+        c.train.update(checkpoint_every=2, progress=False)
+        c.optimizer.warmup_steps = 1
+        c.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
+        c.model.mlp_dim = 64
+    return c

@@ -1,0 +1,139 @@
+"""Tokenized corpus cache: a flat token array and document offsets in zarr via tensorstore.
+
+The first run tokenizes and writes `WORKDIR/cache/corpus-<fingerprint>/`; later runs with
+the same files (path, size, mtime) and tokenizer read it back. The directory is written
+under a temporary name and renamed into place, so an interrupted run never leaves a
+half-written cache that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+import numpy as np
+import tensorstore as ts
+
+from lcx.data.corpus import Document
+from lcx.data.tokenizer import ByteTokenizer
+
+_CHUNK = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedCorpus:
+    """Documents as one flat uint16 token array plus offsets (document i is [o[i], o[i+1]))."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    num_empty_skipped: int = 0
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def document(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+def fingerprint(docs: Sequence[Document], tokenizer: ByteTokenizer) -> str:
+    """A digest that changes whenever a file or the tokenizer changes."""
+    h = hashlib.sha256(tokenizer.name.encode())
+    for d in docs:
+        h.update(f"{d.path}\0{d.relpath}\0{d.size}\0{d.mtime_ns}\n".encode("utf-8", "replace"))
+    return h.hexdigest()[:20]
+
+
+def tokenize_documents(docs: Sequence[Document], tokenizer: ByteTokenizer) -> TokenizedCorpus:
+    """Read and tokenize every document; empty files are skipped and counted."""
+    pieces, lengths, empty = [], [0], 0
+    for doc in docs:
+        try:
+            with open(doc.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ValueError(f"data.paths: cannot read {doc.path!r}: {e.strerror}") from None
+        if not data:
+            empty += 1
+            continue
+        ids = tokenizer.encode(data)
+        pieces.append(ids)
+        lengths.append(len(ids))
+    if not pieces:
+        raise ValueError(
+            f"the corpus has no non-empty documents ({len(docs)} files, {empty} empty)"
+        )
+    tokens = np.concatenate(pieces).astype(np.uint16)
+    return TokenizedCorpus(tokens, np.cumsum(lengths, dtype=np.int64), empty)
+
+
+def _zarr_spec(path, dtype, shape):
+    """A tensorstore spec for a 1-D zarr array on the local file system."""
+    return {
+        "driver": "zarr",
+        "kvstore": {"driver": "file", "path": path},
+        "metadata": {"dtype": dtype, "shape": list(shape), "chunks": [min(_CHUNK, max(1, *shape))]},
+    }
+
+
+def _write(directory, corpus):
+    """Write `corpus` as zarr arrays plus a manifest into `directory`."""
+    for name, dtype, array in (
+        ("tokens", "<u2", corpus.tokens),
+        ("offsets", "<i8", corpus.offsets),
+    ):
+        spec = _zarr_spec(os.path.join(directory, name), dtype, array.shape)
+        store = ts.open(spec, create=True).result()
+        store.write(array).result()
+    manifest = {"num_empty_skipped": corpus.num_empty_skipped, "version": 1}
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+
+
+def _read(directory) -> TokenizedCorpus:
+    """Read back a corpus written by `_write`."""
+    with open(os.path.join(directory, "manifest.json")) as f:
+        manifest = json.load(f)
+    arrays = {}
+    for name in ("tokens", "offsets"):
+        spec = {
+            "driver": "zarr",
+            "kvstore": {"driver": "file", "path": os.path.join(directory, name)},
+        }
+        arrays[name] = ts.open(spec, open=True).result().read().result()
+    return TokenizedCorpus(arrays["tokens"], arrays["offsets"], manifest["num_empty_skipped"])
+
+
+def load_or_tokenize(
+    docs: Sequence[Document], tokenizer: ByteTokenizer, cache_dir: str | None
+) -> TokenizedCorpus:
+    """Tokenized `docs`, from the zarr cache in `cache_dir` when present (None: no cache)."""
+    if cache_dir is None:
+        return tokenize_documents(docs, tokenizer)
+    final = os.path.join(cache_dir, f"corpus-{fingerprint(docs, tokenizer)}")
+    if os.path.exists(os.path.join(final, "manifest.json")):
+        return _read(final)
+    corpus = tokenize_documents(docs, tokenizer)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".corpus-", dir=cache_dir)
+    try:
+        _write(tmp, corpus)
+        os.replace(tmp, final)
+    except OSError:
+        # Another process finished the same cache first, or the disk failed: keep
+        # the in-memory result and leave no partial directory behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+    return corpus

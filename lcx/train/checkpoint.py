@@ -1,0 +1,60 @@
+"""Orbax checkpoints of the train state together with the grain iterator state.
+
+Saves are asynchronous for the arrays; the iterator state is a small JSON file per
+process written by grain's own orbax handler. Orbax writes each step to a temporary
+directory and renames it on completion, so `latest_step` only ever sees finished
+checkpoints and an interrupted save never corrupts an earlier one.
+"""
+
+from __future__ import annotations
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """A CheckpointManager holding items `state` (TrainState) and `data` (iterator)."""
+
+    def __init__(self, directory: str, *, keep: int, save_every: int, async_save: bool = True):
+        if keep <= 0 or save_every <= 0:
+            raise ValueError(
+                f"train.keep_checkpoints={keep} and train.checkpoint_every={save_every} "
+                "must be positive"
+            )
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=save_every,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+        """Save if `step` is on the interval (or `force`); returns whether it saved."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+        )
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """Restore the state into `abstract_state`'s shardings; the iterator in place."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def close(self):
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(shapes, shardings):
+    """ShapeDtypeStructs carrying the target shardings, for restoring."""
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )

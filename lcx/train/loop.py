@@ -1,0 +1,189 @@
+"""The training and evaluation loops: `train_and_evaluate(config, workdir)`.
+
+Metrics are read one step late so the host never waits on the step it just
+dispatched; tokens/s counts real (non-padding) target tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from lcx.model import TransformerConfig
+from lcx.packing import batch_stats
+from lcx.train import input as data_input
+from lcx.train import sharding as sh
+from lcx.train import step as steplib
+from lcx.train.checkpoint import Checkpointer, abstract_like
+from lcx.train.metrics import MetricsWriter, Progress
+
+
+def ensure_workdir(workdir: str) -> str:
+    """Create `workdir` if needed and check that it is writable."""
+    if not workdir:
+        raise ValueError("--workdir is required: a directory for checkpoints and metrics")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ValueError(f"--workdir {workdir!r} is not writable: {e.strerror}") from None
+    return workdir
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything built once from a config: mesh, model, optimizer, shardings, steps."""
+
+    config: object
+    workdir: str
+
+    def __post_init__(self):
+        c = self.config
+        self.model_cfg = TransformerConfig(**c.model)
+        self.mesh = sh.make_mesh(sh.MeshShape(**c.mesh))
+        self.rules = tuple(tuple(r) for r in c.sharding_rules)
+        divisor = sh.batch_divisor(self.mesh, self.rules)
+        if c.train.batch_size % divisor:
+            raise ValueError(
+                f"train.batch_size={c.train.batch_size} must be a multiple of the "
+                f"{divisor} batch shards of config.mesh"
+            )
+        self.opt_cfg = steplib.OptimizerConfig(
+            total_steps=c.train.steps, **{k: v for k, v in c.optimizer.items()}
+        )
+        self.tx = steplib.make_optimizer(self.opt_cfg)
+        self.schedule = steplib.learning_rate_schedule(self.opt_cfg)
+        self.graphdef, _ = steplib.abstract_model(self.model_cfg)
+        self.shardings = steplib.state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
+        self.batch_sharding = sh.batch_sharding(self.mesh, self.rules)
+        self.checkpointer = Checkpointer(
+            os.path.join(self.workdir, "checkpoints"),
+            keep=c.train.keep_checkpoints,
+            save_every=c.train.checkpoint_every,
+            async_save=c.train.async_checkpoints,
+        )
+
+    def dataset(self, split: str):
+        """The grain dataset of one split."""
+        c = self.config
+        corpus = data_input.load_split(c.data, split, self.workdir)
+        return data_input.make_dataset(
+            corpus,
+            c.data,
+            seq_len=c.train.seq_len,
+            global_batch_size=c.train.batch_size,
+            seed=c.seed,
+            train=split == "train",
+        )
+
+    def restore_or_init(self, data_iterator=None):
+        """The latest checkpoint's state (and iterator), else a fresh state."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return steplib.init_state(self.model_cfg, self.tx, self.config.seed, self.shardings)
+        shapes = jax.eval_shape(
+            lambda: steplib.init_state(self.model_cfg, self.tx, self.config.seed, self.shardings)
+        )
+        abstract = abstract_like(shapes, self.shardings)
+        return self.checkpointer.restore(step, abstract, data_iterator)
+
+    def evaluator(self):
+        """A function params -> mean eval loss over `train.eval_batches` fixed batches."""
+        eval_ds = self.dataset("eval")
+        eval_step = steplib.make_eval_step(
+            self.graphdef, self.shardings.params, self.batch_sharding
+        )
+        num_batches = self.config.train.eval_batches
+
+        def evaluate(params):
+            total, count = 0.0, 0
+            for _, batch in zip(range(num_batches), iter(eval_ds)):
+                loss_sum, n = eval_step(params, sh.put_batch(batch, self.batch_sharding))
+                total, count = total + float(loss_sum), count + int(n)
+            return total / max(count, 1)
+
+        return evaluate
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train `config.train.steps` steps, resuming from WORKDIR/checkpoints if present.
+
+    Returns the last logged record.
+    """
+    ensure_workdir(workdir)
+    exp = Experiment(config, workdir)
+    tc = config.train
+    data_iter = iter(exp.dataset("train"))
+    state = exp.restore_or_init(data_iter)
+    evaluate = exp.evaluator() if tc.eval_every > 0 else None
+    train_step = steplib.make_train_step(exp.graphdef, exp.tx, exp.shardings, exp.batch_sharding)
+    writer = MetricsWriter(workdir)
+    start = int(state.step)
+    progress = Progress(tc.steps, start, enabled=tc.progress)
+    window = {"real_tokens": 0, "target_tokens": 0, "padding": [], "t0": time.perf_counter()}
+    pending, last = None, {}
+
+    def log(step, metrics, stats):
+        """Fold one finished step into the window; write a record on log steps."""
+        nonlocal last
+        window["real_tokens"] += stats["real_tokens"]
+        window["target_tokens"] += stats["target_tokens"]
+        window["padding"].append(stats["padding_fraction"])
+        if step % tc.log_every and step != tc.steps:
+            return
+        metrics = jax.device_get(metrics)
+        elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+        last = {
+            "step": step,
+            "loss": float(metrics["loss"]),
+            "grad_norm": float(metrics["grad_norm"]),
+            "learning_rate": float(exp.schedule(step - 1)),
+            "tokens_per_sec": window["target_tokens"] / elapsed,
+            "real_tokens_per_sec": window["real_tokens"] / elapsed,
+            "padding_fraction": float(np.mean(window["padding"])),
+        }
+        writer.write(last)
+        progress.update(step, last)
+        window.update(real_tokens=0, target_tokens=0, padding=[], t0=time.perf_counter())
+
+    for step in range(start + 1, tc.steps + 1):
+        batch = next(data_iter)
+        stats = batch_stats(batch)
+        state, metrics = train_step(state, sh.put_batch(batch, exp.batch_sharding))
+        if pending is not None:
+            log(*pending)  # the previous step: its metrics are ready by now
+        pending = (step, metrics, stats)
+        exp.checkpointer.save(step, state, data_iter, force=step == tc.steps)
+        if evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps):
+            log(*pending)
+            pending = None
+            eval_loss = evaluate(state.params)
+            writer.write({"step": step, "eval_loss": eval_loss})
+            progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
+            last["eval_loss"] = eval_loss
+            window["t0"] = time.perf_counter()  # eval time is not training time
+    if pending is not None:
+        log(*pending)
+    progress.close()
+    exp.checkpointer.close()
+    return last
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+    """Evaluate the latest checkpoint in WORKDIR on the eval split."""
+    ensure_workdir(workdir)
+    exp = Experiment(config, workdir)
+    step = exp.checkpointer.latest_step()
+    if step is None:
+        raise ValueError(f"--workdir {workdir!r} has no checkpoint to evaluate; train first")
+    state = exp.restore_or_init()
+    record = {"step": step, "eval_loss": exp.evaluator()(state.params)}
+    MetricsWriter(workdir).write(record)
+    exp.checkpointer.close()
+    return record
