@@ -175,9 +175,18 @@ class Transformer(nnx.Module):
             segment_ids_BxT = jnp.ones((b, t), jnp.int32)
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        dt = self.cfg.compute_dtype
-        x_BxTxE = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        return self.logits_from_embeddings(
+            self.embed_tokens(tokens_BxT), segment_ids_BxT, positions_BxT
+        )
+
+    def embed_tokens(self, tokens_BxT):
+        """Token embeddings [B, T, E] in the compute dtype."""
+        return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+
+    def logits_from_embeddings(self, x_BxTxE, segment_ids_BxT, positions_BxT):
+        """The decoder stack and unembedding; float32 logits [B, T, V]."""
         for block in self.blocks:
             x_BxTxE = block(x_BxTxE, segment_ids_BxT, positions_BxT)
         x_BxTxE = self.final_norm(x_BxTxE)
-        return jnp.einsum("bte,ev->btv", x_BxTxE, self.unembed[...].astype(dt)).astype(jnp.float32)
+        unembed = self.unembed[...].astype(self.cfg.compute_dtype)
+        return jnp.einsum("bte,ev->btv", x_BxTxE, unembed).astype(jnp.float32)

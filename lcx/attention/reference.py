@@ -64,11 +64,12 @@ def reference_attention(q, k, v, segment_ids=None, *, causal=True, window=None, 
         segment_ids = jnp.ones((b, t), jnp.int32)
     scale = d**-0.5 if scale is None else scale
     q_BxTxKxGxD = q.reshape(b, t, hkv, hq // hkv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k, preferred_element_type=jnp.float32)
+    acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 for bf16, float64 under x64
+    logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k, preferred_element_type=acc)
     logits = logits * scale
     mask_BxTxS = visibility_mask(segment_ids, causal=causal, window=window)[:, None, None]
     # A finite fill keeps fully masked (padding) rows free of NaN in both passes.
-    logits = jnp.where(mask_BxTxS, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask_BxTxS, logits, jnp.finfo(acc).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(mask_BxTxS, probs, 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)

@@ -111,10 +111,11 @@ class Experiment:
         return evaluate
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Train `config.train.steps` steps, resuming from WORKDIR/checkpoints if present.
+def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Train to `config.train.steps`, resuming from WORKDIR/checkpoints if present.
 
-    Returns the last logged record.
+    `stop_after` ends this invocation early (checkpointing first), as a preemption
+    would: a later call resumes on the same schedule. Returns the last logged record.
     """
     ensure_workdir(workdir)
     exp = Experiment(config, workdir)
@@ -152,14 +153,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.update(step, last)
         window.update(real_tokens=0, target_tokens=0, padding=[], t0=time.perf_counter())
 
-    for step in range(start + 1, tc.steps + 1):
+    end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    for step in range(start + 1, end + 1):
         batch = next(data_iter)
         stats = batch_stats(batch)
         state, metrics = train_step(state, sh.put_batch(batch, exp.batch_sharding))
         if pending is not None:
             log(*pending)  # the previous step: its metrics are ready by now
         pending = (step, metrics, stats)
-        exp.checkpointer.save(step, state, data_iter, force=step == tc.steps)
+        exp.checkpointer.save(step, state, data_iter, force=step == end)
         if evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps):
             log(*pending)
             pending = None

@@ -71,9 +71,9 @@ def abstract_model(model_cfg: TransformerConfig):
 def state_shardings(model_cfg, tx, mesh, rules):
     """NamedShardings for every leaf of TrainState, from the parameters' logical names."""
     _, abstract_params = abstract_model(model_cfg)
-    param_specs = nnx.get_partition_spec(abstract_params).to_pure_dict()
+    param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     param_shardings = sh.logical_to_sharding(param_specs, mesh, rules)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params.to_pure_dict())
+    abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
     opt_shardings = optax.tree_map_params(
         tx,
         lambda _, s: s,
@@ -88,7 +88,7 @@ def init_state(model_cfg, tx, seed, shardings) -> TrainState:
     """Initialise parameters and optimizer directly into their shardings."""
 
     def init():
-        params = nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(seed))).to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(seed))))
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
     return jax.jit(init, out_shardings=shardings)()
@@ -119,7 +119,7 @@ def make_train_step(graphdef, tx, shardings, batch_sharding):
         (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "target_tokens": count}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
         return TrainState(state.step + 1, params, opt_state), metrics
 
     metrics_sharding = sh.replicated(batch_sharding.mesh)

@@ -1,0 +1,92 @@
+"""Packing accounting: every token of the corpus appears exactly once per epoch."""
+
+import numpy as np
+import pytest
+
+from lcx.data import ByteTokenizer, select_documents, tokenize_documents
+from lcx.packing import STRATEGIES, DocumentPieces, PipelineOptions, batch_stats, packed_dataset
+
+SEQ_LEN = 64
+
+
+@pytest.fixture
+def corpus(text_corpus):
+    docs = select_documents([text_corpus], "train", eval_fraction=0.1)
+    return tokenize_documents(docs, ByteTokenizer())
+
+
+def _runs(segment_ids_row):
+    """(start, end) of each maximal run of one non-zero id."""
+    runs, start = [], None
+    for t, s in enumerate(list(segment_ids_row) + [0]):
+        if start is not None and (s != segment_ids_row[start] if t < len(segment_ids_row) else True):
+            runs.append((start, t))
+            start = None
+        if start is None and t < len(segment_ids_row) and s != 0:
+            start = t
+    return runs
+
+
+@pytest.mark.parametrize("packing", STRATEGIES)
+def test_every_token_exactly_once(corpus, packing):
+    assert corpus.lengths.max() > SEQ_LEN, "fixture must contain documents longer than a row"
+    opts = PipelineOptions(
+        seq_len=SEQ_LEN, batch_size=3, packing=packing, num_epochs=1, seed=7, pad_id=258
+    )
+    pieces_seen = []
+    for batch in packed_dataset(corpus, opts):
+        for tokens, seg, pos in zip(batch["tokens"], batch["segment_ids"], batch["positions"]):
+            assert np.all(tokens[seg == 0] == 258)
+            ids = [seg[s] for s, _ in _runs(seg)]
+            assert len(ids) == len(set(ids)), "a segment id reappears later in the row"
+            for start, end in _runs(seg):
+                np.testing.assert_array_equal(pos[start:end], np.arange(end - start))
+                pieces_seen.append(tuple(tokens[start:end]))
+    pieces = DocumentPieces(corpus, SEQ_LEN)
+    expected = sorted(tuple(pieces[i]["tokens"]) for i in range(len(pieces)))
+    assert sorted(pieces_seen) == expected
+    # Pieces concatenate back to the whole corpus: long documents split, none dropped.
+    total = sum(len(p) for p in pieces_seen)
+    assert total == corpus.num_tokens
+    assert len(pieces) > corpus.num_documents  # some documents were split
+
+
+def test_pieces_are_consecutive(corpus):
+    pieces = DocumentPieces(corpus, SEQ_LEN)
+    assert np.all(pieces.ends - pieces.starts <= SEQ_LEN)
+    assert np.all(pieces.ends > pieces.starts)
+    np.testing.assert_array_equal(np.sort(pieces.starts)[1:], np.sort(pieces.ends)[:-1])
+
+
+def test_packing_beats_padding(corpus):
+    def padding(packing):
+        opts = PipelineOptions(seq_len=SEQ_LEN, batch_size=4, packing=packing, num_epochs=1)
+        stats = [batch_stats(b) for b in packed_dataset(corpus, opts)]
+        return 1 - sum(s["real_tokens"] for s in stats) / sum(
+            len(b["tokens"]) * SEQ_LEN for b in packed_dataset(corpus, opts)
+        )
+
+    assert padding("first_fit") < padding("padded")
+
+
+def test_iterator_state_resumes_exactly(corpus):
+    opts = PipelineOptions(seq_len=SEQ_LEN, batch_size=2, seed=3)
+    ds = packed_dataset(corpus, opts)
+    it = iter(ds)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    resumed = iter(ds)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="data.packing"):
+        PipelineOptions(seq_len=8, batch_size=2, packing="zigzag")
+    with pytest.raises(ValueError, match="seq_len"):
+        PipelineOptions(seq_len=0, batch_size=2)
