@@ -136,7 +136,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
         window["real_tokens"] += stats["real_tokens"]
         window["target_tokens"] += stats["target_tokens"]
         window["padding"].append(stats["padding_fraction"])
-        if step % tc.log_every and step != tc.steps:
+        if step % tc.log_every and step not in (start + 1, tc.steps):
             return
         metrics = jax.device_get(metrics)
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)

@@ -1,0 +1,65 @@
+"""The command line: a smoke run, and one-line errors (no traceback) for user mistakes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = "configs/lm_tiny.py:smoke"
+
+
+def _main(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "lcx.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+
+
+def test_smoke_run_from_the_command_line(tmp_path):
+    workdir = tmp_path / "run"
+    result = _main("--config", SMOKE, "--workdir", str(workdir), "--config.train.steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "metrics.jsonl").exists()
+    assert (workdir / "checkpoints" / "2").exists()
+    result = _main("--config", SMOKE, "--workdir", str(workdir), "--config.mode=eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval_loss" in (workdir / "metrics.jsonl").read_text().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["--config.train.stepz=3"], "no key 'stepz'"),
+        (["--config.train.steps=abc"], "--config.train.steps"),
+        (["--config.data.paths=/no/such/corpus"], "does not exist"),
+        (["--config.data.packing=zigzag"], "data.packing"),
+        (["--config.mode=eval"], "no checkpoint"),
+        (["--config.mode=dance"], "config.mode"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, extra, expected):
+    result = _main("--config", SMOKE, "--workdir", str(tmp_path / "w"), *extra)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("lcx: error")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = _main("--config", SMOKE, "--workdir", str(blocker / "sub"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--workdir" in result.stderr and "not writable" in result.stderr
+
+
+def test_missing_config_file(tmp_path):
+    result = _main("--config", "configs/nope.py", "--workdir", str(tmp_path))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "configs/nope.py" in result.stderr

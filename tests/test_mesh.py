@@ -1,0 +1,65 @@
+"""The same training steps on 1 CPU device and on a data=2, fsdp=4 mesh of 8 agree.
+
+Runs in a subprocess: the 8 host devices must be requested before jax starts.
+"""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r"""
+import jax, numpy as np
+from configs import lm_tiny
+from lcx.model import TransformerConfig
+from lcx.train import sharding as sh, step as steplib
+
+assert jax.device_count() == 8, jax.devices()
+c = lm_tiny.get_config("smoke")
+rules = tuple(tuple(r) for r in c.sharding_rules)
+model_cfg = TransformerConfig(**c.model)
+tx = steplib.make_optimizer(steplib.OptimizerConfig(total_steps=10, **c.optimizer))
+graphdef, _ = steplib.abstract_model(model_cfg)
+
+rng = np.random.default_rng()
+b, t = 8, 32
+segment_ids = np.sort(rng.integers(0, 4, (b, t)), axis=1).astype(np.int32)
+positions = np.zeros((b, t), np.int32)
+for row in range(b):
+    for s in np.unique(segment_ids[row]):
+        idx = np.where(segment_ids[row] == s)[0]
+        positions[row, idx] = np.arange(len(idx))
+batch = {"tokens": rng.integers(0, 256, (b, t)).astype(np.int32),
+         "segment_ids": segment_ids, "positions": positions}
+
+def run(shape, devices):
+    mesh = sh.make_mesh(shape, devices)
+    shardings = steplib.state_shardings(model_cfg, tx, mesh, rules)
+    state = steplib.init_state(model_cfg, tx, 0, shardings)
+    batch_sharding = sh.batch_sharding(mesh, rules)
+    step = steplib.make_train_step(graphdef, tx, shardings, batch_sharding)
+    losses = []
+    for _ in range(2):
+        state, metrics = step(state, sh.put_batch(batch, batch_sharding))
+        losses.append(float(metrics["loss"]))
+    return losses, state
+
+one_losses, one = run(sh.MeshShape(data=1), jax.devices()[:1])
+eight_losses, eight = run(sh.MeshShape(data=2, fsdp=4), jax.devices())
+embed = eight.params["embed"]
+assert len(embed.sharding.device_set) == 8 and "fsdp" in str(embed.sharding.spec), embed.sharding
+np.testing.assert_allclose(one_losses, eight_losses, rtol=1e-5)
+for a, b in zip(jax.tree.leaves(jax.device_get(one.params)), jax.tree.leaves(jax.device_get(eight.params))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+print("losses", one_losses, eight_losses)
+"""
+
+
+def test_eight_device_mesh_matches_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "losses" in result.stdout
