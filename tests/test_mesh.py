@@ -50,16 +50,25 @@ eight_losses, eight = run(sh.MeshShape(data=2, fsdp=4), jax.devices())
 embed = eight.params["embed"]
 assert len(embed.sharding.device_set) == 8 and "fsdp" in str(embed.sharding.spec), embed.sharding
 np.testing.assert_allclose(one_losses, eight_losses, rtol=1e-5)
-for a, b in zip(jax.tree.leaves(jax.device_get(one.params)), jax.tree.leaves(jax.device_get(eight.params))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    jax.device_get(one.params), jax.device_get(eight.params),
+)
 print("losses", one_losses, eight_losses)
 """
 
 
 def test_eight_device_mesh_matches_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "losses" in result.stdout

@@ -65,7 +65,9 @@ def test_causal_and_isolated_through_gradients(model):
             visible = np.arange(t_len) == t  # padding sees only itself (residual path)
         else:
             visible |= np.arange(t_len) == t
-        assert not touched[~visible].any(), f"position {t} depends on {np.where(touched & ~visible)}"
+        assert not touched[~visible].any(), (
+            f"position {t} depends on {np.where(touched & ~visible)}"
+        )
         assert np.isfinite(grad).all()
 
 

@@ -17,14 +17,10 @@ def corpus(text_corpus):
 
 def _runs(segment_ids_row):
     """(start, end) of each maximal run of one non-zero id."""
-    runs, start = [], None
-    for t, s in enumerate(list(segment_ids_row) + [0]):
-        if start is not None and (s != segment_ids_row[start] if t < len(segment_ids_row) else True):
-            runs.append((start, t))
-            start = None
-        if start is None and t < len(segment_ids_row) and s != 0:
-            start = t
-    return runs
+    seg = np.asarray(segment_ids_row)
+    change = np.flatnonzero(np.diff(seg)) + 1
+    bounds = np.concatenate([[0], change, [len(seg)]])
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if seg[a] != 0]
 
 
 @pytest.mark.parametrize("packing", STRATEGIES)
@@ -35,7 +31,9 @@ def test_every_token_exactly_once(corpus, packing):
     )
     pieces_seen = []
     for batch in packed_dataset(corpus, opts):
-        for tokens, seg, pos in zip(batch["tokens"], batch["segment_ids"], batch["positions"]):
+        for tokens, seg, pos in zip(
+            batch["tokens"], batch["segment_ids"], batch["positions"], strict=True
+        ):
             assert np.all(tokens[seg == 0] == 258)
             ids = [seg[s] for s, _ in _runs(seg)]
             assert len(ids) == len(set(ids)), "a segment id reappears later in the row"

@@ -7,6 +7,7 @@ dispatched; tokens/s counts real (non-padding) target tokens.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import tempfile
 import time
@@ -62,6 +63,7 @@ class Experiment:
         self.graphdef, _ = steplib.abstract_model(self.model_cfg)
         self.shardings = steplib.state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
         self.batch_sharding = sh.batch_sharding(self.mesh, self.rules)
+        self.corpus_summary = {}
         self.checkpointer = Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
             keep=c.train.keep_checkpoints,
@@ -73,6 +75,10 @@ class Experiment:
         """The grain dataset of one split."""
         c = self.config
         corpus = data_input.load_split(c.data, split, self.workdir)
+        self.corpus_summary[split] = (
+            f"{split}: {corpus.num_documents} documents, {corpus.num_tokens} tokens, "
+            f"{corpus.num_empty_skipped} empty files skipped"
+        )
         return data_input.make_dataset(
             corpus,
             c.data,
@@ -103,7 +109,7 @@ class Experiment:
 
         def evaluate(params):
             total, count = 0.0, 0
-            for _, batch in zip(range(num_batches), iter(eval_ds)):
+            for batch in itertools.islice(iter(eval_ds), num_batches):
                 loss_sum, n = eval_step(params, sh.put_batch(batch, self.batch_sharding))
                 total, count = total + float(loss_sum), count + int(n)
             return total / max(count, 1)
@@ -127,6 +133,8 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     writer = MetricsWriter(workdir)
     start = int(state.step)
     progress = Progress(tc.steps, start, enabled=tc.progress)
+    for line in exp.corpus_summary.values():
+        progress.write(f"corpus {line}")
     window = {"real_tokens": 0, "target_tokens": 0, "padding": [], "t0": time.perf_counter()}
     pending, last = None, {}
 
