@@ -63,3 +63,18 @@ def test_missing_config_file(tmp_path):
     result = _main("--config", "configs/nope.py", "--workdir", str(tmp_path))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "configs/nope.py" in result.stderr
+
+
+def test_odd_files_train(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "empty.txt").write_bytes(b"")
+    (corpus / "binary.bin").write_bytes(bytes(range(256)) * 4)
+    (corpus / "latin1.txt").write_bytes("café crème brûlée ".encode("latin-1") * 20)
+    (corpus / "notes.md").write_text("# notes\n" * 50)
+    result = _main(
+        "--config", SMOKE, "--workdir", str(tmp_path / "w"),
+        f"--config.data.paths={corpus}", "--config.train.steps=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 empty files skipped" in result.stderr

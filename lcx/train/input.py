@@ -10,6 +10,10 @@ from lcx.data import ByteTokenizer, load_or_tokenize, select_documents
 from lcx.packing import PipelineOptions, packed_dataset
 
 
+class EmptySplitError(ValueError):
+    """A split of the corpus has no documents (too few files for the eval fraction)."""
+
+
 def corpus_paths(paths) -> tuple[str, ...]:
     """`config.data.paths` as a tuple; a string is a comma-separated list."""
     if isinstance(paths, str):
@@ -27,7 +31,10 @@ def load_split(data_cfg, split: str, workdir: str | None):
         max_documents=data_cfg.max_documents,
     )
     if not docs:
-        raise ValueError(f"data.paths: the {split} split has no documents; add more files")
+        raise EmptySplitError(
+            f"data.paths: the {split} split has no documents; add files or change "
+            f"data.eval_fraction={data_cfg.eval_fraction}"
+        )
     cache = os.path.join(workdir, "cache") if (workdir and data_cfg.cache) else None
     return load_or_tokenize(docs, tokenizer, cache)
 

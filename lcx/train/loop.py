@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import sys
 import tempfile
 import time
 
@@ -117,6 +118,15 @@ class Experiment:
         return evaluate
 
 
+def _evaluator_or_none(exp):
+    """The evaluator, or None (with a warning) when the eval split is empty."""
+    try:
+        return exp.evaluator()
+    except data_input.EmptySplitError as e:
+        print(f"lcx: warning: {e}; training without evaluation", file=sys.stderr)
+        return None
+
+
 def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -> dict:
     """Train to `config.train.steps`, resuming from WORKDIR/checkpoints if present.
 
@@ -128,7 +138,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     tc = config.train
     data_iter = iter(exp.dataset("train"))
     state = exp.restore_or_init(data_iter)
-    evaluate = exp.evaluator() if tc.eval_every > 0 else None
+    evaluate = _evaluator_or_none(exp) if tc.eval_every > 0 else None
     train_step = steplib.make_train_step(exp.graphdef, exp.tx, exp.shardings, exp.batch_sharding)
     writer = MetricsWriter(workdir)
     start = int(state.step)
