@@ -10,20 +10,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = "configs/lm_tiny.py:smoke"
 
 
-def _main(*args):
+def _main(*args, cwd=ROOT):
     return subprocess.run(
         [sys.executable, "-m", "lcx.main", *args],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT),
     )
 
 
 def test_smoke_run_from_the_command_line(tmp_path):
-    workdir = tmp_path / "run"
-    result = _main("--config", SMOKE, "--workdir", str(workdir), "--config.train.steps=2")
+    workdir = tmp_path / "run"  # given relative to the working directory, as `make train` does
+    config = os.path.join(ROOT, "configs", "lm_tiny.py:smoke")
+    result = _main(
+        "--config", config, "--workdir", "run", "--config.train.steps=2", cwd=tmp_path
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (workdir / "metrics.jsonl").exists()
     assert (workdir / "checkpoints" / "2").exists()

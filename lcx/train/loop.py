@@ -35,7 +35,7 @@ def ensure_workdir(workdir: str) -> str:
             pass
     except OSError as e:
         raise ValueError(f"--workdir {workdir!r} is not writable: {e.strerror}") from None
-    return workdir
+    return os.path.abspath(workdir)  # orbax needs absolute checkpoint paths
 
 
 @dataclasses.dataclass
@@ -133,7 +133,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     `stop_after` ends this invocation early (checkpointing first), as a preemption
     would: a later call resumes on the same schedule. Returns the last logged record.
     """
-    ensure_workdir(workdir)
+    workdir = ensure_workdir(workdir)
     exp = Experiment(config, workdir)
     tc = config.train
     data_iter = iter(exp.dataset("train"))
@@ -197,7 +197,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
     """Evaluate the latest checkpoint in WORKDIR on the eval split."""
-    ensure_workdir(workdir)
+    workdir = ensure_workdir(workdir)
     exp = Experiment(config, workdir)
     step = exp.checkpointer.latest_step()
     if step is None:
