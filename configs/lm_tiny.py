@@ -29,7 +29,8 @@ def get_config(arg=None):
     )
     c.train = dict(
         steps=600,
-        batch_size=16,
+        batch_size=16,  # sequences per step, before any adaptive growth
+        micro_batch_size=0,  # 0: the whole batch in one micro-step
         seq_len=256,
         log_every=10,
         eval_every=200,
@@ -40,13 +41,36 @@ def get_config(arg=None):
         progress=True,
     )
     c.optimizer = dict(
-        learning_rate=3e-3,
-        warmup_steps=50,
-        end_lr_fraction=0.1,
+        name="adamw",  # adamw | lamb | adagrad | adagrad_norm
         b1=0.9,
         b2=0.95,
+        eps=1e-8,
         weight_decay=0.1,
+        initial_accumulator_value=0.1,  # adagrad, adagrad_norm
         grad_clip=1.0,
+    )
+    # Learning rate as a function of tokens seen; lengths in steps of the first batch.
+    c.schedule = dict(
+        name="cosine",  # cosine | wsd | power
+        peak_lr=3e-3,  # power: the cap max_lr
+        warmup_steps=50,
+        decay_steps=0,  # wsd, power: the final decay phase
+        decay="linear",  # exponential | linear | 1-sqrt
+        final_lr_fraction=0.1,
+        power_a=4.0,
+        power_b=-0.51,
+    )
+    # AdAdaGrad: grow the batch (in micro-batches of train.micro_batch_size) when the
+    # gradient noise dominates.
+    c.batch = dict(
+        adaptive=False,
+        test="augmented_inner_product",  # norm | inner_product | augmented_inner_product
+        eta=0.1,
+        theta=0.1,
+        nu=0.1,
+        test_interval=10,
+        max_batch_size=64,
+        groups_per_micro_batch=4,
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
     # Logical axis -> mesh axes. Batch over data and fsdp; parameters FSDP-sharded on
@@ -80,7 +104,8 @@ def get_config(arg=None):
         c.data.max_documents = 40
         c.train.update(steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=2, eval_batches=1)
         c.train.update(checkpoint_every=2, progress=False)
-        c.optimizer.warmup_steps = 1
+        c.schedule.warmup_steps = 1
+        c.batch.max_batch_size = 16
         c.model.update(d_model=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16)
         c.model.mlp_dim = 64
     return c

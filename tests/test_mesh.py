@@ -14,12 +14,14 @@ import jax, numpy as np
 from configs import lm_tiny
 from lcx.model import TransformerConfig
 from lcx.train import sharding as sh, step as steplib
+from lcx.train.optimizer import OptimizerConfig, ScheduleConfig, make_optimizer, make_schedule
 
 assert jax.device_count() == 8, jax.devices()
 c = lm_tiny.get_config("smoke")
 rules = tuple(tuple(r) for r in c.sharding_rules)
 model_cfg = TransformerConfig(**c.model)
-tx = steplib.make_optimizer(steplib.OptimizerConfig(total_steps=10, **c.optimizer))
+schedule = make_schedule(ScheduleConfig(**c.schedule), total_steps=10, batch_size=8, seq_len=32)
+tx = make_optimizer(OptimizerConfig(**c.optimizer), schedule)
 graphdef, _ = steplib.abstract_model(model_cfg)
 
 rng = np.random.default_rng()
@@ -36,9 +38,9 @@ batch = {"tokens": rng.integers(0, 256, (b, t)).astype(np.int32),
 def run(shape, devices):
     mesh = sh.make_mesh(shape, devices)
     shardings = steplib.state_shardings(model_cfg, tx, mesh, rules)
-    state = steplib.init_state(model_cfg, tx, 0, shardings)
+    state = steplib.init_state(model_cfg, tx, 0, shardings, b)
     batch_sharding = sh.batch_sharding(mesh, rules)
-    step = steplib.make_train_step(graphdef, tx, shardings, batch_sharding)
+    step = steplib.make_train_step(graphdef, tx, shardings, batch_sharding, t)
     losses = []
     for _ in range(2):
         state, metrics = step(state, sh.put_batch(batch, batch_sharding))
@@ -51,7 +53,9 @@ embed = eight.params["embed"]
 assert len(embed.sharding.device_set) == 8 and "fsdp" in str(embed.sharding.spec), embed.sharding
 np.testing.assert_allclose(one_losses, eight_losses, rtol=1e-5)
 jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    # Adam normalises each coordinate, so reduction-order noise in a near-zero gradient
+    # can move a parameter by a fraction of the learning rate: compare at that scale.
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5),
     jax.device_get(one.params), jax.device_get(eight.params),
 )
 print("losses", one_losses, eight_losses)

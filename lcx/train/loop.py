@@ -16,13 +16,15 @@ import time
 import jax
 import numpy as np
 
+from lcx import optim
 from lcx.model import TransformerConfig
-from lcx.packing import batch_stats
 from lcx.train import input as data_input
 from lcx.train import sharding as sh
 from lcx.train import step as steplib
 from lcx.train.checkpoint import Checkpointer, abstract_like
 from lcx.train.metrics import MetricsWriter, Progress
+from lcx.train.optimizer import OptimizerConfig, ScheduleConfig, make_optimizer, make_schedule
+from lcx.train.runner import StepRunner
 
 
 def ensure_workdir(workdir: str) -> str:
@@ -50,17 +52,28 @@ class Experiment:
         self.model_cfg = TransformerConfig(**c.model)
         self.mesh = sh.make_mesh(sh.MeshShape(**c.mesh))
         self.rules = tuple(tuple(r) for r in c.sharding_rules)
+        tc = c.train
+        self.micro_batch_size = tc.micro_batch_size or tc.batch_size
         divisor = sh.batch_divisor(self.mesh, self.rules)
-        if c.train.batch_size % divisor:
+        if self.micro_batch_size % divisor or tc.batch_size % self.micro_batch_size:
             raise ValueError(
-                f"train.batch_size={c.train.batch_size} must be a multiple of the "
-                f"{divisor} batch shards of config.mesh"
+                f"train.micro_batch_size={self.micro_batch_size} must divide "
+                f"train.batch_size={tc.batch_size} and be a multiple of the {divisor} "
+                "batch shards of config.mesh"
             )
-        self.opt_cfg = steplib.OptimizerConfig(
-            total_steps=c.train.steps, **{k: v for k, v in c.optimizer.items()}
+        self.adaptive = None
+        if c.batch.adaptive:
+            self.adaptive = optim.AdaptiveBatchConfig(
+                micro_batch_size=self.micro_batch_size,
+                **{k: v for k, v in c.batch.items() if k != "adaptive"},
+            )
+        self.schedule = make_schedule(
+            ScheduleConfig(**c.schedule),
+            total_steps=tc.steps,
+            batch_size=tc.batch_size,
+            seq_len=tc.seq_len,
         )
-        self.tx = steplib.make_optimizer(self.opt_cfg)
-        self.schedule = steplib.learning_rate_schedule(self.opt_cfg)
+        self.tx = make_optimizer(OptimizerConfig(**c.optimizer), self.schedule)
         self.graphdef, _ = steplib.abstract_model(self.model_cfg)
         self.shardings = steplib.state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
         self.batch_sharding = sh.batch_sharding(self.mesh, self.rules)
@@ -84,19 +97,24 @@ class Experiment:
             corpus,
             c.data,
             seq_len=c.train.seq_len,
-            global_batch_size=c.train.batch_size,
+            global_batch_size=self.micro_batch_size,
             seed=c.seed,
             train=split == "train",
+        )
+
+    def init_state(self):
+        """A fresh TrainState."""
+        c = self.config
+        return steplib.init_state(
+            self.model_cfg, self.tx, c.seed, self.shardings, c.train.batch_size
         )
 
     def restore_or_init(self, data_iterator=None):
         """The latest checkpoint's state (and iterator), else a fresh state."""
         step = self.checkpointer.latest_step()
         if step is None:
-            return steplib.init_state(self.model_cfg, self.tx, self.config.seed, self.shardings)
-        shapes = jax.eval_shape(
-            lambda: steplib.init_state(self.model_cfg, self.tx, self.config.seed, self.shardings)
-        )
+            return self.init_state()
+        shapes = jax.eval_shape(self.init_state)
         abstract = abstract_like(shapes, self.shardings)
         return self.checkpointer.restore(step, abstract, data_iterator)
 
@@ -139,7 +157,7 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     data_iter = iter(exp.dataset("train"))
     state = exp.restore_or_init(data_iter)
     evaluate = _evaluator_or_none(exp) if tc.eval_every > 0 else None
-    train_step = steplib.make_train_step(exp.graphdef, exp.tx, exp.shardings, exp.batch_sharding)
+    runner = StepRunner(exp, int(state.batch_size))
     writer = MetricsWriter(workdir)
     start = int(state.step)
     progress = Progress(tc.steps, start, enabled=tc.progress)
@@ -158,24 +176,21 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
             return
         metrics = jax.device_get(metrics)
         elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-        last = {
-            "step": step,
-            "loss": float(metrics["loss"]),
-            "grad_norm": float(metrics["grad_norm"]),
-            "learning_rate": float(exp.schedule(step - 1)),
-            "tokens_per_sec": window["target_tokens"] / elapsed,
-            "real_tokens_per_sec": window["real_tokens"] / elapsed,
-            "padding_fraction": float(np.mean(window["padding"])),
-        }
+        last = {k: float(v) for k, v in metrics.items() if k != "target_tokens"}
+        last["batch_size"] = int(last["batch_size"])
+        last.update(
+            step=step,
+            tokens_per_sec=window["target_tokens"] / elapsed,
+            real_tokens_per_sec=window["real_tokens"] / elapsed,
+            padding_fraction=float(np.mean(window["padding"])),
+        )
         writer.write(last)
         progress.update(step, last)
         window.update(real_tokens=0, target_tokens=0, padding=[], t0=time.perf_counter())
 
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     for step in range(start + 1, end + 1):
-        batch = next(data_iter)
-        stats = batch_stats(batch)
-        state, metrics = train_step(state, sh.put_batch(batch, exp.batch_sharding))
+        state, metrics, stats = runner(state, data_iter, step)
         if pending is not None:
             log(*pending)  # the previous step: its metrics are ready by now
         pending = (step, metrics, stats)

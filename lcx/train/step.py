@@ -1,12 +1,18 @@
-"""Train state, optimizer, loss and the jitted train and eval steps.
+"""Train state, loss and the jitted steps: fused, accumulating, and the AdAdaGrad pass.
 
 The state is a plain pytree (`TrainState`): parameters as a nested dict of arrays, the
-optax state and the step, so orbax saves it as is and shardings map over it directly.
+optax state, the step, the sequences seen so far and the current batch size (the
+adaptive controller's state), so orbax saves all of it and shardings map over it.
+
+With one micro-batch per step the fused `train_step` does everything in one call. With
+gradient accumulation, `accumulate_step` adds one micro-batch's gradient to an
+`Accumulator` (the compiled shape never depends on how many micro-steps a step has)
+and `apply_step` takes the optimizer step. For AdAdaGrad each micro-batch is split
+into groups whose gradients feed the streaming batch-size statistics.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -14,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lcx import optim
 from lcx.model import Transformer, TransformerConfig
 from lcx.train import sharding as sh
 
@@ -24,48 +31,24 @@ class TrainState(NamedTuple):
     step: jax.Array
     params: dict
     opt_state: Any
+    rows_seen: jax.Array  # sequences trained on; tokens seen = rows_seen * seq_len
+    batch_size: jax.Array  # sequences per step now (grows under AdAdaGrad)
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """AdamW with linear warmup and cosine decay, global-norm clipping."""
+class Accumulator(NamedTuple):
+    """Sums over the micro-batches of one step."""
 
-    learning_rate: float = 3e-3
-    warmup_steps: int = 100
-    total_steps: int = 1000
-    end_lr_fraction: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-
-
-def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-    """Linear warmup to the peak, cosine decay to `end_lr_fraction` of it."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.learning_rate,
-        warmup_steps=min(cfg.warmup_steps, max(cfg.total_steps - 1, 0)),
-        decay_steps=max(cfg.total_steps, 1),
-        end_value=cfg.learning_rate * cfg.end_lr_fraction,
-    )
-
-
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """The optax chain; weight decay only on matrices (not norms)."""
-    schedule = learning_rate_schedule(cfg)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
-    )
+    grad_sum: dict
+    loss_sum: jax.Array
+    target_count: jax.Array
+    rows: jax.Array
+    stats: optim.GradientStats | None
 
 
 def abstract_model(model_cfg: TransformerConfig):
     """The model's graph definition and abstract parameters (no allocation)."""
     model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, params = nnx.split(model)
-    return graphdef, params
+    return nnx.split(model)
 
 
 def state_shardings(model_cfg, tx, mesh, rules):
@@ -74,22 +57,20 @@ def state_shardings(model_cfg, tx, mesh, rules):
     param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
     param_shardings = sh.logical_to_sharding(param_specs, mesh, rules)
     abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
+    replicated = sh.replicated(mesh)
     opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_opt,
-        param_shardings,
-        transform_non_params=lambda _: sh.replicated(mesh),
+        tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
     )
-    return TrainState(step=sh.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+    return TrainState(replicated, param_shardings, opt_shardings, replicated, replicated)
 
 
-def init_state(model_cfg, tx, seed, shardings) -> TrainState:
+def init_state(model_cfg, tx, seed, shardings, batch_size: int) -> TrainState:
     """Initialise parameters and optimizer directly into their shardings."""
 
     def init():
         params = nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(seed))))
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(zero, params, tx.init(params), zero, jnp.asarray(batch_size, jnp.int32))
 
     return jax.jit(init, out_shardings=shardings)()
 
@@ -106,37 +87,129 @@ def lm_loss(logits_BxTxV, batch):
     return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
 
 
-def make_train_step(graphdef, tx, shardings, batch_sharding):
-    """The jitted `train_step(state, batch) -> (state, metrics)`, state donated."""
+def _loss_sum(graphdef):
+    """params, batch -> (summed loss, target count)."""
 
-    def train_step(state: TrainState, batch):
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])
-            loss_sum, count = lm_loss(logits, batch)
-            return loss_sum / jnp.maximum(count, 1), count
-
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "target_tokens": count}
-        return TrainState(state.step + 1, params, opt_state), metrics
-
-    metrics_sharding = sh.replicated(batch_sharding.mesh)
-    return jax.jit(
-        train_step,
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, metrics_sharding),
-        donate_argnums=0,
-    )
-
-
-def make_eval_step(graphdef, param_shardings, batch_sharding):
-    """The jitted `eval_step(params, batch) -> (loss_sum, target_count)`."""
-
-    def eval_step(params, batch):
+    def loss_sum(params, batch):
         model = nnx.merge(graphdef, params)
         logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])
         return lm_loss(logits, batch)
 
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding))
+    return loss_sum
+
+
+def _optimizer_update(tx, state: TrainState, grads, rows, seq_len):
+    """One optimizer step on mean gradients `grads` of `rows` sequences."""
+    rows_seen = state.rows_seen + rows
+    tokens_seen = rows_seen.astype(jnp.float32) * seq_len
+    updates, opt_state = tx.update(
+        grads, state.opt_state, state.params, tokens_seen=tokens_seen, batch_size=rows
+    )
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(state.step + 1, params, opt_state, rows_seen, state.batch_size)
+    metrics = {
+        "grad_norm": optax.tree.norm(grads),
+        "learning_rate": optim.current_learning_rate(opt_state),
+        "tokens_seen": tokens_seen,
+    }
+    return new_state, metrics
+
+
+def make_train_step(graphdef, tx, shardings, batch_sharding, seq_len):
+    """The fused `train_step(state, batch) -> (state, metrics)`, state donated."""
+    loss_sum = _loss_sum(graphdef)
+
+    def train_step(state: TrainState, batch):
+        def mean_loss(params):
+            total, count = loss_sum(params, batch)
+            return total / jnp.maximum(count, 1), count
+
+        (loss, count), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+        rows = jnp.asarray(batch["tokens"].shape[0], jnp.int32)
+        state, metrics = _optimizer_update(tx, state, grads, rows, seq_len)
+        return state, metrics | {"loss": loss, "target_tokens": count}
+
+    replicated = sh.replicated(batch_sharding.mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+
+
+def _group_gradients(loss_sum, params, batch, groups):
+    """Per-group summed gradients, losses and target counts (leading axis = group)."""
+    split = {k: v.reshape((groups, v.shape[0] // groups) + v.shape[1:]) for k, v in batch.items()}
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    (losses, counts), grads = jax.vmap(grad_fn, in_axes=(None, 0))(params, split)
+    return grads, losses, counts
+
+
+def _group_means(grads, counts):
+    """Per-token mean gradient of each group."""
+    denom = jnp.maximum(counts, 1).astype(jnp.float32)
+    return jax.tree.map(lambda g: g / denom.reshape((-1,) + (1,) * (g.ndim - 1)), grads)
+
+
+def empty_accumulator(params, with_stats: bool) -> Accumulator:
+    """A zero Accumulator shaped like `params`."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    stats = optim.stats_init(params) if with_stats else None
+    zero_f, zero_i = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+    return Accumulator(zeros, zero_f, zero_i, zero_i, stats)
+
+
+def make_accumulate_step(graphdef, batch_sharding, groups: int):
+    """`accumulate(acc, params, micro_batch) -> acc`; groups > 0 also gathers statistics."""
+    loss_sum = _loss_sum(graphdef)
+
+    def accumulate(acc: Accumulator, params, batch):
+        rows = jnp.asarray(batch["tokens"].shape[0], jnp.int32)
+        if groups:
+            grads, losses, counts = _group_gradients(loss_sum, params, batch, groups)
+            stats = optim.stats_merge(
+                acc.stats, optim.stats_from_samples(_group_means(grads, counts))
+            )
+            grads = jax.tree.map(lambda g: jnp.sum(g, axis=0), grads)
+            loss, count = jnp.sum(losses), jnp.sum(counts)
+        else:
+            (loss, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params, batch)
+            stats = acc.stats
+        grad_sum = jax.tree.map(jnp.add, acc.grad_sum, grads)
+        return Accumulator(
+            grad_sum, acc.loss_sum + loss, acc.target_count + count, acc.rows + rows, stats
+        )
+
+    return jax.jit(accumulate, donate_argnums=0)
+
+
+def make_projection_step(graphdef, groups: int):
+    """Second AdAdaGrad pass: `project(stats, params, micro_batch) -> stats` adds <g_j, mean>."""
+    loss_sum = _loss_sum(graphdef)
+
+    def project(stats, params, batch):
+        grads, _, counts = _group_gradients(loss_sum, params, batch, groups)
+        return optim.stats_merge(
+            stats, optim.projections_from_samples(_group_means(grads, counts), stats.mean)
+        )
+
+    return jax.jit(project)
+
+
+def make_apply_step(tx, shardings, seq_len):
+    """`apply(state, acc) -> (state, metrics)`: the optimizer step on accumulated sums."""
+
+    def apply(state: TrainState, acc: Accumulator):
+        denom = jnp.maximum(acc.target_count, 1).astype(jnp.float32)
+        grads = jax.tree.map(lambda g: g / denom, acc.grad_sum)
+        state, metrics = _optimizer_update(tx, state, grads, acc.rows, seq_len)
+        loss = acc.loss_sum / denom
+        return state, metrics | {"loss": loss, "target_tokens": acc.target_count}
+
+    return jax.jit(apply, out_shardings=(shardings, None), donate_argnums=0)
+
+
+def make_eval_step(graphdef, param_shardings, batch_sharding):
+    """The jitted `eval_step(params, batch) -> (loss_sum, target_count)`."""
+    return jax.jit(_loss_sum(graphdef), in_shardings=(param_shardings, batch_sharding))
