@@ -20,6 +20,7 @@ input pipeline; the time the pipeline alone takes is reported beside it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -33,12 +34,12 @@ if ROOT not in sys.path:
 import jax  # noqa: E402
 
 from configs import lm_tiny  # noqa: E402
+from lcx.packing import batch_stats  # noqa: E402
 from lcx.train.loop import Experiment  # noqa: E402
 from lcx.train.runner import StepRunner  # noqa: E402
 
-PACKED, PADDED = "first_fit", "padded"
-STRATEGIES = (PACKED, PADDED)
-SAMPLES = ("tokens_per_sec", "padding_fraction", "step_ms", "pipeline_ms")
+BASELINE = "padded"
+TIMED = ("tokens_per_sec", "padding_fraction", "step_ms", "pipeline_ms")
 
 
 def benchmark_config(*, seq_len: int, batch_size: int, smoke: bool = False, paths=()):
@@ -50,6 +51,15 @@ def benchmark_config(*, seq_len: int, batch_size: int, smoke: bool = False, path
     if paths:
         config.data.paths = tuple(paths)
     return config
+
+
+def variants(packing: str = "first_fit", num_packing_bins=(0,)) -> dict[str, dict]:
+    """Label -> `config.data` overrides: the padded baseline, then each packed variant."""
+    out = {BASELINE: {"packing": BASELINE}}
+    for bins in num_packing_bins:
+        label = f"{packing}, {bins or 'batch_size'} bins"
+        out[label] = {"packing": packing, "num_packing_bins": bins}
+    return out
 
 
 class _TimedIterator:
@@ -71,11 +81,11 @@ class _TimedIterator:
 
 
 class _Trainer:
-    """One strategy's experiment, state, step runner and data iterator."""
+    """One variant's experiment, state, step runner and data iterator."""
 
-    def __init__(self, config, packing: str, workdir: str):
+    def __init__(self, config, data_overrides: dict, workdir: str):
         config = config.copy_and_resolve_references()
-        config.data.packing = packing
+        config.data.update(data_overrides)
         self.exp = Experiment(config, workdir)
         self.data = _TimedIterator(iter(self.exp.dataset("train")))
         self.state = self.exp.restore_or_init()
@@ -99,7 +109,14 @@ class _Trainer:
             "padding_fraction": statistics.fmean(padding),
             "step_ms": 1e3 * seconds / steps,
             "pipeline_ms": 1e3 * self.data.seconds / steps,
-            "target_tokens_per_step": target_tokens / steps,
+        }
+
+    def pipeline_stats(self, batches: int) -> dict:
+        """Padding and target tokens per step over `batches` batches, host only."""
+        stats = [batch_stats(b) for b in itertools.islice(iter(self.exp.dataset("train")), batches)]
+        return {
+            "padding_fraction": statistics.fmean(s["padding_fraction"] for s in stats),
+            "target_tokens_per_step": statistics.fmean(s["target_tokens"] for s in stats),
         }
 
     def close(self):
@@ -111,42 +128,158 @@ def _spread(values) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run(config, *, steps: int = 5, repeats: int = 3, warmup: int = 2) -> dict:
-    """Time packed and padded training side by side.
-
-    Args:
-      config: a configs/lm_tiny.py config (see `benchmark_config`); only
-        `data.packing` differs between the two runs.
-      steps: training steps per timed repeat.
-      repeats: timed repeats per strategy, interleaved between strategies.
-      warmup: untimed steps first (the first one compiles).
-
-    Returns:
-      {"settings": ..., "results": {strategy: {sample: {median, min, max}}},
-       "ratio": {median, min, max} of packed/padded tokens/s over paired repeats,
-       "token_ratio": packed/padded mean target tokens per step}.
-    """
-    if steps < 1 or repeats < 1 or warmup < 1:
-        raise ValueError(f"{steps=}, {repeats=} and {warmup=} must all be >= 1")
-    samples = {s: [] for s in STRATEGIES}
+def _time_variants(config, labelled: dict, *, steps, repeats, warmup, stat_batches):
+    """Per label: the timed samples of each repeat, and the host-only pipeline statistics."""
+    samples = {label: [] for label in labelled}
     with tempfile.TemporaryDirectory(prefix="lcx-bench-") as tmp:
-        trainers = {s: _Trainer(config, s, os.path.join(tmp, s)) for s in STRATEGIES}
+        trainers = {}
         try:
+            for i, (label, overrides) in enumerate(labelled.items()):
+                trainers[label] = _Trainer(config, overrides, os.path.join(tmp, str(i)))
+            pipeline = {label: t.pipeline_stats(stat_batches) for label, t in trainers.items()}
             for trainer in trainers.values():
                 trainer.run(warmup)
             for _ in range(repeats):
-                for strategy, trainer in trainers.items():
-                    samples[strategy].append(trainer.run(steps))
+                for label, trainer in trainers.items():
+                    samples[label].append(trainer.run(steps))
         finally:
             for trainer in trainers.values():
                 trainer.close()
-    results = {s: {k: _spread([r[k] for r in rs]) for k, rs in _columns(samples[s]).items()}
-               for s in STRATEGIES}
-    ratios = [a["tokens_per_sec"] / b["tokens_per_sec"] for a, b in zip(samples[PACKED], samples[PADDED])]
-    tokens = {s: statistics.fmean(r["target_tokens_per_step"] for r in samples[s]) for s in STRATEGIES}
+    return samples, pipeline
+
+
+def run(
+    config,
+    labelled: dict | None = None,
+    *,
+    steps: int = 5,
+    repeats: int = 3,
+    warmup: int = 2,
+    stat_batches: int = 200,
+) -> dict:
+    """Time packed and padded training side by side.
+
+    Args:
+      config: a configs/lm_tiny.py config (see `benchmark_config`).
+      labelled: label -> `config.data` overrides, the padded baseline included
+        (default: `variants()`, first_fit against padded); nothing else differs.
+      steps: training steps per timed repeat.
+      repeats: timed repeats per variant, interleaved between variants.
+      warmup: untimed steps first (the first one compiles).
+      stat_batches: batches drawn on the host alone for the padding statistics.
+
+    Returns:
+      {"settings": {...}, "results": {label: row}}, where a row holds the median, min
+      and max over repeats of each of TIMED, "ratio" (tokens/s over the baseline's in
+      the same repeat), and from `stat_batches` host batches "pipeline_padding" and
+      "token_ratio" (target tokens per step over the baseline's).
+    """
+    labelled = variants() if labelled is None else labelled
+    if BASELINE not in labelled:
+        raise ValueError(f"labelled={sorted(labelled)} must include the {BASELINE!r} baseline")
+    if min(steps, repeats, warmup, stat_batches) < 1:
+        raise ValueError(f"{steps=}, {repeats=}, {warmup=} and {stat_batches=} must be >= 1")
+    samples, pipeline = _time_variants(
+        config, labelled, steps=steps, repeats=repeats, warmup=warmup, stat_batches=stat_batches
+    )
+    base, base_tokens = samples[BASELINE], pipeline[BASELINE]["target_tokens_per_step"]
+    results = {}
+    for label, rows in samples.items():
+        results[label] = {k: _spread([r[k] for r in rows]) for k in TIMED}
+        paired = zip(rows, base, strict=True)
+        ratios = [a["tokens_per_sec"] / b["tokens_per_sec"] for a, b in paired]
+        results[label]["ratio"] = _spread(ratios)
+        results[label]["pipeline_padding"] = pipeline[label]["padding_fraction"]
+        results[label]["token_ratio"] = pipeline[label]["target_tokens_per_step"] / base_tokens
+    timing = dict(steps=steps, repeats=repeats, warmup=warmup, stat_batches=stat_batches)
+    return {"settings": _settings(config, **timing), "results": results}
+
+
+def _settings(config, **timing) -> dict:
+    """What the numbers depend on, for the report."""
+    m = config.model
     return {
-        "settings": _settings(config, steps=steps, repeats=repeats, warmup=warmup),
-        "results": results,
-        "ratio": _spread(ratios),
-        "token_ratio": tokens[PACKED] / tokens[PADDED],
+        "seq_len": config.train.seq_len,
+        "batch_size": config.train.batch_size,
+        "model": f"d_model={m.d_model} layers={m.num_layers} heads={m.num_heads}",
+        "corpus": ",".join(config.data.paths) or "embedded (Python stdlib)",
+        "max_documents": config.data.max_documents,
+        "backend": f"{jax.default_backend()} x{jax.device_count()}",
+        "jax": jax.__version__,
+        **timing,
     }
+
+
+def _cell(spread: dict, fmt: str) -> str:
+    """'median (min–max)'."""
+    return f"{spread['median']:{fmt}} ({spread['min']:{fmt}}–{spread['max']:{fmt}})"
+
+
+def markdown_table(result: dict) -> str:
+    """One row per variant: median (min–max) over repeats, then the host-only statistics."""
+    batches = result["settings"]["stat_batches"]
+    lines = [
+        "| variant | target tokens/s | ÷ padded | padding | ms/step | input ms/step "
+        f"| padding, {batches} batches | target tokens ÷ padded, {batches} batches |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in result["results"].items():
+        cells = (
+            label,
+            _cell(r["tokens_per_sec"], ",.0f"),
+            _cell(r["ratio"], ".3f"),
+            _cell(r["padding_fraction"], ".3f"),
+            _cell(r["step_ms"], ",.0f"),
+            _cell(r["pipeline_ms"], ".1f"),
+            f"{r['pipeline_padding']:.3f}",
+            f"{r['token_ratio']:.3f}",
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _parse_args(argv):
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seq_len", type=int, default=2048, help="row length in tokens")
+    p.add_argument("--batch_size", type=int, default=4, help="rows per step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile)")
+    p.add_argument("--stat_batches", type=int, default=500, help="host batches for padding")
+    p.add_argument("--packing", default="first_fit", choices=("first_fit", "best_fit"))
+    p.add_argument(
+        "--num_packing_bins", default="0", help="comma-separated; 0 = one bin per batch row"
+    )
+    p.add_argument("--smoke", action="store_true", help="the smoke-sized model and corpus")
+    p.add_argument("--paths", default="", help="corpus files or directories, comma-separated")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = _parse_args(argv)
+    config = benchmark_config(
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        smoke=args.smoke,
+        paths=[p for p in args.paths.split(",") if p],
+    )
+    bins = [int(b) for b in args.num_packing_bins.split(",")]
+    result = run(
+        config,
+        variants(args.packing, bins),
+        steps=args.steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        stat_batches=args.stat_batches,
+    )
+    flags = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python", "benchmarks/train_throughput.py", *flags])
+    print(f"`{command}`\n")
+    print(", ".join(f"{k}={v}" for k, v in result["settings"].items()) + "\n")
+    print(markdown_table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

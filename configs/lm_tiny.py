@@ -32,6 +32,7 @@ def get_config(arg=None):
         batch_size=16,  # sequences per step, before any adaptive growth
         micro_batch_size=0,  # 0: the whole batch in one micro-step
         seq_len=256,
+        max_tokens=0,  # > 0: stop once this many tokens were trained (before `steps`)
         log_every=10,
         eval_every=200,
         eval_batches=8,

@@ -108,3 +108,36 @@ def test_controller_rule():
         AdaptiveBatchConfig(micro_batch_size=4, max_batch_size=32, test="t-test")
     with pytest.raises(ValueError, match="max_batch_size"):
         AdaptiveBatchConfig(micro_batch_size=4, max_batch_size=30)
+
+
+def test_controller_grows_the_batch_near_the_noise_floor():
+    """Noisy least squares: the batch grows as the loss nears the noise floor; it converges."""
+    rng = np.random.default_rng()
+    dim, noise = 8, 0.5
+    w_true = rng.standard_normal(dim)
+    cfg = AdaptiveBatchConfig(
+        micro_batch_size=4, max_batch_size=512, test="augmented_inner_product",
+        theta=0.5, nu=2.0, test_interval=1, groups_per_micro_batch=4,
+    )  # fmt: skip
+
+    def per_sample_grads(w, n):
+        x = rng.standard_normal((n, dim))
+        y = x @ w_true + noise * rng.standard_normal(n)
+        return {"w": jnp.asarray((x @ w - y)[:, None] * x, jnp.float32)}
+
+    @jax.jit
+    def mean_and_suggestion(grads):
+        stats = stats_from_samples(grads)
+        stats = stats_merge(stats, projections_from_samples(grads, stats.mean))
+        return stats.mean["w"], suggested_batch_sizes(stats, theta=cfg.theta, nu=cfg.nu)[cfg.test]
+
+    w, batch, sizes, lr = np.zeros(dim), cfg.micro_batch_size, [], 0.05
+    for _ in range(300):
+        mean, suggested = mean_and_suggestion(per_sample_grads(w, batch))
+        w = w - lr * np.asarray(mean)
+        batch = cfg.next_batch_size(batch, float(suggested))
+        sizes.append(batch)
+    excess = float(np.sum((w - w_true) ** 2))  # loss above the noise floor noise^2 / 2
+    assert excess < 0.01 * float(np.sum(w_true**2))
+    assert sizes == sorted(sizes) and sizes[-1] >= 8 * sizes[0]
+    assert sizes[len(sizes) // 10] < sizes[-1]  # it grew late, not all at once at the start

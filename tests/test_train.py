@@ -5,10 +5,18 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from lcx.train import evaluate_checkpoint, train_and_evaluate
 from lcx.train.loop import Experiment
+from lcx.config_loading import load_config
 from lcx.train.metrics import read_metrics
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _smoke(name):
+    return load_config(os.path.join(CONFIGS, f"{name}.py"), "smoke")
 
 
 def _final_params(config, workdir):
@@ -41,7 +49,11 @@ def test_smoke_run_writes_checkpoints_and_metrics(smoke_config, tmp_path):
     assert record["step"] == smoke_config.train.steps and np.isfinite(record["eval_loss"])
 
 
-def test_restart_reproduces_an_uninterrupted_run(smoke_config, tmp_path):
+@pytest.mark.parametrize("name", ["lm_tiny", "lm_tiny_adaptive"])
+def test_restart_reproduces_an_uninterrupted_run(name, tmp_path):
+    smoke_config = _smoke(name)
+    smoke_config.optimizer.name = "lamb" if name == "lm_tiny_adaptive" else "adamw"
+    smoke_config.batch.max_batch_size = 16
     smoke_config.train.steps = 6
     smoke_config.train.checkpoint_every = 3
     smoke_config.train.eval_every = 0
@@ -55,6 +67,26 @@ def test_restart_reproduces_an_uninterrupted_run(smoke_config, tmp_path):
         return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
 
     assert losses(straight) == losses(resumed)
+    sizes = {r["step"]: r["batch_size"] for r in read_metrics(resumed) if "loss" in r}
+    if name == "lm_tiny_adaptive":
+        assert sizes[6] > sizes[1], "the adaptive run should have grown its batch"
     assert _iterator_state(straight, 6) == _iterator_state(resumed, 6)
     a, b = _final_params(smoke_config, straight), _final_params(smoke_config, resumed)
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.mark.parametrize("name", ["lm_tiny_lamb", "lm_tiny_adaptive"])
+def test_optimizer_configs_train(name, tmp_path):
+    config = _smoke(name)
+    last = train_and_evaluate(config, str(tmp_path / name))
+    records = [r for r in read_metrics(str(tmp_path / name)) if "loss" in r]
+    assert {"learning_rate", "tokens_seen", "batch_size"} <= set(records[-1])
+    assert np.isfinite(last["loss"]) and max(r["learning_rate"] for r in records) > 0
+    tokens = [r["tokens_seen"] for r in records]
+    assert tokens == sorted(tokens) and tokens[0] > 0
+
+
+def test_max_tokens_stops_early(smoke_config, tmp_path):
+    smoke_config.train.max_tokens = 3 * smoke_config.train.batch_size * smoke_config.train.seq_len
+    last = train_and_evaluate(smoke_config, str(tmp_path / "run"))
+    assert last["step"] == 3 and last["tokens_seen"] == smoke_config.train.max_tokens

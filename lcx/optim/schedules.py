@@ -42,7 +42,7 @@ def _decay_factor(kind: str, progress, final: float):
         e = math.e
         scale = (1 - final) * e / (e - 1)
         offset = (final * e - 1) / (e - 1)
-        return scale * jnp.exp(-progress) + offset
+        return jnp.maximum(scale * jnp.exp(-progress) + offset, final)  # no rounding below
     if kind == "linear":
         return 1 - (1 - final) * progress
     return final + (1 - final) * (1 - jnp.sqrt(progress))

@@ -11,10 +11,8 @@ import itertools
 import os
 import sys
 import tempfile
-import time
 
 import jax
-import numpy as np
 
 from lcx import optim
 from lcx.model import TransformerConfig
@@ -22,7 +20,7 @@ from lcx.train import input as data_input
 from lcx.train import sharding as sh
 from lcx.train import step as steplib
 from lcx.train.checkpoint import Checkpointer, abstract_like
-from lcx.train.metrics import MetricsWriter, Progress
+from lcx.train.metrics import MetricsWindow, MetricsWriter, Progress
 from lcx.train.optimizer import OptimizerConfig, ScheduleConfig, make_optimizer, make_schedule
 from lcx.train.runner import StepRunner
 
@@ -158,56 +156,27 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     state = exp.restore_or_init(data_iter)
     evaluate = _evaluator_or_none(exp) if tc.eval_every > 0 else None
     runner = StepRunner(exp, int(state.batch_size))
-    writer = MetricsWriter(workdir)
-    start = int(state.step)
+    start, tokens = int(state.step), int(state.rows_seen) * tc.seq_len
     progress = Progress(tc.steps, start, enabled=tc.progress)
     for line in exp.corpus_summary.values():
         progress.write(f"corpus {line}")
-    window = {"real_tokens": 0, "target_tokens": 0, "padding": [], "t0": time.perf_counter()}
-    pending, last = None, {}
-
-    def log(step, metrics, stats):
-        """Fold one finished step into the window; write a record on log steps."""
-        nonlocal last
-        window["real_tokens"] += stats["real_tokens"]
-        window["target_tokens"] += stats["target_tokens"]
-        window["padding"].append(stats["padding_fraction"])
-        if step % tc.log_every and step not in (start + 1, tc.steps):
-            return
-        metrics = jax.device_get(metrics)
-        elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-        last = {k: float(v) for k, v in metrics.items() if k != "target_tokens"}
-        last["batch_size"] = int(last["batch_size"])
-        last.update(
-            step=step,
-            tokens_per_sec=window["target_tokens"] / elapsed,
-            real_tokens_per_sec=window["real_tokens"] / elapsed,
-            padding_fraction=float(np.mean(window["padding"])),
-        )
-        writer.write(last)
-        progress.update(step, last)
-        window.update(real_tokens=0, target_tokens=0, padding=[], t0=time.perf_counter())
-
+    window = MetricsWindow(MetricsWriter(workdir), progress, always=(start + 1, tc.steps))
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     for step in range(start + 1, end + 1):
         state, metrics, stats = runner(state, data_iter, step)
-        if pending is not None:
-            log(*pending)  # the previous step: its metrics are ready by now
-        pending = (step, metrics, stats)
-        exp.checkpointer.save(step, state, data_iter, force=step == end)
-        if evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps):
-            log(*pending)
-            pending = None
-            eval_loss = evaluate(state.params)
-            writer.write({"step": step, "eval_loss": eval_loss})
-            progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
-            last["eval_loss"] = eval_loss
-            window["t0"] = time.perf_counter()  # eval time is not training time
-    if pending is not None:
-        log(*pending)
+        window.add(step, metrics, stats, log=step % tc.log_every == 0)
+        tokens += metrics["batch_size"] * tc.seq_len
+        done = step == end or 0 < tc.max_tokens <= tokens
+        exp.checkpointer.save(step, state, data_iter, force=done)
+        if evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps or done):
+            window.flush()
+            window.write_eval(step, evaluate(state.params))
+        if done:
+            break
+    window.flush()
     progress.close()
     exp.checkpointer.close()
-    return last
+    return window.last
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:

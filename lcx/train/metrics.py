@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import jax
 import numpy as np
@@ -68,3 +69,57 @@ class Progress:
 
     def close(self):
         self.bar.close()
+
+
+class MetricsWindow:
+    """Aggregates steps between log lines; reads a step's device metrics one step late.
+
+    `add` keeps the newest step pending and logs the previous one, whose metrics are
+    ready by then, so the host never waits on the step it just dispatched.
+    """
+
+    def __init__(self, writer: MetricsWriter, progress: Progress, always=()):
+        self.writer, self.progress, self.always = writer, progress, set(always)
+        self.pending, self.last = None, {}
+        self._reset()
+
+    def _reset(self):
+        self.real_tokens, self.target_tokens, self.padding = 0, 0, []
+        self.t0 = time.perf_counter()
+
+    def add(self, step: int, metrics: dict, host_stats: dict, *, log: bool):
+        """Record a dispatched step; logs the previous pending one."""
+        self.flush()
+        self.pending = (step, metrics, host_stats, log or step in self.always)
+
+    def flush(self):
+        """Fold the pending step in, writing a record if it is a log step."""
+        if self.pending is None:
+            return
+        step, metrics, stats, log = self.pending
+        self.pending = None
+        self.real_tokens += stats["real_tokens"]
+        self.target_tokens += stats["target_tokens"]
+        self.padding.append(stats["padding_fraction"])
+        if not log:
+            return
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        record = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "target_tokens"}
+        record.update(
+            step=step,
+            batch_size=int(record["batch_size"]),
+            tokens_per_sec=self.target_tokens / elapsed,
+            real_tokens_per_sec=self.real_tokens / elapsed,
+            padding_fraction=float(np.mean(self.padding)),
+        )
+        self.writer.write(record)
+        self.progress.update(step, record)
+        self.last = record
+        self._reset()
+
+    def write_eval(self, step: int, eval_loss: float):
+        """An eval record; evaluation time does not count as training time."""
+        self.writer.write({"step": step, "eval_loss": eval_loss})
+        self.progress.write(f"step {step}: eval_loss {eval_loss:.4f}")
+        self.last = self.last | {"eval_loss": eval_loss}
+        self._reset()
