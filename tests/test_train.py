@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from lcx.config_loading import load_config
 from lcx.train import evaluate_checkpoint, train_and_evaluate
 from lcx.train.loop import Experiment
-from lcx.config_loading import load_config
 from lcx.train.metrics import read_metrics
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
