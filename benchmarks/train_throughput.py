@@ -1,20 +1,24 @@
 """Training throughput: packed rows vs. the same documents padded one per row.
 
-    python benchmarks/train_throughput.py                     # the BENCHMARKS.md run
+    python benchmarks/train_throughput.py                     # BENCHMARKS.md, ~3 min on 2 cores
     python benchmarks/train_throughput.py --smoke             # seconds, smoke-sized model
     python benchmarks/train_throughput.py --seq_len=4096 --batch_size=2
 
-Both strategies train the tiny model of configs/lm_tiny.py on the same corpus with the
-same config except `data.packing`: "first_fit" (several document pieces per row) and
-"padded" (one piece per row, the baseline). Documents longer than a row are split into
-row-sized pieces by the pipeline in both cases, so packing only gains on the pieces
-shorter than a row. Each step runs through the library's own `StepRunner` (host batch,
-`put_batch`, the jitted step), as `lcx.main` trains. After warm-up, repeats of `steps`
-steps alternate between the strategies, so drifting background load hits both alike.
+Every variant trains the tiny model of configs/lm_tiny.py on the same corpus with the
+same config except `config.data` packing fields: "padded" (one document piece per row,
+the baseline) and "first_fit" with each `--num_packing_bins` (0: the config default,
+one bin per batch row). Documents longer than a row are split into row-sized pieces in
+every variant, so packing only gains on the pieces shorter than a row. Each step runs
+through the library's own `StepRunner` (host batch, `put_batch`, the jitted step), as
+`lcx.main` trains. After warm-up, repeats of `--steps` steps alternate between the
+variants, so drifting background load hits them alike.
 
-Throughput counts real target tokens (non-padding tokens with a next token in the same
-document), from `lcx.packing.batch_stats`, per second of wall time including the host
-input pipeline; the time the pipeline alone takes is reported beside it.
+Throughput counts real target tokens (non-padding tokens whose next token is in the
+same document, from `lcx.packing.batch_stats`) per second of wall time, input pipeline
+included; the pipeline's own time is reported beside it. A timed repeat sees only
+`steps * batch_size` rows, so its padding is a small sample: the padding and the
+target tokens per step of `--stat_batches` batches drawn on the host alone are
+reported too, and are the steadier estimate of what packing saves.
 """
 
 from __future__ import annotations
@@ -243,13 +247,13 @@ def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq_len", type=int, default=2048, help="row length in tokens")
     p.add_argument("--batch_size", type=int, default=4, help="rows per step")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--steps", type=int, default=2, help="timed steps per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile)")
     p.add_argument("--stat_batches", type=int, default=500, help="host batches for padding")
     p.add_argument("--packing", default="first_fit", choices=("first_fit", "best_fit"))
     p.add_argument(
-        "--num_packing_bins", default="0", help="comma-separated; 0 = one bin per batch row"
+        "--num_packing_bins", default="0,256", help="comma-separated; 0: one per batch row"
     )
     p.add_argument("--smoke", action="store_true", help="the smoke-sized model and corpus")
     p.add_argument("--paths", default="", help="corpus files or directories, comma-separated")
