@@ -84,3 +84,8 @@ def test_dispatch_and_bad_input():
         packed_attention(q, q, q, jnp.zeros((1, 5), jnp.int32))
     with pytest.raises(ValueError, match="implementation"):
         packed_attention(q, q, q, implementation="cuda_magic")
+    reappearing = jnp.asarray([[1, 1, 2, 1]], jnp.int32)
+    packed_attention(q, q, q, reappearing)  # not checked unless asked: it is not free
+    with pytest.raises(ValueError, match="reappears"):
+        packed_attention(q, q, q, reappearing, validate=True)
+    packed_attention(q, q, q, jnp.asarray([[3, 3, 0, 5]], jnp.int32), validate=True)

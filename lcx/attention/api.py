@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 
+from lcx.attention.kernel_common import check_runs_contiguous
 from lcx.attention.pallas_tpu import tpu_implementation
 from lcx.attention.reference import check_attention_args, reference_attention
 
@@ -37,6 +38,7 @@ def packed_attention(
     implementation=None,
     block_sizes=None,
     interpret=False,
+    validate=False,
 ):
     """Attention within documents of packed rows, [B, T, H, D] layout (see DESIGN.md).
 
@@ -47,11 +49,15 @@ def packed_attention(
       implementation: a key of IMPLEMENTATIONS, or None for the best on this backend.
       block_sizes: kernel block sizes, passed to Pallas implementations.
       interpret: run Pallas kernels in interpret mode (CPU tests).
+      validate: check on the host that no segment id reappears after another run
+        (needs concrete segment_ids, so not under jit; it is not free).
 
     Returns:
       [B, T, Hq, D]; padding queries are 0.
     """
     check_attention_args(q, k, v, segment_ids, window)
+    if validate and segment_ids is not None:
+        check_runs_contiguous(segment_ids)
     kwargs = dict(
         causal=causal, window=window, scale=scale, block_sizes=block_sizes, interpret=interpret
     )
