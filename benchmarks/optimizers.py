@@ -40,7 +40,8 @@ VARIANTS = {
 
 def variant_config(name: str, *, tokens: int, smoke: bool):
     """The variant's config, stopping at `tokens`; its schedule spans exactly `tokens`."""
-    config = load_config(os.path.join(ROOT, "configs", f"{VARIANTS[name]}.py"), smoke and "smoke")
+    path = os.path.join(ROOT, "configs", f"{VARIANTS[name]}.py")
+    config = load_config(path, "smoke" if smoke else None)
     tc = config.train
     steps = max(2, tokens // (tc.batch_size * tc.seq_len))
     tc.update(steps=steps, max_tokens=tokens, progress=False, log_every=1)
