@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 
 from lcx.attention.kernel_common import check_runs_contiguous
+from lcx.attention.pallas_gpu import gpu_implementation
 from lcx.attention.pallas_tpu import tpu_implementation
 from lcx.attention.reference import check_attention_args, reference_attention
 
@@ -20,7 +21,11 @@ def _xla(q, k, v, segment_ids, *, causal, window, scale, block_sizes, interpret)
     return reference_attention(q, k, v, segment_ids, causal=causal, window=window, scale=scale)
 
 
-IMPLEMENTATIONS = {"xla": _xla, "pallas_tpu": tpu_implementation}
+IMPLEMENTATIONS = {
+    "xla": _xla,
+    "pallas_tpu": tpu_implementation,
+    "pallas_gpu": gpu_implementation,
+}
 
 # Preference order per backend; names missing from IMPLEMENTATIONS are skipped.
 PREFERENCE = {"tpu": ("pallas_tpu", "xla"), "gpu": ("pallas_gpu", "xla"), "cpu": ("xla",)}
