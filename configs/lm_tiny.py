@@ -99,6 +99,14 @@ def get_config(arg=None):
         dtype="float32",
         attention_implementation=config_dict.placeholder(str),
         attention_window=config_dict.placeholder(int),
+        block_pattern=("attention",),  # cycled over layers: attention | lact (lcx.ttt)
+        lact_fw_heads=2,
+        lact_chunk_size=2048,
+        lact_window=2048,
+        lact_inter_multi=1.0,
+        lact_momentum=True,
+        lact_muon=True,
+        lact_base_lr=1e-2,
     )
 
     if smoke:

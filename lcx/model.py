@@ -2,7 +2,8 @@
 
 RMSNorm, rotary position embeddings (RoFormer, arXiv 2104.09864) driven by per-document
 `positions`, SwiGLU feed-forward (Shazeer, arXiv 2002.05202), grouped-query attention
-(arXiv 2305.13245) through `lcx.attention.packed_attention`.
+(arXiv 2305.13245) through `lcx.attention.packed_attention`; `block_pattern` swaps
+attention for LaCT layers (`lcx.ttt`, arXiv 2505.23884) in chosen layers.
 
 Shape letters: B batch, T time, H query heads, K kv heads, D head dim, E model width,
 F feed-forward width, V vocabulary.
@@ -17,8 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcx.attention import packed_attention
+from lcx.layers import DTYPES, apply_rope, param, rms_normalise
+from lcx.ttt import LaCTConfig, LaCTLayer
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MIXERS = ("attention", "lact")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +40,20 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     attention_implementation: str | None = None  # None = best for the backend
     attention_window: int | None = None
+    # Mixer of each layer, the pattern cycled over the layers: "attention" | "lact".
+    block_pattern: tuple[str, ...] = ("attention",)
+    # LaCT layers (lcx.ttt): fast-weight heads, chunk, sliding window of their attention.
+    lact_fw_heads: int = 2
+    lact_chunk_size: int = 2048
+    lact_window: int = 2048
+    lact_inter_multi: float = 1.0
+    lact_momentum: bool = True
+    lact_muon: bool = True
+    lact_base_lr: float = 1e-2
 
     def __post_init__(self):
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r}; valid: {sorted(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r}; valid: {sorted(DTYPES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must be a multiple of "
@@ -48,34 +61,43 @@ class TransformerConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+        object.__setattr__(self, "block_pattern", tuple(self.block_pattern))
+        unknown = set(self.block_pattern) - set(MIXERS)
+        if not self.block_pattern or unknown:
+            raise ValueError(
+                f"model.block_pattern={self.block_pattern}: each entry one of {sorted(MIXERS)}"
+            )
+        if "lact" in self.block_pattern:
+            self.lact_config()  # validates the lact_* fields
         for name in ("vocab_size", "d_model", "num_layers", "head_dim", "mlp_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
 
     @property
     def compute_dtype(self):
-        return _DTYPES[self.dtype]
+        return DTYPES[self.dtype]
 
+    def mixer(self, layer: int) -> str:
+        """The sequence mixer of `layer`: block_pattern cycled."""
+        return self.block_pattern[layer % len(self.block_pattern)]
 
-def _param(key, shape, stddev, names):
-    """A normally initialised parameter tagged with logical axis names.
-
-    Sharding is applied by the caller's jit out_shardings (lcx.train.sharding), so
-    eager sharding, which would need a mesh at construction time, is off.
-    """
-    value = nnx.initializers.normal(stddev)(key, shape, jnp.float32)
-    return nnx.Param(value, out_sharding=names, eager_sharding=False)
-
-
-def apply_rope(x_BxTxHxD, positions_BxT, theta):
-    """Rotate channel pairs (first half, second half) by position-dependent angles."""
-    d = x_BxTxHxD.shape[-1]
-    freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) / (d // 2))
-    angle_BxTx1xF = (positions_BxT[..., None].astype(jnp.float32) * freq)[:, :, None, :]
-    sin, cos = jnp.sin(angle_BxTx1xF), jnp.cos(angle_BxTx1xF)
-    x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxTxHxD.dtype)
+    def lact_config(self) -> LaCTConfig:
+        """The LaCT layer's config from the lact_* fields."""
+        return LaCTConfig(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            fw_heads=self.lact_fw_heads,
+            chunk_size=self.lact_chunk_size,
+            window=self.lact_window,
+            inter_multi=self.lact_inter_multi,
+            use_momentum=self.lact_momentum,
+            use_muon=self.lact_muon,
+            base_lr=self.lact_base_lr,
+            rope_theta=self.rope_theta,
+            num_layers=self.num_layers,
+            dtype=self.dtype,
+            attention_implementation=self.attention_implementation,
+        )
 
 
 class RMSNorm(nnx.Module):
@@ -89,8 +111,7 @@ class RMSNorm(nnx.Module):
         )
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = rms_normalise(x, self.eps)
         return (normed * self.scale[...]).astype(x.dtype)
 
 
@@ -101,11 +122,11 @@ class Attention(nnx.Module):
         self.cfg = cfg
         e, h, k, d = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         std = e**-0.5
-        self.w_q = _param(rngs.params(), (e, h, d), std, ("embed", "heads", "head_dim"))
-        self.w_k = _param(rngs.params(), (e, k, d), std, ("embed", "kv_heads", "head_dim"))
-        self.w_v = _param(rngs.params(), (e, k, d), std, ("embed", "kv_heads", "head_dim"))
+        self.w_q = param(rngs.params(), (e, h, d), std, ("embed", "heads", "head_dim"))
+        self.w_k = param(rngs.params(), (e, k, d), std, ("embed", "kv_heads", "head_dim"))
+        self.w_v = param(rngs.params(), (e, k, d), std, ("embed", "kv_heads", "head_dim"))
         out_std = (h * d) ** -0.5 / (2 * cfg.num_layers) ** 0.5
-        self.w_o = _param(rngs.params(), (h, d, e), out_std, ("heads", "head_dim", "embed"))
+        self.w_o = param(rngs.params(), (h, d, e), out_std, ("heads", "head_dim", "embed"))
 
     def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT):
         cfg, dt = self.cfg, self.cfg.compute_dtype
@@ -132,10 +153,10 @@ class SwiGLU(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs):
         self.dtype = cfg.compute_dtype
         e, f = cfg.d_model, cfg.mlp_dim
-        self.w_gate = _param(rngs.params(), (e, f), e**-0.5, ("embed", "mlp"))
-        self.w_up = _param(rngs.params(), (e, f), e**-0.5, ("embed", "mlp"))
+        self.w_gate = param(rngs.params(), (e, f), e**-0.5, ("embed", "mlp"))
+        self.w_up = param(rngs.params(), (e, f), e**-0.5, ("embed", "mlp"))
         down_std = f**-0.5 / (2 * cfg.num_layers) ** 0.5
-        self.w_down = _param(rngs.params(), (f, e), down_std, ("mlp", "embed"))
+        self.w_down = param(rngs.params(), (f, e), down_std, ("mlp", "embed"))
 
     def __call__(self, x_BxTxE):
         dt = self.dtype
@@ -144,11 +165,14 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: attention then SwiGLU."""
+    """Pre-norm residual block: a sequence mixer (attention or LaCT) then SwiGLU."""
 
-    def __init__(self, cfg: TransformerConfig, *, rngs):
+    def __init__(self, cfg: TransformerConfig, *, rngs, mixer: str = "attention"):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        if mixer == "lact":
+            self.attn = LaCTLayer(cfg.lact_config(), rngs=rngs)
+        else:
+            self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
@@ -162,10 +186,12 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = _param(rngs.params(), (cfg.vocab_size, cfg.d_model), 1.0, ("vocab", "embed"))
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.embed = param(rngs.params(), (cfg.vocab_size, cfg.d_model), 1.0, ("vocab", "embed"))
+        self.blocks = nnx.List(
+            [Block(cfg, rngs=rngs, mixer=cfg.mixer(i)) for i in range(cfg.num_layers)]
+        )
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.unembed = _param(
+        self.unembed = param(
             rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, ("embed", "vocab")
         )
 

@@ -75,8 +75,8 @@ def test_restart_reproduces_an_uninterrupted_run(name, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("name", ["lm_tiny_lamb", "lm_tiny_adaptive"])
-def test_optimizer_configs_train(name, tmp_path):
+@pytest.mark.parametrize("name", ["lm_tiny_lamb", "lm_tiny_adaptive", "lm_lact_tiny"])
+def test_variant_configs_train(name, tmp_path):
     config = _smoke(name)
     last = train_and_evaluate(config, str(tmp_path / name))
     records = [r for r in read_metrics(str(tmp_path / name)) if "loss" in r]

@@ -1,0 +1,213 @@
+"""LaCT's fast-weight memory: a per-head SwiGLU updated once per large chunk.
+
+Large-chunk test-time training (Zhang et al., "Test-Time Training Done Right",
+arXiv 2505.23884; reference a1600012888/LaCT, `lact_llm/lact_model/ttt_operation.py`).
+The state is `f_W(x) = W1 (silu(W0 x) * (W2 x))` per head. Each chunk is first *applied*
+(outputs use the weights carried from earlier chunks), then used to *update* them with
+the chunk loss `L = -sum_i eta_i <f_W(k_i), v_i>` (one learning rate per token and per
+weight), optional momentum, optional Muon (Newton-Schulz, 5 iterations) and a row
+re-normalisation to the initial norms.
+
+Packed rows: the fast weights restart from their initial values at every document
+boundary. Within a chunk, tokens of the document that began before it use the carried
+weights, tokens of documents that begin inside it the initial weights; the update
+carried to the next chunk uses only the tokens of the chunk's last document (the only
+one that can continue), starting from that document's own weights and momentum.
+
+Everything inside a chunk is a batched matrix product over [B, heads]; `lax.scan` runs
+over chunks. The inner gradient is derived by hand (`descent_directions`): it saves the
+nested autodiff and is checked against `jax.grad` in the tests.
+
+Shape letters: B batch, N chunks, C chunk length, H fast-weight heads, D head dim,
+F fast-weight hidden width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lcx.attention.kernel_common import pad_length
+
+# Newton-Schulz quintic coefficients of the reference (after Keller Jordan's Muon).
+_NEWTON_SCHULZ_COEFFS = (
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+)
+_RENORM_EPS = 1e-5
+
+
+def safe_norm(x, axis, keepdims=True):
+    """Euclidean norm whose gradient at 0 is 0, not NaN (all-padding chunks reach 0)."""
+    sum_sq = jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)
+    return jnp.sqrt(jnp.maximum(sum_sq, jnp.finfo(x.dtype).tiny))
+
+
+class FastWeights(NamedTuple):
+    """One SwiGLU per head: w0, w2 [..., H, F, D] (in), w1 [..., H, D, F] (out)."""
+
+    w0: jax.Array
+    w1: jax.Array
+    w2: jax.Array
+
+
+def apply_fast_weights(w: FastWeights, x_BxHxCxD):
+    """f_W(x) = W1 (silu(W0 x) * (W2 x)) for every token, [B, H, C, D] -> [B, H, C, D]."""
+    gate = jnp.einsum("bhcd,bhfd->bhcf", x_BxHxCxD, w.w0)
+    hidden = jax.nn.silu(gate) * jnp.einsum("bhcd,bhfd->bhcf", x_BxHxCxD, w.w2)
+    return jnp.einsum("bhcf,bhdf->bhcd", hidden, w.w1)
+
+
+def descent_directions(w: FastWeights, k, v, lr0, lr1, lr2) -> FastWeights:
+    """-dL/dW_j of L_j = -sum_i lr_j[i] <f_W(k_i), v_i>, by hand; k, v [B,H,C,D], lr [B,H,C]."""
+    gate_pre = jnp.einsum("bhcd,bhfd->bhcf", k, w.w0)
+    hidden_pre = jnp.einsum("bhcd,bhfd->bhcf", k, w.w2)
+    sig = jax.nn.sigmoid(gate_pre)
+    gate = gate_pre * sig
+    hidden = gate * hidden_pre
+    d_hidden = jnp.einsum("bhcd,bhdf->bhcf", v, w.w1)
+    d_hidden_pre = d_hidden * gate
+    d_gate_pre = d_hidden * hidden_pre * sig * (1 + gate_pre * (1 - sig))
+    dw1 = jnp.einsum("bhcd,bhcf->bhdf", v, hidden * lr1[..., None])
+    dw0 = jnp.einsum("bhcf,bhcd->bhfd", d_gate_pre * lr0[..., None], k)
+    dw2 = jnp.einsum("bhcf,bhcd->bhfd", d_hidden_pre * lr2[..., None], k)
+    return FastWeights(dw0, dw1, dw2)
+
+
+def newton_schulz(g):
+    """Muon's orthogonalisation of the last two dims, 5 quintic iterations."""
+    transpose = g.shape[-2] > g.shape[-1]
+    x = jnp.swapaxes(g, -1, -2) if transpose else g
+    x = x / (safe_norm(x, axis=(-2, -1)) + 1e-7)
+    for a, b, c in _NEWTON_SCHULZ_COEFFS:
+        gram = x @ jnp.swapaxes(x, -1, -2)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return jnp.swapaxes(x, -1, -2) if transpose else x
+
+
+def _row_norms(w: FastWeights) -> FastWeights:
+    """Norm of every row (over the last axis), kept for re-normalisation."""
+    return jax.tree.map(lambda x: safe_norm(x, axis=-1), w)
+
+
+def _renormalise(w: FastWeights, norms: FastWeights) -> FastWeights:
+    """Every row rescaled to its initial norm."""
+
+    def rescale(x, norm):
+        return x / (safe_norm(x, axis=-1) + _RENORM_EPS) * norm
+
+    return jax.tree.map(rescale, w, norms)
+
+
+def _where_rows(cond_B, a: FastWeights, b: FastWeights) -> FastWeights:
+    """Per batch row: a where cond else b."""
+    return jax.tree.map(lambda x, y: jnp.where(cond_B[:, None, None, None], x, y), a, b)
+
+
+def document_start_index(segment_ids_BxT):
+    """For every token, the index at which its run of equal segment ids starts."""
+    t = segment_ids_BxT.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    change = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids_BxT[:, :1], bool),
+            segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1],
+        ],
+        axis=1,
+    )
+    return jax.lax.cummax(jnp.where(change, idx, 0), axis=1)
+
+
+def _to_chunks(x, n, c):
+    """[B, H, T, ...] with T = n * c -> [N, B, H, C, ...] for the scan."""
+    b, h = x.shape[:2]
+    return jnp.moveaxis(x.reshape(b, h, n, c, *x.shape[3:]), 2, 0)
+
+
+def _from_chunks(x):
+    """[N, B, H, C, D] -> [B, H, N * C, D]."""
+    n, b, h, c, d = x.shape
+    return jnp.moveaxis(x, 0, 2).reshape(b, h, n * c, d)
+
+
+def lact_chunk_scan(
+    w_init: FastWeights, q, k, v, lr, momentum, segment_ids, *, chunk_size, use_muon
+):  # fmt: skip
+    """Apply-then-update over chunks of packed rows; returns outputs [B, H, T, D].
+
+    Args:
+      w_init: the initial fast weights, [H, F, D] / [H, D, F] (shared by every row).
+      q, k, v: [B, H, T, D] in the compute dtype; q, k L2-normalised by the caller.
+      lr: [B, H, T, 3], per-token learning rates of W0, W1, W2 (positive).
+      momentum: [B, H, T] momentum coefficients in [0, 1], or None for no momentum.
+      segment_ids: int [B, T], 0 = padding; T need not be a multiple of the chunk.
+      chunk_size: tokens per update.
+      use_muon: orthogonalise every update with Newton-Schulz.
+
+    Returns:
+      [B, H, T, D]; 0 at padding tokens.
+    """
+    b, h, t, _ = q.shape
+    c = int(chunk_size)
+    n = -(-t // c)
+    pad = n * c - t
+    if pad:
+        q, k, v, lr = (pad_length(x, n * c, axis=2) for x in (q, k, v, lr))
+        if momentum is not None:
+            momentum = pad_length(momentum, n * c, axis=2)
+        segment_ids = pad_length(segment_ids, n * c, axis=1)
+    real_BxT = segment_ids != 0
+    chunk_start_T = (jnp.arange(n * c, dtype=jnp.int32) // c) * c
+    fresh_BxT = document_start_index(segment_ids) >= chunk_start_T  # starts inside its chunk
+    seg_NxBxC = jnp.moveaxis(segment_ids.reshape(b, n, c), 1, 0)
+    fresh_NxBxC = jnp.moveaxis(fresh_BxT.reshape(b, n, c), 1, 0)
+    real_NxBxC = jnp.moveaxis(real_BxT.reshape(b, n, c), 1, 0)
+
+    dt = q.dtype
+    w0 = FastWeights(*(jnp.broadcast_to(x.astype(dt), (b, *x.shape)) for x in w_init))
+    norms = _row_norms(w0)
+    xs = dict(
+        q=_to_chunks(q, n, c),
+        k=_to_chunks(k, n, c),
+        v=_to_chunks(v, n, c),
+        lr=_to_chunks(lr.astype(dt), n, c),
+        seg=seg_NxBxC,
+        fresh=fresh_NxBxC,
+        real=real_NxBxC,
+    )
+    if momentum is not None:
+        xs["momentum"] = _to_chunks(momentum.astype(dt), n, c)
+
+    def step(carry, x):
+        """One chunk: outputs from carried/initial weights, then the last document's update."""
+        w, mom = carry
+        out_carried = apply_fast_weights(w, x["q"])
+        out_fresh = apply_fast_weights(w0, x["q"])
+        fresh = x["fresh"][:, None, :, None]
+        out = jnp.where(fresh, out_fresh, out_carried) * x["real"][:, None, :, None]
+
+        last_seg = x["seg"][:, -1]
+        continues = ~x["fresh"][:, -1]  # the chunk's last document began before it
+        in_last = ((x["seg"] == last_seg[:, None]) & x["real"]).astype(dt)[:, None, :]  # [B,1,C]
+        base = _where_rows(continues, w, w0)
+        lr = x["lr"] * in_last[..., None]
+        delta = descent_directions(base, x["k"], x["v"], lr[..., 0], lr[..., 1], lr[..., 2])
+        if mom is not None:
+            count = jnp.maximum(jnp.sum(in_last, axis=-1), 1.0)  # [B, 1]
+            coeff = jnp.sum(x["momentum"] * in_last, axis=-1) / count  # [B, H]
+            base_mom = _where_rows(continues, mom, jax.tree.map(jnp.zeros_like, mom))
+            delta = jax.tree.map(lambda d, m: d + m * coeff[..., None, None], delta, base_mom)
+            mom = delta
+        if use_muon:
+            delta = jax.tree.map(newton_schulz, delta)
+        w = _renormalise(jax.tree.map(jnp.add, base, delta), norms)
+        return (w, mom), out
+
+    mom0 = None if momentum is None else jax.tree.map(jnp.zeros_like, w0)
+    _, out = jax.lax.scan(step, (w0, mom0), xs)
+    return _from_chunks(out)[:, :, :t]

@@ -1,0 +1,266 @@
+"""LaCT: the chunk scan against a naive loop, packing, causality, Muon, hand gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcx.ttt import (
+    FastWeights,
+    LaCTConfig,
+    LaCTLayer,
+    apply_fast_weights,
+    descent_directions,
+    lact_chunk_scan,
+    newton_schulz,
+)
+
+NS_COEFFS = [
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+]
+
+
+def _rng():
+    """A fresh generator and its seed, so a failure can be replayed."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    return np.random.default_rng(seed), seed
+
+
+def _relative_error(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+
+
+def _layout(rng, t, n_docs, gap_every=3):
+    """A packed row of `n_docs` random-length documents, some gaps of padding."""
+    cuts = np.sort(rng.choice(np.arange(1, t), n_docs, replace=False))
+    row = np.zeros(t, np.int32)
+    start = int(rng.integers(0, 3))
+    for i, end in enumerate([*cuts[1:], t]):
+        if i % gap_every == gap_every - 1:
+            start += 1  # leave one padding token before this document
+        row[start:end] = i + 1
+        start = end
+    return row
+
+
+# ------------------------------------------------------------------ naive reference
+
+
+def _swiglu(w, x):
+    """f_W(x) for tokens x [n, D] with one head's weights."""
+    w0, w1, w2 = w
+    return (jax.nn.silu(x @ w0.T) * (x @ w2.T)) @ w1.T
+
+
+def _naive_update(w, k, v, lr):
+    """-grad of sum_i lr_j[i] * -<f(k_i), v_i>, per weight j, by jax.grad."""
+    out = []
+    for j in range(3):
+
+        def loss(wj, j=j):
+            ws = list(w)
+            ws[j] = wj
+            return jnp.sum(lr[:, j] * jnp.sum(_swiglu(ws, k) * v, axis=-1))
+
+        out.append(jax.grad(loss)(w[j]))
+    return out
+
+
+def _naive_newton_schulz(g):
+    """Newton-Schulz on one matrix, in numpy."""
+    g = np.asarray(g, np.float64)
+    tr = g.shape[0] > g.shape[1]
+    x = g.T if tr else g
+    x = x / (np.linalg.norm(x) + 1e-7)
+    for a, b, c in NS_COEFFS:
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tr else x
+
+
+def naive_lact(w_init, q, k, v, lr, momentum, seg, chunk_size, use_muon):
+    """A plain loop over rows, heads, documents and the chunks each document touches."""
+    b, h, t, d = q.shape
+    out = np.zeros((b, h, t, d))
+    for row in range(b):
+        ids = seg[row]
+        starts = [s for s in range(t) if ids[s] != 0 and (s == 0 or ids[s - 1] != ids[s])]
+        for s in starts:
+            e = s
+            while e < t and ids[e] == ids[s]:
+                e += 1
+            for head in range(h):
+                w = [np.asarray(x[head], np.float64) for x in w_init]
+                norms = [np.linalg.norm(x, axis=-1, keepdims=True) for x in w]
+                mom = [np.zeros_like(x) for x in w]
+                c0 = (s // chunk_size) * chunk_size
+                for cs in range(c0, e, chunk_size):
+                    idx = slice(max(s, cs), min(e, cs + chunk_size))
+                    out[row, head, idx] = _swiglu(w, q[row, head, idx])
+                    if e <= cs + chunk_size:
+                        break  # the document ends in this chunk: no later token needs W
+                    dw = _naive_update(w, k[row, head, idx], v[row, head, idx], lr[row, head, idx])
+                    dw = [np.asarray(x, np.float64) for x in dw]
+                    if momentum is not None:
+                        coeff = float(np.mean(momentum[row, head, idx], dtype=np.float64))
+                        dw = [x + m * coeff for x, m in zip(dw, mom, strict=True)]
+                        mom = dw
+                    if use_muon:
+                        dw = [_naive_newton_schulz(x) for x in dw]
+                    w = [x + dx for x, dx in zip(w, dw, strict=True)]
+                    w = [
+                        x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-5) * n
+                        for x, n in zip(w, norms, strict=True)
+                    ]
+    return out
+
+
+def _scan_inputs(rng, b, h, t, d, f):
+    """Random fast weights and per-token inputs, q and k L2-normalised."""
+    w = FastWeights(
+        rng.standard_normal((h, f, d)) / np.sqrt(d),
+        rng.standard_normal((h, d, f)) / np.sqrt(f),
+        rng.standard_normal((h, f, d)) / np.sqrt(d),
+    )
+    q, k, v = (rng.standard_normal((b, h, t, d)) for _ in range(3))
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    lr = rng.uniform(0.01, 0.5, (b, h, t, 3))
+    momentum = rng.uniform(0, 1, (b, h, t))
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    return FastWeights(*map(f32, w)), f32(q), f32(k), f32(v), f32(lr), f32(momentum)
+
+
+@pytest.mark.parametrize(
+    "chunk_size,use_momentum,use_muon",
+    [(4, True, True), (8, False, True), (16, True, False), (64, False, False)],
+)
+def test_chunk_scan_matches_naive_loop(chunk_size, use_momentum, use_muon):
+    # t = 40 with ~5 documents of ~8 tokens: chunks smaller than, like and larger than the
+    # documents; most documents start mid-chunk; T is not a multiple of 16 or 64.
+    rng, seed = _rng()
+    b, h, t, d, f = 2, 2, 40, 8, 12
+    seg = np.stack([_layout(rng, t, 5), _layout(rng, t, 2)])
+    w, q, k, v, lr, mom = _scan_inputs(rng, b, h, t, d, f)
+    mom = mom if use_momentum else None
+    f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)  # noqa: E731
+    with jax.enable_x64(True):  # both in float64: this checks the arithmetic, not rounding
+        got = jax.jit(lact_chunk_scan, static_argnames=("chunk_size", "use_muon"))(
+            FastWeights(*map(f64, w)), *map(f64, (q, k, v, lr, mom)), seg,
+            chunk_size=chunk_size, use_muon=use_muon,
+        )  # fmt: skip
+        want = naive_lact(w, q, k, v, lr, mom, seg, chunk_size, use_muon)
+    assert got.dtype == jnp.float64
+    assert _relative_error(got, want) < 1e-10, f"{seed=}"
+    assert np.all(np.asarray(got)[np.broadcast_to((seg == 0)[:, None, :], got.shape[:3])] == 0)
+
+
+def test_hand_fast_weight_gradients_equal_jax_grad():
+    rng, seed = _rng()
+    w, q, k, v, lr, _ = _scan_inputs(rng, 2, 3, 16, 8, 12)
+    wb = FastWeights(*(jnp.broadcast_to(x, (2, *x.shape)) for x in w))
+    got = descent_directions(wb, k, v, lr[..., 0], lr[..., 1], lr[..., 2])
+    for j, name in enumerate(("w0", "w1", "w2")):
+
+        def loss(wj, j=j):
+            ws = list(wb)
+            ws[j] = wj
+            score = jnp.sum(apply_fast_weights(FastWeights(*ws), k) * v, axis=-1)
+            return -jnp.sum(lr[..., j] * score)  # the chunk loss L_j
+
+        want = -jax.grad(loss)(wb[j])
+        assert _relative_error(getattr(got, name), want) < 1e-5, f"{name} {seed=}"
+
+
+def test_newton_schulz_is_close_to_orthogonal():
+    rng, seed = _rng()
+    for shape in [(3, 16, 16), (3, 16, 40), (3, 40, 16)]:
+        g = rng.standard_normal(shape).astype(np.float32)
+        x = np.asarray(newton_schulz(jnp.asarray(g)))
+        np.testing.assert_allclose(x[0], _naive_newton_schulz(g[0]), atol=1e-4)
+        singular = np.linalg.svd(x, compute_uv=False)
+        # The quintic is tuned for speed, not exactness: singular values land near 1.
+        assert singular.min() > 0.6 and singular.max() < 1.25, f"{shape} {singular} {seed=}"
+
+
+# ----------------------------------------------------------------------- the layer
+
+
+def _layer(chunk_size, *, window=8, seed=0, **kwargs):
+    cfg = LaCTConfig(
+        d_model=32, num_heads=2, fw_heads=2, chunk_size=chunk_size, window=window, **kwargs
+    )
+    return LaCTLayer(cfg, rngs=nnx.Rngs(seed))
+
+
+def _positions(seg):
+    """Positions restarting at 0 at every run start."""
+    pos = np.zeros_like(seg)
+    for row in range(seg.shape[0]):
+        for t in range(1, seg.shape[1]):
+            pos[row, t] = pos[row, t - 1] + 1 if seg[row, t] == seg[row, t - 1] else 0
+    return pos
+
+
+@pytest.mark.parametrize("chunk_size", [3, 8, 64])
+def test_packed_row_equals_each_document_alone(chunk_size):
+    rng, seed = _rng()
+    t = 48
+    seg = _layout(rng, t, 5)[None]
+    pos = _positions(seg)
+    layer = _layer(chunk_size, seed=int(rng.integers(1 << 16)))
+    x = jnp.asarray(rng.standard_normal((1, t, 32)), jnp.float32)
+    packed = np.asarray(layer(x, seg, pos))
+    for doc in np.unique(seg[seg != 0]):
+        alone = np.where(seg == doc, seg, 0)  # the document in its own row, others padding
+        got = np.asarray(layer(x, alone, pos))
+        mask = seg[0] == doc
+        err = _relative_error(packed[0, mask], got[0, mask])
+        assert err < 1e-5, f"doc {doc}, {chunk_size=}, {seed=}"
+        assert np.all(got[0, ~mask] == 0)
+    assert np.all(packed[0, seg[0] == 0] == 0)
+
+
+def test_causal_through_gradients():
+    rng, seed = _rng()
+    t = 24
+    layer = _layer(5, window=6)
+    x = jnp.asarray(rng.standard_normal((1, t, 32)), jnp.float32)
+    seg = np.ones((1, t), np.int32)
+    jacobian = np.asarray(jax.jit(jax.jacrev(lambda x: layer(x, seg)[0].sum(-1)))(x))
+    for target in range(t):
+        grad = jacobian[target, 0]
+        assert np.all(grad[target + 1 :] == 0), f"{target=} {seed=}"
+        assert np.abs(grad[: target + 1]).sum(-1).min() > 0, f"{target=} {seed=}"
+
+
+def test_padding_gives_no_nan_in_values_or_gradients():
+    rng, _ = _rng()
+    seg = np.asarray([[1] * 10 + [0] * 14, [0] * 24], np.int32)
+    layer = _layer(4)
+    x = jnp.asarray(rng.standard_normal((2, 24, 32)), jnp.float32)
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x, seg) ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1))(params, x)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    assert np.all(np.asarray(layer(x, seg))[1] == 0)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="chunk_size"):
+        LaCTConfig(d_model=32, chunk_size=0)
+    with pytest.raises(ValueError, match="fw_heads"):
+        LaCTConfig(d_model=32, fw_heads=3)
+    with pytest.raises(ValueError, match="num_heads"):
+        LaCTConfig(d_model=30, num_heads=4, fw_heads=2)
+    with pytest.raises(ValueError, match="window"):
+        LaCTConfig(d_model=32, window=0)
