@@ -79,6 +79,18 @@ def descent_directions(w: FastWeights, k, v, lr0, lr1, lr2) -> FastWeights:
     return FastWeights(dw0, dw1, dw2)
 
 
+def descent_directions_autodiff(w: FastWeights, k, v, lr0, lr1, lr2) -> FastWeights:
+    """`descent_directions` by jax.vjp: one linearisation, one pullback per learning rate."""
+    _, pullback = jax.vjp(lambda w: apply_fast_weights(w, k), w)
+    dw0 = pullback(v * lr0[..., None])[0].w0
+    dw1 = pullback(v * lr1[..., None])[0].w1
+    dw2 = pullback(v * lr2[..., None])[0].w2
+    return FastWeights(dw0, dw1, dw2)
+
+
+INNER_GRADIENTS = {"hand": descent_directions, "autodiff": descent_directions_autodiff}
+
+
 def newton_schulz(g):
     """Muon's orthogonalisation of the last two dims, 5 quintic iterations."""
     transpose = g.shape[-2] > g.shape[-1]
@@ -136,7 +148,8 @@ def _from_chunks(x):
 
 
 def lact_chunk_scan(
-    w_init: FastWeights, q, k, v, lr, momentum, segment_ids, *, chunk_size, use_muon
+    w_init: FastWeights, q, k, v, lr, momentum, segment_ids, *, chunk_size, use_muon,
+    inner_gradient="hand",
 ):  # fmt: skip
     """Apply-then-update over chunks of packed rows; returns outputs [B, H, T, D].
 
@@ -148,10 +161,14 @@ def lact_chunk_scan(
       segment_ids: int [B, T], 0 = padding; T need not be a multiple of the chunk.
       chunk_size: tokens per update.
       use_muon: orthogonalise every update with Newton-Schulz.
+      inner_gradient: "hand" (derived, the default: see benchmarks/lact.py) or "autodiff".
 
     Returns:
       [B, H, T, D]; 0 at padding tokens.
     """
+    if inner_gradient not in INNER_GRADIENTS:
+        raise ValueError(f"inner_gradient={inner_gradient!r}; valid: {sorted(INNER_GRADIENTS)}")
+    directions = INNER_GRADIENTS[inner_gradient]
     b, h, t, _ = q.shape
     c = int(chunk_size)
     n = -(-t // c)
@@ -196,7 +213,7 @@ def lact_chunk_scan(
         in_last = ((x["seg"] == last_seg[:, None]) & x["real"]).astype(dt)[:, None, :]  # [B,1,C]
         base = _where_rows(continues, w, w0)
         lr = x["lr"] * in_last[..., None]
-        delta = descent_directions(base, x["k"], x["v"], lr[..., 0], lr[..., 1], lr[..., 2])
+        delta = directions(base, x["k"], x["v"], lr[..., 0], lr[..., 1], lr[..., 2])
         if mom is not None:
             count = jnp.maximum(jnp.sum(in_last, axis=-1), 1.0)  # [B, 1]
             coeff = jnp.sum(x["momentum"] * in_last, axis=-1) / count  # [B, H]
