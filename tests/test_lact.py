@@ -208,11 +208,30 @@ def _positions(seg):
     return pos
 
 
-@pytest.mark.parametrize("chunk_size", [3, 8, 64])
-def test_packed_row_equals_each_document_alone(chunk_size):
+def _fixed_layout(t, length, offset):
+    """Documents of exactly `length` tokens back to back from `offset` (padding before)."""
+    seg = np.zeros(t, np.int32)
+    for i, start in enumerate(range(offset, t - length + 1, length)):
+        seg[start : start + length] = i + 1
+    return seg
+
+
+@pytest.mark.parametrize(
+    "layout,chunk_size",
+    [
+        ("random", 3),  # chunks shorter than the documents
+        ("random", 64),  # one chunk longer than the row
+        ("aligned", 8),  # chunk == document, documents start on chunk boundaries
+        ("shifted", 8),  # chunk == document, every document starts mid-chunk
+    ],
+)
+def test_packed_row_equals_each_document_alone(layout, chunk_size):
     rng, seed = _rng()
     t = 48
-    seg = _layout(rng, t, 5)[None]
+    if layout == "random":
+        seg = _layout(rng, t, 5)[None]
+    else:
+        seg = _fixed_layout(t, 8, 0 if layout == "aligned" else 3)[None]
     pos = _positions(seg)
     layer = _layer(chunk_size, seed=int(rng.integers(1 << 16)))
     x = jnp.asarray(rng.standard_normal((1, t, 32)), jnp.float32)
@@ -222,7 +241,7 @@ def test_packed_row_equals_each_document_alone(chunk_size):
         got = np.asarray(layer(x, alone, pos))
         mask = seg[0] == doc
         err = _relative_error(packed[0, mask], got[0, mask])
-        assert err < 1e-5, f"doc {doc}, {chunk_size=}, {seed=}"
+        assert err < 1e-5, f"doc {doc}, {layout=}, {chunk_size=}, {seed=}"
         assert np.all(got[0, ~mask] == 0)
     assert np.all(packed[0, seg[0] == 0] == 0)
 
