@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from lcx.attention import packed_attention
+from lcx.attention import packed_attention, pallas_gpu
 from lcx.attention.kernel_common import BlockSizes
 from lcx.attention.layout import block_schedule, count_visited, dense_causal_blocks
 from lcx.attention.pallas_gpu import DEFAULT_BLOCK_SIZES, packed_attention_gpu
@@ -239,3 +239,30 @@ def test_million_token_rows_lower_for_cuda_without_quadratic_memory():
     nq = t // DEFAULT_BLOCK_SIZES.block_q
     assert text.count("__gpu$xla.gpu.triton") == 3
     assert f"{t}x{t}" not in text and f"{nq}x{nq}" not in text
+
+
+@pytest.mark.parametrize("layout", ["16_documents", "random"])
+def test_backward_kernels_compute_only_scheduled_blocks(layout):
+    # dq visits the kv interval of each q block, dkv the q interval of each kv block.
+    rng, seed = _rng()
+    if layout == "16_documents":
+        t, block = 2048, 128
+        seg = np.repeat(np.arange(1, 17, dtype=np.int32), 128)[None]
+    else:
+        t, block = 96, 16
+        seg = np.stack([_random_row(rng, t, block) for _ in range(2)])
+    b, h, d = seg.shape[0], 2, 16
+    q, k, v = _inputs(rng, b, t, h, 1, d, jnp.float32)
+    lse = jnp.zeros((b, h, t), jnp.float32)
+    args = (q, k, v, jnp.asarray(seg), lse, lse, q)
+    kw = dict(scale=0.25, causal=True, window=None, blocks=(block, block), interpret=True)
+    *_, dq_counts = pallas_gpu._dq(*args, count=True, **kw)
+    *_, dkv_counts = pallas_gpu._dkv(*args, count=True, **kw)
+    sched = block_schedule(seg, block_q=block, block_kv=block)
+    per_q = np.maximum(np.asarray(sched.kv_hi) - np.asarray(sched.kv_lo) + 1, 0)
+    per_kv = np.maximum(np.asarray(sched.q_hi) - np.asarray(sched.q_lo) + 1, 0)
+    got_q, got_kv = np.asarray(dq_counts)[:, :, ::block], np.asarray(dkv_counts)[:, :, ::block]
+    np.testing.assert_array_equal(got_q, np.broadcast_to(per_q[:, None], got_q.shape), f"{seed=}")
+    np.testing.assert_array_equal(got_kv, np.broadcast_to(per_kv[:, None], got_kv.shape))
+    if layout == "16_documents":
+        assert got_q.sum() == got_kv.sum() == 16 * h

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from lcx.attention import BlockSizes, block_schedule, count_visited, packed_attention
+from lcx.attention import BlockSizes, block_schedule, count_visited, packed_attention, pallas_tpu
 from lcx.attention.pallas_tpu import packed_attention_tpu
 from tests import attention_cases as cases
 
@@ -67,6 +67,31 @@ def test_the_kernel_computes_only_scheduled_blocks():
     )
     sched = block_schedule(seg, block_q=128, block_kv=128)
     assert int(counts.sum()) == int(count_visited(sched.kv_lo, sched.kv_hi)[0]) == 16
+
+
+@pytest.mark.parametrize("layout", ["8_documents", "random"])
+def test_backward_kernels_compute_only_scheduled_blocks(layout):
+    # dq visits the kv interval of each q block, dkv the q interval of each kv block.
+    rng = np.random.default_rng()
+    t, block = 128, 16
+    if layout == "8_documents":
+        seg = np.repeat(np.arange(1, 9, dtype=np.int32), 16)[None]
+    else:
+        seg = cases.random_layout(rng, 1, t)
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in cases.qkv(rng, 1, t, 1, 1, 8, jnp.float32))
+    lse = jnp.zeros((1, 1, t, 1), jnp.float32)
+    blocks = BlockSizes(block_q=block, block_kv=block)
+    *_, dq_counts, dkv_counts = pallas_tpu._backward(
+        q, k, v, jnp.asarray(seg), q, lse, q, scale=0.3, causal=True, window=None,
+        block_sizes=blocks, interpret=True, count=True,
+    )  # fmt: skip
+    sched = block_schedule(seg, block_q=block, block_kv=block)
+    per_q = np.maximum(np.asarray(sched.kv_hi) - np.asarray(sched.kv_lo) + 1, 0)
+    per_kv = np.maximum(np.asarray(sched.q_hi) - np.asarray(sched.q_lo) + 1, 0)
+    np.testing.assert_array_equal(np.asarray(dq_counts)[:, 0], per_q, f"{seg=}")
+    np.testing.assert_array_equal(np.asarray(dkv_counts)[:, 0], per_kv, f"{seg=}")
+    if layout == "8_documents":
+        assert int(np.sum(dq_counts)) == int(np.sum(dkv_counts)) == 8
 
 
 def _export_for_tpu(t, b=1, hq=8, hkv=2, d=128):

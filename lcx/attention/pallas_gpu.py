@@ -183,7 +183,7 @@ def _forward(q, k, v, seg, *, scale, causal, window, blocks, interpret, count=Fa
 def _dq_kernel(
     lo_ref, hi_ref, full_lo_ref, full_hi_ref,
     q_ref, k_ref, v_ref, q_seg_ref, seg_ref, lse_ref, delta_ref, do_ref,
-    dq_ref,
+    dq_ref, *count_ref,
     scale, causal, window, block_kv,
 ):  # fmt: skip
     """dq of one (q block, batch, head), accumulated over the row's live kv blocks."""
@@ -192,7 +192,8 @@ def _dq_kernel(
     q, q_seg, do = q_ref[...], q_seg_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
 
-    def body(j, dq, masked):
+    def body(j, carry, masked):
+        dq, visited = carry
         kv = pl.ds(j * block_kv, block_kv)
         k, v = k_ref[kv, :], v_ref[kv, :]
         s = plgpu.dot(q, k, trans_b=True) * (scale * _LOG2E)
@@ -203,17 +204,20 @@ def _dq_kernel(
             s = jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp2(s - lse[:, None])
         ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
-        return dq + plgpu.dot(ds.astype(k.dtype), k)
+        return dq + plgpu.dot(ds.astype(k.dtype), k), visited + 1
 
     sched = (lo_ref[i], hi_ref[i], full_lo_ref[i], full_hi_ref[i])
-    dq = _visit_blocks(*sched, body, jnp.zeros((block_q, d), jnp.float32))
+    init = (jnp.zeros((block_q, d), jnp.float32), jnp.int32(0))
+    dq, visited = _visit_blocks(*sched, body, init)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+    if count_ref:
+        count_ref[0][...] = jnp.full((block_q,), visited, jnp.int32)
 
 
 def _dkv_kernel(
     lo_ref, hi_ref, full_lo_ref, full_hi_ref,
     q_ref, k_ref, v_ref, seg_ref, k_seg_ref, lse_ref, delta_ref, do_ref,
-    dk_ref, dv_ref,
+    dk_ref, dv_ref, *count_ref,
     scale, causal, window, block_q,
 ):  # fmt: skip
     """dk, dv of one (kv block, batch, query head), accumulated over its live q blocks."""
@@ -222,7 +226,7 @@ def _dkv_kernel(
     k, v, k_seg = k_ref[...], v_ref[...], k_seg_ref[...]
 
     def body(i, carry, masked):
-        dk, dv = carry
+        dk, dv, visited = carry
         rows = pl.ds(i * block_q, block_q)
         q, do = q_ref[rows, :], do_ref[rows, :]
         s = plgpu.dot(q, k, trans_b=True) * (scale * _LOG2E)
@@ -234,17 +238,19 @@ def _dkv_kernel(
         p = jnp.exp2(s - lse_ref[rows][:, None])
         dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
         ds = p * (plgpu.dot(do, v, trans_b=True) - delta_ref[rows][:, None])
-        return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
+        return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv, visited + 1
 
     zeros = jnp.zeros((block_kv, d), jnp.float32)
     sched = (lo_ref[j], hi_ref[j], full_lo_ref[j], full_hi_ref[j])
-    dk, dv = _visit_blocks(*sched, body, (zeros, zeros))
+    dk, dv, visited = _visit_blocks(*sched, body, (zeros, zeros, jnp.int32(0)))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
+    if count_ref:
+        count_ref[0][...] = jnp.full((block_kv,), visited, jnp.int32)
 
 
-def _dq(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpret):
-    """dq on padded [B, T, H, D] inputs."""
+def _dq(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpret, count=False):
+    """dq on padded [B, T, H, D] inputs (and with `count`, kv blocks computed [B, H, T])."""
     b, t, hq, d = q.shape
     group = hq // k.shape[2]
     bq, bk = blocks
@@ -263,8 +269,12 @@ def _dq(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpre
             pl.BlockSpec((None, t), lambda i, b_, h: (b_, 0)),
             row_block, row_block, q_block,
         ],  # fmt: skip
-        out_specs=q_block,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_specs=[q_block, row_block] if count else q_block,
+        out_shape=(
+            [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.int32)]
+            if count
+            else jax.ShapeDtypeStruct(q.shape, q.dtype)
+        ),
         compiler_params=plgpu.CompilerParams(
             num_warps=_num_warps(bq, bk, d), num_stages=_NUM_STAGES
         ),
@@ -276,8 +286,11 @@ def _dq(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpre
     )  # fmt: skip
 
 
-def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpret):
-    """dk, dv on padded [B, T, H, D] inputs, summed over each kv head's query group."""
+def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpret, count=False):
+    """dk, dv on padded [B, T, H, D] inputs, summed over each kv head's query group.
+
+    With `count`, also the q blocks computed per kv block and query head, [B, H, T].
+    """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
@@ -290,7 +303,12 @@ def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpr
     row = pl.BlockSpec((None, None, t), lambda j, b_, h: (b_, h, 0))
     # One kv head's gradient is the sum over its query heads: per head in f32, then summed.
     out_dtype = k.dtype if group == 1 else jnp.float32
-    dk, dv = pl.pallas_call(
+    out_shape = [jax.ShapeDtypeStruct((b, t, hq, d), out_dtype)] * 2
+    out_specs = [out_block, out_block]
+    if count:
+        out_shape.append(jax.ShapeDtypeStruct((b, hq, t), jnp.int32))
+        out_specs.append(pl.BlockSpec((None, None, bk), lambda j, b_, h: (b_, h, j)))
+    outs = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, causal=causal, window=window, block_q=bq),
         grid=(nk, b, hq),
         in_specs=[
@@ -300,8 +318,8 @@ def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpr
             pl.BlockSpec((None, bk), lambda j, b_, h: (b_, j)),
             row, row, q_row,
         ],  # fmt: skip
-        out_specs=[out_block, out_block],
-        out_shape=[jax.ShapeDtypeStruct((b, t, hq, d), out_dtype)] * 2,
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(
             num_warps=_num_warps(bq, bk, d), num_stages=_NUM_STAGES
         ),
@@ -311,10 +329,11 @@ def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpr
         sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi,
         q, k, v, seg, seg, lse, delta, do,
     )  # fmt: skip
+    dk, dv = outs[:2]
     if group > 1:
         dk = dk.reshape(b, t, hkv, group, d).sum(axis=3).astype(k.dtype)
         dv = dv.reshape(b, t, hkv, group, d).sum(axis=3).astype(v.dtype)
-    return dk, dv
+    return (dk, dv, outs[2]) if count else (dk, dv)
 
 
 # ------------------------------------------------------------------------ public wrapper

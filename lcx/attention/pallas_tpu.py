@@ -193,10 +193,11 @@ def _probabilities(q, k, q_seg, k_seg, lse, q_start, k_start, *, scale, causal, 
 def _dq_kernel(
     kv_lo_ref, kv_hi_ref, full_lo_ref, full_hi_ref,
     q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, lse_ref, delta_ref, do_ref,
-    dq_ref, dq_sc,
-    scale, causal, window,
+    dq_ref, *rest,
+    scale, causal, window, count,
 ):  # fmt: skip
     """dq for one q block, accumulated over the row's live kv blocks."""
+    count_ref, (dq_sc,) = (rest[0], rest[1:]) if count else (None, rest)
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     block_q, block_kv = q_ref.shape[0], k_ref.shape[0]
     lo, hi = kv_lo_ref[b, i], kv_hi_ref[b, i]
@@ -206,6 +207,8 @@ def _dq_kernel(
     @pl.when(j == 0)
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
+        if count:
+            count_ref[...] = jnp.zeros(count_ref.shape, jnp.int32)
 
     def step(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
@@ -217,6 +220,8 @@ def _dq_kernel(
         dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - _broadcast_lanes(delta_ref[...], dp.shape[1])) * scale
         dq_sc[...] += jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        if count:
+            count_ref[...] += 1
 
     pl.when(live & full)(lambda: step(masked=False))
     pl.when(live & ~full)(lambda: step(masked=True))
@@ -229,10 +234,11 @@ def _dq_kernel(
 def _dkv_kernel(
     q_lo_ref, q_hi_ref, full_lo_ref, full_hi_ref,
     q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, lse_ref, delta_ref, do_ref,
-    dk_ref, dv_ref, dk_sc, dv_sc,
-    scale, causal, window,
+    dk_ref, dv_ref, *rest,
+    scale, causal, window, count,
 ):  # fmt: skip
     """dk, dv for one kv block (per query head), accumulated over live q blocks."""
+    count_ref, (dk_sc, dv_sc) = (rest[0], rest[1:]) if count else (None, rest)
     b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     block_q, block_kv = q_ref.shape[0], k_ref.shape[0]
     lo, hi = q_lo_ref[b, j], q_hi_ref[b, j]
@@ -243,6 +249,8 @@ def _dkv_kernel(
     def _init():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
+        if count:
+            count_ref[...] = jnp.zeros(count_ref.shape, jnp.int32)
 
     def step(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
@@ -259,6 +267,8 @@ def _dkv_kernel(
         dk_sc[...] += jax.lax.dot_general(
             ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32
         )
+        if count:
+            count_ref[...] += 1
 
     pl.when(live & full)(lambda: step(masked=False))
     pl.when(live & ~full)(lambda: step(masked=True))
@@ -269,8 +279,14 @@ def _dkv_kernel(
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, seg, o, lse, do, *, scale, causal, window, block_sizes, interpret):
-    """dq, dk, dv on [B, H, T, D] inputs."""
+def _backward(
+    q, k, v, seg, o, lse, do, *, scale, causal, window, block_sizes, interpret, count=False
+):  # fmt: skip
+    """dq, dk, dv on [B, H, T, D] inputs.
+
+    With `count`, also the blocks each kernel computed: dq's kv blocks per q block
+    [B, H, T / block_q_dq] and dkv's q blocks per kv block [B, H, T / block_kv_dkv].
+    """
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -289,8 +305,9 @@ def _backward(q, k, v, seg, o, lse, do, *, scale, causal, window, block_sizes, i
     def k_seg_index(b_, h, i, j, lo_ref, hi_ref, *_):
         return b_, 0, _clamp(j, lo_ref[b_, i], hi_ref[b_, i])
 
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, causal=causal, window=window),
+    count_spec = pl.BlockSpec((None, None, 1, 1), lambda b_, h, i, j, *_: (b_, h, i, 0))
+    dq_out = pl.pallas_call(
+        functools.partial(_dq_kernel, scale=scale, causal=causal, window=window, count=count),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(b, hq, t // bq, t // bk),
@@ -300,10 +317,17 @@ def _backward(q, k, v, seg, o, lse, do, *, scale, causal, window, block_sizes, i
                 pl.BlockSpec((None, 1, bk), k_seg_index),
                 row_spec, row_spec, q_spec,
             ],  # fmt: skip
-            out_specs=q_spec,
+            out_specs=[q_spec, count_spec] if count else q_spec,
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
         ),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=(
+            [
+                jax.ShapeDtypeStruct(q.shape, q.dtype),
+                jax.ShapeDtypeStruct((b, hq, t // bq, 1), jnp.int32),
+            ]
+            if count
+            else jax.ShapeDtypeStruct(q.shape, q.dtype)
+        ),
         compiler_params=params,
         interpret=interpret,
     )(
@@ -326,8 +350,13 @@ def _backward(q, k, v, seg, o, lse, do, *, scale, causal, window, block_sizes, i
         (None, None, bk, d), lambda b_, h, j, i, *_: (b_, jax.lax.div(h, group), j, 0)
     )
     out_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h, j, i, *_: (b_, h, j, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, causal=causal, window=window),
+    out_shape = [jax.ShapeDtypeStruct((b, hq, t, d), k.dtype)] * 2
+    out_specs = [out_spec, out_spec]
+    if count:
+        out_shape.append(jax.ShapeDtypeStruct((b, hq, t // bk, 1), jnp.int32))
+        out_specs.append(count_spec)
+    dkv_out = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, causal=causal, window=window, count=count),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=4,
             grid=(b, hq, t // bk, t // bq),
@@ -337,19 +366,23 @@ def _backward(q, k, v, seg, o, lse, do, *, scale, causal, window, block_sizes, i
                 pl.BlockSpec((None, 1, bk), lambda b_, h, j, i, *_: (b_, 0, j)),
                 row_spec, row_spec, q_spec,
             ],  # fmt: skip
-            out_specs=[out_spec, out_spec],
+            out_specs=out_specs,
             scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
         ),
-        out_shape=[jax.ShapeDtypeStruct((b, hq, t, d), k.dtype)] * 2,
+        out_shape=out_shape,
         compiler_params=params,
         interpret=interpret,
     )(
         sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi,
         q, k, v, q_seg, k_seg, lse, delta, do,
     )  # fmt: skip
+    dq = dq_out[0] if count else dq_out
+    dk, dv = dkv_out[:2]
     if group > 1:
         dk = dk.reshape(b, hkv, group, t, d).sum(axis=2).astype(k.dtype)
         dv = dv.reshape(b, hkv, group, t, d).sum(axis=2).astype(v.dtype)
+    if count:
+        return dq, dk, dv, dq_out[1][..., 0], dkv_out[2][..., 0]
     return dq, dk, dv
 
 
