@@ -40,8 +40,8 @@ BLOCKED = "query_blocked_attention"
 def query_blocked_attention(q, k, v, segment_ids, *, causal, window, scale, block_sizes, interpret):
     """Causal attention one query block at a time against the keys up to it (rematerialised).
 
-    Memory O(T * block) instead of O(T^2); the work is the causal half of the square. Same
-    semantics as `reference_attention` (tested against it at tiny size).
+    Memory O(T * block) instead of O(T^2); the work is the causal half of the square, or
+    the window's band. Same semantics as `reference_attention` (tested against it).
     """
     del block_sizes, interpret
     b, t, hq, d = q.shape
@@ -50,12 +50,12 @@ def query_blocked_attention(q, k, v, segment_ids, *, causal, window, scale, bloc
     seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
     block = min(t, 1024)
 
-    def one_block(q_blk, k_pre, v_pre, seg_q, seg_k, start):
-        """Queries [start, start + n) against keys [0, end)."""
-        k_pre, v_pre = (jnp.repeat(x, group, axis=2) for x in (k_pre, v_pre))
-        s = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_pre).astype(jnp.float32) * scale
-        q_idx = start + jnp.arange(q_blk.shape[1])[:, None]
-        k_idx = jnp.arange(k_pre.shape[1])[None, :]
+    def one_block(q_blk, k_blk, v_blk, seg_q, seg_k, q_start, k_start):
+        """Queries [q_start, q_start + n) against keys [k_start, k_start + m)."""
+        k_blk, v_blk = (jnp.repeat(x, group, axis=2) for x in (k_blk, v_blk))
+        s = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_blk).astype(jnp.float32) * scale
+        q_idx = q_start + jnp.arange(q_blk.shape[1])[:, None]
+        k_idx = k_start + jnp.arange(k_blk.shape[1])[None, :]
         mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] != 0)
         if causal:
             mask &= (k_idx <= q_idx)[None]
@@ -63,16 +63,26 @@ def query_blocked_attention(q, k, v, segment_ids, *, causal, window, scale, bloc
             mask &= (jnp.abs(q_idx - k_idx) < window)[None]
         s = jnp.where(mask[:, None], s, -1e30)
         p = jnp.where(mask[:, None], jax.nn.softmax(s, axis=-1), 0.0)
-        return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v_pre.dtype), v_pre)
+        return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v_blk.dtype), v_blk)
 
     outs = []
     for start in range(0, t, block):
         end = min(t, start + block)
-        keys = end if causal else t
+        k_start = 0 if window is None else max(0, start - window + 1)
+        k_end = end if causal else (t if window is None else min(t, end + window - 1))
+        q_blk = q[:, start:end]
+        if outs:  # one block at a time: XLA would otherwise keep every block's scores live
+            q_blk, outs[-1] = jax.lax.optimization_barrier((q_blk, outs[-1]))
         outs.append(
-            jax.checkpoint(one_block, static_argnums=5)(
-                q[:, start:end], k[:, :keys], v[:, :keys], seg[:, start:end], seg[:, :keys], start
-            )
+            jax.checkpoint(one_block, static_argnums=(5, 6))(
+                q_blk,
+                k[:, k_start:k_end],
+                v[:, k_start:k_end],
+                seg[:, start:end],
+                seg[:, k_start:k_end],
+                start,
+                k_start,
+            )  # fmt: skip
         )
     return jnp.concatenate(outs, axis=1)
 

@@ -18,7 +18,7 @@ def test_query_blocked_attention_matches_reference():
     q = jnp.asarray(rng.standard_normal((1, 2100, 2, 8)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((1, 2100, 1, 8)), jnp.float32) for _ in range(2))
     seg = jnp.asarray(np.repeat([1, 2, 0, 3], [700, 900, 10, 490])[None], jnp.int32)
-    for causal, window in [(True, None), (True, 300), (False, None)]:
+    for causal, window in [(True, None), (True, 300), (False, None), (False, 300)]:
         kw = dict(causal=causal, window=window, scale=None)
         got = lact.query_blocked_attention(q, k, v, seg, block_sizes=None, interpret=False, **kw)
         want = reference_attention(q, k, v, seg, **kw)
