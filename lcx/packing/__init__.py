@@ -1,5 +1,13 @@
-"""Packing on grain: pieces, packed rows and batches (Dataset Decomposition comes later)."""
+"""Packing on grain: strategies (first/best fit, concat-then-split, offline FFD, padded),
+Dataset Decomposition buckets and curriculum, batch statistics."""
 
+from lcx.packing.decomposition import (
+    CURRICULA,
+    DecomposedDataset,
+    DecompositionOptions,
+    binary_decomposition,
+)
+from lcx.packing.ffd import first_fit_decreasing
 from lcx.packing.pipeline import (
     STRATEGIES,
     DocumentPieces,
@@ -8,4 +16,15 @@ from lcx.packing.pipeline import (
     packed_dataset,
 )
 
-__all__ = ["STRATEGIES", "DocumentPieces", "PipelineOptions", "batch_stats", "packed_dataset"]
+__all__ = [
+    "CURRICULA",
+    "STRATEGIES",
+    "DecomposedDataset",
+    "DecompositionOptions",
+    "DocumentPieces",
+    "PipelineOptions",
+    "batch_stats",
+    "binary_decomposition",
+    "first_fit_decreasing",
+    "packed_dataset",
+]

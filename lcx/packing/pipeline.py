@@ -1,10 +1,15 @@
-"""Input pipeline on grain: documents -> pieces of at most one row -> packed rows -> batches.
+"""Input pipelines on grain, one per packing strategy, built by `packed_dataset`.
 
 Every document is split into consecutive pieces no longer than the row, never dropped,
-so each token of the corpus is seen exactly once per epoch. Rows are packed with grain's
-first-fit or best-fit packers, which emit `*_segment_ids` (0 = padding) and
-`*_positions` restarting at 0 per piece, the layout DESIGN.md fixes. The "padded"
-strategy puts one piece per row: the baseline that packing is measured against.
+so each token of the corpus is seen exactly once per epoch. Strategies:
+- `first_fit`, `best_fit`: grain's online packers, which emit `*_segment_ids`
+  (0 = padding) and `*_positions` restarting at 0 per piece (DESIGN.md's layout);
+- `concat_chunk`: grain's concat-then-split: pieces back to back, cut every row; a
+  piece cut in two continues its positions in the next row;
+- `ffd`: offline first-fit-decreasing over the whole epoch (`lcx.packing.ffd`);
+- `padded`: one piece per row, the baseline that packing is measured against;
+- `dd`: Dataset Decomposition (`lcx.packing.decomposition`): one bucket per step,
+  batches [tokens_per_step / 2^k, 2^k], one document chunk per row.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import grain
 import numpy as np
 
 from lcx.data.store import TokenizedCorpus
+from lcx.packing.decomposition import DecomposedDataset, DecompositionOptions
+from lcx.packing.ffd import first_fit_decreasing
 
 PACKERS = {
     "first_fit": grain.experimental.FirstFitPackIterDataset,
     "best_fit": grain.experimental.BestFitPackIterDataset,
 }
-STRATEGIES = (*PACKERS, "padded")
+STRATEGIES = (*PACKERS, "concat_chunk", "ffd", "padded", "dd")
 
 
 class DocumentPieces:
@@ -59,6 +66,11 @@ class PipelineOptions:
     pad_id: int = 0
     shard_index: int = 0
     shard_count: int = 1
+    # Dataset Decomposition ("dd"): bucket lengths 2^min_log2 .. 2^max_log2, curriculum.
+    dd_min_log2: int = 6
+    dd_max_log2: int = 13
+    dd_curriculum: str = "grow_p2"
+    dd_cycles: int = 1
 
     def __post_init__(self):
         if self.packing not in STRATEGIES:
@@ -67,6 +79,8 @@ class PipelineOptions:
             raise ValueError(
                 f"seq_len={self.seq_len} must be > 1 and batch_size={self.batch_size} > 0"
             )
+        if self.packing == "dd":
+            decomposition_options(self)  # validates the dd_* fields
 
 
 def _pad_one_piece(seq_len, pad_id):
@@ -95,8 +109,85 @@ def _rename_packed(example):
     }
 
 
+def _pad_concat(seq_len, pad_id):
+    """grain's concat-then-split row (the last may be short) -> lcx's padded batch keys."""
+
+    def pad(example):
+        row = _rename_packed(example)
+        n = len(row["tokens"])
+        if n == seq_len:
+            return row
+        out = {k: np.zeros(seq_len, np.int32) for k in row}
+        out["tokens"][:] = pad_id
+        for k, v in row.items():
+            out[k][:n] = v
+        return out
+
+    return pad
+
+
+class FFDRows:
+    """grain random-access source: row i = the pieces of first-fit-decreasing bin i."""
+
+    def __init__(self, pieces: DocumentPieces, seq_len: int, pad_id: int):
+        self._pieces, self._seq_len, self._pad_id = pieces, seq_len, pad_id
+        lengths = pieces.ends - pieces.starts
+        self.bins = first_fit_decreasing(lengths, seq_len)
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        t = self._seq_len
+        row = {
+            "tokens": np.full(t, self._pad_id, np.int32),
+            "segment_ids": np.zeros(t, np.int32),
+            "positions": np.zeros(t, np.int32),
+        }
+        pos = 0
+        for segment, piece in enumerate(self.bins[index], start=1):
+            tokens = self._pieces[piece]["tokens"]
+            n = len(tokens)
+            row["tokens"][pos : pos + n] = tokens
+            row["segment_ids"][pos : pos + n] = segment
+            row["positions"][pos : pos + n] = np.arange(n)
+            pos += n
+        return row
+
+
+def decomposition_options(opts: PipelineOptions) -> DecompositionOptions:
+    """Dataset Decomposition's options: this host's tokens per step times the hosts."""
+    return DecompositionOptions(
+        tokens_per_step=opts.batch_size * opts.seq_len * opts.shard_count,
+        min_log2=opts.dd_min_log2,
+        max_log2=opts.dd_max_log2,
+        curriculum=opts.dd_curriculum,
+        cycles=opts.dd_cycles,
+        seed=opts.seed,
+        shard_index=opts.shard_index,
+        shard_count=opts.shard_count,
+        pad_id=opts.pad_id,
+    )
+
+
 def packed_dataset(corpus: TokenizedCorpus, opts: PipelineOptions) -> grain.IterDataset:
-    """A grain IterDataset of batches {tokens, segment_ids, positions}, each int32 [B, T]."""
+    """A grain IterDataset of batches {tokens, segment_ids, positions}, each int32 [B, T].
+
+    For "dd", B and T change between steps (one bucket's shape per step; B * T fixed),
+    and the dataset repeats forever whatever `num_epochs`.
+    """
+    if opts.packing == "dd":
+        return DecomposedDataset(corpus, decomposition_options(opts))
+    if opts.packing == "ffd":
+        ds = grain.MapDataset.source(
+            FFDRows(DocumentPieces(corpus, opts.seq_len), opts.seq_len, opts.pad_id)
+        )
+        if opts.shard_count > 1:
+            ds = ds[opts.shard_index :: opts.shard_count]
+        if opts.shuffle:
+            ds = ds.shuffle(seed=opts.seed)
+        ds = ds.repeat(opts.num_epochs).to_iter_dataset()
+        return ds.batch(opts.batch_size, drop_remainder=opts.num_epochs is None)
     ds = grain.MapDataset.source(DocumentPieces(corpus, opts.seq_len))
     if opts.shard_count > 1:
         ds = ds[opts.shard_index :: opts.shard_count]
@@ -106,6 +197,10 @@ def packed_dataset(corpus: TokenizedCorpus, opts: PipelineOptions) -> grain.Iter
     rows = ds.to_iter_dataset()
     if opts.packing == "padded":
         rows = rows.map(_pad_one_piece(opts.seq_len, opts.pad_id))
+    elif opts.packing == "concat_chunk":
+        rows = grain.experimental.ConcatThenSplitIterDataset(
+            rows, length_struct={"tokens": opts.seq_len}
+        ).map(_pad_concat(opts.seq_len, opts.pad_id))
     else:
         rows = PACKERS[opts.packing](
             rows,
