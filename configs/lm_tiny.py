@@ -21,11 +21,17 @@ def get_config(arg=None):
 
     c.data = dict(
         paths=(),  # empty: the embedded corpus (Python's standard library sources)
-        packing="first_fit",  # first_fit | best_fit | padded
+        packing="first_fit",  # first_fit | best_fit | concat_chunk | ffd | padded | dd
         num_packing_bins=128,  # grain first/best-fit bins; 0: one per row (packs poorly)
         eval_fraction=0.02,
         max_documents=0,  # 0: all
         cache=True,  # tokenized corpus cached as zarr in WORKDIR/cache
+        # Dataset Decomposition (packing="dd"): rows of 2^min_log2 .. 2^max_log2 tokens,
+        # batch_size * seq_len tokens per step; curriculum uniform | grow_p2.
+        dd_min_log2=6,
+        dd_max_log2=8,
+        dd_curriculum="grow_p2",
+        dd_cycles=1,
     )
     c.train = dict(
         steps=600,

@@ -49,7 +49,7 @@ def test_smoke_run_writes_checkpoints_and_metrics(smoke_config, tmp_path):
     assert record["step"] == smoke_config.train.steps and np.isfinite(record["eval_loss"])
 
 
-@pytest.mark.parametrize("name", ["lm_tiny", "lm_tiny_adaptive"])
+@pytest.mark.parametrize("name", ["lm_tiny", "lm_tiny_adaptive", "lm_tiny_dd"])
 def test_restart_reproduces_an_uninterrupted_run(name, tmp_path):
     smoke_config = _smoke(name)
     smoke_config.optimizer.name = "lamb" if name == "lm_tiny_adaptive" else "adamw"
@@ -75,7 +75,7 @@ def test_restart_reproduces_an_uninterrupted_run(name, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("name", ["lm_tiny_lamb", "lm_tiny_adaptive", "lm_lact_tiny"])
+@pytest.mark.parametrize("name", ["lm_tiny_lamb", "lm_tiny_adaptive", "lm_lact_tiny", "lm_tiny_dd"])
 def test_variant_configs_train(name, tmp_path):
     config = _smoke(name)
     last = train_and_evaluate(config, str(tmp_path / name))
@@ -84,6 +84,20 @@ def test_variant_configs_train(name, tmp_path):
     assert np.isfinite(last["loss"]) and max(r["learning_rate"] for r in records) > 0
     tokens = [r["tokens_seen"] for r in records]
     assert tokens == sorted(tokens) and tokens[0] > 0
+
+
+def test_dataset_decomposition_compiles_once_per_bucket_shape(tmp_path):
+    config = _smoke("lm_tiny_dd")
+    config.train.update(steps=12, eval_every=0)
+    train_and_evaluate(config, str(tmp_path / "dd"))
+    records = [r for r in read_metrics(str(tmp_path / "dd")) if "loss" in r]
+    tokens_per_step = config.train.batch_size * config.train.seq_len
+    seen = set()
+    for i, r in enumerate(records, start=1):
+        seen.add(r["row_len"])
+        assert r["compiles"] == len(seen)  # a new shape compiles once, then is cached
+        assert r["tokens_seen"] == i * tokens_per_step  # the schedule's clock: tokens
+    assert len(seen) > 1 and seen <= {16, 32, 64}
 
 
 def test_max_tokens_stops_early(smoke_config, tmp_path):

@@ -39,6 +39,9 @@ def load_split(data_cfg, split: str, workdir: str | None):
     return load_or_tokenize(docs, tokenizer, cache)
 
 
+DD_KEYS = ("dd_min_log2", "dd_max_log2", "dd_curriculum", "dd_cycles")
+
+
 def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: bool):
     """This process's share of the batches: shuffled and repeated for training."""
     count = jax.process_count()
@@ -46,10 +49,14 @@ def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: b
         raise ValueError(
             f"train.batch_size={global_batch_size} must divide among {count} processes"
         )
+    # Dataset Decomposition shapes training batches only; evaluation packs full rows.
+    packing = "first_fit" if (data_cfg.packing == "dd" and not train) else data_cfg.packing
+    dd = {k: data_cfg[k] for k in DD_KEYS if k in data_cfg}
     opts = PipelineOptions(
         seq_len=seq_len,
         batch_size=global_batch_size // count,
-        packing=data_cfg.packing,
+        packing=packing,
+        **dd,
         num_packing_bins=data_cfg.num_packing_bins,
         seed=seed,
         shuffle=train,

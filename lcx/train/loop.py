@@ -59,6 +59,11 @@ class Experiment:
                 f"train.batch_size={tc.batch_size} and be a multiple of the {divisor} "
                 "batch shards of config.mesh"
             )
+        if c.data.packing == "dd" and (c.batch.adaptive or self.micro_batch_size != tc.batch_size):
+            raise ValueError(
+                "data.packing='dd' changes the batch shape every step: it needs "
+                "train.micro_batch_size=0 (one micro-step) and batch.adaptive=False"
+            )
         self.adaptive = None
         if c.batch.adaptive:
             self.adaptive = optim.AdaptiveBatchConfig(

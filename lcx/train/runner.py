@@ -61,7 +61,12 @@ class StepRunner:
         if self.fused is not None:
             batch, stats = self._next(data_iter)
             state, metrics = self.fused(state, batch)
-            return state, metrics | {"batch_size": self.batch_size}, stats
+            extra = {
+                "batch_size": self.batch_size,
+                "compiles": self.fused.compiles(),  # > 1 when row shapes vary (DD)
+                "row_len": int(batch["tokens"].shape[1]),
+            }
+            return state, metrics | extra, stats
         testing = self.adaptive is not None and self.adaptive.is_test_step(step)
         acc, kept, host = self.empty(state.params), [], []
         for _ in range(self.batch_size // self.micro):

@@ -115,27 +115,47 @@ def _optimizer_update(tx, state: TrainState, grads, rows, seq_len):
     return new_state, metrics
 
 
+def row_equivalents(batch, seq_len: int):
+    """Sequences of `seq_len` tokens the batch holds: its rows, or B * T / seq_len when
+    the row length varies (Dataset Decomposition keeps B * T = batch_size * seq_len)."""
+    b, t = batch["tokens"].shape
+    return jnp.asarray(b * t // seq_len if t != seq_len else b, jnp.int32)
+
+
 def make_train_step(graphdef, tx, shardings, batch_sharding, seq_len):
-    """The fused `train_step(state, batch) -> (state, metrics)`, state donated."""
+    """The fused `train_step(state, batch) -> (state, metrics)`, state donated.
+
+    A batch of a new shape compiles a new step (jit's cache); `train_step.compiles`
+    counts them.
+    """
     loss_sum = _loss_sum(graphdef)
+    traces = [0]
 
     def train_step(state: TrainState, batch):
+        traces[0] += 1  # runs once per trace, i.e. per compiled shape
+
         def mean_loss(params):
             total, count = loss_sum(params, batch)
             return total / jnp.maximum(count, 1), count
 
         (loss, count), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
-        rows = jnp.asarray(batch["tokens"].shape[0], jnp.int32)
+        rows = row_equivalents(batch, seq_len)
         state, metrics = _optimizer_update(tx, state, grads, rows, seq_len)
         return state, metrics | {"loss": loss, "target_tokens": count}
 
     replicated = sh.replicated(batch_sharding.mesh)
-    return jax.jit(
+    jitted = jax.jit(
         train_step,
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
+
+    def step(state: TrainState, batch):
+        return jitted(state, batch)
+
+    step.compiles = lambda: traces[0]
+    return step
 
 
 def _group_gradients(loss_sum, params, batch, groups):
