@@ -117,7 +117,9 @@ def _token_runs(dataset, steps=None):
     return runs
 
 
-@pytest.mark.parametrize("packing", ["first_fit", "best_fit", "concat_chunk", "ffd", "padded"])
+@pytest.mark.parametrize(
+    "packing", ["first_fit", "best_fit", "concat_chunk", "ffd", "padded", "chunkflow"]
+)
 def test_every_token_exactly_once_per_epoch(packing):
     # Tokens are their global index: each must appear once, in runs inside one document.
     lengths = np.random.default_rng().integers(1, 3 * SEQ_LEN, 40)
@@ -131,7 +133,9 @@ def test_every_token_exactly_once_per_epoch(packing):
         np.testing.assert_array_equal(np.diff(run), 1)  # consecutive tokens of the corpus
         docs = np.searchsorted(corpus.offsets, run, side="right")
         assert docs.min() == docs.max(), "a run mixes documents"
-    if packing != "padded":  # long documents are split, short ones share rows
+    if packing == "chunkflow":  # a long document's chunks are consecutive: rejoined whole
+        assert len(runs) == corpus.num_documents
+    elif packing != "padded":  # long documents are split, short ones share rows
         assert len(runs) > corpus.num_documents
 
 
@@ -214,7 +218,7 @@ def test_iterator_state_resumes_exactly(packing):
             np.testing.assert_array_equal(got[key], want[key])
 
 
-@pytest.mark.parametrize("packing", ["first_fit", "ffd", "dd"])
+@pytest.mark.parametrize("packing", ["first_fit", "ffd", "dd", "chunkflow"])
 def test_two_hosts_see_disjoint_data_and_the_same_buckets(packing):
     corpus = _unique_corpus(np.random.default_rng(1).integers(1, 500, 200))
     hosts = []
@@ -230,6 +234,23 @@ def test_two_hosts_see_disjoint_data_and_the_same_buckets(packing):
         real_a = a["tokens"][a["segment_ids"] != 0]
         real_b = b["tokens"][b["segment_ids"] != 0]
         assert not np.intersect1d(real_a, real_b).size
+
+
+def test_chunkflow_rows_carry_document_and_chunk_index():
+    lengths = np.asarray([10, 200, 30, 64, 65])
+    corpus = _unique_corpus(lengths)
+    opts = PipelineOptions(seq_len=64, batch_size=1, packing="chunkflow", num_epochs=1)
+    rows = [b for b in packed_dataset(corpus, opts)]
+    long_rows = [r for r in rows if r["chunk_document"][0] >= 0]
+    chunks = [(int(r["chunk_document"][0]), int(r["chunk_index"][0])) for r in long_rows]
+    assert sorted(chunks) == [(1, 0), (1, 1), (1, 2), (1, 3), (4, 0), (4, 1)]
+    for doc in (1, 4):  # consecutive, in order, positions continuing
+        mine = [r for r in long_rows if r["chunk_document"][0] == doc]
+        assert [int(r["chunk_index"][0]) for r in mine] == list(range(len(mine)))
+        pos = np.concatenate([r["positions"][0][r["segment_ids"][0] != 0] for r in mine])
+        np.testing.assert_array_equal(pos, np.arange(lengths[doc]))
+    merged = [r for r in rows if r["chunk_document"][0] < 0]
+    assert sum(int((r["segment_ids"] != 0).sum()) for r in merged) == 10 + 30 + 64
 
 
 def test_bad_options():

@@ -9,7 +9,9 @@ so each token of the corpus is seen exactly once per epoch. Strategies:
 - `ffd`: offline first-fit-decreasing over the whole epoch (`lcx.packing.ffd`);
 - `padded`: one piece per row, the baseline that packing is measured against;
 - `dd`: Dataset Decomposition (`lcx.packing.decomposition`): one bucket per step,
-  batches [tokens_per_step / 2^k, 2^k], one document chunk per row.
+  batches [tokens_per_step / 2^k, 2^k], one document chunk per row;
+- `chunkflow`: ChunkFlow (`lcx.packing.chunkflow`): short documents merged into rows,
+  long ones cut into consecutive dependent chunks with `chunk_document`/`chunk_index`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import grain
 import numpy as np
 
 from lcx.data.store import TokenizedCorpus
+from lcx.packing.chunkflow import chunkflow_dataset
 from lcx.packing.decomposition import DecomposedDataset, DecompositionOptions
 from lcx.packing.ffd import first_fit_decreasing
 
@@ -27,7 +30,7 @@ PACKERS = {
     "first_fit": grain.experimental.FirstFitPackIterDataset,
     "best_fit": grain.experimental.BestFitPackIterDataset,
 }
-STRATEGIES = (*PACKERS, "concat_chunk", "ffd", "padded", "dd")
+STRATEGIES = (*PACKERS, "concat_chunk", "ffd", "padded", "dd", "chunkflow")
 
 
 class DocumentPieces:
@@ -178,6 +181,12 @@ def packed_dataset(corpus: TokenizedCorpus, opts: PipelineOptions) -> grain.Iter
     """
     if opts.packing == "dd":
         return DecomposedDataset(corpus, decomposition_options(opts))
+    if opts.packing == "chunkflow":
+        return chunkflow_dataset(
+            corpus, chunk=opts.seq_len, batch_size=opts.batch_size, pad_id=opts.pad_id,
+            seed=opts.seed, shuffle=opts.shuffle, num_epochs=opts.num_epochs,
+            shard_index=opts.shard_index, shard_count=opts.shard_count,
+        )  # fmt: skip
     if opts.packing == "ffd":
         ds = grain.MapDataset.source(
             FFDRows(DocumentPieces(corpus, opts.seq_len), opts.seq_len, opts.pad_id)

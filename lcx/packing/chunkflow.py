@@ -1,0 +1,93 @@
+"""ChunkFlow chunks: short documents merged into chunks, long ones split into dependent chunks.
+
+Yuan et al., "Efficient Long Context Fine-tuning with Chunk Flow" (arXiv 2503.02356).
+With chunk size C (the row length): documents of at most C tokens are packed together
+into rows by first-fit-decreasing (document-masked, segment ids per document); longer
+documents are cut into consecutive chunks of C tokens (the last one shorter, padded),
+each row carrying `chunk_document` (the document's index in the corpus) and
+`chunk_index`, with positions continuing across the chunks. Rows of merged short
+documents carry `chunk_document = -1`. The chunks of one long document are consecutive
+in the stream, so a trainer can run them in order with the earlier chunks' keys and
+values visible (`lcx.model.chunked_document_loss`).
+
+The units (a merged row, or all the chunks of one long document) are shuffled per epoch
+by the seed and sharded across hosts by unit.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from lcx.data.store import TokenizedCorpus
+from lcx.packing.ffd import first_fit_decreasing
+
+
+class ChunkFlowRows:
+    """grain random-access source: row i of the ChunkFlow layout (units in `unit_order`)."""
+
+    def __init__(self, corpus: TokenizedCorpus, chunk: int, pad_id: int, *, seed: int = 0,
+                 shuffle: bool = True, shard_index: int = 0, shard_count: int = 1):  # fmt: skip
+        if chunk <= 1:
+            raise ValueError(f"chunk size (train.seq_len)={chunk} must be > 1")
+        self._corpus, self._chunk, self._pad_id = corpus, chunk, pad_id
+        lengths = corpus.lengths
+        short = np.flatnonzero((lengths <= chunk) & (lengths > 0))
+        long = np.flatnonzero(lengths > chunk)
+        bins = first_fit_decreasing(lengths[short], chunk)
+        units = [("merged", [int(short[i]) for i in b]) for b in bins]
+        units += [("long", int(d)) for d in long]
+        order = np.arange(len(units))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(len(units))
+        units = [units[i] for i in order[shard_index::shard_count]]
+        self.rows: list[tuple] = []  # ("merged", docs) or ("long", doc, chunk index)
+        for kind, what in units:
+            if kind == "merged":
+                self.rows.append((kind, what))
+            else:
+                n = -(-int(lengths[what]) // chunk)
+                self.rows.extend(("long", what, i) for i in range(n))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        c = self._chunk
+        row = {
+            "tokens": np.full(c, self._pad_id, np.int32),
+            "segment_ids": np.zeros(c, np.int32),
+            "positions": np.zeros(c, np.int32),
+            "chunk_document": np.int32(-1),
+            "chunk_index": np.int32(0),
+        }
+        entry = self.rows[index]
+        if entry[0] == "merged":
+            pos = 0
+            for segment, doc in enumerate(entry[1], start=1):
+                tokens = self._corpus.document(doc)
+                n = len(tokens)
+                row["tokens"][pos : pos + n] = tokens
+                row["segment_ids"][pos : pos + n] = segment
+                row["positions"][pos : pos + n] = np.arange(n)
+                pos += n
+            return row
+        _, doc, i = entry
+        tokens = self._corpus.document(doc)[i * c : (i + 1) * c]
+        n = len(tokens)
+        row["tokens"][:n] = tokens
+        row["segment_ids"][:n] = 1
+        row["positions"][:n] = i * c + np.arange(n)
+        row["chunk_document"], row["chunk_index"] = np.int32(doc), np.int32(i)
+        return row
+
+
+def chunkflow_dataset(corpus, *, chunk, batch_size, pad_id, seed, shuffle, num_epochs,
+                      shard_index=0, shard_count=1) -> grain.IterDataset:  # fmt: skip
+    """Batches of ChunkFlow rows, in order (a long document's chunks stay consecutive)."""
+    source = ChunkFlowRows(
+        corpus, chunk, pad_id, seed=seed, shuffle=shuffle, shard_index=shard_index,
+        shard_count=shard_count,
+    )  # fmt: skip
+    ds = grain.MapDataset.source(source).repeat(num_epochs).to_iter_dataset()
+    return ds.batch(batch_size, drop_remainder=num_epochs is None)
