@@ -128,13 +128,43 @@ class Attention(nnx.Module):
         out_std = (h * d) ** -0.5 / (2 * cfg.num_layers) ** 0.5
         self.w_o = param(rngs.params(), (h, d, e), out_std, ("heads", "head_dim", "embed"))
 
-    def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT):
+    def _qkv(self, x_BxTxE, positions_BxT):
+        """Projected q [B,T,H,D], k, v [B,T,K,D], RoPE applied to q and k."""
         cfg, dt = self.cfg, self.cfg.compute_dtype
         q = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.w_q[...].astype(dt))
         k = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.w_k[...].astype(dt))
         v = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.w_v[...].astype(dt))
         q = apply_rope(q, positions_BxT, cfg.rope_theta)
-        k = apply_rope(k, positions_BxT, cfg.rope_theta)
+        return q, apply_rope(k, positions_BxT, cfg.rope_theta), v
+
+    def with_prefix(self, x_BxCxE, positions_BxC, prefix):
+        """Causal attention of one document's chunk over earlier chunks' keys/values too.
+
+        `prefix`: the (k, v) [B, C_i, K, D] of the same document's earlier chunks, in
+        order (empty for the first). Concatenated here, inside the caller's checkpoint, so
+        the backward pass keeps each chunk's keys/values once, not every prefix.
+        Returns (output [B, C, E], this chunk's (k, v)) for the next chunks (ChunkFlow).
+        """
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        q, k, v = self._qkv(x_BxCxE, positions_BxC)
+        p = sum(kv[0].shape[1] for kv in prefix)
+        k_all = jnp.concatenate([*(kv[0] for kv in prefix), k], axis=1)
+        v_all = jnp.concatenate([*(kv[1] for kv in prefix), v], axis=1)
+        group = cfg.num_heads // cfg.num_kv_heads
+        k_all, v_all = (jnp.repeat(a, group, axis=2) for a in (k_all, v_all))
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k_all).astype(jnp.float32) * cfg.head_dim**-0.5
+        q_idx = p + jnp.arange(q.shape[1])[:, None]
+        k_idx = jnp.arange(k_all.shape[1])[None, :]
+        visible = k_idx <= q_idx
+        if cfg.attention_window is not None:
+            visible &= q_idx - k_idx < cfg.attention_window
+        s = jnp.where(visible, s, -1e30)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1).astype(dt), v_all)
+        return jnp.einsum("bthd,hde->bte", o, self.w_o[...].astype(dt)), (k, v)
+
+    def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT):
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        q, k, v = self._qkv(x_BxTxE, positions_BxT)
         o_BxTxHxD = packed_attention(
             q,
             k,
@@ -180,6 +210,14 @@ class Block(nnx.Module):
         x_BxTxE = x_BxTxE + self.attn(self.attn_norm(x_BxTxE), segment_ids_BxT, positions_BxT)
         return x_BxTxE + self.mlp(self.mlp_norm(x_BxTxE))
 
+    def with_prefix(self, x_BxCxE, positions_BxC, prefix):
+        """The block on one chunk of a document, attending earlier chunks (ChunkFlow)."""
+        if not isinstance(self.attn, Attention):
+            raise NotImplementedError("dependent chunks need attention layers, not LaCT")
+        h, kv = self.attn.with_prefix(self.attn_norm(x_BxCxE), positions_BxC, prefix)
+        x_BxCxE = x_BxCxE + h
+        return x_BxCxE + self.mlp(self.mlp_norm(x_BxCxE)), kv
+
 
 class Transformer(nnx.Module):
     """Decoder-only LM: `model(tokens, segment_ids, positions) -> logits [B, T, V]`."""
@@ -208,6 +246,21 @@ class Transformer(nnx.Module):
     def embed_tokens(self, tokens_BxT):
         """Token embeddings [B, T, E] in the compute dtype."""
         return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
+
+    def chunk_logits(self, tokens_BxC, positions_BxC, prefixes):
+        """Logits of one chunk of a document given earlier chunks' (k, v) per layer.
+
+        `prefixes`: per layer, the earlier chunks' (k, v) pairs in order. Returns (logits,
+        this chunk's (k, v) per layer).
+        """
+        x = self.embed_tokens(tokens_BxC)
+        kvs = []
+        for block, prefix in zip(self.blocks, prefixes, strict=True):
+            x, kv = block.with_prefix(x, positions_BxC, prefix)
+            kvs.append(kv)
+        unembed = self.unembed[...].astype(self.cfg.compute_dtype)
+        logits = jnp.einsum("bte,ev->btv", self.final_norm(x), unembed).astype(jnp.float32)
+        return logits, kvs
 
     def logits_from_embeddings(self, x_BxTxE, segment_ids_BxT, positions_BxT):
         """The decoder stack and unembedding; float32 logits [B, T, V]."""

@@ -3,10 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from lcx.model import Transformer, TransformerConfig
+from lcx.train.chunkflow import chunked_document_loss
 
 CFG = TransformerConfig(
     vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
@@ -107,3 +109,30 @@ def test_bad_model_config():
         TransformerConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="model.dtype"):
         TransformerConfig(dtype="float8")
+
+
+def test_dependent_chunks_equal_the_whole_document_in_loss_and_gradients():
+    # ChunkFlow: a 40-token document in chunks of 16, 16, 8, each attending the earlier
+    # chunks' keys/values, trains exactly like the document in one row.
+    rng = np.random.default_rng()
+    model = Transformer(CFG, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    graphdef, params = nnx.split(model)
+    tokens = jnp.asarray(rng.integers(0, 256, (2, 40)), jnp.int32)
+
+    def whole(params):
+        logits = nnx.merge(graphdef, params)(tokens)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+        return jnp.mean(losses)
+
+    def chunked(params):
+        return chunked_document_loss(graphdef, params, tokens, 16)
+
+    want, want_grads = jax.jit(jax.value_and_grad(whole))(params)
+    got, got_grads = jax.jit(jax.value_and_grad(chunked))(params)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        g, w = np.asarray(g), np.asarray(w)
+        assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w) + 1e-7
+    lact = Transformer(TransformerConfig(**{**CFG.__dict__, **LACT}), rngs=nnx.Rngs(0))
+    with pytest.raises(NotImplementedError, match="LaCT"):
+        chunked_document_loss(*nnx.split(lact), tokens, 16)
