@@ -141,7 +141,7 @@ class Attention(nnx.Module):
         """Causal attention of one document's chunk over earlier chunks' keys/values too.
 
         `prefix`: the (k, v) [B, C_i, K, D] of the same document's earlier chunks, in
-        order (empty for the first). Concatenated here, inside the caller's checkpoint, so
+        order (empty for the first). Concatenated here, inside the chunk's computation, so
         the backward pass keeps each chunk's keys/values once, not every prefix.
         Returns (output [B, C, E], this chunk's (k, v)) for the next chunks (ChunkFlow).
         """
