@@ -137,28 +137,36 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxT, cfg.rope_theta)
         return q, apply_rope(k, positions_BxT, cfg.rope_theta), v
 
-    def with_prefix(self, x_BxCxE, positions_BxC, prefix):
-        """Causal attention of one document's chunk over earlier chunks' keys/values too.
+    def with_prefix(
+        self, x_BxCxE, positions_BxC, prefix, segment_ids_BxC=None, prefix_visible_BxP=None
+    ):
+        """Causal attention of a chunk over earlier chunks' keys/values too (ChunkFlow).
 
-        `prefix`: the (k, v) [B, C_i, K, D] of the same document's earlier chunks, in
-        order (empty for the first). Concatenated here, inside the chunk's computation, so
-        the backward pass keeps each chunk's keys/values once, not every prefix.
-        Returns (output [B, C, E], this chunk's (k, v)) for the next chunks (ChunkFlow).
+        `prefix`: the (k, v) [B, C_i, K, D] of earlier chunks, in order (empty for the
+        first). Concatenated here, inside the chunk's computation, so the backward pass
+        keeps each chunk's keys/values once, not every prefix. `prefix_visible_BxP`
+        (default all) says which prefix keys belong to this chunk's document;
+        `segment_ids_BxC` (default one document) masks documents merged in the chunk.
+        Returns (output [B, C, E], this chunk's (k, v)) for the next chunks.
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
+        if cfg.attention_window is not None:
+            raise NotImplementedError("dependent chunks: attention_window is not supported")
         q, k, v = self._qkv(x_BxCxE, positions_BxC)
+        b, c = q.shape[:2]
         p = sum(kv[0].shape[1] for kv in prefix)
         k_all = jnp.concatenate([*(kv[0] for kv in prefix), k], axis=1)
         v_all = jnp.concatenate([*(kv[1] for kv in prefix), v], axis=1)
         group = cfg.num_heads // cfg.num_kv_heads
         k_all, v_all = (jnp.repeat(a, group, axis=2) for a in (k_all, v_all))
         s = jnp.einsum("bqhd,bkhd->bhqk", q, k_all).astype(jnp.float32) * cfg.head_dim**-0.5
-        q_idx = p + jnp.arange(q.shape[1])[:, None]
-        k_idx = jnp.arange(k_all.shape[1])[None, :]
-        visible = k_idx <= q_idx
-        if cfg.attention_window is not None:
-            visible &= q_idx - k_idx < cfg.attention_window
-        s = jnp.where(visible, s, -1e30)
+        own = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), bool)), (b, c, c))
+        if segment_ids_BxC is not None:
+            seg = segment_ids_BxC
+            own &= (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
+        past = jnp.ones((b, p), bool) if prefix_visible_BxP is None else prefix_visible_BxP
+        visible = jnp.concatenate([jnp.broadcast_to(past[:, None, :], (b, c, p)), own], axis=2)
+        s = jnp.where(visible[:, None], s, -1e30)
         o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1).astype(dt), v_all)
         return jnp.einsum("bthd,hde->bte", o, self.w_o[...].astype(dt)), (k, v)
 
@@ -210,11 +218,11 @@ class Block(nnx.Module):
         x_BxTxE = x_BxTxE + self.attn(self.attn_norm(x_BxTxE), segment_ids_BxT, positions_BxT)
         return x_BxTxE + self.mlp(self.mlp_norm(x_BxTxE))
 
-    def with_prefix(self, x_BxCxE, positions_BxC, prefix):
-        """The block on one chunk of a document, attending earlier chunks (ChunkFlow)."""
+    def with_prefix(self, x_BxCxE, positions_BxC, prefix, **masks):
+        """The block on one chunk, attending earlier chunks (ChunkFlow); see Attention."""
         if not isinstance(self.attn, Attention):
             raise NotImplementedError("dependent chunks need attention layers, not LaCT")
-        h, kv = self.attn.with_prefix(self.attn_norm(x_BxCxE), positions_BxC, prefix)
+        h, kv = self.attn.with_prefix(self.attn_norm(x_BxCxE), positions_BxC, prefix, **masks)
         x_BxCxE = x_BxCxE + h
         return x_BxCxE + self.mlp(self.mlp_norm(x_BxCxE)), kv
 
@@ -247,16 +255,16 @@ class Transformer(nnx.Module):
         """Token embeddings [B, T, E] in the compute dtype."""
         return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
 
-    def chunk_logits(self, tokens_BxC, positions_BxC, prefixes):
+    def chunk_logits(self, tokens_BxC, positions_BxC, prefixes, **masks):
         """Logits of one chunk of a document given earlier chunks' (k, v) per layer.
 
-        `prefixes`: per layer, the earlier chunks' (k, v) pairs in order. Returns (logits,
-        this chunk's (k, v) per layer).
+        `prefixes`: per layer, the earlier chunks' (k, v) pairs in order; `masks` as in
+        `Attention.with_prefix`. Returns (logits, this chunk's (k, v) per layer).
         """
         x = self.embed_tokens(tokens_BxC)
         kvs = []
         for block, prefix in zip(self.blocks, prefixes, strict=True):
-            x, kv = block.with_prefix(x, positions_BxC, prefix)
+            x, kv = block.with_prefix(x, positions_BxC, prefix, **masks)
             kvs.append(kv)
         unembed = self.unembed[...].astype(self.cfg.compute_dtype)
         logits = jnp.einsum("bte,ev->btv", self.final_norm(x), unembed).astype(jnp.float32)

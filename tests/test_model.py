@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from lcx.model import Transformer, TransformerConfig
-from lcx.train.chunkflow import chunked_document_loss
+from lcx.train.chunkflow import chunked_document_loss, chunkflow_loss_sum
+from lcx.train.step import lm_loss
 
 CFG = TransformerConfig(
     vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64
@@ -136,3 +137,46 @@ def test_dependent_chunks_equal_the_whole_document_in_loss_and_gradients():
     lact = Transformer(TransformerConfig(**{**CFG.__dict__, **LACT}), rngs=nnx.Rngs(0))
     with pytest.raises(NotImplementedError, match="LaCT"):
         chunked_document_loss(*nnx.split(lact), tokens, 16)
+
+
+def test_chunkflow_batch_loss_equals_documents_trained_whole():
+    # Rows: two short documents merged; a 40-token document as chunks 0, 1, 2 (16 tokens
+    # each, the last 8 then padding); an empty row. Summed losses, targets and gradients
+    # equal those of the documents in whole rows.
+    rng = np.random.default_rng()
+    model = Transformer(CFG, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    graphdef, params = nnx.split(model)
+    c, long_len = 16, 40
+    doc = rng.integers(0, 256, long_len)
+    tokens = np.zeros((5, c), np.int32)
+    seg = np.zeros((5, c), np.int32)
+    pos = np.zeros((5, c), np.int32)
+    tokens[0, :13] = rng.integers(0, 256, 13)
+    seg[0, :5], seg[0, 5:13] = 1, 2
+    pos[0, :5], pos[0, 5:13] = np.arange(5), np.arange(8)
+    for i in range(3):
+        part = doc[i * c : (i + 1) * c]
+        tokens[1 + i, : len(part)], seg[1 + i, : len(part)] = part, 1
+        pos[1 + i, : len(part)] = i * c + np.arange(len(part))
+    batch = {
+        "tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg),
+        "positions": jnp.asarray(pos), "chunk_document": jnp.asarray([[-1], [7], [7], [7], [-1]]),
+    }  # fmt: skip
+    loss_sum = chunkflow_loss_sum(graphdef)
+
+    def whole(params):
+        m = nnx.merge(graphdef, params)
+        merged = {"tokens": batch["tokens"][:1], "segment_ids": batch["segment_ids"][:1]}
+        a, na = lm_loss(m(merged["tokens"], merged["segment_ids"], batch["positions"][:1]), merged)
+        long = {"tokens": jnp.asarray(doc[None], jnp.int32)}
+        long["segment_ids"] = jnp.ones((1, long_len), jnp.int32)
+        b, nb = lm_loss(m(long["tokens"]), long)
+        return a + b, na + nb
+
+    (want, want_n), want_g = jax.jit(jax.value_and_grad(whole, has_aux=True))(params)
+    (got, got_n), got_g = jax.jit(jax.value_and_grad(loss_sum, has_aux=True))(params, batch)
+    assert int(got_n) == int(want_n) == 4 + 7 + long_len - 1
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+        g, w = np.asarray(g), np.asarray(w)
+        assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w) + 1e-7

@@ -241,16 +241,27 @@ def test_chunkflow_rows_carry_document_and_chunk_index():
     corpus = _unique_corpus(lengths)
     opts = PipelineOptions(seq_len=64, batch_size=1, packing="chunkflow", num_epochs=1)
     rows = [b for b in packed_dataset(corpus, opts)]
-    long_rows = [r for r in rows if r["chunk_document"][0] >= 0]
-    chunks = [(int(r["chunk_document"][0]), int(r["chunk_index"][0])) for r in long_rows]
+    long_rows = [r for r in rows if r["chunk_document"][0, 0] >= 0]
+    chunks = [(int(r["chunk_document"][0, 0]), int(r["chunk_index"][0, 0])) for r in long_rows]
     assert sorted(chunks) == [(1, 0), (1, 1), (1, 2), (1, 3), (4, 0), (4, 1)]
     for doc in (1, 4):  # consecutive, in order, positions continuing
-        mine = [r for r in long_rows if r["chunk_document"][0] == doc]
-        assert [int(r["chunk_index"][0]) for r in mine] == list(range(len(mine)))
+        mine = [r for r in long_rows if r["chunk_document"][0, 0] == doc]
+        assert [int(r["chunk_index"][0, 0]) for r in mine] == list(range(len(mine)))
         pos = np.concatenate([r["positions"][0][r["segment_ids"][0] != 0] for r in mine])
         np.testing.assert_array_equal(pos, np.arange(lengths[doc]))
-    merged = [r for r in rows if r["chunk_document"][0] < 0]
+    merged = [r for r in rows if r["chunk_document"][0, 0] < 0]
     assert sum(int((r["segment_ids"] != 0).sum()) for r in merged) == 10 + 30 + 64
+
+
+def test_chunkflow_keeps_a_document_in_one_batch():
+    corpus = _unique_corpus(np.random.default_rng(3).integers(1, 4 * 64, 60))
+    opts = PipelineOptions(seq_len=64, batch_size=4, packing="chunkflow", num_epochs=1, seed=1)
+    batches = list(packed_dataset(corpus, opts))
+    where = {}
+    for b, batch in enumerate(batches):
+        for doc in batch["chunk_document"][batch["chunk_document"] >= 0]:
+            where.setdefault(int(doc), set()).add(b)
+    assert where and all(len(batches_of_doc) == 1 for batches_of_doc in where.values())
 
 
 def test_bad_options():

@@ -100,6 +100,17 @@ def test_dataset_decomposition_compiles_once_per_bucket_shape(tmp_path):
     assert len(seen) > 1 and seen <= {16, 32, 64}
 
 
+def test_chunkflow_training_runs_dependent_chunks(tmp_path):
+    config = _smoke("lm_tiny")
+    config.data.packing = "chunkflow"
+    config.train.update(steps=3, eval_every=3)
+    last = train_and_evaluate(config, str(tmp_path / "cf"))
+    assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
+    config.model.attention_window = 8
+    with pytest.raises(ValueError, match="chunkflow"):
+        train_and_evaluate(config, str(tmp_path / "cf_window"))
+
+
 def test_max_tokens_stops_early(smoke_config, tmp_path):
     smoke_config.train.max_tokens = 3 * smoke_config.train.batch_size * smoke_config.train.seq_len
     last = train_and_evaluate(smoke_config, str(tmp_path / "run"))

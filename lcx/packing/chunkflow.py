@@ -4,11 +4,13 @@ Yuan et al., "Efficient Long Context Fine-tuning with Chunk Flow" (arXiv 2503.02
 With chunk size C (the row length): documents of at most C tokens are packed together
 into rows by first-fit-decreasing (document-masked, segment ids per document); longer
 documents are cut into consecutive chunks of C tokens (the last one shorter, padded),
-each row carrying `chunk_document` (the document's index in the corpus) and
+kept in one batch when they fit (padding rows fill the gap; a document of more chunks
+than the batch has rows continues in the next batch without its earlier chunks), each
+row carrying `chunk_document` (the document's index in the corpus) and
 `chunk_index`, with positions continuing across the chunks. Rows of merged short
 documents carry `chunk_document = -1`. The chunks of one long document are consecutive
 in the stream, so a trainer can run them in order with the earlier chunks' keys and
-values visible (`lcx.model.chunked_document_loss`).
+values visible (`lcx.train.chunkflow`).
 
 The units (a merged row, or all the chunks of one long document) are shuffled per epoch
 by the seed and sharded across hosts by unit.
@@ -26,8 +28,9 @@ from lcx.packing.ffd import first_fit_decreasing
 class ChunkFlowRows:
     """grain random-access source: row i of the ChunkFlow layout (units in `unit_order`)."""
 
-    def __init__(self, corpus: TokenizedCorpus, chunk: int, pad_id: int, *, seed: int = 0,
-                 shuffle: bool = True, shard_index: int = 0, shard_count: int = 1):  # fmt: skip
+    def __init__(self, corpus: TokenizedCorpus, chunk: int, pad_id: int, *, batch_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, shard_index: int = 0,
+                 shard_count: int = 1):  # fmt: skip
         if chunk <= 1:
             raise ValueError(f"chunk size (train.seq_len)={chunk} must be > 1")
         self._corpus, self._chunk, self._pad_id = corpus, chunk, pad_id
@@ -41,13 +44,18 @@ class ChunkFlowRows:
         if shuffle:
             order = np.random.default_rng(seed).permutation(len(units))
         units = [units[i] for i in order[shard_index::shard_count]]
-        self.rows: list[tuple] = []  # ("merged", docs) or ("long", doc, chunk index)
+        # ("merged", docs), ("long", doc, chunk index) or ("pad",). A document of at most
+        # batch_size chunks never straddles two batches: a padding row fills the gap.
+        self.rows: list[tuple] = []
         for kind, what in units:
+            n = 1 if kind == "merged" else -(-int(lengths[what]) // chunk)
+            if n <= batch_size and len(self.rows) % batch_size + n > batch_size:
+                self.rows.extend([("pad",)] * (-len(self.rows) % batch_size))
             if kind == "merged":
                 self.rows.append((kind, what))
             else:
-                n = -(-int(lengths[what]) // chunk)
                 self.rows.extend(("long", what, i) for i in range(n))
+        self.rows.extend([("pad",)] * (-len(self.rows) % batch_size))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -58,10 +66,12 @@ class ChunkFlowRows:
             "tokens": np.full(c, self._pad_id, np.int32),
             "segment_ids": np.zeros(c, np.int32),
             "positions": np.zeros(c, np.int32),
-            "chunk_document": np.int32(-1),
-            "chunk_index": np.int32(0),
+            "chunk_document": np.full(1, -1, np.int32),  # [1] per row: batches are [B, 1]
+            "chunk_index": np.zeros(1, np.int32),
         }
         entry = self.rows[index]
+        if entry[0] == "pad":
+            return row
         if entry[0] == "merged":
             pos = 0
             for segment, doc in enumerate(entry[1], start=1):
@@ -78,7 +88,7 @@ class ChunkFlowRows:
         row["tokens"][:n] = tokens
         row["segment_ids"][:n] = 1
         row["positions"][:n] = i * c + np.arange(n)
-        row["chunk_document"], row["chunk_index"] = np.int32(doc), np.int32(i)
+        row["chunk_document"][0], row["chunk_index"][0] = doc, i
         return row
 
 
@@ -86,8 +96,8 @@ def chunkflow_dataset(corpus, *, chunk, batch_size, pad_id, seed, shuffle, num_e
                       shard_index=0, shard_count=1) -> grain.IterDataset:  # fmt: skip
     """Batches of ChunkFlow rows, in order (a long document's chunks stay consecutive)."""
     source = ChunkFlowRows(
-        corpus, chunk, pad_id, seed=seed, shuffle=shuffle, shard_index=shard_index,
-        shard_count=shard_count,
+        corpus, chunk, pad_id, batch_size=batch_size, seed=seed, shuffle=shuffle,
+        shard_index=shard_index, shard_count=shard_count,
     )  # fmt: skip
     ds = grain.MapDataset.source(source).repeat(num_epochs).to_iter_dataset()
     return ds.batch(batch_size, drop_remainder=num_epochs is None)

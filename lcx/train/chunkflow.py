@@ -97,3 +97,53 @@ def _num_layers(past, params) -> int:
     if past:
         return len(past[0])
     return len(params["blocks"])
+
+
+def chunkflow_loss_sum(graphdef):
+    """`loss_sum(params, batch) -> (summed loss, targets)` over a batch of ChunkFlow rows.
+
+    Rows run in order, one at a time. A row with `chunk_document` d >= 0 attends to the
+    keys/values of the earlier rows of the same batch from document d (its earlier
+    chunks); rows of merged short documents (d = -1) attend within their own documents.
+    Targets: as `lm_loss` within each row, plus the first token of the next row when it
+    continues the same document. Each row is rematerialised in the backward pass.
+    """
+
+    def row_logits(params, tokens, positions, segment_ids, prefixes, prefix_visible):
+        model = nnx.merge(graphdef, params)
+        return model.chunk_logits(
+            tokens, positions, prefixes, segment_ids_BxC=segment_ids,
+            prefix_visible_BxP=prefix_visible,
+        )  # fmt: skip
+
+    row_logits = jax.checkpoint(row_logits)
+
+    def loss_sum(params, batch):
+        tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+        doc = batch["chunk_document"][:, 0]
+        rows, c = tokens.shape
+        past, total, count = [], 0.0, 0
+        for r in range(rows):
+            layers = len(past[0]) if past else len(params["blocks"])
+            prefixes = [[kv[layer] for kv in past] for layer in range(layers)]
+            same = [(doc[j] == doc[r]) & (doc[r] >= 0) & (seg[j] != 0) for j in range(r)]
+            visible = jnp.concatenate(same)[None] if same else jnp.zeros((1, 0), bool)
+            logits, kvs = row_logits(
+                params, tokens[r : r + 1], pos[r : r + 1], seg[r : r + 1], prefixes, visible
+            )
+            past.append(kvs)
+            inside = (seg[r, :-1] == seg[r, 1:]) & (seg[r, :-1] != 0)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], tokens[r, 1:])
+            total += jnp.sum(jnp.where(inside, losses, 0.0))
+            count += jnp.sum(inside)
+            if r + 1 < rows:  # the next row continues this document: one more target
+                goes_on = (doc[r] >= 0) & (doc[r + 1] == doc[r]) & (seg[r, -1] != 0)
+                goes_on &= seg[r + 1, 0] != 0
+                edge = optax.softmax_cross_entropy_with_integer_labels(
+                    logits[0, -1], tokens[r + 1, 0]
+                )
+                total += jnp.where(goes_on, edge, 0.0)
+                count += goes_on.astype(jnp.int32)
+        return total, count
+
+    return loss_sum

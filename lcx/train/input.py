@@ -49,8 +49,10 @@ def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: b
         raise ValueError(
             f"train.batch_size={global_batch_size} must divide among {count} processes"
         )
-    # Dataset Decomposition shapes training batches only; evaluation packs full rows.
-    packing = "first_fit" if (data_cfg.packing == "dd" and not train) else data_cfg.packing
+    # Dataset Decomposition and ChunkFlow shape training batches; evaluation packs rows.
+    packing = data_cfg.packing
+    if packing in ("dd", "chunkflow") and not train:
+        packing = "first_fit"
     dd = {k: data_cfg[k] for k in DD_KEYS if k in data_cfg}
     opts = PipelineOptions(
         seq_len=seq_len,

@@ -59,10 +59,18 @@ class Experiment:
                 f"train.batch_size={tc.batch_size} and be a multiple of the {divisor} "
                 "batch shards of config.mesh"
             )
-        if c.data.packing == "dd" and (c.batch.adaptive or self.micro_batch_size != tc.batch_size):
+        single_step = c.batch.adaptive or self.micro_batch_size != tc.batch_size
+        if c.data.packing in ("dd", "chunkflow") and single_step:
             raise ValueError(
-                "data.packing='dd' changes the batch shape every step: it needs "
-                "train.micro_batch_size=0 (one micro-step) and batch.adaptive=False"
+                f"data.packing={c.data.packing!r} needs the whole batch in one step: "
+                "train.micro_batch_size=0 and batch.adaptive=False"
+            )
+        if c.data.packing == "chunkflow" and (
+            self.model_cfg.attention_window is not None or "lact" in self.model_cfg.block_pattern
+        ):
+            raise ValueError(
+                "data.packing='chunkflow' runs dependent chunks through attention layers: "
+                "it needs model.attention_window unset and no 'lact' in model.block_pattern"
             )
         self.adaptive = None
         if c.batch.adaptive:

@@ -16,6 +16,7 @@ from lcx import optim
 from lcx.packing import batch_stats
 from lcx.train import sharding as sh
 from lcx.train import step as steplib
+from lcx.train.chunkflow import chunkflow_loss_sum
 
 
 def merge_host_stats(parts: list[dict]) -> dict:
@@ -39,8 +40,11 @@ class StepRunner:
         self.batch_size = batch_size
         seq_len = exp.config.train.seq_len
         if self.adaptive is None and batch_size == self.micro:
+            loss_sum = None
+            if exp.config.data.packing == "chunkflow":  # rows of one document depend
+                loss_sum = chunkflow_loss_sum(exp.graphdef)
             self.fused = steplib.make_train_step(
-                exp.graphdef, exp.tx, exp.shardings, exp.batch_sharding, seq_len
+                exp.graphdef, exp.tx, exp.shardings, exp.batch_sharding, seq_len, loss_sum
             )
             return
         self.fused = None

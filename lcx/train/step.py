@@ -122,13 +122,14 @@ def row_equivalents(batch, seq_len: int):
     return jnp.asarray(b * t // seq_len if t != seq_len else b, jnp.int32)
 
 
-def make_train_step(graphdef, tx, shardings, batch_sharding, seq_len):
+def make_train_step(graphdef, tx, shardings, batch_sharding, seq_len, loss_sum=None):
     """The fused `train_step(state, batch) -> (state, metrics)`, state donated.
 
     A batch of a new shape compiles a new step (jit's cache); `train_step.compiles`
-    counts them.
+    counts them. `loss_sum(params, batch) -> (sum, targets)` defaults to the model's
+    next-token loss over independent rows.
     """
-    loss_sum = _loss_sum(graphdef)
+    loss_sum = loss_sum or _loss_sum(graphdef)
     traces = [0]
 
     def train_step(state: TrainState, batch):
