@@ -269,6 +269,7 @@ def test_bad_options():
         PipelineOptions(seq_len=64, batch_size=2, packing="dd", dd_min_log2=7, dd_max_log2=6)
     with pytest.raises(ValueError, match="tokens per step"):
         PipelineOptions(seq_len=64, batch_size=2, packing="dd", dd_max_log2=8)
-    with pytest.raises(ValueError, match="empty"):
-        opts = PipelineOptions(seq_len=64, batch_size=2, packing="dd", dd_max_log2=6)
-        packed_dataset(_unique_corpus([]), opts)
+    for packing in ("first_fit", "ffd", "chunkflow", "dd"):
+        opts = PipelineOptions(seq_len=64, batch_size=2, packing=packing, dd_max_log2=6)
+        with pytest.raises(ValueError, match="empty"):
+            packed_dataset(_unique_corpus([]), opts)

@@ -179,6 +179,10 @@ def packed_dataset(corpus: TokenizedCorpus, opts: PipelineOptions) -> grain.Iter
     For "dd", B and T change between steps (one bucket's shape per step; B * T fixed),
     and the dataset repeats forever whatever `num_epochs`.
     """
+    if corpus.num_tokens == 0:
+        raise ValueError(
+            f"data.paths: the corpus is empty; data.packing={opts.packing!r} needs tokens"
+        )
     if opts.packing == "dd":
         return DecomposedDataset(corpus, decomposition_options(opts))
     if opts.packing == "chunkflow":
