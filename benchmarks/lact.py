@@ -7,10 +7,11 @@ Both layers take [1, T, d_model] and return the same shape; each is timed jitted
 forward alone and forward+backward (gradients of every parameter and of the input),
 median of `--repeats` runs after a compile run, with the spread. The attention layer is
 `lcx.model.Attention` (causal, RoPE, same width); on the CPU its attention runs through
-an XLA implementation blocked over queries (`query_blocked_attention`, registered in
-IMPLEMENTATIONS by this script), because the reference's T x T scores need 16 GB at
-32K. The LaCT layer is `lcx.ttt.LaCTLayer` with its sliding-window branch (window =
-chunk, the paper's setting). Reported: tokens/s, the scaling exponent p fitted to
+a flash-style XLA implementation (`blocked_flash_attention`: scans over blocks, online
+softmax, causal blocks skipped; registered in IMPLEMENTATIONS by this script), because
+the reference's T x T scores need 16 GB at 32K. The LaCT layer is `lcx.ttt.LaCTLayer`
+with its sliding-window branch (window = chunk, the paper's setting; its attention
+through the same implementation). Reported: tokens/s, the scaling exponent p fitted to
 time ~ T^p over the lengths, and the crossover length where the fits meet.
 """
 
@@ -34,62 +35,84 @@ from lcx.model import Attention, TransformerConfig  # noqa: E402
 from lcx.ttt import FastWeights, LaCTConfig, LaCTLayer, lact_chunk_scan  # noqa: E402
 from lcx.ttt.fast_weights import INNER_GRADIENTS  # noqa: E402
 
-BLOCKED = "query_blocked_attention"
+BLOCKED = "xla_blocked_flash"
 
 
-def query_blocked_attention(q, k, v, segment_ids, *, causal, window, scale, block_sizes, interpret):
-    """Causal attention one query block at a time against the keys up to it (rematerialised).
+def blocked_flash_attention(q, k, v, segment_ids, *, causal, window, scale, block_sizes, interpret):
+    """Flash-style attention in XLA: scans over q blocks and kv blocks, online softmax.
 
-    Memory O(T * block) instead of O(T^2); the work is the causal half of the square, or
-    the window's band. Same semantics as `reference_attention` (tested against it).
+    Memory O(T * block) instead of O(T^2) (the outer scan is rematerialised); kv blocks
+    entirely after the q block (causal) or outside the window are skipped by `lax.cond`,
+    so the work is the causal half of the square, or the window's band. Same semantics
+    as `reference_attention` (tested against it). XLA:CPU kept every block's scores live
+    when the blocks were a Python loop, even behind optimisation barriers; scans bound it.
     """
     del block_sizes, interpret
     b, t, hq, d = q.shape
     group = hq // k.shape[2]
     scale = d**-0.5 if scale is None else scale
     seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    block = min(t, 1024)
+    blk = min(512, t)
+    n = -(-t // blk)
+    pad = n * blk - t
+    q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
+    seg = jnp.pad(seg, [(0, 0), (0, pad)])
+    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
 
-    def one_block(q_blk, k_blk, v_blk, seg_q, seg_k, q_start, k_start):
-        """Queries [q_start, q_start + n) against keys [k_start, k_start + m)."""
-        k_blk, v_blk = (jnp.repeat(x, group, axis=2) for x in (k_blk, v_blk))
-        s = jnp.einsum("bqhd,bkhd->bhqk", q_blk, k_blk).astype(jnp.float32) * scale
-        q_idx = q_start + jnp.arange(q_blk.shape[1])[:, None]
-        k_idx = k_start + jnp.arange(k_blk.shape[1])[None, :]
-        mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] != 0)
-        if causal:
-            mask &= (k_idx <= q_idx)[None]
-        if window is not None:
-            mask &= (jnp.abs(q_idx - k_idx) < window)[None]
-        s = jnp.where(mask[:, None], s, -1e30)
-        p = jnp.where(mask[:, None], jax.nn.softmax(s, axis=-1), 0.0)
-        return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v_blk.dtype), v_blk)
+    def blocks(x):
+        """[B, n * blk, ...] -> [n, B, blk, ...]."""
+        return jnp.moveaxis(x.reshape(b, n, blk, *x.shape[2:]), 1, 0)
 
-    outs = []
-    for start in range(0, t, block):
-        end = min(t, start + block)
-        k_start = 0 if window is None else max(0, start - window + 1)
-        k_end = end if causal else (t if window is None else min(t, end + window - 1))
-        q_blk = q[:, start:end]
-        if outs:  # one block at a time: XLA would otherwise keep every block's scores live
-            q_blk, outs[-1] = jax.lax.optimization_barrier((q_blk, outs[-1]))
-        outs.append(
-            jax.checkpoint(one_block, static_argnums=(5, 6))(
-                q_blk,
-                k[:, k_start:k_end],
-                v[:, k_start:k_end],
-                seg[:, start:end],
-                seg[:, k_start:k_end],
-                start,
-                k_start,
-            )  # fmt: skip
+    qb, kb, vb, sb = blocks(q), blocks(k), blocks(v), blocks(seg)
+    idx = jnp.arange(blk)
+    reach = None if window is None else -(-(window - 1) // blk)  # kv blocks back in range
+
+    def q_step(_, xs):
+        i, q_i, seg_q = xs
+
+        def kv_step(carry, ys):
+            j, k_j, v_j, seg_k = ys
+
+            def compute(carry):
+                m, l, acc = carry
+                s = jnp.einsum("bqhd,bkhd->bhqk", q_i, k_j).astype(jnp.float32) * scale
+                q_pos, k_pos = i * blk + idx[:, None], j * blk + idx[None, :]
+                mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] != 0)
+                if causal:
+                    mask &= (k_pos <= q_pos)[None]
+                if window is not None:
+                    mask &= (jnp.abs(q_pos - k_pos) < window)[None]
+                s = jnp.where(mask[:, None], s, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
+                pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v_j.dtype), v_j)
+                return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
+
+            live = jnp.bool_(True)
+            if causal:
+                live &= j <= i
+            if reach is not None:
+                live &= (j >= i - reach) & (j <= i + reach)
+            return jax.lax.cond(live, compute, lambda c: c, carry), None
+
+        init = (
+            jnp.full((b, hq, blk), -jnp.inf, jnp.float32),
+            jnp.zeros((b, hq, blk), jnp.float32),
+            jnp.zeros((b, hq, blk, d), jnp.float32),
         )
-    return jnp.concatenate(outs, axis=1)
+        (_, l, acc), _ = jax.lax.scan(kv_step, init, (jnp.arange(n), kb, vb, sb))
+        out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
+        return None, jnp.moveaxis(out, 1, 2).astype(q.dtype)  # [B, blk, H, D]
+
+    _, out = jax.lax.scan(jax.checkpoint(q_step), None, (jnp.arange(n), qb, sb))
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * blk, hq, d)[:, :t]
 
 
 def make_layers(d_model: int, heads: int, chunk: int, seed: int = 0):
     """(attention layer, LaCT layer) of width d_model."""
-    IMPLEMENTATIONS.setdefault(BLOCKED, query_blocked_attention)
+    IMPLEMENTATIONS.setdefault(BLOCKED, blocked_flash_attention)
     attn_cfg = TransformerConfig(
         d_model=d_model,
         num_heads=heads,
