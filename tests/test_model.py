@@ -180,3 +180,25 @@ def test_chunkflow_batch_loss_equals_documents_trained_whole():
     for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
         g, w = np.asarray(g), np.asarray(w)
         assert np.linalg.norm(g - w) <= 1e-5 * np.linalg.norm(w) + 1e-7
+
+
+def test_dependent_chunks_need_memory_linear_in_the_document():
+    # XLA's temp buffers for the gradient: whole rows grow with L^2, chunks of 128 with L.
+    graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
+
+    def temp_bytes(loss, length):
+        tokens = jnp.zeros((1, length), jnp.int32)
+        compiled = jax.jit(jax.grad(lambda p: loss(p, tokens))).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    def whole(params, tokens):
+        logits = nnx.merge(graphdef, params)(tokens)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+        return jnp.mean(losses)
+
+    def chunked(params, tokens):
+        return chunked_document_loss(graphdef, params, tokens, 128)
+
+    small, large = temp_bytes(chunked, 1024), temp_bytes(chunked, 2048)
+    assert large < 2.5 * small  # linear in L (the chunk's scores are C x L), not quadratic
+    assert large < 0.2 * temp_bytes(whole, 2048)

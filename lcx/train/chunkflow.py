@@ -1,18 +1,11 @@
 """Training on dependent chunks (ChunkFlow, arXiv 2503.02356): memory set by the chunk.
 
-A long document runs as consecutive chunks of C tokens. Forward: chunk after chunk, each
-attending to the keys/values of the earlier ones (`Transformer.chunk_logits`); only the
-keys/values are kept. Backward (a `jax.custom_vjp`): the chunks in reverse order, each
-recomputed from its inputs and pulled back with the cotangent of its loss and of its
-keys/values (summed from the later chunks), which flows on into the earlier chunks.
-Optimisation barriers order the chunks (each recomputation waits for its cotangent), so
-that a memory-aware scheduler needs one chunk's activations at a time besides the
-keys/values. The loss and gradients equal those of the whole document in one row.
-
-Measured on the CPU backend (XLA's temp buffers for jax.grad, d_model 32, 2 layers):
-4,096 tokens in chunks of 256 take 672 MiB against 1,806 MiB whole, but the figure
-still grows with the document (189 MiB at 2,048), so XLA:CPU keeps more than one
-chunk's scores live; accelerator schedulers are not measured here.
+A long document runs as consecutive chunks of C tokens, each attending to the keys and
+values of the earlier ones (`Transformer.chunk_logits`), with the loss and gradients of
+the whole document in one row (tested). `chunked_document_loss` does it for whole
+documents with scans and a custom VJP, keeping only the keys/values between chunks;
+`chunkflow_loss_sum` is the training step's loss over a batch of ChunkFlow rows
+(`lcx.packing.chunkflow`), where a document's chunks are consecutive rows.
 """
 
 from __future__ import annotations
@@ -23,80 +16,81 @@ import optax
 from flax import nnx
 
 
-def _chunks(length: int, chunk_size: int) -> list[tuple[int, int]]:
-    """(start, end) of each chunk."""
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size={chunk_size} must be positive")
-    return [(s, min(length, s + chunk_size)) for s in range(0, length, chunk_size)]
-
-
-def _chunk_loss_sum(graphdef, params, tokens_BxL, start, end, prefixes):
-    """Summed next-token loss of tokens [start, end) and that chunk's (k, v) per layer."""
-    b = tokens_BxL.shape[0]
-    positions = jnp.broadcast_to(jnp.arange(start, end, dtype=jnp.int32), (b, end - start))
-    model = nnx.merge(graphdef, params)
-    logits, kvs = model.chunk_logits(tokens_BxL[:, start:end], positions, prefixes)
-    targets = tokens_BxL[:, start + 1 : end + 1]  # the last chunk has one target fewer
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, : targets.shape[1]], targets)
-    return jnp.sum(losses), kvs
+def _kv_buffer(graphdef, params, b: int, length: int):
+    """Zero keys/values for every layer: [layers, 2, B, length, K, D]."""
+    cfg = nnx.merge(graphdef, params).cfg
+    shape = (cfg.num_layers, 2, b, length, cfg.num_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, cfg.compute_dtype)
 
 
 def chunked_document_loss(graphdef, params, tokens_BxL, chunk_size: int):
-    """Mean next-token loss of documents [B, L] trained as dependent chunks of chunk_size."""
+    """Mean next-token loss of documents [B, L] trained as dependent chunks of chunk_size.
+
+    Forward: a scan over the chunks filling a keys/values buffer of the whole document;
+    chunk i attends to the buffer's first i * C positions and to itself. Backward (custom
+    VJP): a reverse scan recomputing one chunk at a time and pulling back its loss and its
+    keys/values' cotangent (accumulated from the later chunks) into the parameters and the
+    earlier positions of the buffer. Scans run their steps one after another, so memory is
+    the buffers plus one chunk's activations, whatever the document's length.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
     b, length = tokens_BxL.shape
-    chunks = _chunks(length, chunk_size)
+    c = int(chunk_size)
+    n = -(-length // c)
+    padded = jnp.pad(tokens_BxL, [(0, 0), (0, n * c + 1 - length)])
     count = b * (length - 1)
 
-    def forward(params, tokens):
-        """Loss sum and every chunk's (k, v) per layer, chunk after chunk."""
-        total, past = 0.0, []
-        for start, end in chunks:
-            prefixes = [[kv[layer] for kv in past] for layer in range(_num_layers(past, params))]
-            if past:  # start this chunk only after the previous one: one chunk live
-                prefixes, total = jax.lax.optimization_barrier((prefixes, total))
-            loss, kvs = _chunk_loss_sum(graphdef, params, tokens, start, end, prefixes)
-            total, past = total + loss, [*past, kvs]
-        return total, past
+    def chunk(params, buffer, i):
+        """(summed loss, this chunk's keys/values [layers, 2, B, C, K, D]) of chunk i."""
+        start = i * c
+        tokens = jax.lax.dynamic_slice_in_dim(padded, start, c, axis=1)
+        targets = jax.lax.dynamic_slice_in_dim(padded, start + 1, c, axis=1)
+        positions = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
+        visible = jnp.broadcast_to(jnp.arange(n * c) < start, (b, n * c))
+        prefixes = [[(buffer[layer, 0], buffer[layer, 1])] for layer in range(buffer.shape[0])]
+        model = nnx.merge(graphdef, params)
+        logits, kvs = model.chunk_logits(tokens, positions, prefixes, prefix_visible_BxP=visible)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        has_target = (positions + 1 < length)[0]
+        total = jnp.sum(jnp.where(has_target[None], losses, 0.0))
+        return total, jnp.stack([jnp.stack(kv) for kv in kvs])
+
+    def forward(params):
+        def step(carry, i):
+            buffer, total = carry
+            loss, kv = chunk(params, buffer, i)
+            buffer = jax.lax.dynamic_update_slice_in_dim(buffer, kv, i * c, axis=3)
+            return (buffer, total + loss), None
+
+        init = (_kv_buffer(graphdef, params, b, n * c), jnp.float32(0.0))
+        (buffer, total), _ = jax.lax.scan(step, init, jnp.arange(n))
+        return total, buffer
 
     @jax.custom_vjp
-    def loss_sum(params, tokens):
-        return forward(params, tokens)[0]
+    def loss_sum(params):
+        return forward(params)[0]
 
-    def loss_sum_fwd(params, tokens):
-        total, past = forward(params, tokens)
-        return total, (params, tokens, past)
+    def loss_sum_fwd(params):
+        total, buffer = forward(params)
+        return total, (params, buffer)
 
     def loss_sum_bwd(residuals, g):
-        params, tokens, past = residuals
-        grads = jax.tree.map(jnp.zeros_like, params)
-        d_past = [jax.tree.map(jnp.zeros_like, kvs) for kvs in past]
-        for i in reversed(range(len(chunks))):
-            start, end = chunks[i]
-            layers = len(past[i])
-            prefixes = [[kv[layer] for kv in past[:i]] for layer in range(layers)]
-            # Recompute only once this chunk's cotangent is complete: one chunk live.
-            params_i, prefixes, d_kv = jax.lax.optimization_barrier((params, prefixes, d_past[i]))
+        params, buffer = residuals
 
-            def f(params, prefixes, start=start, end=end):
-                return _chunk_loss_sum(graphdef, params, tokens, start, end, prefixes)
+        def step(carry, i):
+            grads, d_buffer = carry
+            d_kv = jax.lax.dynamic_slice_in_dim(d_buffer, i * c, c, axis=3)
+            _, pullback = jax.vjp(lambda p, buf: chunk(p, buf, i), params, buffer)
+            d_params, d_buf = pullback((g, d_kv))
+            return (jax.tree.map(jnp.add, grads, d_params), d_buffer + d_buf), None
 
-            _, pullback = jax.vjp(f, params_i, prefixes)
-            d_params, d_prefixes = pullback((g, d_kv))
-            grads = jax.tree.map(jnp.add, grads, d_params)
-            for layer in range(layers):
-                for j in range(i):
-                    d_past[j][layer] = jax.tree.map(jnp.add, d_past[j][layer], d_prefixes[layer][j])
-        return grads, None
+        init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(buffer))
+        (grads, _), _ = jax.lax.scan(step, init, jnp.arange(n), reverse=True)
+        return (grads,)
 
     loss_sum.defvjp(loss_sum_fwd, loss_sum_bwd)
-    return loss_sum(params, tokens_BxL) / count
-
-
-def _num_layers(past, params) -> int:
-    """Layers of the model: from a previous chunk's state, else from the parameters."""
-    if past:
-        return len(past[0])
-    return len(params["blocks"])
+    return loss_sum(params) / count
 
 
 def chunkflow_loss_sum(graphdef):
