@@ -111,8 +111,9 @@ def naive_lact(w_init, q, k, v, lr, momentum, seg, chunk_size, use_muon):
                         coeff = float(np.mean(momentum[row, head, idx], dtype=np.float64))
                         dw = [x + m * coeff for x, m in zip(dw, mom, strict=True)]
                         mom = dw
-                    if use_muon:
-                        dw = [_naive_newton_schulz(x) for x in dw]
+                    if use_muon:  # scaled by the tokens this document had in the chunk
+                        share = (idx.stop - idx.start) / chunk_size
+                        dw = [_naive_newton_schulz(x) * share for x in dw]
                     w = [x + dx for x, dx in zip(w, dw, strict=True)]
                     w = [
                         x / (np.linalg.norm(x, axis=-1, keepdims=True) + 1e-5) * n

@@ -12,8 +12,8 @@ documents carry `chunk_document = -1`. The chunks of one long document are conse
 in the stream, so a trainer can run them in order with the earlier chunks' keys and
 values visible (`lcx.train.chunkflow`).
 
-The units (a merged row, or all the chunks of one long document) are shuffled per epoch
-by the seed and sharded across hosts by unit.
+The units (a merged row, or all the chunks of one long document) are shuffled once by
+the seed (every epoch repeats that order) and sharded across hosts by unit.
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ class ChunkFlowRows:
         if shuffle:
             order = np.random.default_rng(seed).permutation(len(units))
         units = [units[i] for i in order[shard_index::shard_count]]
-        # ("merged", docs), ("long", doc, chunk index) or ("pad",). A document of at most
-        # batch_size chunks never straddles two batches: a padding row fills the gap.
+        # ("merged", docs), ("long", doc, chunk index) or ("pad",). A unit that does not
+        # fit in the batch's remaining rows starts the next batch (padding rows fill the
+        # gap), so a document of at most batch_size chunks never straddles two batches.
         self.rows: list[tuple] = []
         for kind, what in units:
             n = 1 if kind == "merged" else -(-int(lengths[what]) // chunk)
-            if n <= batch_size and len(self.rows) % batch_size + n > batch_size:
+            if len(self.rows) % batch_size + n > batch_size:  # start on a batch boundary
                 self.rows.extend([("pad",)] * (-len(self.rows) % batch_size))
             if kind == "merged":
                 self.rows.append((kind, what))

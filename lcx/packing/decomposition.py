@@ -3,7 +3,9 @@
 Pouransari et al., "Dataset Decomposition: Faster LLM Training with Variable Sequence
 Length Curriculum" (arXiv 2405.13226; reference apple/ml-dataset-decomposition,
 `scripts/make_dd_buckets.py`). Each document is cut into chunks whose lengths are its
-binary expansion (`binary_decomposition`); a chunk of 2^k tokens goes to bucket D_k. No
+binary expansion (`binary_decomposition`; a document longer than 2^max is cut into
+chunks of random k drawn with P(k) ~ 2^(max - k), the reference's `randomize`, seeded);
+a chunk of 2^k tokens goes to bucket D_k. No
 chunk crosses a document, so rows hold one document each: no padding, no attention
 across documents. Every step samples one bucket and yields `tokens_per_step / 2^k`
 sequences of 2^k tokens, so tokens per step stay constant while the attention cost
@@ -135,6 +137,7 @@ class DecomposedIterator(grain.DatasetIterator):
                 f"no bucket holds tokens for one step of {opts.tokens_per_step} tokens "
                 f"over {opts.cycles} cycles; lower train.batch_size or data.dd_cycles"
             )
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # bucket -> (epoch, order)
         zeros = [0] * opts.num_buckets
         self._state = {"step": 0, "cycle_used": list(zeros), "position": list(zeros)}
 
@@ -155,9 +158,11 @@ class DecomposedIterator(grain.DatasetIterator):
         return int(rng.choice(len(p), p=p))
 
     def _order(self, k: int, epoch: int) -> np.ndarray:
-        """Bucket k's chunks in the shuffled order of one of its epochs."""
-        rng = np.random.default_rng([self._opts.seed, k, epoch])
-        return rng.permutation(len(self._buckets[k]))
+        """Bucket k's chunks in the shuffled order of one of its epochs (cached)."""
+        if self._orders.get(k, (None,))[0] != epoch:
+            rng = np.random.default_rng([self._opts.seed, k, epoch])
+            self._orders[k] = (epoch, rng.permutation(len(self._buckets[k])))
+        return self._orders[k][1]
 
     def __next__(self) -> dict[str, np.ndarray]:
         opts = self._opts

@@ -36,6 +36,8 @@ def chunked_document_loss(graphdef, params, tokens_BxL, chunk_size: int):
     if chunk_size <= 0:
         raise ValueError(f"chunk_size={chunk_size} must be positive")
     b, length = tokens_BxL.shape
+    if length < 2:
+        raise ValueError(f"tokens_BxL: documents of {length} tokens have no next-token target")
     c = int(chunk_size)
     n = -(-length // c)
     padded = jnp.pad(tokens_BxL, [(0, 0), (0, n * c + 1 - length)])

@@ -65,6 +65,12 @@ class Experiment:
                 f"data.packing={c.data.packing!r} needs the whole batch in one step: "
                 "train.micro_batch_size=0 and batch.adaptive=False"
             )
+        longest_rows = (tc.batch_size * tc.seq_len) >> c.data.get("dd_max_log2", 0)
+        if c.data.packing == "dd" and longest_rows % divisor:
+            raise ValueError(
+                f"data.dd_max_log2={c.data.dd_max_log2}: the longest bucket has {longest_rows} "
+                f"rows per step, not a multiple of the {divisor} batch shards of config.mesh"
+            )
         if c.data.packing == "chunkflow" and (
             self.model_cfg.attention_window is not None or "lact" in self.model_cfg.block_pattern
         ):

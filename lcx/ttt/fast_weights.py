@@ -5,8 +5,9 @@ arXiv 2505.23884; reference a1600012888/LaCT, `lact_llm/lact_model/ttt_operation
 The state is `f_W(x) = W1 (silu(W0 x) * (W2 x))` per head. Each chunk is first *applied*
 (outputs use the weights carried from earlier chunks), then used to *update* them with
 the chunk loss `L = -sum_i eta_i <f_W(k_i), v_i>` (one learning rate per token and per
-weight), optional momentum, optional Muon (Newton-Schulz, 5 iterations) and a row
-re-normalisation to the initial norms.
+weight), optional momentum, optional Muon (Newton-Schulz, 5 iterations; lcx scales the
+orthogonalised update by the share of the chunk the document filled, 1 for full chunks
+as in the reference) and a row re-normalisation to the initial norms.
 
 Packed rows: the fast weights restart from their initial values at every document
 boundary. Within a chunk, tokens of the document that began before it use the carried
@@ -185,7 +186,11 @@ def lact_chunk_scan(
     fresh_NxBxC = jnp.moveaxis(fresh_BxT.reshape(b, n, c), 1, 0)
     real_NxBxC = jnp.moveaxis(real_BxT.reshape(b, n, c), 1, 0)
 
-    dt = q.dtype
+    # Fast-weight state, momentum, norms and learning rates stay float32 whatever the
+    # compute dtype (the reference keeps its states in fp32 too); outputs are cast back.
+    out_dtype = q.dtype
+    dt = jnp.float32 if out_dtype != jnp.float64 else jnp.float64
+    q, k, v = (x.astype(dt) for x in (q, k, v))
     w0 = FastWeights(*(jnp.broadcast_to(x.astype(dt), (b, *x.shape)) for x in w_init))
     norms = _row_norms(w0)
     xs = dict(
@@ -221,10 +226,14 @@ def lact_chunk_scan(
             delta = jax.tree.map(lambda d, m: d + m * coeff[..., None, None], delta, base_mom)
             mom = delta
         if use_muon:
-            delta = jax.tree.map(newton_schulz, delta)
+            # Muon gives every update about unit size whatever its token count; scaling by
+            # the share of the chunk the document filled keeps a document's few tokens at
+            # the end of a chunk from moving the weights as far as a full chunk does.
+            share = jnp.sum(in_last, axis=-1) / c  # [B, 1]
+            delta = jax.tree.map(lambda d: newton_schulz(d) * share[..., None, None], delta)
         w = _renormalise(jax.tree.map(jnp.add, base, delta), norms)
         return (w, mom), out
 
     mom0 = None if momentum is None else jax.tree.map(jnp.zeros_like, w0)
     _, out = jax.lax.scan(step, (w0, mom0), xs)
-    return _from_chunks(out)[:, :, :t]
+    return _from_chunks(out)[:, :, :t].astype(out_dtype)
