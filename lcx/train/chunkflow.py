@@ -1,11 +1,20 @@
 """Training on dependent chunks (ChunkFlow, arXiv 2503.02356): memory set by the chunk.
 
-A long document runs as consecutive chunks of C tokens, each attending to the keys and
-values of the earlier ones (`Transformer.chunk_logits`), with the loss and gradients of
-the whole document in one row (tested). `chunked_document_loss` does it for whole
-documents with scans and a custom VJP, keeping only the keys/values between chunks;
-`chunkflow_loss_sum` is the training step's loss over a batch of ChunkFlow rows
-(`lcx.packing.chunkflow`), where a document's chunks are consecutive rows.
+Rows of C tokens run in order; a row of document d >= 0 attends to the keys/values of the
+earlier rows of document d (its earlier chunks) and, within itself, causally within each
+document (rows of merged short documents have d = -1 and see only themselves). Targets
+are next tokens within a row, plus the first token of the next row when it continues
+the same document, so a document cut into chunks has exactly the targets, loss and
+gradients of the whole document in one row (tested).
+
+`dependent_rows_loss_sum` is the engine: forward, a scan over the rows filling a
+keys/values buffer; backward (a custom VJP), a reverse scan recomputing one row at a time
+and pulling back its loss and its keys/values' cotangent (accumulated from the later
+rows) into the parameters and the earlier rows. Scans run their steps one after another,
+so memory is the buffers plus one row's activations: linear in the total length, with
+the row's scores C x (rows * C) the largest term. `chunked_document_loss` applies it to
+whole documents, `chunkflow_loss_sum` to a training batch of ChunkFlow rows
+(`lcx.packing.chunkflow`).
 """
 
 from __future__ import annotations
@@ -16,57 +25,54 @@ import optax
 from flax import nnx
 
 
-def _kv_buffer(graphdef, params, b: int, length: int):
-    """Zero keys/values for every layer: [layers, 2, B, length, K, D]."""
+def target_mask(segment_ids_RxC, document_R):
+    """(within [R, C-1], across [R]): which next-token targets exist."""
+    seg, doc = segment_ids_RxC, document_R
+    within = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)
+    nxt = jnp.concatenate([doc[1:], jnp.full((1,), -1, doc.dtype)])
+    first_next = jnp.concatenate([seg[1:, 0], jnp.zeros((1,), seg.dtype)])
+    across = (doc >= 0) & (nxt == doc) & (seg[:, -1] != 0) & (first_next != 0)
+    return within, across
+
+
+def dependent_rows_loss_sum(
+    graphdef, params, tokens_RxC, segment_ids_RxC, positions_RxC, document_R
+):  # fmt: skip
+    """(summed next-token loss, target count) of rows run as dependent chunks, in order."""
+    rows, c = tokens_RxC.shape
     cfg = nnx.merge(graphdef, params).cfg
-    shape = (cfg.num_layers, 2, b, length, cfg.num_kv_heads, cfg.head_dim)
-    return jnp.zeros(shape, cfg.compute_dtype)
+    within, across = target_mask(segment_ids_RxC, document_R)
+    count = jnp.sum(within) + jnp.sum(across)
+    key_row = jnp.arange(rows * c) // c
+    key_seen = (segment_ids_RxC.reshape(-1) != 0) & (document_R[key_row] >= 0)
+    next_first = jnp.concatenate([tokens_RxC[1:, 0], jnp.zeros((1,), tokens_RxC.dtype)])
 
-
-def chunked_document_loss(graphdef, params, tokens_BxL, chunk_size: int):
-    """Mean next-token loss of documents [B, L] trained as dependent chunks of chunk_size.
-
-    Forward: a scan over the chunks filling a keys/values buffer of the whole document;
-    chunk i attends to the buffer's first i * C positions and to itself. Backward (custom
-    VJP): a reverse scan recomputing one chunk at a time and pulling back its loss and its
-    keys/values' cotangent (accumulated from the later chunks) into the parameters and the
-    earlier positions of the buffer. Scans run their steps one after another, so memory is
-    the buffers plus one chunk's activations, whatever the document's length.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size={chunk_size} must be positive")
-    b, length = tokens_BxL.shape
-    if length < 2:
-        raise ValueError(f"tokens_BxL: documents of {length} tokens have no next-token target")
-    c = int(chunk_size)
-    n = -(-length // c)
-    padded = jnp.pad(tokens_BxL, [(0, 0), (0, n * c + 1 - length)])
-    count = b * (length - 1)
-
-    def chunk(params, buffer, i):
-        """(summed loss, this chunk's keys/values [layers, 2, B, C, K, D]) of chunk i."""
-        start = i * c
-        tokens = jax.lax.dynamic_slice_in_dim(padded, start, c, axis=1)
-        targets = jax.lax.dynamic_slice_in_dim(padded, start + 1, c, axis=1)
-        positions = jnp.broadcast_to(start + jnp.arange(c, dtype=jnp.int32), (b, c))
-        visible = jnp.broadcast_to(jnp.arange(n * c) < start, (b, n * c))
-        prefixes = [[(buffer[layer, 0], buffer[layer, 1])] for layer in range(buffer.shape[0])]
-        model = nnx.merge(graphdef, params)
-        logits, kvs = model.chunk_logits(tokens, positions, prefixes, prefix_visible_BxP=visible)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        has_target = (positions + 1 < length)[0]
-        total = jnp.sum(jnp.where(has_target[None], losses, 0.0))
+    def row(params, buffer, r):
+        """Summed loss of row r and its keys/values [layers, 2, 1, C, K, D]."""
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, r, 1, axis=0)  # noqa: E731
+        tokens, seg, pos = take(tokens_RxC), take(segment_ids_RxC), take(positions_RxC)
+        doc = document_R[r]
+        visible = ((key_row < r) & (document_R[key_row] == doc) & key_seen)[None]
+        prefixes = [[(buffer[layer, 0], buffer[layer, 1])] for layer in range(cfg.num_layers)]
+        logits, kvs = nnx.merge(graphdef, params).chunk_logits(
+            tokens, pos, prefixes, segment_ids_BxC=seg, prefix_visible_BxP=visible
+        )
+        inside = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], tokens[0, 1:])
+        edge = optax.softmax_cross_entropy_with_integer_labels(logits[0, -1], next_first[r])
+        total = jnp.sum(jnp.where(take(within)[0], inside, 0.0))
+        total += jnp.where(across[r], edge, 0.0)
         return total, jnp.stack([jnp.stack(kv) for kv in kvs])
 
     def forward(params):
-        def step(carry, i):
+        def step(carry, r):
             buffer, total = carry
-            loss, kv = chunk(params, buffer, i)
-            buffer = jax.lax.dynamic_update_slice_in_dim(buffer, kv, i * c, axis=3)
+            loss, kv = row(params, buffer, r)
+            buffer = jax.lax.dynamic_update_slice_in_dim(buffer, kv, r * c, axis=3)
             return (buffer, total + loss), None
 
-        init = (_kv_buffer(graphdef, params, b, n * c), jnp.float32(0.0))
-        (buffer, total), _ = jax.lax.scan(step, init, jnp.arange(n))
+        shape = (cfg.num_layers, 2, 1, rows * c, cfg.num_kv_heads, cfg.head_dim)
+        init = (jnp.zeros(shape, cfg.compute_dtype), jnp.float32(0.0))
+        (buffer, total), _ = jax.lax.scan(step, init, jnp.arange(rows))
         return total, buffer
 
     @jax.custom_vjp
@@ -80,66 +86,49 @@ def chunked_document_loss(graphdef, params, tokens_BxL, chunk_size: int):
     def loss_sum_bwd(residuals, g):
         params, buffer = residuals
 
-        def step(carry, i):
+        def step(carry, r):
             grads, d_buffer = carry
-            d_kv = jax.lax.dynamic_slice_in_dim(d_buffer, i * c, c, axis=3)
-            _, pullback = jax.vjp(lambda p, buf: chunk(p, buf, i), params, buffer)
+            d_kv = jax.lax.dynamic_slice_in_dim(d_buffer, r * c, c, axis=3)
+            _, pullback = jax.vjp(lambda p, buf: row(p, buf, r), params, buffer)
             d_params, d_buf = pullback((g, d_kv))
             return (jax.tree.map(jnp.add, grads, d_params), d_buffer + d_buf), None
 
         init = (jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(buffer))
-        (grads, _), _ = jax.lax.scan(step, init, jnp.arange(n), reverse=True)
+        (grads, _), _ = jax.lax.scan(step, init, jnp.arange(rows), reverse=True)
         return (grads,)
 
     loss_sum.defvjp(loss_sum_fwd, loss_sum_bwd)
-    return loss_sum(params) / count
+    return loss_sum(params), count
+
+
+def chunked_document_loss(graphdef, params, tokens_BxL, chunk_size: int):
+    """Mean next-token loss of documents [B, L] trained as dependent chunks of chunk_size."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size={chunk_size} must be positive")
+    b, length = tokens_BxL.shape
+    if length < 2:
+        raise ValueError(f"tokens_BxL: documents of {length} tokens have no next-token target")
+    c = int(chunk_size)
+    n = -(-length // c)
+    padded = jnp.pad(tokens_BxL, [(0, 0), (0, n * c - length)])
+    real = jnp.arange(n * c) < length
+    rows = lambda x: x.reshape(b * n, c)  # noqa: E731
+    segment_ids = jnp.broadcast_to(real.astype(jnp.int32), (b, n * c))
+    positions = jnp.broadcast_to(jnp.arange(n * c, dtype=jnp.int32), (b, n * c))
+    document = jnp.repeat(jnp.arange(b, dtype=jnp.int32), n)
+    total, count = dependent_rows_loss_sum(
+        graphdef, params, rows(padded), rows(segment_ids), rows(positions), document
+    )
+    return total / count
 
 
 def chunkflow_loss_sum(graphdef):
-    """`loss_sum(params, batch) -> (summed loss, targets)` over a batch of ChunkFlow rows.
-
-    Rows run in order, one at a time. A row with `chunk_document` d >= 0 attends to the
-    keys/values of the earlier rows of the same batch from document d (its earlier
-    chunks); rows of merged short documents (d = -1) attend within their own documents.
-    Targets: as `lm_loss` within each row, plus the first token of the next row when it
-    continues the same document. Each row is rematerialised in the backward pass.
-    """
-
-    def row_logits(params, tokens, positions, segment_ids, prefixes, prefix_visible):
-        model = nnx.merge(graphdef, params)
-        return model.chunk_logits(
-            tokens, positions, prefixes, segment_ids_BxC=segment_ids,
-            prefix_visible_BxP=prefix_visible,
-        )  # fmt: skip
-
-    row_logits = jax.checkpoint(row_logits)
+    """`loss_sum(params, batch) -> (summed loss, targets)` over a batch of ChunkFlow rows."""
 
     def loss_sum(params, batch):
-        tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
-        doc = batch["chunk_document"][:, 0]
-        rows, c = tokens.shape
-        past, total, count = [], 0.0, 0
-        for r in range(rows):
-            layers = len(past[0]) if past else len(params["blocks"])
-            prefixes = [[kv[layer] for kv in past] for layer in range(layers)]
-            same = [(doc[j] == doc[r]) & (doc[r] >= 0) & (seg[j] != 0) for j in range(r)]
-            visible = jnp.concatenate(same)[None] if same else jnp.zeros((1, 0), bool)
-            logits, kvs = row_logits(
-                params, tokens[r : r + 1], pos[r : r + 1], seg[r : r + 1], prefixes, visible
-            )
-            past.append(kvs)
-            inside = (seg[r, :-1] == seg[r, 1:]) & (seg[r, :-1] != 0)
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], tokens[r, 1:])
-            total += jnp.sum(jnp.where(inside, losses, 0.0))
-            count += jnp.sum(inside)
-            if r + 1 < rows:  # the next row continues this document: one more target
-                goes_on = (doc[r] >= 0) & (doc[r + 1] == doc[r]) & (seg[r, -1] != 0)
-                goes_on &= seg[r + 1, 0] != 0
-                edge = optax.softmax_cross_entropy_with_integer_labels(
-                    logits[0, -1], tokens[r + 1, 0]
-                )
-                total += jnp.where(goes_on, edge, 0.0)
-                count += goes_on.astype(jnp.int32)
-        return total, count
+        return dependent_rows_loss_sum(
+            graphdef, params, batch["tokens"], batch["segment_ids"], batch["positions"],
+            batch["chunk_document"][:, 0],
+        )  # fmt: skip
 
     return loss_sum
