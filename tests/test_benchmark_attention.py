@@ -19,7 +19,7 @@ def test_blocks_table_smoke():
 def test_blocks_counts_on_a_known_layout():
     seg = np.repeat(np.arange(1, 17, dtype=np.int32), 128)[None]
     counts = attention.block_counts(seg, 128)
-    assert counts == {"dense": 136, "ours": 16, "ideal": 8.0}
+    assert counts == {"dense": 136, "ours": 16, "ideal": 8.0, "grid": 256}
 
 
 def test_timing_runs_in_interpret_mode():
