@@ -115,3 +115,26 @@ def test_max_tokens_stops_early(smoke_config, tmp_path):
     smoke_config.train.max_tokens = 3 * smoke_config.train.batch_size * smoke_config.train.seq_len
     last = train_and_evaluate(smoke_config, str(tmp_path / "run"))
     assert last["step"] == 3 and last["tokens_seen"] == smoke_config.train.max_tokens
+
+
+def test_tokens_per_sec_waits_for_the_step(tmp_path, monkeypatch):
+    # A step whose results take 0.2 s to arrive: the rate must count that wait, not only
+    # the (asynchronous, instant) dispatch.
+    import time
+
+    from lcx.train import metrics as metrics_lib
+
+    def slow_device_get(x):
+        time.sleep(0.2)
+        return x
+
+    monkeypatch.setattr(metrics_lib.jax, "device_get", slow_device_get)
+    window = metrics_lib.MetricsWindow(
+        metrics_lib.MetricsWriter(str(tmp_path)), metrics_lib.Progress(2, 0, enabled=False)
+    )
+    stats = {"real_tokens": 1000, "target_tokens": 1000, "padding_fraction": 0.0}
+    metrics = {"loss": 1.0, "batch_size": 4}
+    window.add(1, metrics, stats, log=True)
+    window.add(2, metrics, stats, log=True)  # logs step 1
+    assert window.last["step"] == 1
+    assert window.last["tokens_per_sec"] <= 1000 / 0.2

@@ -103,8 +103,10 @@ class MetricsWindow:
         self.padding.append(stats["padding_fraction"])
         if not log:
             return
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        # Wait for the step first: with asynchronous dispatch, the clock before device_get
+        # would count dispatch time only and overstate tokens/s many times.
         record = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "target_tokens"}
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
         record.update(
             step=step,
             batch_size=int(record["batch_size"]),
