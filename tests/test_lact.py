@@ -182,7 +182,14 @@ def test_hand_fast_weight_gradients_equal_jax_grad():
 def test_newton_schulz_is_close_to_orthogonal():
     rng, seed = _rng()
     for shape in [(3, 16, 16), (3, 16, 40), (3, 40, 16)]:
-        g = rng.standard_normal(shape).astype(np.float32)
+        # Random singular vectors, singular values spread over [0.05, 1] x a random scale:
+        # five iterations lift every direction above 1/20 of the largest to about 1 (a
+        # Gaussian square matrix can have a far smaller one, which Muon leaves small).
+        k = min(shape[1:])
+        u = np.linalg.qr(rng.standard_normal((shape[0], shape[1], k)))[0]
+        v = np.linalg.qr(rng.standard_normal((shape[0], shape[2], k)))[0]
+        s = rng.uniform(0.05, 1.0, (shape[0], k)) * rng.uniform(0.1, 10)
+        g = np.einsum("bik,bk,bjk->bij", u, s, v).astype(np.float32)
         x = np.asarray(newton_schulz(jnp.asarray(g)))
         np.testing.assert_allclose(x[0], _naive_newton_schulz(g[0]), atol=1e-4)
         singular = np.linalg.svd(x, compute_uv=False)
