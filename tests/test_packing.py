@@ -67,22 +67,6 @@ def test_packing_beats_padding(corpus):
     assert padding("first_fit") < padding("padded")
 
 
-def test_iterator_state_resumes_exactly(corpus):
-    opts = PipelineOptions(seq_len=SEQ_LEN, batch_size=2, seed=3)
-    ds = packed_dataset(corpus, opts)
-    it = iter(ds)
-    for _ in range(3):
-        next(it)
-    state = it.get_state()
-    expected = [next(it) for _ in range(4)]
-    resumed = iter(ds)
-    resumed.set_state(state)
-    for want in expected:
-        got = next(resumed)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
-
-
 def test_bad_options():
     with pytest.raises(ValueError, match="data.packing"):
         PipelineOptions(seq_len=8, batch_size=2, packing="zigzag")

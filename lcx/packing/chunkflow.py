@@ -23,6 +23,7 @@ import numpy as np
 
 from lcx.data.store import TokenizedCorpus
 from lcx.packing.ffd import first_fit_decreasing
+from lcx.packing.rows import packed_row
 
 
 class ChunkFlowRows:
@@ -63,33 +64,19 @@ class ChunkFlowRows:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         c = self._chunk
-        row = {
-            "tokens": np.full(c, self._pad_id, np.int32),
-            "segment_ids": np.zeros(c, np.int32),
-            "positions": np.zeros(c, np.int32),
-            "chunk_document": np.full(1, -1, np.int32),  # [1] per row: batches are [B, 1]
-            "chunk_index": np.zeros(1, np.int32),
-        }
         entry = self.rows[index]
-        if entry[0] == "pad":
-            return row
-        if entry[0] == "merged":
-            pos = 0
-            for segment, doc in enumerate(entry[1], start=1):
-                tokens = self._corpus.document(doc)
-                n = len(tokens)
-                row["tokens"][pos : pos + n] = tokens
-                row["segment_ids"][pos : pos + n] = segment
-                row["positions"][pos : pos + n] = np.arange(n)
-                pos += n
-            return row
-        _, doc, i = entry
-        tokens = self._corpus.document(doc)[i * c : (i + 1) * c]
-        n = len(tokens)
-        row["tokens"][:n] = tokens
-        row["segment_ids"][:n] = 1
-        row["positions"][:n] = i * c + np.arange(n)
-        row["chunk_document"][0], row["chunk_index"][0] = doc, i
+        merged = [self._corpus.document(d) for d in entry[1]] if entry[0] == "merged" else []
+        row = packed_row(merged, c, self._pad_id)
+        row["chunk_document"] = np.full(1, -1, np.int32)  # [1] per row: batches are [B, 1]
+        row["chunk_index"] = np.zeros(1, np.int32)
+        if entry[0] == "long":
+            _, doc, i = entry
+            tokens = self._corpus.document(doc)[i * c : (i + 1) * c]
+            n = len(tokens)
+            row["tokens"][:n] = tokens
+            row["segment_ids"][:n] = 1
+            row["positions"][:n] = i * c + np.arange(n)
+            row["chunk_document"][0], row["chunk_index"][0] = doc, i
         return row
 
 

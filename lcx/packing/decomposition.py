@@ -83,7 +83,6 @@ class DecompositionOptions:
     seed: int = 0
     shard_index: int = 0
     shard_count: int = 1
-    pad_id: int = 0
 
     def __post_init__(self):
         if self.min_log2 < 0 or self.max_log2 < self.min_log2:

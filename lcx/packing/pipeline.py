@@ -25,6 +25,7 @@ from lcx.data.store import TokenizedCorpus
 from lcx.packing.chunkflow import chunkflow_dataset
 from lcx.packing.decomposition import DecomposedDataset, DecompositionOptions
 from lcx.packing.ffd import first_fit_decreasing
+from lcx.packing.rows import packed_row
 
 PACKERS = {
     "first_fit": grain.experimental.FirstFitPackIterDataset,
@@ -90,15 +91,7 @@ def _pad_one_piece(seq_len, pad_id):
     """Map a piece to a full row: the piece, then padding (segment id 0)."""
 
     def pad(example):
-        tokens = example["tokens"]
-        n = len(tokens)
-        row = np.full(seq_len, pad_id, np.int32)
-        row[:n] = tokens
-        segment_ids = np.zeros(seq_len, np.int32)
-        segment_ids[:n] = 1
-        positions = np.zeros(seq_len, np.int32)
-        positions[:n] = np.arange(n)
-        return {"tokens": row, "segment_ids": segment_ids, "positions": positions}
+        return packed_row([example["tokens"]], seq_len, pad_id)
 
     return pad
 
@@ -141,21 +134,8 @@ class FFDRows:
         return len(self.bins)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        t = self._seq_len
-        row = {
-            "tokens": np.full(t, self._pad_id, np.int32),
-            "segment_ids": np.zeros(t, np.int32),
-            "positions": np.zeros(t, np.int32),
-        }
-        pos = 0
-        for segment, piece in enumerate(self.bins[index], start=1):
-            tokens = self._pieces[piece]["tokens"]
-            n = len(tokens)
-            row["tokens"][pos : pos + n] = tokens
-            row["segment_ids"][pos : pos + n] = segment
-            row["positions"][pos : pos + n] = np.arange(n)
-            pos += n
-        return row
+        pieces = [self._pieces[p]["tokens"] for p in self.bins[index]]
+        return packed_row(pieces, self._seq_len, self._pad_id)
 
 
 def decomposition_options(opts: PipelineOptions) -> DecompositionOptions:
@@ -169,7 +149,6 @@ def decomposition_options(opts: PipelineOptions) -> DecompositionOptions:
         seed=opts.seed,
         shard_index=opts.shard_index,
         shard_count=opts.shard_count,
-        pad_id=opts.pad_id,
     )
 
 
