@@ -7,11 +7,11 @@ Both layers take [1, T, d_model] and return the same shape; each is timed jitted
 forward alone and forward+backward (gradients of every parameter and of the input),
 median of `--repeats` runs after a compile run, with the spread. The attention layer is
 `lcx.model.Attention` (causal, RoPE, same width); on the CPU its attention runs through
-a flash-style XLA implementation (`blocked_flash_attention`: scans over blocks, online
-softmax, causal blocks skipped; registered in IMPLEMENTATIONS by this script), because
-the reference's T x T scores need 16 GB at 32K. The LaCT layer is `lcx.ttt.LaCTLayer`
-with its sliding-window branch (window = chunk, the paper's setting; its attention
-through the same implementation). Reported: tokens/s, the scaling exponent p fitted to
+the backend's default, `xla_chunked` (flash attention in XLA over the block schedule:
+only the causal half, or the window's band, is computed; the reference's T x T scores
+would need 16 GB at 32K). The LaCT layer is `lcx.ttt.LaCTLayer` with its sliding-window
+branch (window = chunk, the paper's setting; its attention through the same
+implementation). Reported: tokens/s, the scaling exponent p fitted to
 time ~ T^p over the lengths, and the crossover length where the fits meet.
 """
 
@@ -30,105 +30,19 @@ from flax import nnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from lcx.attention import IMPLEMENTATIONS  # noqa: E402
 from lcx.model import Attention, TransformerConfig  # noqa: E402
 from lcx.ttt import FastWeights, LaCTConfig, LaCTLayer, lact_chunk_scan  # noqa: E402
 from lcx.ttt.fast_weights import INNER_GRADIENTS  # noqa: E402
 
-BLOCKED = "xla_blocked_flash"
-
-
-def blocked_flash_attention(q, k, v, segment_ids, *, causal, window, scale, block_sizes, interpret):
-    """Flash-style attention in XLA: scans over q blocks and kv blocks, online softmax.
-
-    Memory O(T * block) instead of O(T^2) (the outer scan is rematerialised); with a
-    window the inner scan runs over the band's kv blocks only, and kv blocks after the q
-    block (causal) are skipped by `lax.cond`, so the work is the causal half of the square,
-    or the window's band. Same semantics
-    as `reference_attention` (tested against it). XLA:CPU kept every block's scores live
-    when the blocks were a Python loop, even behind optimisation barriers; scans bound it.
-    """
-    del block_sizes, interpret
-    b, t, hq, d = q.shape
-    group = hq // k.shape[2]
-    scale = d**-0.5 if scale is None else scale
-    seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
-    blk = min(512, t)
-    n = -(-t // blk)
-    pad = n * blk - t
-    q, k, v = (jnp.pad(x, [(0, 0), (0, pad), (0, 0), (0, 0)]) for x in (q, k, v))
-    seg = jnp.pad(seg, [(0, 0), (0, pad)])
-    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
-
-    def blocks(x):
-        """[B, n * blk, ...] -> [n, B, blk, ...]."""
-        return jnp.moveaxis(x.reshape(b, n, blk, *x.shape[2:]), 1, 0)
-
-    qb, kb, vb, sb = blocks(q), blocks(k), blocks(v), blocks(seg)
-    idx = jnp.arange(blk)
-    reach = None if window is None else -(-(window - 1) // blk)  # kv blocks back in range
-
-    def q_step(_, xs):
-        i, q_i, seg_q = xs
-
-        def kv_step(carry, j):
-            jc = jnp.clip(j, 0, n - 1)
-            k_j, v_j, seg_k = kb[jc], vb[jc], sb[jc]
-
-            def compute(carry):
-                m, l, acc = carry
-                s = jnp.einsum("bqhd,bkhd->bhqk", q_i, k_j).astype(jnp.float32) * scale
-                q_pos, k_pos = i * blk + idx[:, None], j * blk + idx[None, :]
-                mask = (seg_q[:, :, None] == seg_k[:, None, :]) & (seg_q[:, :, None] != 0)
-                if causal:
-                    mask &= (k_pos <= q_pos)[None]
-                if window is not None:
-                    mask &= (jnp.abs(q_pos - k_pos) < window)[None]
-                s = jnp.where(mask[:, None], s, -jnp.inf)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-                p = jnp.exp(s - m_safe[..., None])
-                alpha = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-                pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v_j.dtype), v_j)
-                return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
-
-            live = (j >= 0) & (j < n)
-            if causal:
-                live &= j <= i
-            if reach is not None:
-                live &= (j >= i - reach) & (j <= i + reach)
-            return jax.lax.cond(live, compute, lambda c: c, carry), None
-
-        init = (
-            jnp.full((b, hq, blk), -jnp.inf, jnp.float32),
-            jnp.zeros((b, hq, blk), jnp.float32),
-            jnp.zeros((b, hq, blk, d), jnp.float32),
-        )
-        if reach is None:
-            kv_blocks = jnp.arange(n)
-        else:  # only the window's band: 2 * reach + 1 blocks around the diagonal
-            kv_blocks = i + jnp.arange(-reach, (0 if causal else reach) + 1)
-        (_, l, acc), _ = jax.lax.scan(kv_step, init, kv_blocks)
-        out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)
-        return None, jnp.moveaxis(out, 1, 2).astype(q.dtype)  # [B, blk, H, D]
-
-    _, out = jax.lax.scan(jax.checkpoint(q_step), None, (jnp.arange(n), qb, sb))
-    return jnp.moveaxis(out, 0, 1).reshape(b, n * blk, hq, d)[:, :t]
-
 
 def make_layers(d_model: int, heads: int, chunk: int, seed: int = 0):
     """(attention layer, LaCT layer) of width d_model."""
-    IMPLEMENTATIONS.setdefault(BLOCKED, blocked_flash_attention)
     attn_cfg = TransformerConfig(
-        d_model=d_model,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=d_model // heads,
-        attention_implementation=BLOCKED,
+        d_model=d_model, num_heads=heads, num_kv_heads=heads, head_dim=d_model // heads
     )
     lact_cfg = LaCTConfig(
         d_model=d_model, num_heads=heads, fw_heads=max(1, heads // 2), chunk_size=chunk,
-        window=chunk, attention_implementation=BLOCKED,
+        window=chunk,
     )  # fmt: skip
     rngs = nnx.Rngs(seed)
     return {"attention": Attention(attn_cfg, rngs=rngs), "lact": LaCTLayer(lact_cfg, rngs=rngs)}

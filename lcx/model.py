@@ -137,38 +137,28 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxT, cfg.rope_theta)
         return q, apply_rope(k, positions_BxT, cfg.rope_theta), v
 
-    def with_prefix(
-        self, x_BxCxE, positions_BxC, prefix, segment_ids_BxC=None, prefix_visible_BxP=None
-    ):
-        """Causal attention of a chunk over earlier chunks' keys/values too (ChunkFlow).
+    def with_cache(self, x_BxCxE, segment_ids_BxC, positions_BxC, cache, *, cache_segment_ids,
+                   cache_positions, index):  # fmt: skip
+        """A chunk's attention over a key/value cache that first receives its keys/values.
 
-        `prefix`: the (k, v) [B, C_i, K, D] of earlier chunks, in order (empty for the
-        first). Concatenated here, inside the chunk's computation, so the backward pass
-        keeps each chunk's keys/values once, not every prefix. `prefix_visible_BxP`
-        (default all) says which prefix keys belong to this chunk's document;
-        `segment_ids_BxC` (default one document) masks documents merged in the chunk.
-        Returns (output [B, C, E], this chunk's (k, v)) for the next chunks.
+        `cache`: (k, v) [B, S, K, D]; the chunk's keys/values are written at `index`, then
+        its queries attend the whole cache through `packed_attention`, which skips the
+        blocks no query sees. `cache_segment_ids` [B, S] give each cache entry the segment
+        id of the queries that may see it (0: nobody, e.g. other documents or later
+        chunks) and must already hold the chunk's own ids at `index`; `cache_positions`
+        [B, S] drive causality and the window. ChunkFlow passes its rows' buffer here.
+        Returns (output [B, C, E], the chunk's (k, v)).
         """
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        if cfg.attention_window is not None:
-            raise NotImplementedError("dependent chunks: attention_window is not supported")
         q, k, v = self._qkv(x_BxCxE, positions_BxC)
-        b, c = q.shape[:2]
-        p = sum(kv[0].shape[1] for kv in prefix)
-        k_all = jnp.concatenate([*(kv[0] for kv in prefix), k], axis=1)
-        v_all = jnp.concatenate([*(kv[1] for kv in prefix), v], axis=1)
-        group = cfg.num_heads // cfg.num_kv_heads
-        k_all, v_all = (jnp.repeat(a, group, axis=2) for a in (k_all, v_all))
-        s = jnp.einsum("bqhd,bkhd->bhqk", q, k_all).astype(jnp.float32) * cfg.head_dim**-0.5
-        own = jnp.broadcast_to(jnp.tril(jnp.ones((c, c), bool)), (b, c, c))
-        if segment_ids_BxC is not None:
-            seg = segment_ids_BxC
-            own &= (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0)
-        past = jnp.ones((b, p), bool) if prefix_visible_BxP is None else prefix_visible_BxP
-        visible = jnp.concatenate([jnp.broadcast_to(past[:, None, :], (b, c, p)), own], axis=2)
-        s = jnp.where(visible[:, None], s, -1e30)
-        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1).astype(dt), v_all)
-        return jnp.einsum("bthd,hde->bte", o, self.w_o[...].astype(dt)), (k, v)
+        k_all = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 1)
+        o_BxCxHxD = packed_attention(
+            q, k_all, v_all, segment_ids_BxC, kv_segment_ids=cache_segment_ids,
+            q_positions=positions_BxC, kv_positions=cache_positions, causal=True,
+            window=cfg.attention_window, implementation=cfg.attention_implementation,
+        )  # fmt: skip
+        return jnp.einsum("bthd,hde->bte", o_BxCxHxD, self.w_o[...].astype(dt)), (k, v)
 
     def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT):
         cfg, dt = self.cfg, self.cfg.compute_dtype
@@ -218,11 +208,13 @@ class Block(nnx.Module):
         x_BxTxE = x_BxTxE + self.attn(self.attn_norm(x_BxTxE), segment_ids_BxT, positions_BxT)
         return x_BxTxE + self.mlp(self.mlp_norm(x_BxTxE))
 
-    def with_prefix(self, x_BxCxE, positions_BxC, prefix, **masks):
-        """The block on one chunk, attending earlier chunks (ChunkFlow); see Attention."""
+    def with_cache(self, x_BxCxE, segment_ids_BxC, positions_BxC, cache, **cache_layout):
+        """The block on one chunk attending a key/value cache (ChunkFlow); see Attention."""
         if not isinstance(self.attn, Attention):
             raise NotImplementedError("dependent chunks need attention layers, not LaCT")
-        h, kv = self.attn.with_prefix(self.attn_norm(x_BxCxE), positions_BxC, prefix, **masks)
+        h, kv = self.attn.with_cache(
+            self.attn_norm(x_BxCxE), segment_ids_BxC, positions_BxC, cache, **cache_layout
+        )
         x_BxCxE = x_BxCxE + h
         return x_BxCxE + self.mlp(self.mlp_norm(x_BxCxE)), kv
 
@@ -255,16 +247,17 @@ class Transformer(nnx.Module):
         """Token embeddings [B, T, E] in the compute dtype."""
         return jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.cfg.compute_dtype)
 
-    def chunk_logits(self, tokens_BxC, positions_BxC, prefixes, **masks):
-        """Logits of one chunk of a document given earlier chunks' (k, v) per layer.
+    def chunk_logits(self, tokens_BxC, segment_ids_BxC, positions_BxC, caches, **cache_layout):
+        """Logits of one chunk attending per-layer key/value caches (ChunkFlow).
 
-        `prefixes`: per layer, the earlier chunks' (k, v) pairs in order; `masks` as in
-        `Attention.with_prefix`. Returns (logits, this chunk's (k, v) per layer).
+        `caches`: per layer a (k, v) pair [B, S, K, D]; `cache_layout` (cache_segment_ids,
+        cache_positions, index) as in `Attention.with_cache`. Returns (logits, this
+        chunk's (k, v) per layer).
         """
         x = self.embed_tokens(tokens_BxC)
         kvs = []
-        for block, prefix in zip(self.blocks, prefixes, strict=True):
-            x, kv = block.with_prefix(x, positions_BxC, prefix, **masks)
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, kv = block.with_cache(x, segment_ids_BxC, positions_BxC, cache, **cache_layout)
             kvs.append(kv)
         unembed = self.unembed[...].astype(self.cfg.compute_dtype)
         logits = jnp.einsum("bte,ev->btv", self.final_norm(x), unembed).astype(jnp.float32)

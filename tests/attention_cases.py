@@ -1,4 +1,8 @@
-"""Shared inputs for the kernel tests: packed layouts with every edge case, float64 references."""
+"""Shared inputs for the attention tests: packed layouts with every edge case, float64 references.
+
+Every layout helper takes the seeded `rng` fixture's generator. A "case" is q, k, v and
+the keyword arguments of one `packed_attention` call (segment ids, positions, mask).
+"""
 
 from __future__ import annotations
 
@@ -39,42 +43,91 @@ def random_layout(rng, b: int, t: int) -> np.ndarray:
     return seg
 
 
-def qkv(rng, b, t, hq, hkv, d, dtype):
-    """Random q, k, v in `dtype`."""
-    shapes = [(b, t, hq, d), (b, t, hkv, d), (b, t, hkv, d)]
+def document_positions(seg: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 at each run (what the packers emit)."""
+    pos = np.zeros_like(seg)
+    for i in range(1, seg.shape[1]):
+        pos[:, i] = np.where(seg[:, i] == seg[:, i - 1], pos[:, i - 1] + 1, 0)
+    return pos
+
+
+def qkv(rng, b, tq, hq, hkv, d, dtype, tk=None):
+    """Random q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D] in `dtype`."""
+    tk = tq if tk is None else tk
+    shapes = [(b, tq, hq, d), (b, tk, hkv, d), (b, tk, hkv, d)]
     return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
 
 
-def loss_weights(rng, shape):
-    """Random output cotangent, so gradients test every output element."""
-    return jnp.asarray(rng.standard_normal(shape), jnp.float32)
+def chunk_against_earlier_chunks(rng, b, tk, chunk):
+    """(segment kwargs, Tq): the last `chunk` tokens of packed rows as queries, the whole
+    rows (earlier chunks of the same documents, and other documents) as keys."""
+    seg = random_layout(rng, b, tk)
+    pos = document_positions(seg)
+    kwargs = dict(
+        segment_ids=seg[:, -chunk:], kv_segment_ids=seg, q_positions=pos[:, -chunk:],
+        kv_positions=pos,
+    )  # fmt: skip
+    return kwargs, chunk
 
 
-def reference_values_and_grads(q, k, v, seg, w, **mask):
-    """Output and dq, dk, dv of sum(out * w) in float64."""
+def decode_against_cache(rng, slots, cache_len):
+    """(segment kwargs, Tq): one query per sequence slot at its next position against a
+    cache of `slots` x `cache_len` entries (slot s holds id s + 1 up to its length, then
+    padding); one slot is empty, so its query sees nothing."""
+    lengths = rng.integers(1, cache_len + 1, slots)
+    lengths[int(rng.integers(slots))] = 0
+    idx = np.arange(cache_len)
+    cache_seg = np.concatenate([np.where(idx < n, s + 1, 0) for s, n in enumerate(lengths)])
+    cache_pos = np.tile(idx, slots)
+    kwargs = dict(
+        segment_ids=np.arange(1, slots + 1, dtype=np.int32)[None],
+        kv_segment_ids=cache_seg[None].astype(np.int32),
+        q_positions=np.maximum(lengths - 1, 0).astype(np.int32)[None],
+        kv_positions=cache_pos[None].astype(np.int32),
+    )  # fmt: skip
+    return kwargs, slots
+
+
+def weights(rng, q):
+    """Random cotangents for out and lse, so gradients test every element of both."""
+    w_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    w_lse = jnp.asarray(rng.standard_normal(q.shape[:3]), jnp.float32)
+    return w_out, w_lse
+
+
+def _objective(out, lse, w_out, w_lse):
+    """sum(out * w_out) + sum(lse * w_lse) over the queries that saw a key."""
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return jnp.sum(out.astype(w_out.dtype) * w_out) + jnp.sum(lse.astype(w_lse.dtype) * w_lse)
+
+
+def reference_values_and_grads(q, k, v, w, **call):
+    """(out, lse, [dq, dk, dv]) of the float64 reference; gradients of `_objective`."""
     with jax.enable_x64(True):
-        q64, k64, v64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v))
-        w64 = jnp.asarray(w, jnp.float64)
+        q64, k64, v64 = (jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v))
+        w64 = [jnp.asarray(x, jnp.float64) for x in w]
 
         def loss(q, k, v):
-            return jnp.sum(reference_attention(q, k, v, seg, **mask) * w64)
+            return _objective(*reference_attention(q, k, v, return_lse=True, **call), *w64)
 
-        out = reference_attention(q64, k64, v64, seg, **mask)
+        out, lse = reference_attention(q64, k64, v64, return_lse=True, **call)
         grads = jax.grad(loss, argnums=(0, 1, 2))(q64, k64, v64)
-        return np.asarray(out), [np.asarray(g) for g in grads]
+        return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
 
 
-def kernel_values_and_grads(fn, q, k, v, seg, w):
-    """Output and dq, dk, dv of sum(out * w) through a kernel `fn(q, k, v, seg)`."""
+def values_and_grads(fn, q, k, v, w):
+    """(out, lse, [dq, dk, dv]) as float32 numpy of `fn(q, k, v) -> (out, lse)`, jitted."""
 
     def loss(q, k, v):
-        return jnp.sum(fn(q, k, v, seg).astype(jnp.float32) * w)
+        return _objective(*fn(q, k, v), *w)
 
-    out = fn(q, k, v, seg)
-    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    return np.asarray(out.astype(jnp.float32)), [np.asarray(g.astype(jnp.float32)) for g in grads]
+    out, lse = jax.jit(fn)(q, k, v)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    as32 = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
+    return as32(out), as32(lse), [as32(g) for g in grads]
 
 
 def relative_error(got, want) -> float:
     """||got - want|| / ||want||."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))

@@ -1,8 +1,9 @@
-"""Shared fixtures: a tiny corpus on disk and the smoke config."""
+"""Shared fixtures: a seeded random generator, a tiny corpus on disk and the smoke config."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 
 import numpy as np
@@ -10,6 +11,28 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # so `configs` imports like it does for the command line
+
+
+SEED_VARIABLE = "LCX_TEST_SEED"
+
+
+@pytest.fixture
+def rng(request):
+    """A numpy Generator with a fresh seed, or $LCX_TEST_SEED; a failure prints the seed."""
+    seed = int(os.environ.get(SEED_VARIABLE) or secrets.randbits(32))
+    request.node.lcx_seed = seed
+    return np.random.default_rng(seed)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Add the random seed to a failed test's report, with the command to replay it."""
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "lcx_seed", None)
+    if report.failed and seed is not None:
+        replay = f"{SEED_VARIABLE}={seed} python -m pytest '{item.nodeid}'"
+        report.sections.append(("random seed", f"seed {seed}; replay: {replay}"))
 
 
 @pytest.fixture

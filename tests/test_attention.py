@@ -1,91 +1,242 @@
-"""The jnp reference against a direct float64 loop, GQA, windows, padding and bad input."""
+"""One suite for every attention implementation, against the float64 reference.
 
-import jax
+The tokamax `AttentionTestBase` pattern: each entry of IMPLEMENTATIONS has a spec with its
+capabilities (test block sizes, interpret mode, a block counter, grid-step counts), and
+every test below runs on every implementation. Values, log-sum-exp and gradients (also
+through the lse) on fresh random inputs and layouts from the seeded `rng` fixture:
+self-attention with every mask, edge layouts, a chunk of queries against a longer key
+row, decoding against a cache, merged disjoint key splits, bf16, queries that see
+nothing, and skipping by count. Pallas kernels run in interpret mode on small grids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcx.attention import IMPLEMENTATIONS, packed_attention, reference_attention
+from lcx.attention import (
+    IMPLEMENTATIONS,
+    BlockSizes,
+    Segments,
+    block_schedule,
+    merge_attention,
+    packed_attention,
+    pallas_gpu,
+    pallas_tpu,
+    xla_chunked,
+)
+from tests import attention_cases as cases
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+LSE_TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 
-def _layout(rng, b, t):
-    """Random packed rows: documents of random length, some padding at the end."""
-    seg = np.zeros((b, t), np.int32)
-    for row in range(b):
-        pos, doc = 0, 1
-        while pos < t - 2:
-            n = int(rng.integers(1, t // 2))
-            seg[row, pos : pos + n] = doc
-            pos, doc = pos + n, doc + int(rng.integers(1, 3))
-        seg[row, t - 2 :] = 0
-    return seg
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """An implementation under test and what it can do."""
 
+    name: str
+    block_sizes: BlockSizes | None = None
+    interpret: bool = False
+    computed_blocks: Callable | None = None  # fn(q, k, v, segments, **mask) -> counts
+    grid_steps: bool = False  # its counts include "<pass>_steps" (a compacted grid)
+    available: bool = True
 
-def _loop_attention(q, k, v, seg, causal, window):
-    """Attention one query at a time in float64 numpy."""
-    b, t, hq, d = q.shape
-    group = hq // k.shape[2]
-    out = np.zeros((b, t, hq, d))
-    for bi in range(b):
-        for h in range(hq):
-            for i in range(t):
-                keys = [
-                    j
-                    for j in range(t)
-                    if seg[bi, i] != 0
-                    and seg[bi, j] == seg[bi, i]
-                    and (not causal or j <= i)
-                    and (window is None or abs(i - j) < window)
-                ]
-                if not keys:
-                    continue
-                s = np.array([q[bi, i, h] @ k[bi, j, h // group] for j in keys]) / np.sqrt(d)
-                p = np.exp(s - s.max())
-                out[bi, i, h] = (p / p.sum()) @ v[bi, keys, h // group]
-    return out
+    def __call__(self, q, k, v, **call):
+        """(out, lse) of packed_attention through this implementation."""
+        return packed_attention(
+            q, k, v, return_lse=True, implementation=self.name, block_sizes=self.block_sizes,
+            interpret=self.interpret, **call,
+        )  # fmt: skip
 
-
-@pytest.mark.parametrize("causal,window", [(True, None), (True, 3), (False, None)])
-def test_reference_matches_loop(causal, window):
-    rng = np.random.default_rng()
-    b, t, hq, hkv, d = 2, 12, 4, 2, 8
-    q, k, v = (rng.standard_normal((b, t, h, d)) for h in (hq, hkv, hkv))
-    seg = _layout(rng, b, t)
-    with jax.enable_x64(True):
-        got = reference_attention(
-            jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), seg, causal=causal, window=window
-        )
-        np.testing.assert_allclose(
-            np.asarray(got), _loop_attention(q, k, v, seg, causal, window), rtol=1e-10, atol=1e-12
+    def counts(self, q, k, v, segments, **mask):
+        """Blocks each pass computed (and grid steps, for a compacted grid)."""
+        extra = {"interpret": True} if self.interpret else {}
+        return self.computed_blocks(
+            q, k, v, segments, block_sizes=self.block_sizes, **mask, **extra
         )
 
 
-def test_padding_queries_are_zero_with_finite_gradients():
-    rng = np.random.default_rng()
-    q, k, v = (jnp.asarray(rng.standard_normal((1, 6, 2, 4)), jnp.float32) for _ in range(3))
-    seg = jnp.zeros((1, 6), jnp.int32)  # an all-padding row
-    out = packed_attention(q, k, v, seg, implementation="xla")
-    assert np.all(np.asarray(out) == 0)
-    grads = jax.grad(lambda q, k, v: packed_attention(q, k, v, seg).sum(), argnums=(0, 1, 2))(
-        q, k, v
+GPU_BLOCKS = BlockSizes(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=32, block_q_dkv=32)
+SPECS = {
+    "xla": Implementation("xla"),
+    "xla_chunked": Implementation(
+        "xla_chunked",
+        BlockSizes(block_q=16, block_kv=8),
+        computed_blocks=xla_chunked.computed_blocks,
+    ),
+    "pallas_tpu": Implementation(
+        "pallas_tpu",
+        BlockSizes(block_q=16, block_kv=16),
+        interpret=True,
+        computed_blocks=pallas_tpu.computed_blocks,
+        grid_steps=True,
+    ),  # fmt: skip
+    "pallas_gpu": Implementation(
+        "pallas_gpu",
+        GPU_BLOCKS,
+        interpret=True,
+        computed_blocks=pallas_gpu.computed_blocks,
+        available=pallas_gpu.plgpu is not None,  # without Triton: test_dispatch covers it
+    ),  # fmt: skip
+}
+
+
+def test_every_implementation_is_under_test():
+    assert set(SPECS) == set(IMPLEMENTATIONS)
+
+
+@pytest.fixture(params=[name for name, spec in SPECS.items() if spec.available])
+def impl(request) -> Implementation:
+    return SPECS[request.param]
+
+
+def check_against_reference(impl, q, k, v, rng, **call):
+    """Values, lse and gradients within tolerance of float64; exact zeros where unseen."""
+    dtype = q.dtype.type
+    w = cases.weights(rng, q)
+    out, lse, grads = cases.values_and_grads(lambda q, k, v: impl(q, k, v, **call), q, k, v, w)
+    ref_out, ref_lse, ref_grads = cases.reference_values_and_grads(q, k, v, w, **call)
+    unseen = np.isneginf(ref_lse)
+    np.testing.assert_array_equal(np.isneginf(lse), unseen, "lse is -inf exactly where unseen")
+    assert np.all(out[unseen] == 0), "queries that see no key must output exactly 0"
+    assert np.isfinite(out).all() and all(np.isfinite(g).all() for g in grads)
+    assert cases.relative_error(out, ref_out) < TOLERANCE[dtype], "out"
+    if (~unseen).any():
+        assert np.max(np.abs(lse[~unseen] - ref_lse[~unseen])) < LSE_TOLERANCE[dtype], "lse"
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
+        assert cases.relative_error(got, want) < TOLERANCE[dtype], name
+
+
+MASKS = [dict(), dict(window=5), dict(causal=False), dict(causal=False, window=7)]
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=["causal", "window", "bidirectional", "local"])
+def test_self_attention_random_layouts_gqa(impl, rng, mask):
+    seg = cases.random_layout(rng, 2, 40)  # 40: not a multiple of the blocks
+    q, k, v = cases.qkv(rng, 2, 40, hq=4, hkv=2, d=8, dtype=jnp.float32)
+    check_against_reference(impl, q, k, v, rng, segment_ids=seg, **mask)
+
+
+def test_edge_layouts(impl, rng):
+    seg = cases.edge_layouts(t=40, block=16)
+    q, k, v = cases.qkv(rng, len(seg), 40, hq=2, hkv=1, d=8, dtype=jnp.float32)
+    check_against_reference(impl, q, k, v, rng, segment_ids=seg)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_chunk_against_a_longer_key_row(impl, rng, window):
+    # Queries: the last 24 tokens of packed rows; keys: the whole 56-token rows, so a
+    # document's earlier chunk is visible and other documents are not.
+    call, tq = cases.chunk_against_earlier_chunks(rng, b=2, tk=56, chunk=24)
+    q, k, v = cases.qkv(rng, 2, tq, hq=4, hkv=2, d=8, dtype=jnp.float32, tk=56)
+    check_against_reference(impl, q, k, v, rng, window=window, **call)
+
+
+def test_decoding_against_a_cache(impl, rng):
+    call, tq = cases.decode_against_cache(rng, slots=3, cache_len=24)
+    q, k, v = cases.qkv(rng, 1, tq, hq=4, hkv=2, d=8, dtype=jnp.float32, tk=72)
+    check_against_reference(impl, q, k, v, rng, **call)
+
+
+def test_bfloat16(impl, rng):
+    seg = cases.random_layout(rng, 2, 48)
+    q, k, v = cases.qkv(rng, 2, 48, hq=2, hkv=2, d=16, dtype=jnp.bfloat16)
+    check_against_reference(impl, q, k, v, rng, segment_ids=seg, window=21)
+
+
+def test_rows_that_see_nothing(impl, rng):
+    # An all-padding row beside a real one, and queries whose document has no keys.
+    seg = np.zeros((2, 32), np.int32)
+    seg[1, :20] = 3
+    kv_seg = np.where(seg == 3, 4, 0).astype(np.int32)  # no key shares the queries' id
+    q, k, v = cases.qkv(rng, 2, 32, hq=2, hkv=1, d=8, dtype=jnp.float32)
+    check_against_reference(impl, q, k, v, rng, segment_ids=seg)
+    w = cases.weights(rng, q)
+    out, lse, grads = cases.values_and_grads(
+        lambda q, k, v: impl(q, k, v, segment_ids=seg, kv_segment_ids=kv_seg), q, k, v, w
     )
-    assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
+    assert all(np.all(g == 0) for g in grads)
 
 
-def test_dispatch_and_bad_input():
-    assert "xla" in IMPLEMENTATIONS
-    q = jnp.zeros((1, 4, 4, 8))
-    kv = jnp.zeros((1, 4, 3, 8))
-    with pytest.raises(ValueError, match="multiple of kv heads"):
-        packed_attention(q, kv, kv)
-    with pytest.raises(ValueError, match="window"):
-        packed_attention(q, q, q, window=-1)
-    with pytest.raises(ValueError, match="segment_ids"):
-        packed_attention(q, q, q, jnp.zeros((1, 5), jnp.int32))
-    with pytest.raises(ValueError, match="implementation"):
-        packed_attention(q, q, q, implementation="cuda_magic")
-    reappearing = jnp.asarray([[1, 1, 2, 1]], jnp.int32)
-    packed_attention(q, q, q, reappearing)  # not checked unless asked: it is not free
-    with pytest.raises(ValueError, match="reappears"):
-        packed_attention(q, q, q, reappearing, validate=True)
-    packed_attention(q, q, q, jnp.asarray([[3, 3, 0, 5]], jnp.int32), validate=True)
+@pytest.mark.parametrize("splits", [2, 4])
+def test_merged_disjoint_key_splits_equal_attention_over_all_keys(impl, rng, splits):
+    # Keys cut into contiguous ranges; each part attends only its range (other keys get
+    # segment id 0); merge_attention of the parts is attention over all keys, values and
+    # gradients, through each part's lse.
+    call, tq = cases.chunk_against_earlier_chunks(rng, b=2, tk=48, chunk=16)
+    q, k, v = cases.qkv(rng, 2, tq, hq=2, hkv=1, d=8, dtype=jnp.float32, tk=48)
+    cuts = np.sort(rng.choice(np.arange(1, 48), splits - 1, replace=False))
+    ranges = np.split(np.arange(48), cuts)
+
+    def merged(q, k, v):
+        parts = []
+        for keys in ranges:
+            in_part = np.isin(np.arange(48), keys)
+            part_call = {**call, "kv_segment_ids": np.where(in_part, call["kv_segment_ids"], 0)}
+            parts.append(impl(q, k, v, **part_call))
+        return merge_attention(parts)
+
+    w = cases.weights(rng, q)
+    out, lse, grads = cases.values_and_grads(merged, q, k, v, w)
+    ref_out, ref_lse, ref_grads = cases.reference_values_and_grads(q, k, v, w, **call)
+    seen = np.isfinite(ref_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), seen)
+    assert cases.relative_error(out, ref_out) < 1e-5
+    assert np.max(np.abs(lse[seen] - ref_lse[seen])) < 1e-5
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert np.isfinite(got).all() and cases.relative_error(got, want) < 1e-5
+
+
+def _per_block(lo, hi):
+    """Blocks an interval schedule visits per block, [B, n]."""
+    return np.maximum(np.asarray(hi) - np.asarray(lo) + 1, 0)
+
+
+@pytest.fixture(
+    params=[n for n, spec in SPECS.items() if spec.available and spec.computed_blocks is not None]
+)
+def blocked_impl(request) -> Implementation:
+    """The implementations that skip blocks (all but the dense reference)."""
+    return SPECS[request.param]
+
+
+@pytest.mark.parametrize("layout", ["self", "chunk"])
+def test_computes_exactly_the_scheduled_blocks(blocked_impl, rng, layout):
+    impl = blocked_impl
+    if layout == "self":
+        seg = cases.random_layout(rng, 2, 64)
+        call = dict(segment_ids=seg)
+        q, k, v = cases.qkv(rng, 2, 64, hq=2, hkv=1, d=8, dtype=jnp.float32)
+    else:
+        call, tq = cases.chunk_against_earlier_chunks(rng, b=2, tk=64, chunk=32)
+        q, k, v = cases.qkv(rng, 2, tq, hq=2, hkv=1, d=8, dtype=jnp.float32, tk=64)
+    segments = Segments(*(None if call.get(n) is None else jnp.asarray(call[n]) for n in (
+        "segment_ids", "kv_segment_ids", "q_positions", "kv_positions")))  # fmt: skip
+    counts = impl.counts(q, k, v, segments)
+    blocks = impl.block_sizes
+    passes = [
+        ("forward", (blocks.block_q, blocks.block_kv), False),
+        ("dq", blocks.dq, False),  # absent where dq shares the dkv pass (xla_chunked)
+        ("dkv", blocks.dkv, True),
+    ]
+    assert {"forward", "dkv"} <= set(counts)
+    for name, (bq, bk), dkv in [p for p in passes if p[0] in counts]:
+        sched = block_schedule(call["segment_ids"], block_q=bq, block_kv=bk,
+                               **{n: call[n] for n in call if n != "segment_ids"})  # fmt: skip
+        want = _per_block(sched.q_lo, sched.q_hi) if dkv else _per_block(sched.kv_lo, sched.kv_hi)
+        got = np.asarray(counts[name])
+        np.testing.assert_array_equal(got, np.broadcast_to(want[:, None], got.shape), name)
+        if impl.grid_steps:  # one step per computed block, one for a group with none
+            steps = np.asarray(counts[name + "_steps"])
+            np.testing.assert_array_equal(steps, np.maximum(got, 1), name + " grid steps")
+
+
+def test_odd_head_dim_and_no_segment_ids(impl, rng):
+    q, k, v = cases.qkv(rng, 1, 40, hq=2, hkv=2, d=12, dtype=jnp.float32)
+    check_against_reference(impl, q, k, v, rng)

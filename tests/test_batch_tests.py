@@ -39,8 +39,7 @@ def _numpy_tests(samples, eta, theta, nu):
             "augmented_inner_product": max(inner, ortho)}  # fmt: skip
 
 
-def test_tests_match_numpy():
-    rng = np.random.default_rng()
+def test_tests_match_numpy(rng):
     samples = _samples(rng)
     expected = _numpy_tests(samples, 0.1, 0.2, 0.3)
     with jax.enable_x64(True):
@@ -67,8 +66,7 @@ def _streamed(samples, chunk):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 4])
-def test_streaming_statistics_equal_per_sample_ones(chunk):
-    rng = np.random.default_rng()
+def test_streaming_statistics_equal_per_sample_ones(chunk, rng):
     samples = _samples(rng)
     expected = _numpy_tests(samples, 0.1, 0.1, 0.1)
     with jax.enable_x64(True):
@@ -80,8 +78,7 @@ def test_streaming_statistics_equal_per_sample_ones(chunk):
         assert float(scaled["norm"]) == pytest.approx(8 * expected["norm"], rel=1e-7)
 
 
-def test_all_reduce_is_the_law_of_total_variance():
-    rng = np.random.default_rng()
+def test_all_reduce_is_the_law_of_total_variance(rng):
     samples = _samples(rng, n=12)
     with jax.enable_x64(True):
         devices = jax.tree.map(lambda x: x.reshape((4, 3) + x.shape[1:]), samples)
@@ -110,9 +107,8 @@ def test_controller_rule():
         AdaptiveBatchConfig(micro_batch_size=4, max_batch_size=30)
 
 
-def test_controller_grows_the_batch_near_the_noise_floor():
+def test_controller_grows_the_batch_near_the_noise_floor(rng):
     """Noisy least squares: the batch grows as the loss nears the noise floor; it converges."""
-    rng = np.random.default_rng()
     dim, noise = 8, 0.5
     w_true = rng.standard_normal(dim)
     cfg = AdaptiveBatchConfig(

@@ -44,3 +44,10 @@ def test_run_needs_the_padded_baseline(smoke_config):
         bench.run(smoke_config, {"first_fit": {"packing": "first_fit"}})
     with pytest.raises(ValueError, match="repeats=0"):
         bench.run(smoke_config, bench.variants(), repeats=0)
+
+
+def test_short_document_corpus(tmp_path):
+    count = bench.write_short_documents(str(tmp_path), mean=64, total_bytes=20_000)
+    sizes = [p.stat().st_size for p in tmp_path.iterdir()]
+    assert len(sizes) == count and sum(sizes) >= 20_000 and min(sizes) >= 1
+    assert 20 < sum(sizes) / count < 200  # exponential pieces of mean 64 (cut at file ends)

@@ -25,12 +25,6 @@ NS_COEFFS = [
 ]
 
 
-def _rng():
-    """A fresh generator and its seed, so a failure can be replayed."""
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    return np.random.default_rng(seed), seed
-
-
 def _relative_error(got, want):
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
@@ -142,10 +136,9 @@ def _scan_inputs(rng, b, h, t, d, f):
     "chunk_size,use_momentum,use_muon",
     [(4, True, True), (8, False, True), (16, True, False), (64, False, False)],
 )
-def test_chunk_scan_matches_naive_loop(chunk_size, use_momentum, use_muon):
+def test_chunk_scan_matches_naive_loop(chunk_size, use_momentum, use_muon, rng):
     # t = 40 with ~5 documents of ~8 tokens: chunks smaller than, like and larger than the
     # documents; most documents start mid-chunk; T is not a multiple of 16 or 64.
-    rng, seed = _rng()
     b, h, t, d, f = 2, 2, 40, 8, 12
     seg = np.stack([_layout(rng, t, 5), _layout(rng, t, 2)])
     w, q, k, v, lr, mom = _scan_inputs(rng, b, h, t, d, f)
@@ -158,12 +151,11 @@ def test_chunk_scan_matches_naive_loop(chunk_size, use_momentum, use_muon):
         )  # fmt: skip
         want = naive_lact(w, q, k, v, lr, mom, seg, chunk_size, use_muon)
     assert got.dtype == jnp.float64
-    assert _relative_error(got, want) < 1e-10, f"{seed=}"
+    assert _relative_error(got, want) < 1e-10
     assert np.all(np.asarray(got)[np.broadcast_to((seg == 0)[:, None, :], got.shape[:3])] == 0)
 
 
-def test_hand_fast_weight_gradients_equal_jax_grad():
-    rng, seed = _rng()
+def test_hand_fast_weight_gradients_equal_jax_grad(rng):
     w, q, k, v, lr, _ = _scan_inputs(rng, 2, 3, 16, 8, 12)
     wb = FastWeights(*(jnp.broadcast_to(x, (2, *x.shape)) for x in w))
     got = descent_directions(wb, k, v, lr[..., 0], lr[..., 1], lr[..., 2])
@@ -176,11 +168,10 @@ def test_hand_fast_weight_gradients_equal_jax_grad():
             return -jnp.sum(lr[..., j] * score)  # the chunk loss L_j
 
         want = -jax.grad(loss)(wb[j])
-        assert _relative_error(getattr(got, name), want) < 1e-5, f"{name} {seed=}"
+        assert _relative_error(getattr(got, name), want) < 1e-5, name
 
 
-def test_newton_schulz_is_close_to_orthogonal():
-    rng, seed = _rng()
+def test_newton_schulz_is_close_to_orthogonal(rng):
     for shape in [(3, 16, 16), (3, 16, 40), (3, 40, 16)]:
         # Random singular vectors, singular values spread over [0.05, 1] x a random scale:
         # five iterations lift every direction above 1/20 of the largest to about 1 (a
@@ -194,7 +185,7 @@ def test_newton_schulz_is_close_to_orthogonal():
         np.testing.assert_allclose(x[0], _naive_newton_schulz(g[0]), atol=1e-4)
         singular = np.linalg.svd(x, compute_uv=False)
         # The quintic is tuned for speed, not exactness: singular values land near 1.
-        assert singular.min() > 0.6 and singular.max() < 1.25, f"{shape} {singular} {seed=}"
+        assert singular.min() > 0.6 and singular.max() < 1.25, f"{shape} {singular}"
 
 
 # ----------------------------------------------------------------------- the layer
@@ -233,8 +224,7 @@ def _fixed_layout(t, length, offset):
         ("shifted", 8),  # chunk == document, every document starts mid-chunk
     ],
 )
-def test_packed_row_equals_each_document_alone(layout, chunk_size):
-    rng, seed = _rng()
+def test_packed_row_equals_each_document_alone(layout, chunk_size, rng):
     t = 48
     if layout == "random":
         seg = _layout(rng, t, 5)[None]
@@ -249,13 +239,12 @@ def test_packed_row_equals_each_document_alone(layout, chunk_size):
         got = np.asarray(layer(x, alone, pos))
         mask = seg[0] == doc
         err = _relative_error(packed[0, mask], got[0, mask])
-        assert err < 1e-5, f"doc {doc}, {layout=}, {chunk_size=}, {seed=}"
+        assert err < 1e-5, f"doc {doc}, {layout=}, {chunk_size=}"
         assert np.all(got[0, ~mask] == 0)
     assert np.all(packed[0, seg[0] == 0] == 0)
 
 
-def test_causal_through_gradients():
-    rng, seed = _rng()
+def test_causal_through_gradients(rng):
     t = 24
     layer = _layer(5, window=6)
     x = jnp.asarray(rng.standard_normal((1, t, 32)), jnp.float32)
@@ -263,12 +252,11 @@ def test_causal_through_gradients():
     jacobian = np.asarray(jax.jit(jax.jacrev(lambda x: layer(x, seg)[0].sum(-1)))(x))
     for target in range(t):
         grad = jacobian[target, 0]
-        assert np.all(grad[target + 1 :] == 0), f"{target=} {seed=}"
-        assert np.abs(grad[: target + 1]).sum(-1).min() > 0, f"{target=} {seed=}"
+        assert np.all(grad[target + 1 :] == 0), f"{target=}"
+        assert np.abs(grad[: target + 1]).sum(-1).min() > 0, f"{target=}"
 
 
-def test_padding_gives_no_nan_in_values_or_gradients():
-    rng, _ = _rng()
+def test_padding_gives_no_nan_in_values_or_gradients(rng):
     seg = np.asarray([[1] * 10 + [0] * 14, [0] * 24], np.int32)
     layer = _layer(4)
     x = jnp.asarray(rng.standard_normal((2, 24, 32)), jnp.float32)
@@ -293,18 +281,17 @@ def test_bad_config():
         LaCTConfig(d_model=32, window=0)
 
 
-def test_scan_with_hand_or_autodiff_inner_gradients_agree_in_value_and_gradient():
-    rng, seed = _rng()
+def test_scan_with_hand_or_autodiff_inner_gradients_agree_in_value_and_gradient(rng):
     seg = np.stack([_layout(rng, 24, 3)])
     w, q, k, v, lr, mom = _scan_inputs(rng, 1, 2, 24, 8, 8)
     # float64: Muon amplifies float32 rounding; this checks that the two are the same math.
     with jax.enable_x64(True):
         f64 = lambda x: jnp.asarray(x, jnp.float64)  # noqa: E731
         w, q, k, v, lr, mom = FastWeights(*map(f64, w)), *map(f64, (q, k, v, lr, mom))
-        _hand_vs_autodiff(w, q, k, v, lr, mom, seg, seed)
+        _hand_vs_autodiff(w, q, k, v, lr, mom, seg)
 
 
-def _hand_vs_autodiff(w, q, k, v, lr, mom, seg, seed):
+def _hand_vs_autodiff(w, q, k, v, lr, mom, seg):
     """Values and gradients of a scan loss with either inner gradient agree."""
 
     def loss(q, k, v, lr, inner_gradient):
@@ -321,6 +308,6 @@ def _hand_vs_autodiff(w, q, k, v, lr, mom, seg, seed):
         jax.tree.leaves(results["hand"]), jax.tree.leaves(results["autodiff"]), strict=True
     ):
         assert got.dtype == jnp.float64
-        assert _relative_error(got, want) < 1e-10, f"{seed=}"
+        assert _relative_error(got, want) < 1e-10
     with pytest.raises(ValueError, match="inner_gradient"):
         lact_chunk_scan(w, q, k, v, lr, mom, seg, chunk_size=5, use_muon=True, inner_gradient="x")

@@ -10,6 +10,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCRIPT = r"""
+import os
 import jax, numpy as np
 from configs import lm_tiny
 from lcx.model import TransformerConfig
@@ -24,7 +25,7 @@ schedule = make_schedule(ScheduleConfig(**c.schedule), total_steps=10, batch_siz
 tx = make_optimizer(OptimizerConfig(**c.optimizer), schedule)
 graphdef, _ = steplib.abstract_model(model_cfg)
 
-rng = np.random.default_rng()
+rng = np.random.default_rng(int(os.environ["LCX_MESH_SEED"]))
 b, t = 8, 32
 segment_ids = np.sort(rng.integers(0, 4, (b, t)), axis=1).astype(np.int32)
 positions = np.zeros((b, t), np.int32)
@@ -62,10 +63,11 @@ print("losses", one_losses, eight_losses)
 """
 
 
-def test_eight_device_mesh_matches_one_device():
+def test_eight_device_mesh_matches_one_device(rng):
     env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+        LCX_MESH_SEED=str(int(rng.integers(2**31))),
+    )  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT],
         cwd=ROOT,

@@ -1,5 +1,7 @@
 """Model properties: documents in a packed row are isolated, attention is causal."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,9 +26,9 @@ LACT = dict(block_pattern=("lact", "attention"), lact_chunk_size=4, lact_window=
 
 
 @pytest.fixture(params=["attention", "lact_hybrid"])
-def model(request):
+def model(request, rng):
     cfg = CFG if request.param == "attention" else TransformerConfig(**{**CFG.__dict__, **LACT})
-    return Transformer(cfg, rngs=nnx.Rngs(np.random.randint(1 << 30)))
+    return Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
 
 
 def _tokens(seed):
@@ -112,11 +114,13 @@ def test_bad_model_config():
         TransformerConfig(dtype="float8")
 
 
-def test_dependent_chunks_equal_the_whole_document_in_loss_and_gradients():
+@pytest.mark.parametrize("window", [None, 12])
+def test_dependent_chunks_equal_the_whole_document_in_loss_and_gradients(window, rng):
     # ChunkFlow: a 40-token document in chunks of 16, 16, 8, each attending the earlier
-    # chunks' keys/values, trains exactly like the document in one row.
-    rng = np.random.default_rng()
-    model = Transformer(CFG, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
+    # chunks' keys/values, trains exactly like the document in one row (a window of 12
+    # reaches back into the previous chunk).
+    cfg = dataclasses.replace(CFG, attention_window=window)
+    model = Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     graphdef, params = nnx.split(model)
     tokens = jnp.asarray(rng.integers(0, 256, (2, 40)), jnp.int32)
 
@@ -139,11 +143,10 @@ def test_dependent_chunks_equal_the_whole_document_in_loss_and_gradients():
         chunked_document_loss(*nnx.split(lact), tokens, 16)
 
 
-def test_chunkflow_batch_loss_equals_documents_trained_whole():
+def test_chunkflow_batch_loss_equals_documents_trained_whole(rng):
     # Rows: two short documents merged; a 40-token document as chunks 0, 1, 2 (16 tokens
     # each, the last 8 then padding); an empty row. Summed losses, targets and gradients
     # equal those of the documents in whole rows.
-    rng = np.random.default_rng()
     model = Transformer(CFG, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
     graphdef, params = nnx.split(model)
     c, long_len = 16, 40
@@ -183,8 +186,11 @@ def test_chunkflow_batch_loss_equals_documents_trained_whole():
 
 
 def test_dependent_chunks_need_memory_linear_in_the_document():
-    # XLA's temp buffers for the gradient: whole rows grow with L^2, chunks of 128 with L.
+    # XLA's temp buffers for the gradient: whole rows through the dense reference attention
+    # grow with L^2, chunks of 128 with L.
     graphdef, params = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
+    dense = dataclasses.replace(CFG, attention_implementation="xla")
+    dense_graphdef = nnx.split(Transformer(dense, rngs=nnx.Rngs(0)))[0]
 
     def temp_bytes(loss, length):
         tokens = jnp.zeros((1, length), jnp.int32)
@@ -192,7 +198,7 @@ def test_dependent_chunks_need_memory_linear_in_the_document():
         return compiled.memory_analysis().temp_size_in_bytes
 
     def whole(params, tokens):
-        logits = nnx.merge(graphdef, params)(tokens)
+        logits = nnx.merge(dense_graphdef, params)(tokens)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
         return jnp.mean(losses)
 

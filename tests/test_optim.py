@@ -50,8 +50,7 @@ def _run(tx, params, grads_seq):
     return params
 
 
-def test_lamb_matches_the_paper_in_numpy():
-    rng = np.random.default_rng()
+def test_lamb_matches_the_paper_in_numpy(rng):
     params = _params(rng)
     grads_seq = [_params(rng) for _ in range(5)]
     expected = _numpy_lamb(params, grads_seq, 0.01, 0.9, 0.999, 1e-6, 0.01)
@@ -61,8 +60,7 @@ def test_lamb_matches_the_paper_in_numpy():
             np.testing.assert_allclose(np.asarray(got[k]), expected[k], rtol=1e-6, atol=1e-9)
 
 
-def test_lamb_with_full_mask_is_optax_lamb():
-    rng = np.random.default_rng()
+def test_lamb_with_full_mask_is_optax_lamb(rng):
     params = jax.tree.map(jnp.asarray, _params(rng))
     grads_seq = [jax.tree.map(jnp.asarray, _params(rng)) for _ in range(4)]
     everything = lambda p: jax.tree.map(lambda _: True, p)  # noqa: E731
@@ -96,7 +94,7 @@ def test_power_schedule_formula_and_continuity():
     assert float(sched(5e3)) == pytest.approx(0.5 * float(sched(1e4)), rel=1e-5)
 
 
-def test_token_scheduled_rate_depends_only_on_tokens_seen():
+def test_token_scheduled_rate_depends_only_on_tokens_seen(rng):
     """Two runs with different batch-size histories use the same rate at the same tokens."""
     sched = power_schedule(batch_size=16, max_lr=0.05, warmup_tokens=2048)
     params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
@@ -110,8 +108,6 @@ def test_token_scheduled_rate_depends_only_on_tokens_seen():
             _, state = tx.update(params, state, params, tokens_seen=rows * seq_len, batch_size=b)
             out[rows * seq_len] = (b, float(current_learning_rate(state)))
         return out
-
-    rng = np.random.default_rng()
 
     def history(choices, segments=5, rows_per_segment=64, last=16):
         """Random batch sizes; each segment sums to rows_per_segment and ends with `last`,
@@ -156,9 +152,8 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_every_optimizer_converges_keeps_dtypes_and_checkpoints(name, tmp_path):
+def test_every_optimizer_converges_keeps_dtypes_and_checkpoints(name, tmp_path, rng):
     tx = OPTIMIZERS[name]()
-    rng = np.random.default_rng()
     target = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), "b": jnp.ones(4)}
     params = jax.tree.map(jnp.zeros_like, target)
     params["b"] = params["b"].astype(jnp.bfloat16)

@@ -24,8 +24,7 @@ def _unique_corpus(lengths) -> TokenizedCorpus:
 
 
 @pytest.mark.parametrize("n,capacity", [(1, 10), (500, 64), (3000, 1000), (20000, 4096)])
-def test_ffd_fits_uses_each_index_once_and_is_near_optimal(n, capacity):
-    rng = np.random.default_rng()
+def test_ffd_fits_uses_each_index_once_and_is_near_optimal(n, capacity, rng):
     lengths = rng.integers(1, capacity + 1, n) if n > 1 else np.asarray([capacity])
     if n == 20000:  # many short items, as documents are
         lengths = np.minimum(rng.geometric(8 / capacity, n), capacity)
@@ -37,8 +36,7 @@ def test_ffd_fits_uses_each_index_once_and_is_near_optimal(n, capacity):
     assert len(bins) <= 11 / 9 * lower + 1, (len(bins), lower)
 
 
-def test_ffd_matches_a_quadratic_first_fit():
-    rng = np.random.default_rng()
+def test_ffd_matches_a_quadratic_first_fit(rng):
     lengths = rng.integers(1, 50, 300)
     remaining, want = [], []
     for i in np.argsort(-lengths, kind="stable"):
@@ -120,9 +118,9 @@ def _token_runs(dataset, steps=None):
 @pytest.mark.parametrize(
     "packing", ["first_fit", "best_fit", "concat_chunk", "ffd", "padded", "chunkflow"]
 )
-def test_every_token_exactly_once_per_epoch(packing):
+def test_every_token_exactly_once_per_epoch(packing, rng):
     # Tokens are their global index: each must appear once, in runs inside one document.
-    lengths = np.random.default_rng().integers(1, 3 * SEQ_LEN, 40)
+    lengths = rng.integers(1, 3 * SEQ_LEN, 40)
     corpus = _unique_corpus(lengths)
     opts = PipelineOptions(seq_len=SEQ_LEN, batch_size=3, packing=packing, num_epochs=1, seed=5)
     runs = _token_runs(packed_dataset(corpus, opts))
@@ -139,8 +137,7 @@ def test_every_token_exactly_once_per_epoch(packing):
         assert len(runs) > corpus.num_documents
 
 
-def test_dataset_decomposition_chunks_cover_the_corpus_once():
-    rng = np.random.default_rng()
+def test_dataset_decomposition_chunks_cover_the_corpus_once(rng):
     corpus = _unique_corpus(rng.integers(1, 3000, 60))
     opts = DecompositionOptions(tokens_per_step=1024, min_log2=4, max_log2=9, seed=3)
     ds = DecomposedDataset(corpus, opts)

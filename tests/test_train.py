@@ -104,11 +104,12 @@ def test_chunkflow_training_runs_dependent_chunks(tmp_path):
     config = _smoke("lm_tiny")
     config.data.packing = "chunkflow"
     config.train.update(steps=3, eval_every=3)
+    config.model.attention_window = 8  # windows reach into the earlier chunks' keys
     last = train_and_evaluate(config, str(tmp_path / "cf"))
     assert np.isfinite(last["loss"]) and np.isfinite(last["eval_loss"])
-    config.model.attention_window = 8
+    config.model.block_pattern = ("lact",)
     with pytest.raises(ValueError, match="chunkflow"):
-        train_and_evaluate(config, str(tmp_path / "cf_window"))
+        train_and_evaluate(config, str(tmp_path / "cf_lact"))
 
 
 def test_max_tokens_stops_early(smoke_config, tmp_path):

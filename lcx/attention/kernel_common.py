@@ -1,12 +1,15 @@
-"""Pieces shared by the Pallas packed-attention kernels: block sizes, padding, checks."""
+"""Pieces shared by the packed-attention implementations: block sizes, padding, loops."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lcx.attention.segments import Segments
 
 # A large finite negative logit: masked entries vanish in exp() without inf - inf NaNs.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -40,10 +43,14 @@ class BlockSizes:
         return self.block_q_dkv or self.block_q, self.block_kv_dkv or self.block_kv
 
     @property
-    def multiple(self) -> int:
-        """Every length padded to this is divisible by all the blocks."""
-        sizes = [self.block_q, self.block_kv, *self.dq, *self.dkv]
-        return int(np.lcm.reduce(sizes))
+    def q_multiple(self) -> int:
+        """A query length padded to this is divisible by every pass's q block."""
+        return int(np.lcm.reduce([self.block_q, self.dq[0], self.dkv[0]]))
+
+    @property
+    def kv_multiple(self) -> int:
+        """A key length padded to this is divisible by every pass's kv block."""
+        return int(np.lcm.reduce([self.block_kv, self.dq[1], self.dkv[1]]))
 
 
 def pad_length(x, length: int, axis: int = 1, value=0):
@@ -56,25 +63,55 @@ def pad_length(x, length: int, axis: int = 1, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def padded_inputs(q, k, v, segment_ids, multiple: int):
-    """Inputs padded along T to a multiple of the blocks; padding has segment id 0."""
-    b, t = q.shape[:2]
-    if segment_ids is None:
-        segment_ids = jnp.ones((b, t), jnp.int32)
-    length = -(-t // multiple) * multiple
-    segment_ids = pad_length(jnp.asarray(segment_ids, jnp.int32), length)
-    return pad_length(q, length), pad_length(k, length), pad_length(v, length), segment_ids
+def pad_to_blocks(q, k, v, segments: Segments, q_multiple: int, kv_multiple: int):
+    """q, k, v and segments padded along T to block multiples; padding has segment id 0.
+
+    Self-attention (segments.kv_ids None) pads both sides to one length, a multiple of
+    both, so queries and keys stay aligned.
+    """
+    tq, tk = q.shape[1], k.shape[1]
+    if segments.kv_ids is None:
+        q_multiple = kv_multiple = int(np.lcm(q_multiple, kv_multiple))
+    lq, lk = -(-tq // q_multiple) * q_multiple, -(-tk // kv_multiple) * kv_multiple
+    pad = lambda x, n: None if x is None else pad_length(x, n)  # noqa: E731
+    segments = Segments(
+        pad(segments.q_ids, lq), pad(segments.kv_ids, lk), pad(segments.q_positions, lq),
+        pad(segments.kv_positions, lk),
+    )  # fmt: skip
+    return pad_length(q, lq), pad_length(k, lk), pad_length(v, lk), segments
 
 
-def check_runs_contiguous(segment_ids) -> None:
-    """ValueError if a segment id reappears after another run (host check, not free)."""
-    seg = np.asarray(jax.device_get(segment_ids))
-    for row, ids in enumerate(seg):
-        starts = np.flatnonzero(np.diff(ids, prepend=ids[0] - 1))
-        run_ids = ids[starts]
-        run_ids = run_ids[run_ids != 0]
-        if len(np.unique(run_ids)) != len(run_ids):
-            raise ValueError(
-                f"segment_ids row {row}: a document's id reappears after another run; "
-                f"each document must be one contiguous run (shape {seg.shape})"
-            )
+def tile_mask(q_ids_Qx1, k_ids_1xS, q_pos_Qx1, k_pos_1xS, *, causal, window):
+    """[Q, S] visibility of a (q block, kv block) tile: same document, causal, window."""
+    mask = (q_ids_Qx1 == k_ids_1xS) & (q_ids_Qx1 != 0)
+    if causal:
+        mask &= k_pos_1xS <= q_pos_Qx1
+    if window is not None:
+        mask &= jnp.abs(q_pos_Qx1 - k_pos_1xS) < window
+    return mask
+
+
+def visit_blocks(lo, hi, full_lo, full_hi, body, carry):
+    """Fold body(j, carry, masked=...) over blocks [lo, hi]; unmasked on [full_lo, full_hi]."""
+    no_full = full_hi < full_lo
+    f_lo = jnp.where(no_full, hi + 1, jnp.clip(full_lo, lo, hi + 1))
+    f_hi = jnp.where(no_full, hi, jnp.clip(full_hi, f_lo - 1, hi))
+    carry = jax.lax.fori_loop(lo, f_lo, functools.partial(body, masked=True), carry)
+    carry = jax.lax.fori_loop(f_lo, f_hi + 1, functools.partial(body, masked=False), carry)
+    return jax.lax.fori_loop(f_hi + 1, hi + 1, functools.partial(body, masked=True), carry)
+
+
+def saw_a_key(running_max):
+    """Queries whose running max left MASK_VALUE: they saw at least one key."""
+    return running_max > 0.5 * MASK_VALUE
+
+
+def natural_lse(lse, seen, *, base2=False):
+    """The public log-sum-exp: natural log, -inf for queries that saw no key."""
+    lse = lse * np.log(2.0) if base2 else lse
+    return jnp.where(seen, lse, -jnp.inf).astype(jnp.float32)
+
+
+def finite_lse(lse):
+    """The lse the backward kernels take: -inf (saw nothing) becomes 0, whose p is 0."""
+    return jnp.where(jnp.isfinite(lse), lse, 0.0)

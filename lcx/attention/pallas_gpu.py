@@ -16,8 +16,16 @@ log-sum-exp saved by the forward pass; delta = rowsum(dO * O) in jnp. Grouped-qu
 heads: K/V are indexed by `head // group`; dk and dv are computed per query head and
 summed over the group in the wrapper.
 
+Queries and keys may differ in length and carry their own segment ids and positions
+(the `packed_attention` contract); the element mask compares positions, and the kv loop
+bounds come from the general `block_schedule`.
+
 Logits are kept in base 2 (`exp2`, scale folded with log2(e)), as Triton likes it; the
-saved log-sum-exp is base 2 as well and never leaves this module.
+saved log-sum-exp is base 2 inside this module and natural outside it.
+
+JAX 0.11 deprecated the Pallas Triton backend. Where `jax.experimental.pallas.triton`
+cannot be imported, this module still imports and `gpu_implementation` raises
+NotImplementedError, so the dispatcher falls back to `xla_chunked`.
 """
 
 from __future__ import annotations
@@ -28,11 +36,27 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
-from lcx.attention.kernel_common import MASK_VALUE, BlockSizes, pad_length, padded_inputs
+from lcx.attention.kernel_common import (
+    MASK_VALUE,
+    BlockSizes,
+    finite_lse,
+    natural_lse,
+    pad_length,
+    pad_to_blocks,
+    saw_a_key,
+    tile_mask,
+    visit_blocks,
+)
 from lcx.attention.layout import block_schedule
-from lcx.attention.reference import check_attention_args
+from lcx.attention.segments import Segments, segments_of
+
+try:  # deprecated in JAX 0.11; gone in some later release
+    from jax.experimental.pallas import triton as plgpu
+except ImportError:  # pragma: no cover - depends on the installed JAX
+    plgpu = None
+if plgpu is not None and not all(hasattr(plgpu, n) for n in ("dot", "CompilerParams")):
+    plgpu = None  # pragma: no cover - a backend without what these kernels use
 
 # Forward tiles of 64 x 64; dq keeps 64 queries and streams 32 keys, dkv the transpose.
 # With head dim 128 in bf16 every tile fits the shared memory of an A100 / H100.
@@ -65,26 +89,12 @@ def _num_warps(block_a: int, block_b: int, head_dim: int) -> int:
     return 8 if head_dim > 64 or block_a * block_b >= 128 * 128 else 4
 
 
-def _element_mask(q_seg, k_seg, q_start, k_start, *, causal, window):
-    """Visibility of a (q block, kv block) tile: same document, not padding, causal, window."""
-    q_idx = q_start + jnp.arange(q_seg.shape[0], dtype=jnp.int32)[:, None]
-    k_idx = k_start + jnp.arange(k_seg.shape[0], dtype=jnp.int32)[None, :]
-    mask = (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] != 0)
-    if causal:
-        mask &= k_idx <= q_idx
-    if window is not None:
-        mask &= (q_idx - k_idx < window) & (k_idx - q_idx < window)
-    return mask
-
-
-def _visit_blocks(lo, hi, full_lo, full_hi, body, carry):
-    """Fold body(j, carry, masked=...) over blocks [lo, hi]; unmasked on [full_lo, full_hi]."""
-    no_full = full_hi < full_lo
-    f_lo = jnp.where(no_full, hi + 1, jnp.clip(full_lo, lo, hi + 1))
-    f_hi = jnp.where(no_full, hi, jnp.clip(full_hi, f_lo - 1, hi))
-    carry = jax.lax.fori_loop(lo, f_lo, functools.partial(body, masked=True), carry)
-    carry = jax.lax.fori_loop(f_lo, f_hi + 1, functools.partial(body, masked=False), carry)
-    return jax.lax.fori_loop(f_hi + 1, hi + 1, functools.partial(body, masked=True), carry)
+def _mask(q_ids, k_ids, q_pos, k_pos, *, causal, window):
+    """Visibility of a (q block [Q], kv block [S]) tile."""
+    return tile_mask(
+        q_ids[:, None], k_ids[None, :], q_pos[:, None], k_pos[None, :], causal=causal,
+        window=window,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- forward
@@ -92,23 +102,22 @@ def _visit_blocks(lo, hi, full_lo, full_hi, body, carry):
 
 def _fwd_kernel(
     lo_ref, hi_ref, full_lo_ref, full_hi_ref,  # schedule row [nq]
-    q_ref, k_ref, v_ref, q_seg_ref, seg_ref,  # q block, full K/V row, segment ids
+    q_ref, k_ref, v_ref,  # q block, full K/V row
+    q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref,  # q block's and whole row's segments
     o_ref, lse_ref, *count_ref,  # outputs
     scale, causal, window, block_kv,
 ):  # fmt: skip
     """Online softmax of one (q block, batch, head) over the row's live kv blocks."""
     i = pl.program_id(0)
     block_q, d = q_ref.shape
-    q, q_seg = q_ref[...], q_seg_ref[...]
+    q, q_ids, q_pos = q_ref[...], q_ids_ref[...], q_pos_ref[...]
 
     def body(j, carry, masked):
         acc, m_prev, l_prev, visited = carry
         kv = pl.ds(j * block_kv, block_kv)
         s = plgpu.dot(q, k_ref[kv, :], trans_b=True) * (scale * _LOG2E)
         if masked:
-            mask = _element_mask(
-                q_seg, seg_ref[kv], i * block_q, j * block_kv, causal=causal, window=window
-            )
+            mask = _mask(q_ids, k_ids_ref[kv], q_pos, k_pos_ref[kv], causal=causal, window=window)
             s = jnp.where(mask, s, MASK_VALUE)
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
         alpha = jnp.exp2(m_prev - m_next)
@@ -124,12 +133,12 @@ def _fwd_kernel(
         jnp.int32(0),
     )
     sched = (lo_ref[i], hi_ref[i], full_lo_ref[i], full_hi_ref[i])
-    acc, m, l, visited = _visit_blocks(*sched, body, init)
-    # Padding queries see nothing: exactly 0 out, and an lse that zeroes them backward.
-    real = (q_seg != 0) & (l > 0)
-    l_safe = jnp.where(real, l, 1.0)
-    o_ref[...] = jnp.where(real[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(real, m + jnp.log2(l_safe), 0.0)
+    acc, m, l, visited = visit_blocks(*sched, body, init)
+    # Queries that saw no key: exactly 0 out and lse -inf (their masked p were junk).
+    seen = saw_a_key(m)
+    l_safe = jnp.where(seen, l, 1.0)
+    o_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(l_safe), -jnp.inf)
     if count_ref:
         count_ref[0][...] = jnp.full((block_q,), visited, jnp.int32)
 
@@ -139,23 +148,44 @@ def _schedule_specs(n_blocks):
     return [pl.BlockSpec((None, n_blocks), lambda _, b_, h: (b_, 0))] * 4
 
 
+def _segment_specs(block_q, tk, q_block_index):
+    """BlockSpecs of q ids, q positions (one block) and kv ids, kv positions (the row)."""
+    q_block = pl.BlockSpec((None, block_q), q_block_index)
+    row = pl.BlockSpec((None, tk), lambda _, b_, h: (b_, 0))
+    return [q_block, q_block, row, row]
+
+
+def _schedule(seg: Segments, blocks, *, causal, window):
+    """block_schedule of padded segments for (block_q, block_kv) tiles."""
+    return block_schedule(
+        seg.q_ids, block_q=blocks[0], block_kv=blocks[1], causal=causal, window=window,
+        kv_segment_ids=seg.kv_ids, q_positions=seg.q_positions, kv_positions=seg.kv_positions,
+    )  # fmt: skip
+
+
+def _compiler_params(block_a, block_b, d):
+    """Triton launch settings of one kernel."""
+    return plgpu.CompilerParams(num_warps=_num_warps(block_a, block_b, d), num_stages=_NUM_STAGES)
+
+
 def _forward(q, k, v, seg, *, scale, causal, window, blocks, interpret, count=False):
-    """Pallas forward on padded [B, T, H, D]; returns (o, lse2 [B, Hq, T], counts?)."""
-    b, t, hq, d = q.shape
-    group = hq // k.shape[2]
+    """Pallas forward on padded [B, T, H, D]; returns (o, lse2 [B, Hq, Tq], counts?)."""
+    b, tq, hq, d = q.shape
+    tk, group = k.shape[1], hq // k.shape[2]
     bq, bk = blocks
-    nq = t // bq
-    sched = block_schedule(seg, block_q=bq, block_kv=bk, causal=causal, window=window)
+    nq = tq // bq
+    sched = _schedule(seg, blocks, causal=causal, window=window)
+    filled = seg.filled()
     row_block = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct((b, hq, t), jnp.float32),
+        jax.ShapeDtypeStruct((b, hq, tq), jnp.float32),
     ]
     out_specs = [pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)), row_block]
     if count:
-        out_shape.append(jax.ShapeDtypeStruct((b, hq, t), jnp.int32))
+        out_shape.append(jax.ShapeDtypeStruct((b, hq, tq), jnp.int32))
         out_specs.append(row_block)
-    kv_row = pl.BlockSpec((None, t, None, d), lambda i, b_, h: (b_, 0, h // group, 0))
+    kv_row = pl.BlockSpec((None, tk, None, d), lambda i, b_, h: (b_, 0, h // group, 0))
     return pl.pallas_call(
         functools.partial(_fwd_kernel, scale=scale, causal=causal, window=window, block_kv=bk),
         grid=(nq, b, hq),
@@ -164,17 +194,17 @@ def _forward(q, k, v, seg, *, scale, causal, window, blocks, interpret, count=Fa
             pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0)),
             kv_row,
             kv_row,
-            pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
-            pl.BlockSpec((None, t), lambda i, b_, h: (b_, 0)),
+            *_segment_specs(bq, tk, lambda i, b_, h: (b_, i)),
         ],  # fmt: skip
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=_num_warps(bq, bk, d), num_stages=_NUM_STAGES
-        ),
+        compiler_params=_compiler_params(bq, bk, d),
         interpret=interpret,
         name="lcx_packed_attention_fwd",
-    )(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi, q, k, v, seg, seg)
+    )(
+        sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi, q, k, v,
+        filled.q_ids, filled.q_positions, filled.kv_ids, filled.kv_positions,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- backward
@@ -182,14 +212,15 @@ def _forward(q, k, v, seg, *, scale, causal, window, blocks, interpret, count=Fa
 
 def _dq_kernel(
     lo_ref, hi_ref, full_lo_ref, full_hi_ref,
-    q_ref, k_ref, v_ref, q_seg_ref, seg_ref, lse_ref, delta_ref, do_ref,
+    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref, lse_ref, delta_ref,
+    do_ref,
     dq_ref, *count_ref,
     scale, causal, window, block_kv,
 ):  # fmt: skip
     """dq of one (q block, batch, head), accumulated over the row's live kv blocks."""
     i = pl.program_id(0)
     block_q, d = q_ref.shape
-    q, q_seg, do = q_ref[...], q_seg_ref[...], do_ref[...]
+    q, q_ids, q_pos, do = q_ref[...], q_ids_ref[...], q_pos_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
 
     def body(j, carry, masked):
@@ -198,9 +229,7 @@ def _dq_kernel(
         k, v = k_ref[kv, :], v_ref[kv, :]
         s = plgpu.dot(q, k, trans_b=True) * (scale * _LOG2E)
         if masked:
-            mask = _element_mask(
-                q_seg, seg_ref[kv], i * block_q, j * block_kv, causal=causal, window=window
-            )
+            mask = _mask(q_ids, k_ids_ref[kv], q_pos, k_pos_ref[kv], causal=causal, window=window)
             s = jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp2(s - lse[:, None])
         ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None])
@@ -208,7 +237,7 @@ def _dq_kernel(
 
     sched = (lo_ref[i], hi_ref[i], full_lo_ref[i], full_hi_ref[i])
     init = (jnp.zeros((block_q, d), jnp.float32), jnp.int32(0))
-    dq, visited = _visit_blocks(*sched, body, init)
+    dq, visited = visit_blocks(*sched, body, init)
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
     if count_ref:
         count_ref[0][...] = jnp.full((block_q,), visited, jnp.int32)
@@ -216,14 +245,15 @@ def _dq_kernel(
 
 def _dkv_kernel(
     lo_ref, hi_ref, full_lo_ref, full_hi_ref,
-    q_ref, k_ref, v_ref, seg_ref, k_seg_ref, lse_ref, delta_ref, do_ref,
+    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref, lse_ref, delta_ref,
+    do_ref,
     dk_ref, dv_ref, *count_ref,
     scale, causal, window, block_q,
 ):  # fmt: skip
     """dk, dv of one (kv block, batch, query head), accumulated over its live q blocks."""
     j = pl.program_id(0)
     block_kv, d = k_ref.shape
-    k, v, k_seg = k_ref[...], v_ref[...], k_seg_ref[...]
+    k, v, k_ids, k_pos = k_ref[...], v_ref[...], k_ids_ref[...], k_pos_ref[...]
 
     def body(i, carry, masked):
         dk, dv, visited = carry
@@ -231,9 +261,8 @@ def _dkv_kernel(
         q, do = q_ref[rows, :], do_ref[rows, :]
         s = plgpu.dot(q, k, trans_b=True) * (scale * _LOG2E)
         if masked:
-            mask = _element_mask(
-                seg_ref[rows], k_seg, i * block_q, j * block_kv, causal=causal, window=window
-            )
+            mask = _mask(q_ids_ref[rows], k_ids, q_pos_ref[rows], k_pos, causal=causal,
+                         window=window)  # fmt: skip
             s = jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp2(s - lse_ref[rows][:, None])
         dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
@@ -242,7 +271,7 @@ def _dkv_kernel(
 
     zeros = jnp.zeros((block_kv, d), jnp.float32)
     sched = (lo_ref[j], hi_ref[j], full_lo_ref[j], full_hi_ref[j])
-    dk, dv, visited = _visit_blocks(*sched, body, (zeros, zeros, jnp.int32(0)))
+    dk, dv, visited = visit_blocks(*sched, body, (zeros, zeros, jnp.int32(0)))
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
     if count_ref:
@@ -250,63 +279,64 @@ def _dkv_kernel(
 
 
 def _dq(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpret, count=False):
-    """dq on padded [B, T, H, D] inputs (and with `count`, kv blocks computed [B, H, T])."""
-    b, t, hq, d = q.shape
-    group = hq // k.shape[2]
+    """dq on padded [B, T, H, D] inputs (and with `count`, kv blocks computed [B, H, Tq])."""
+    b, tq, hq, d = q.shape
+    tk, group = k.shape[1], hq // k.shape[2]
     bq, bk = blocks
-    nq = t // bq
-    sched = block_schedule(seg, block_q=bq, block_kv=bk, causal=causal, window=window)
+    nq = tq // bq
+    sched = _schedule(seg, blocks, causal=causal, window=window)
+    filled = seg.filled()
     q_block = pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0))
     row_block = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
-    kv_row = pl.BlockSpec((None, t, None, d), lambda i, b_, h: (b_, 0, h // group, 0))
+    kv_row = pl.BlockSpec((None, tk, None, d), lambda i, b_, h: (b_, 0, h // group, 0))
     return pl.pallas_call(
         functools.partial(_dq_kernel, scale=scale, causal=causal, window=window, block_kv=bk),
         grid=(nq, b, hq),
         in_specs=[
             *_schedule_specs(nq),
             q_block, kv_row, kv_row,
-            pl.BlockSpec((None, bq), lambda i, b_, h: (b_, i)),
-            pl.BlockSpec((None, t), lambda i, b_, h: (b_, 0)),
+            *_segment_specs(bq, tk, lambda i, b_, h: (b_, i)),
             row_block, row_block, q_block,
         ],  # fmt: skip
         out_specs=[q_block, row_block] if count else q_block,
         out_shape=(
-            [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, t), jnp.int32)]
+            [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tq), jnp.int32)]
             if count
             else jax.ShapeDtypeStruct(q.shape, q.dtype)
         ),
-        compiler_params=plgpu.CompilerParams(
-            num_warps=_num_warps(bq, bk, d), num_stages=_NUM_STAGES
-        ),
+        compiler_params=_compiler_params(bq, bk, d),
         interpret=interpret,
         name="lcx_packed_attention_dq",
     )(
-        sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi,
-        q, k, v, seg, seg, lse, delta, do,
+        sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi, q, k, v,
+        filled.q_ids, filled.q_positions, filled.kv_ids, filled.kv_positions, lse, delta, do,
     )  # fmt: skip
 
 
 def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpret, count=False):
     """dk, dv on padded [B, T, H, D] inputs, summed over each kv head's query group.
 
-    With `count`, also the q blocks computed per kv block and query head, [B, H, T].
+    With `count`, also the q blocks computed per kv block and query head, [B, H, Tk].
     """
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
     group = hq // hkv
     bq, bk = blocks
-    nk = t // bk
-    sched = block_schedule(seg, block_q=bq, block_kv=bk, causal=causal, window=window)
-    q_row = pl.BlockSpec((None, t, None, d), lambda j, b_, h: (b_, 0, h, 0))
+    nk = tk // bk
+    sched = _schedule(seg, blocks, causal=causal, window=window)
+    filled = seg.filled()
+    q_row = pl.BlockSpec((None, tq, None, d), lambda j, b_, h: (b_, 0, h, 0))
     kv_block = pl.BlockSpec((None, bk, None, d), lambda j, b_, h: (b_, j, h // group, 0))
     out_block = pl.BlockSpec((None, bk, None, d), lambda j, b_, h: (b_, j, h, 0))
-    row = pl.BlockSpec((None, None, t), lambda j, b_, h: (b_, h, 0))
+    row = pl.BlockSpec((None, None, tq), lambda j, b_, h: (b_, h, 0))
+    q_seg_row = pl.BlockSpec((None, tq), lambda j, b_, h: (b_, 0))
+    k_seg_block = pl.BlockSpec((None, bk), lambda j, b_, h: (b_, j))
     # One kv head's gradient is the sum over its query heads: per head in f32, then summed.
     out_dtype = k.dtype if group == 1 else jnp.float32
-    out_shape = [jax.ShapeDtypeStruct((b, t, hq, d), out_dtype)] * 2
+    out_shape = [jax.ShapeDtypeStruct((b, tk, hq, d), out_dtype)] * 2
     out_specs = [out_block, out_block]
     if count:
-        out_shape.append(jax.ShapeDtypeStruct((b, hq, t), jnp.int32))
+        out_shape.append(jax.ShapeDtypeStruct((b, hq, tk), jnp.int32))
         out_specs.append(pl.BlockSpec((None, None, bk), lambda j, b_, h: (b_, h, j)))
     outs = pl.pallas_call(
         functools.partial(_dkv_kernel, scale=scale, causal=causal, window=window, block_q=bq),
@@ -314,25 +344,22 @@ def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpr
         in_specs=[
             *_schedule_specs(nk),
             q_row, kv_block, kv_block,
-            pl.BlockSpec((None, t), lambda j, b_, h: (b_, 0)),
-            pl.BlockSpec((None, bk), lambda j, b_, h: (b_, j)),
+            q_seg_row, q_seg_row, k_seg_block, k_seg_block,
             row, row, q_row,
         ],  # fmt: skip
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(
-            num_warps=_num_warps(bq, bk, d), num_stages=_NUM_STAGES
-        ),
+        compiler_params=_compiler_params(bq, bk, d),
         interpret=interpret,
         name="lcx_packed_attention_dkv",
     )(
-        sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi,
-        q, k, v, seg, seg, lse, delta, do,
+        sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi, q, k, v,
+        filled.q_ids, filled.q_positions, filled.kv_ids, filled.kv_positions, lse, delta, do,
     )  # fmt: skip
     dk, dv = outs[:2]
     if group > 1:
-        dk = dk.reshape(b, t, hkv, group, d).sum(axis=3).astype(k.dtype)
-        dv = dv.reshape(b, t, hkv, group, d).sum(axis=3).astype(v.dtype)
+        dk = dk.reshape(b, tk, hkv, group, d).sum(axis=3).astype(k.dtype)
+        dv = dv.reshape(b, tk, hkv, group, d).sum(axis=3).astype(v.dtype)
     return (dk, dv, outs[2]) if count else (dk, dv)
 
 
@@ -345,84 +372,123 @@ def _padded_head_dim(d: int) -> int:
 
 
 def packed_attention_gpu(
-    q, k, v, segment_ids=None, *, causal=True, window=None, scale=None, block_sizes=None,
-    interpret=False, count_blocks=False,
+    q, k, v, segments: Segments | None = None, *, causal=True, window=None, scale=None,
+    block_sizes=None, interpret=False, count_blocks=False,
 ):  # fmt: skip
     """Packed attention through the Pallas Triton kernels; [B, T, H, D] in and out.
 
     Args:
-      q: [B, T, Hq, D] queries.
-      k, v: [B, T, Hkv, D] keys and values, Hq % Hkv == 0.
-      segment_ids: int [B, T]; 0 is padding, each document one contiguous run. None
-        means one document per row.
-      causal, window, scale: as in `reference_attention`.
+      q: [B, Tq, Hq, D] queries.
+      k, v: [B, Tk, Hkv, D] keys and values, Hq % Hkv == 0.
+      segments: a `Segments` (ids and positions of both sides); None means one
+        document per row, self-attention.
+      causal, window, scale: as in `packed_attention`.
       block_sizes: a `BlockSizes` of powers of two >= 16; default DEFAULT_BLOCK_SIZES.
       interpret: run the kernels in Pallas' interpreter (CPU tests).
-      count_blocks: also return int32 [B, Hq, ceil(T / block_q)], the kv blocks the
+      count_blocks: also return int32 [B, Hq, ceil(Tq / block_q)], the kv blocks the
         forward kernel computed per q block (forward only, no gradient).
 
     Returns:
-      [B, T, Hq, D] in q's dtype, exactly 0 for padding queries; with `count_blocks`,
-      the pair (out, counts).
+      (out [B, Tq, Hq, D], lse [B, Tq, Hq] natural, -inf where a query saw no key);
+      with `count_blocks`, (out, lse, counts).
     """
-    check_attention_args(q, k, v, segment_ids, window)
+    if plgpu is None:
+        raise NotImplementedError("pallas_gpu: jax.experimental.pallas.triton is not available")
+    if segments is None:
+        segments = segments_of(q, k, None, None, None, None)
     block_sizes = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
     _check_block_sizes(block_sizes)
-    t, d = q.shape[1], q.shape[3]
+    tq, d = q.shape[1], q.shape[3]
     scale = d**-0.5 if scale is None else float(scale)
-    q, k, v, seg = padded_inputs(q, k, v, segment_ids, block_sizes.multiple)
+    q, k, v, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple,
+                                 block_sizes.kv_multiple)  # fmt: skip
     d_pad = _padded_head_dim(d)
     # Zero columns change no logit and give zero output columns, sliced off below.
     q, k, v = (pad_length(x, d_pad, axis=3) for x in (q, k, v))
     window = None if window is None else int(window)
     if count_blocks:
         blocks = (block_sizes.block_q, block_sizes.block_kv)
-        o, _, counts = _forward(
+        o, lse2, counts = _forward(
             q, k, v, seg, scale=scale, causal=causal, window=window, blocks=blocks,
             interpret=interpret, count=True,
         )  # fmt: skip
-        return o[:, :t, :, :d], counts[:, :, :: blocks[0]][:, :, : -(-t // blocks[0])]
-    o = _attention(q, k, v, seg, scale, bool(causal), window, block_sizes, interpret)
-    return o[:, :t, :, :d]
+        counts = counts[:, :, :: blocks[0]][:, :, : -(-tq // blocks[0])]
+        return o[:, :tq, :, :d], _public_lse(lse2)[:, :tq], counts
+    o, lse2 = _attention(q, k, v, seg, scale, bool(causal), window, block_sizes, interpret)
+    return o[:, :tq, :, :d], _public_lse(lse2)[:, :tq]
 
 
-def gpu_implementation(q, k, v, segment_ids, *, causal, window, scale, block_sizes, interpret):
+def computed_blocks(q, k, v, segments: Segments, *, causal=True, window=None, block_sizes=None,
+                    interpret=False):  # fmt: skip
+    """Blocks each kernel computes: int32 [B, H, n] per pass.
+
+    "forward", "dq": kv blocks per q block; "dkv": q blocks per kv block.
+    """
+    block_sizes = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
+    _, _, forward = packed_attention_gpu(
+        q, k, v, segments, causal=causal, window=window, block_sizes=block_sizes,
+        interpret=interpret, count_blocks=True,
+    )  # fmt: skip
+    qp, kp, vp, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple,
+                                    block_sizes.kv_multiple)  # fmt: skip
+    lse = jnp.zeros((qp.shape[0], qp.shape[2], qp.shape[1]), jnp.float32)
+    kwargs = dict(scale=1.0, causal=causal, window=window, interpret=interpret, count=True)
+    _, dq = _dq(qp, kp, vp, seg, lse, lse, qp, blocks=block_sizes.dq, **kwargs)
+    *_, dkv = _dkv(qp, kp, vp, seg, lse, lse, qp, blocks=block_sizes.dkv, **kwargs)
+    # The kernels write their count on every row of the block: one per block.
+    return {"forward": forward, "dq": dq[:, :, :: block_sizes.dq[0]],
+            "dkv": dkv[:, :, :: block_sizes.dkv[1]]}  # fmt: skip
+
+
+def _public_lse(lse2_BxHxT):
+    """Base-2 [B, H, T] log-sum-exp as the natural [B, T, H] one (-inf stays -inf)."""
+    return natural_lse(jnp.swapaxes(lse2_BxHxT, 1, 2), True, base2=True)
+
+
+def gpu_implementation(q, k, v, segments, *, causal, window, scale, block_sizes, interpret):
     """IMPLEMENTATIONS entry; named explicitly it lowers on any host (export for CUDA).
 
-    Raises NotImplementedError only for what the Triton kernels cannot compute: inputs
-    other than float16, bfloat16 or float32 outside interpret mode.
+    Raises NotImplementedError for what the Triton kernels cannot compute: inputs other
+    than float16, bfloat16 or float32 outside interpret mode, or a JAX without the
+    Pallas Triton backend.
     """
+    if plgpu is None:
+        raise NotImplementedError("pallas_gpu: jax.experimental.pallas.triton is not available")
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if not interpret and not dtypes <= {jnp.dtype(t) for t in _TRITON_DTYPES}:
         raise NotImplementedError(f"pallas_gpu: Triton kernels take {_TRITON_DTYPES}; got {dtypes}")
     return packed_attention_gpu(
-        q, k, v, segment_ids, causal=causal, window=window, scale=scale,
+        q, k, v, segments, causal=causal, window=window, scale=scale,
         block_sizes=block_sizes, interpret=interpret,
     )  # fmt: skip
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _attention(q, k, v, seg, scale, causal, window, block_sizes, interpret):
-    """Packed attention on padded [B, T, H, D] inputs, differentiable in q, k, v."""
+    """(out, base-2 lse [B, Hq, Tq]) on padded inputs, differentiable in q, k, v."""
     return _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret)[0]
 
 
 def _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret):
-    """custom_vjp forward: output and residuals (base-2 log-sum-exp)."""
-    o, lse = _forward(
+    """custom_vjp forward: (out, lse2) and the residuals."""
+    o, lse2 = _forward(
         q, k, v, seg, scale=scale, causal=causal, window=window,
         blocks=(block_sizes.block_q, block_sizes.block_kv), interpret=interpret,
     )  # fmt: skip
-    return o, (q, k, v, seg, o, lse)
+    return (o, lse2), (q, k, v, seg, o, lse2)
 
 
-def _attention_bwd(scale, causal, window, block_sizes, interpret, residuals, do):
-    """custom_vjp backward: dq, dk, dv (no gradient for segment ids)."""
-    q, k, v, seg, o, lse = residuals
+def _attention_bwd(scale, causal, window, block_sizes, interpret, residuals, cotangents):
+    """custom_vjp backward: dq, dk, dv (none for the segments); dlse enters delta."""
+    q, k, v, seg, o, lse2 = residuals
+    do, dlse2 = cotangents
     delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    # lse2 = lse / ln 2, so d/ds of lse2 is p / ln 2: the natural delta shifts by dlse2 / ln 2.
+    delta = delta - jnp.where(jnp.isfinite(lse2), dlse2, 0.0) / math.log(2.0)
+    lse2 = finite_lse(lse2)
     kwargs = dict(scale=scale, causal=causal, window=window, interpret=interpret)
-    dq = _dq(q, k, v, seg, lse, delta, do, blocks=block_sizes.dq, **kwargs)
-    dk, dv = _dkv(q, k, v, seg, lse, delta, do, blocks=block_sizes.dkv, **kwargs)
+    dq = _dq(q, k, v, seg, lse2, delta, do, blocks=block_sizes.dq, **kwargs)
+    dk, dv = _dkv(q, k, v, seg, lse2, delta, do, blocks=block_sizes.dkv, **kwargs)
     return dq, dk, dv, None
 
 

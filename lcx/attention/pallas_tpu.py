@@ -1,19 +1,22 @@
-"""Packed attention for TPU in Pallas (Mosaic), forward and backward, skipping per row.
+"""Packed attention for TPU in Pallas (Mosaic), forward and backward, a grid over active blocks.
 
-FlashAttention-2's online softmax (Dao, arXiv 2307.08691) over a grid
-(batch, head, q block, kv block). The per-row block schedule of `lcx.attention.layout`
-(Prepacking, arXiv 2404.09529; Dataset Decomposition, arXiv 2405.13226) is
-scalar-prefetched: the K/V `index_map` clamps the kv block index into the row's live
-interval, so a skipped grid step re-requests the block already resident (no DMA), and
-`pl.when` skips its compute. Blocks inside one document, below the diagonal and inside
-the window take a branch without the element mask.
+FlashAttention-2's online softmax (Dao, arXiv 2307.08691). The per-row block schedule of
+`lcx.attention.layout` (Prepacking, arXiv 2404.09529; Dataset Decomposition, arXiv
+2405.13226) becomes a compacted work list (`lcx.attention.step_list`): the grid is
+(head, entry) with one entry per scheduled (q block, kv block) pair, scalar-prefetched
+(group, block, flags) arrays drive every `index_map`, and a q block with nothing to visit
+keeps one entry that writes zeros. No grid step is spent on a skipped pair. Long rows run
+as windows of the list (SMEM holds one window), one dynamic-grid `pallas_call` each,
+outputs aliased through the windows. Tiles inside one document, below the diagonal and
+inside the window take a branch without the element mask.
 
-Backward: a dq kernel with the same kv-block skipping, and a dkv kernel over the
-transposed schedule (q blocks per kv block), wired with `jax.custom_vjp` and the
-log-sum-exp saved by the forward pass. Grouped-query heads: K/V blocks are indexed by
-`head // group`; dk and dv are computed per query head and summed over the group.
+Backward: a dq kernel over the same list with the dq tiles, and a dkv kernel over the
+list of the transposed schedule (q blocks per kv block), wired with `jax.custom_vjp` and
+the log-sum-exp saved by the forward pass (its cotangent enters as delta - dlse).
+Grouped-query heads: K/V blocks are indexed by `head // group`; dk and dv are computed
+per query head and summed over the group.
 
-Layout: the wrapper takes DESIGN.md's [B, T, H, D] and transposes to [B, H, T, D] so
+Layout: the wrapper takes lcx's [B, T, H, D] and transposes to [B, H, T, D] so
 Mosaic's last two block dimensions are (block, head_dim).
 """
 
@@ -26,14 +29,32 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from lcx.attention.kernel_common import MASK_VALUE, BlockSizes, padded_inputs
+from lcx.attention.kernel_common import (
+    MASK_VALUE,
+    BlockSizes,
+    finite_lse,
+    pad_to_blocks,
+    saw_a_key,
+    tile_mask,
+)
 from lcx.attention.layout import block_schedule
-from lcx.attention.reference import check_attention_args
+from lcx.attention.segments import Segments, segments_of
+from lcx.attention.step_list import (
+    COMPUTE,
+    DEFAULT_CAPACITY,
+    FIRST,
+    FULL,
+    LAST,
+    StepList,
+    groups_of,
+    run_windows,
+)
 
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_kv=128)
 _LANES = 128
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b
+_ANY = pl.BlockSpec(memory_space=pl.ANY)  # an aliased output's previous value: not read
 
 
 def _broadcast_lanes(x_Nx1, n):
@@ -41,57 +62,71 @@ def _broadcast_lanes(x_Nx1, n):
     return jnp.broadcast_to(x_Nx1, (x_Nx1.shape[0], n))
 
 
-def _clamp(j, lo, hi):
-    """j clamped into [lo, max(lo, hi)]: an empty interval re-requests block lo."""
-    return jnp.minimum(jnp.maximum(j, lo), jnp.maximum(hi, lo))
+def _has(flags, bit):
+    """Whether an entry's flags carry `bit`."""
+    return (flags & bit) != 0
 
 
-def _element_mask(q_seg, k_seg, q_start, k_start, shape, *, causal, window):
-    """Visibility of a (q block, kv block) tile: same document, causal, window."""
-    q_idx = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-    k_idx = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    mask = (q_seg == k_seg) & (q_seg != 0)
-    if causal:
-        mask &= k_idx <= q_idx
-    if window is not None:
-        mask &= jnp.abs(q_idx - k_idx) < window
-    return mask
+def _group_index(n_blocks):
+    """Index-map helper: (row, block) of an entry's group, flattened as row * n + block."""
+
+    def split(group):
+        # lax.div / rem: Mosaic lowers jnp floor division through sign(), which needs a TPU.
+        return jax.lax.div(group, n_blocks), jax.lax.rem(group, n_blocks)
+
+    return split
+
+
+def _run_entry(flags, step, count_refs):
+    """`step(masked=...)` on an entry that computes (unmasked on full tiles).
+
+    In count mode (`count_refs` = blocks, steps outputs) also counts the group's computed
+    blocks and grid steps, reset on its first entry.
+    """
+    computes, full = _has(flags, COMPUTE), _has(flags, FULL)
+    pl.when(computes & full)(lambda: step(masked=False))
+    pl.when(computes & ~full)(lambda: step(masked=True))
+    if not count_refs:
+        return
+    blocks_ref, steps_ref = count_refs
+
+    @pl.when(_has(flags, FIRST))
+    def _reset():
+        blocks_ref[...] = jnp.zeros(blocks_ref.shape, jnp.int32)
+        steps_ref[...] = jnp.zeros(steps_ref.shape, jnp.int32)
+
+    steps_ref[...] += 1
+    blocks_ref[...] += computes.astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(
-    kv_lo_ref, kv_hi_ref, full_lo_ref, full_hi_ref,  # scalar prefetch [B, nq]
-    q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref,  # blocks
-    o_ref, lse_ref, *rest,  # outputs (+ block counter), then scratch
-    scale, causal, window, count,
+    group_ref, block_ref, flags_ref,  # scalar prefetch: this window's entries
+    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref,  # blocks
+    *refs, scale, causal, window, count,
 ):  # fmt: skip
-    """One (batch, head, q block, kv block) step of the online softmax."""
-    count_ref, (m_sc, l_sc, acc_sc) = (rest[0], rest[1:]) if count else (None, rest)
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    block_q, block_kv = q_ref.shape[0], k_ref.shape[0]
-    lo, hi = kv_lo_ref[b, i], kv_hi_ref[b, i]
-    live = (j >= lo) & (j <= hi)
-    full = (j >= full_lo_ref[b, i]) & (j <= full_hi_ref[b, i])
+    """One entry (one (q block, kv block) tile, or an empty group) of the online softmax."""
+    del group_ref, block_ref
+    n_out = 4 if count else 2
+    o_ref, lse_ref, *count_refs = refs[n_out : 2 * n_out]  # refs[:n_out]: aliased, unread
+    m_sc, l_sc, acc_sc = refs[2 * n_out :]
+    flags = flags_ref[pl.program_id(1)]
+    block_kv = k_ref.shape[0]
 
-    @pl.when(j == 0)
+    @pl.when(_has(flags, FIRST))
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
-        if count:
-            count_ref[...] = jnp.zeros(count_ref.shape, jnp.int32)
 
     def step(masked: bool):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
         if masked:
-            kv_block = _clamp(j, lo, hi)
-            mask = _element_mask(
-                q_seg_ref[...], k_seg_ref[...], i * block_q, kv_block * block_kv,
-                s.shape, causal=causal, window=window,
-            )  # fmt: skip
+            mask = tile_mask(q_ids_ref[...], k_ids_ref[...], q_pos_ref[...], k_pos_ref[...],
+                             causal=causal, window=window)  # fmt: skip
             s = jnp.where(mask, s, MASK_VALUE)
         m_prev, l_prev = m_sc[...], l_sc[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -101,162 +136,195 @@ def _fwd_kernel(
         m_sc[...] = m_next
         pv = jax.lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         acc_sc[...] = acc_sc[...] * _broadcast_lanes(alpha[:, :1], acc_sc.shape[1]) + pv
-        if count:
-            count_ref[...] += 1
 
-    pl.when(live & full)(lambda: step(masked=False))
-    pl.when(live & ~full)(lambda: step(masked=True))
+    _run_entry(flags, step, count_refs)
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(_has(flags, LAST))
     def _finish():
-        l = l_sc[:, :1]
-        real = (q_seg_ref[...] != 0) & (l > 0)
-        inv = jnp.where(real, 1.0 / jnp.where(real, l, 1.0), 0.0)
+        m, l = m_sc[:, :1], l_sc[:, :1]
+        seen = saw_a_key(m)
+        inv = jnp.where(seen, 1.0 / jnp.where(seen, l, 1.0), 0.0)
         o_ref[...] = (acc_sc[...] * _broadcast_lanes(inv, acc_sc.shape[1])).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(real, m_sc[:, :1] + jnp.log(jnp.where(real, l, 1.0)), 0.0)
+        lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
-def _kv_index_map(group):
-    """K/V block index: the query head's kv head, the kv block clamped into the row's range."""
+def _specs(heads_per_kv, bq, bk, d, *, n_per_row, kv_major=False):
+    """BlockSpecs of every operand, from an entry's group and block.
 
-    def index_map(b, h, i, j, kv_lo_ref, kv_hi_ref, *_):
-        # lax.div: Mosaic lowers jnp floor division through sign(), which needs a TPU.
-        return b, jax.lax.div(h, group), _clamp(j, kv_lo_ref[b, i], kv_hi_ref[b, i]), 0
+    The group is a q block (kv_major=False: forward, dq) or a kv block (dkv); the entry's
+    block is the other side's. Groups are flattened as row * n_per_row + block.
+    """
+    split = _group_index(n_per_row)
 
-    return index_map
+    def tile(e, group_ref, block_ref):
+        """(row, q block, kv block) of entry e."""
+        row, own = split(group_ref[e])
+        return (row, block_ref[e], own) if kv_major else (row, own, block_ref[e])
+
+    def q_map(h, e, group_ref, block_ref, *_):
+        row, i, _ = tile(e, group_ref, block_ref)
+        return row, h, i, 0
+
+    def kv_map(h, e, group_ref, block_ref, *_):
+        row, _, j = tile(e, group_ref, block_ref)
+        return row, jax.lax.div(h, heads_per_kv), j, 0
+
+    def kv_out_map(h, e, group_ref, block_ref, *_):
+        row, _, j = tile(e, group_ref, block_ref)
+        return row, h, j, 0
+
+    def q_seg_map(h, e, group_ref, block_ref, *_):
+        row, i, _ = tile(e, group_ref, block_ref)
+        return row, i, 0
+
+    def k_seg_map(h, e, group_ref, block_ref, *_):
+        row, _, j = tile(e, group_ref, block_ref)
+        return row, 0, j
+
+    def count_map(h, e, group_ref, *_):
+        row, own = split(group_ref[e])
+        return row, h, own, 0
+
+    return dict(
+        q=pl.BlockSpec((None, None, bq, d), q_map),
+        kv=pl.BlockSpec((None, None, bk, d), kv_map),
+        kv_out=pl.BlockSpec((None, None, bk, d), kv_out_map),
+        q_seg=pl.BlockSpec((None, bq, 1), q_seg_map),
+        k_seg=pl.BlockSpec((None, 1, bk), k_seg_map),
+        q_row=pl.BlockSpec((None, None, bq, 1), q_map),
+        count=pl.BlockSpec((None, None, 1, 1), count_map),
+    )
 
 
-def _forward(q, k, v, seg, sched, *, scale, causal, window, blocks, interpret, count=False):
-    """Pallas forward on [B, H, T, D] inputs; returns (o, lse[B, H, T, 1], counts?)."""
-    b, hq, t, d = q.shape
-    group = hq // k.shape[1]
-    bq, bk = blocks
-    nq, nk = t // bq, t // bk
-    q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h, i, j, *_: (b_, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), _kv_index_map(group))
-    row_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h, i, j, *_: (b_, h, i, 0))
-    q_seg_spec = pl.BlockSpec((None, bq, 1), lambda b_, h, i, j, *_: (b_, i, 0))
+def _segment_operands(seg: Segments):
+    """q ids, q positions as [B, Tq, 1] and kv ids, kv positions as [B, 1, Tk]."""
+    filled = seg.filled()
+    return (filled.q_ids[:, :, None], filled.q_positions[:, :, None],
+            filled.kv_ids[:, None, :], filled.kv_positions[:, None, :])  # fmt: skip
 
-    def k_seg_index(b_, h, i, j, kv_lo_ref, kv_hi_ref, *_):
-        return b_, 0, _clamp(j, kv_lo_ref[b_, i], kv_hi_ref[b_, i])
 
-    out_shape = [
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        jax.ShapeDtypeStruct((b, hq, t, 1), jnp.float32),
-    ]
-    out_specs = [q_spec, row_spec]
-    if count:
-        out_shape.append(jax.ShapeDtypeStruct((b, hq, nq, 1), jnp.int32))
-        out_specs.append(pl.BlockSpec((None, None, 1, 1), lambda b_, h, i, j, *_: (b_, h, i, 0)))
-    kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, window=window, count=count)
-    outs = pl.pallas_call(
+def _windowed_call(kernel, steps: StepList, operands, in_specs, outs, out_specs, scratch, hq,
+                   interpret):  # fmt: skip
+    """One window's pallas_call: grid (head, entry), outputs aliased to `outs`."""
+    first_alias = 3 + len(operands)
+    return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
-            grid=(b, hq, nq, nk),
-            in_specs=[
-                q_spec, kv_spec, kv_spec, q_seg_spec,
-                pl.BlockSpec((None, 1, bk), k_seg_index),
-            ],  # fmt: skip
+            num_scalar_prefetch=3,
+            grid=(hq, steps.length[0]),
+            in_specs=[*in_specs, *[_ANY] * len(outs)],
             out_specs=out_specs,
-            scratch_shapes=[
-                pltpu.VMEM((bq, _LANES), jnp.float32),
-                pltpu.VMEM((bq, _LANES), jnp.float32),
-                pltpu.VMEM((bq, d), jnp.float32),
-            ],
+            scratch_shapes=scratch,
         ),
-        out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-        ),
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+        input_output_aliases={first_alias + n: n for n in range(len(outs))},
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
-    )(
-        sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi,
-        q, k, v, seg[:, :, None], seg[:, None, :],
+    )(steps.group, steps.block, steps.flags, *operands, *outs)
+
+
+def _schedule(seg: Segments, bq, bk, *, causal, window):
+    """block_schedule of padded segments for (bq, bk) tiles."""
+    return block_schedule(
+        seg.q_ids, block_q=bq, block_kv=bk, causal=causal, window=window,
+        kv_segment_ids=seg.kv_ids, q_positions=seg.q_positions, kv_positions=seg.kv_positions,
     )  # fmt: skip
-    return outs
+
+
+def _forward(q, k, v, seg, *, scale, causal, window, blocks, interpret, capacity, count=False):
+    """Pallas forward on [B, H, T, D] inputs: (o, lse [B, H, Tq, 1], blocks?, steps?)."""
+    b, hq, tq, d = q.shape
+    tk = k.shape[2]
+    bq, bk = blocks
+    nq, nk = tq // bq, tk // bk
+    sched = _schedule(seg, bq, bk, causal=causal, window=window)
+    groups = groups_of(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi)
+    spec = _specs(hq // k.shape[1], bq, bk, d, n_per_row=nq)
+    outs = [jnp.zeros(q.shape, q.dtype), jnp.zeros((b, hq, tq, 1), jnp.float32)]
+    out_specs = [spec["q"], spec["q_row"]]
+    if count:
+        outs += [jnp.zeros((b, hq, nq, 1), jnp.int32)] * 2
+        out_specs += [spec["count"]] * 2
+    kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, window=window, count=count)
+    in_specs = [spec["q"], spec["kv"], spec["kv"], spec["q_seg"], spec["q_seg"], spec["k_seg"],
+                spec["k_seg"]]  # fmt: skip
+    operands = (q, k, v, *_segment_operands(seg))
+    scratch = [pltpu.VMEM((bq, _LANES), jnp.float32), pltpu.VMEM((bq, _LANES), jnp.float32),
+               pltpu.VMEM((bq, d), jnp.float32)]  # fmt: skip
+
+    def call(steps, outs):
+        return _windowed_call(kernel, steps, operands, in_specs, outs, out_specs, scratch, hq,
+                              interpret)  # fmt: skip
+
+    return run_windows(groups, max(capacity, nk), call, outs)
 
 
 # ---------------------------------------------------------------------------- backward
 
 
-def _probabilities(q, k, q_seg, k_seg, lse, q_start, k_start, *, scale, causal, window, masked):
+def _probabilities(q, k, q_ids, k_ids, q_pos, k_pos, lse, *, scale, causal, window, masked):
     """Recomputed softmax probabilities of one tile, zero where masked."""
     s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
     p = jnp.exp(s - _broadcast_lanes(lse, s.shape[1]))
     if masked:
-        mask = _element_mask(q_seg, k_seg, q_start, k_start, s.shape, causal=causal, window=window)
-        p = jnp.where(mask, p, 0.0)
+        p = jnp.where(tile_mask(q_ids, k_ids, q_pos, k_pos, causal=causal, window=window), p, 0.0)
     return p
 
 
 def _dq_kernel(
-    kv_lo_ref, kv_hi_ref, full_lo_ref, full_hi_ref,
-    q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, lse_ref, delta_ref, do_ref,
-    dq_ref, *rest,
-    scale, causal, window, count,
+    group_ref, block_ref, flags_ref,
+    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref, lse_ref, delta_ref, do_ref,
+    *refs, scale, causal, window, count,
 ):  # fmt: skip
-    """dq for one q block, accumulated over the row's live kv blocks."""
-    count_ref, (dq_sc,) = (rest[0], rest[1:]) if count else (None, rest)
-    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    block_q, block_kv = q_ref.shape[0], k_ref.shape[0]
-    lo, hi = kv_lo_ref[b, i], kv_hi_ref[b, i]
-    live = (j >= lo) & (j <= hi)
-    full = (j >= full_lo_ref[b, i]) & (j <= full_hi_ref[b, i])
+    """One entry of dq: a q block accumulated over its kv blocks."""
+    del group_ref, block_ref
+    n_out = 3 if count else 1
+    dq_ref, *count_refs = refs[n_out : 2 * n_out]
+    (dq_sc,) = refs[2 * n_out :]
+    flags = flags_ref[pl.program_id(1)]
 
-    @pl.when(j == 0)
+    @pl.when(_has(flags, FIRST))
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
-        if count:
-            count_ref[...] = jnp.zeros(count_ref.shape, jnp.int32)
 
     def step(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(
-            q, k, q_seg_ref[...], k_seg_ref[...], lse_ref[...],
-            i * block_q, _clamp(j, lo, hi) * block_kv,
+            q, k, q_ids_ref[...], k_ids_ref[...], q_pos_ref[...], k_pos_ref[...], lse_ref[...],
             scale=scale, causal=causal, window=window, masked=masked,
         )  # fmt: skip
         dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - _broadcast_lanes(delta_ref[...], dp.shape[1])) * scale
         dq_sc[...] += jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-        if count:
-            count_ref[...] += 1
 
-    pl.when(live & full)(lambda: step(masked=False))
-    pl.when(live & ~full)(lambda: step(masked=True))
+    _run_entry(flags, step, count_refs)
 
-    @pl.when(j == pl.num_programs(3) - 1)
+    @pl.when(_has(flags, LAST))
     def _finish():
         dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
-    q_lo_ref, q_hi_ref, full_lo_ref, full_hi_ref,
-    q_ref, k_ref, v_ref, q_seg_ref, k_seg_ref, lse_ref, delta_ref, do_ref,
-    dk_ref, dv_ref, *rest,
-    scale, causal, window, count,
+    group_ref, block_ref, flags_ref,
+    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref, lse_ref, delta_ref, do_ref,
+    *refs, scale, causal, window, count,
 ):  # fmt: skip
-    """dk, dv for one kv block (per query head), accumulated over live q blocks."""
-    count_ref, (dk_sc, dv_sc) = (rest[0], rest[1:]) if count else (None, rest)
-    b, j, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    block_q, block_kv = q_ref.shape[0], k_ref.shape[0]
-    lo, hi = q_lo_ref[b, j], q_hi_ref[b, j]
-    live = (i >= lo) & (i <= hi)
-    full = (i >= full_lo_ref[b, j]) & (i <= full_hi_ref[b, j])
+    """One entry of dk, dv (per query head): a kv block accumulated over its q blocks."""
+    del group_ref, block_ref
+    n_out = 4 if count else 2
+    dk_ref, dv_ref, *count_refs = refs[n_out : 2 * n_out]
+    dk_sc, dv_sc = refs[2 * n_out :]
+    flags = flags_ref[pl.program_id(1)]
 
-    @pl.when(i == 0)
+    @pl.when(_has(flags, FIRST))
     def _init():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
-        if count:
-            count_ref[...] = jnp.zeros(count_ref.shape, jnp.int32)
 
     def step(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(
-            q, k, q_seg_ref[...], k_seg_ref[...], lse_ref[...],
-            _clamp(i, lo, hi) * block_q, j * block_kv,
+            q, k, q_ids_ref[...], k_ids_ref[...], q_pos_ref[...], k_pos_ref[...], lse_ref[...],
             scale=scale, causal=causal, window=window, masked=masked,
         )  # fmt: skip
         dv_sc[...] += jax.lax.dot_general(
@@ -267,151 +335,107 @@ def _dkv_kernel(
         dk_sc[...] += jax.lax.dot_general(
             ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32
         )
-        if count:
-            count_ref[...] += 1
 
-    pl.when(live & full)(lambda: step(masked=False))
-    pl.when(live & ~full)(lambda: step(masked=True))
+    _run_entry(flags, step, count_refs)
 
-    @pl.when(i == pl.num_programs(3) - 1)
+    @pl.when(_has(flags, LAST))
     def _finish():
         dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _backward(
-    q, k, v, seg, o, lse, do, *, scale, causal, window, block_sizes, interpret, count=False
-):  # fmt: skip
-    """dq, dk, dv on [B, H, T, D] inputs.
+def _backward(q, k, v, seg, lse, delta, do, *, scale, causal, window, block_sizes, interpret,
+              capacity, count=False):  # fmt: skip
+    """dq, dk, dv on [B, H, T, D] inputs; lse and delta (rowsum(dO * O) - dlse) [B, H, Tq, 1].
 
-    With `count`, also the blocks each kernel computed: dq's kv blocks per q block
-    [B, H, T / block_q_dq] and dkv's q blocks per kv block [B, H, T / block_kv_dkv].
+    With `count`, also (blocks, steps) of each kernel: dq's per q block [B, H, Tq / bq] and
+    dkv's per kv block [B, H, Tk / bk].
     """
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-    q_seg, k_seg = seg[:, :, None], seg[:, None, :]
-    params = pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-    )
+    lse = finite_lse(lse)
+    operands = (q, k, v, *_segment_operands(seg), lse, delta, do)
+    mask = dict(scale=scale, causal=causal, window=window, count=count)
+    n_counts = 2 if count else 0
 
     bq, bk = block_sizes.dq
-    sched = block_schedule(seg, block_q=bq, block_kv=bk, causal=causal, window=window)
-    q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h, i, j, *_: (b_, h, i, 0))
-    row_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h, i, j, *_: (b_, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), _kv_index_map(group))
-
-    def k_seg_index(b_, h, i, j, lo_ref, hi_ref, *_):
-        return b_, 0, _clamp(j, lo_ref[b_, i], hi_ref[b_, i])
-
-    count_spec = pl.BlockSpec((None, None, 1, 1), lambda b_, h, i, j, *_: (b_, h, i, 0))
-    dq_out = pl.pallas_call(
-        functools.partial(_dq_kernel, scale=scale, causal=causal, window=window, count=count),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
-            grid=(b, hq, t // bq, t // bk),
-            in_specs=[
-                q_spec, kv_spec, kv_spec,
-                pl.BlockSpec((None, bq, 1), lambda b_, h, i, j, *_: (b_, i, 0)),
-                pl.BlockSpec((None, 1, bk), k_seg_index),
-                row_spec, row_spec, q_spec,
-            ],  # fmt: skip
-            out_specs=[q_spec, count_spec] if count else q_spec,
-            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-        ),
-        out_shape=(
-            [
-                jax.ShapeDtypeStruct(q.shape, q.dtype),
-                jax.ShapeDtypeStruct((b, hq, t // bq, 1), jnp.int32),
-            ]
-            if count
-            else jax.ShapeDtypeStruct(q.shape, q.dtype)
-        ),
-        compiler_params=params,
-        interpret=interpret,
-    )(
-        sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi,
-        q, k, v, q_seg, k_seg, lse, delta, do,
+    nq, nk = tq // bq, tk // bk
+    sched = _schedule(seg, bq, bk, causal=causal, window=window)
+    spec = _specs(group, bq, bk, d, n_per_row=nq)
+    in_specs = [spec["q"], spec["kv"], spec["kv"], spec["q_seg"], spec["q_seg"], spec["k_seg"],
+                spec["k_seg"], spec["q_row"], spec["q_row"], spec["q"]]  # fmt: skip
+    outs = [jnp.zeros(q.shape, q.dtype)] + [jnp.zeros((b, hq, nq, 1), jnp.int32)] * n_counts
+    out_specs = [spec["q"]] + [spec["count"]] * n_counts
+    kernel = functools.partial(_dq_kernel, **mask)
+    scratch = [pltpu.VMEM((bq, d), jnp.float32)]
+    dq_outs = run_windows(
+        groups_of(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi),
+        max(capacity, nk),
+        lambda steps, outs: _windowed_call(kernel, steps, operands, in_specs, outs, out_specs,
+                                           scratch, hq, interpret),
+        outs,
     )  # fmt: skip
 
     bq, bk = block_sizes.dkv
-    sched = block_schedule(seg, block_q=bq, block_kv=bk, causal=causal, window=window)
-
-    def q_index(b_, h, j, i, lo_ref, hi_ref, *_):
-        return b_, h, _clamp(i, lo_ref[b_, j], hi_ref[b_, j]), 0
-
-    def q_seg_index(b_, h, j, i, lo_ref, hi_ref, *_):
-        return b_, _clamp(i, lo_ref[b_, j], hi_ref[b_, j]), 0
-
-    q_spec = pl.BlockSpec((None, None, bq, d), q_index)
-    row_spec = pl.BlockSpec((None, None, bq, 1), q_index)
-    kv_spec = pl.BlockSpec(
-        (None, None, bk, d), lambda b_, h, j, i, *_: (b_, jax.lax.div(h, group), j, 0)
-    )
-    out_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h, j, i, *_: (b_, h, j, 0))
-    out_shape = [jax.ShapeDtypeStruct((b, hq, t, d), k.dtype)] * 2
-    out_specs = [out_spec, out_spec]
-    if count:
-        out_shape.append(jax.ShapeDtypeStruct((b, hq, t // bk, 1), jnp.int32))
-        out_specs.append(count_spec)
-    dkv_out = pl.pallas_call(
-        functools.partial(_dkv_kernel, scale=scale, causal=causal, window=window, count=count),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=4,
-            grid=(b, hq, t // bk, t // bq),
-            in_specs=[
-                q_spec, kv_spec, kv_spec,
-                pl.BlockSpec((None, bq, 1), q_seg_index),
-                pl.BlockSpec((None, 1, bk), lambda b_, h, j, i, *_: (b_, 0, j)),
-                row_spec, row_spec, q_spec,
-            ],  # fmt: skip
-            out_specs=out_specs,
-            scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        ),
-        out_shape=out_shape,
-        compiler_params=params,
-        interpret=interpret,
-    )(
-        sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi,
-        q, k, v, q_seg, k_seg, lse, delta, do,
+    nq, nk = tq // bq, tk // bk
+    sched = _schedule(seg, bq, bk, causal=causal, window=window)
+    spec = _specs(group, bq, bk, d, n_per_row=nk, kv_major=True)
+    in_specs = [spec["q"], spec["kv"], spec["kv"], spec["q_seg"], spec["q_seg"], spec["k_seg"],
+                spec["k_seg"], spec["q_row"], spec["q_row"], spec["q"]]  # fmt: skip
+    grad_dtype = k.dtype if group == 1 else jnp.float32  # summed over the group below
+    outs = [jnp.zeros((b, hq, tk, d), grad_dtype)] * 2
+    outs += [jnp.zeros((b, hq, nk, 1), jnp.int32)] * n_counts
+    out_specs = [spec["kv_out"]] * 2 + [spec["count"]] * n_counts
+    kernel = functools.partial(_dkv_kernel, **mask)
+    scratch = [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]
+    dkv_outs = run_windows(
+        groups_of(sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi),
+        max(capacity, nq),
+        lambda steps, outs: _windowed_call(kernel, steps, operands, in_specs, outs, out_specs,
+                                           scratch, hq, interpret),
+        outs,
     )  # fmt: skip
-    dq = dq_out[0] if count else dq_out
-    dk, dv = dkv_out[:2]
+    dq, (dk, dv) = dq_outs[0], dkv_outs[:2]
     if group > 1:
-        dk = dk.reshape(b, hkv, group, t, d).sum(axis=2).astype(k.dtype)
-        dv = dv.reshape(b, hkv, group, t, d).sum(axis=2).astype(v.dtype)
+        dk = dk.reshape(b, hkv, group, tk, d).sum(axis=2)
+        dv = dv.reshape(b, hkv, group, tk, d).sum(axis=2)
+    dk, dv = dk.astype(k.dtype), dv.astype(v.dtype)
     if count:
-        return dq, dk, dv, dq_out[1][..., 0], dkv_out[2][..., 0]
+        return dq, dk, dv, [c[..., 0] for c in dq_outs[1:]], [c[..., 0] for c in dkv_outs[2:]]
     return dq, dk, dv
 
 
 # ------------------------------------------------------------------------ public wrapper
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention_bhtd(q, k, v, seg, scale, causal, window, block_sizes, interpret):
-    """Packed attention on padded [B, H, T, D] inputs, differentiable in q, k, v."""
-    return _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _attention_bhtd(q, k, v, seg, scale, causal, window, block_sizes, interpret, capacity):
+    """(o, lse [B, H, Tq, 1]) on padded [B, H, T, D] inputs, differentiable in q, k, v."""
+    return _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret,
+                          capacity)[0]  # fmt: skip
 
 
-def _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret):
-    """custom_vjp forward: output and residuals."""
-    blocks = (block_sizes.block_q, block_sizes.block_kv)
-    sched = block_schedule(seg, block_q=blocks[0], block_kv=blocks[1], causal=causal, window=window)
+def _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret, capacity):
+    """custom_vjp forward: (o, lse) and the residuals."""
     o, lse = _forward(
-        q, k, v, seg, sched, scale=scale, causal=causal, window=window, blocks=blocks,
-        interpret=interpret,
+        q, k, v, seg, scale=scale, causal=causal, window=window,
+        blocks=(block_sizes.block_q, block_sizes.block_kv), interpret=interpret,
+        capacity=capacity,
     )  # fmt: skip
-    return o, (q, k, v, seg, o, lse)
+    return (o, lse), (q, k, v, seg, o, lse)
 
 
-def _attention_bwd(scale, causal, window, block_sizes, interpret, residuals, do):
-    """custom_vjp backward: dq, dk, dv (no gradient for segment ids)."""
+def _attention_bwd(scale, causal, window, block_sizes, interpret, capacity, residuals,
+                   cotangents):  # fmt: skip
+    """custom_vjp backward: dq, dk, dv (none for the segments); dlse enters delta."""
     q, k, v, seg, o, lse = residuals
+    do, dlse = cotangents
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+    delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
     dq, dk, dv = _backward(
-        q, k, v, seg, o, lse, do, scale=scale, causal=causal, window=window,
-        block_sizes=block_sizes, interpret=interpret,
+        q, k, v, seg, lse, delta, do, scale=scale, causal=causal, window=window,
+        block_sizes=block_sizes, interpret=interpret, capacity=capacity,
     )  # fmt: skip
     return dq, dk, dv, None
 
@@ -420,36 +444,78 @@ _attention_bhtd.defvjp(_attention_fwd, _attention_bwd)
 
 
 def packed_attention_tpu(
-    q, k, v, segment_ids=None, *, causal=True, window=None, scale=None, block_sizes=None,
-    interpret=False, count_blocks=False,
+    q, k, v, segments: Segments | None = None, *, causal=True, window=None, scale=None,
+    block_sizes=None, interpret=False, count_blocks=False, capacity=DEFAULT_CAPACITY,
 ):  # fmt: skip
     """Packed attention through the Pallas TPU kernels; [B, T, H, D] in and out.
 
-    With `count_blocks`, returns (out, counts) where counts [B, Hq, T / block_q] is the
-    number of kv blocks the forward kernel computed for each q block (no gradient).
+    Args:
+      q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D].
+      segments: a `Segments`; None means one document per row, self-attention.
+      causal, window, scale: as in `packed_attention`.
+      block_sizes: a `BlockSizes`; default DEFAULT_BLOCK_SIZES.
+      interpret: run the kernels in Pallas' interpreter (CPU tests).
+      count_blocks: forward only; also return blocks computed and grid steps taken per
+        q block, int32 [B, Hq, ceil(Tq / block_q)] each.
+      capacity: entries per window of the work list (SMEM: 12 bytes each).
+
+    Returns:
+      (out [B, Tq, Hq, D], lse [B, Tq, Hq] natural, -inf where a query saw no key),
+      then (blocks, steps) with `count_blocks`.
     """
-    check_attention_args(q, k, v, segment_ids, window)
+    if segments is None:
+        segments = segments_of(q, k, None, None, None, None)
     block_sizes = block_sizes or DEFAULT_BLOCK_SIZES
-    t = q.shape[1]
+    tq = q.shape[1]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v, seg = padded_inputs(q, k, v, segment_ids, block_sizes.multiple)
+    q, k, v, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple,
+                                 block_sizes.kv_multiple)  # fmt: skip
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     if count_blocks:
-        blocks = (block_sizes.block_q, block_sizes.block_kv)
-        sched = block_schedule(seg, block_q=blocks[0], block_kv=blocks[1], causal=causal,
-                               window=window)  # fmt: skip
-        o, _, counts = _forward(
-            q, k, v, seg, sched, scale=scale, causal=causal, window=window, blocks=blocks,
-            interpret=interpret, count=True,
+        o, lse, blocks, steps = _forward(
+            q, k, v, seg, scale=scale, causal=causal, window=window,
+            blocks=(block_sizes.block_q, block_sizes.block_kv), interpret=interpret,
+            capacity=capacity, count=True,
         )  # fmt: skip
-        return o.transpose(0, 2, 1, 3)[:, :t], counts[..., 0]
-    o = _attention_bhtd(q, k, v, seg, scale, causal, window, block_sizes, interpret)
-    return o.transpose(0, 2, 1, 3)[:, :t]
+        counts = [c[..., 0][:, :, : -(-tq // block_sizes.block_q)] for c in (blocks, steps)]
+        return o.transpose(0, 2, 1, 3)[:, :tq], _public_lse(lse)[:, :tq], *counts
+    o, lse = _attention_bhtd(q, k, v, seg, scale, causal, window, block_sizes, interpret,
+                             capacity)  # fmt: skip
+    return o.transpose(0, 2, 1, 3)[:, :tq], _public_lse(lse)[:, :tq]
 
 
-def tpu_implementation(q, k, v, segment_ids, *, causal, window, scale, block_sizes, interpret):
+def computed_blocks(q, k, v, segments: Segments, *, causal=True, window=None, block_sizes=None,
+                    interpret=False, capacity=DEFAULT_CAPACITY):  # fmt: skip
+    """Blocks computed and grid steps taken by each kernel: int32 [B, H, n] per pass.
+
+    "forward", "dq": kv blocks per q block; "dkv": q blocks per kv block; each with a
+    "_steps" twin counting grid steps (an empty group takes one).
+    """
+    block_sizes = block_sizes or DEFAULT_BLOCK_SIZES
+    _, _, blocks, steps = packed_attention_tpu(
+        q, k, v, segments, causal=causal, window=window, block_sizes=block_sizes,
+        interpret=interpret, count_blocks=True, capacity=capacity,
+    )  # fmt: skip
+    qp, kp, vp, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple,
+                                    block_sizes.kv_multiple)  # fmt: skip
+    qp, kp, vp = (x.transpose(0, 2, 1, 3) for x in (qp, kp, vp))
+    zeros = jnp.zeros((*qp.shape[:3], 1), jnp.float32)
+    *_, (dq, dq_steps), (dkv, dkv_steps) = _backward(
+        qp, kp, vp, seg, zeros, zeros, qp, scale=1.0, causal=causal, window=window,
+        block_sizes=block_sizes, interpret=interpret, capacity=capacity, count=True,
+    )  # fmt: skip
+    return {"forward": blocks, "forward_steps": steps, "dq": dq, "dq_steps": dq_steps,
+            "dkv": dkv, "dkv_steps": dkv_steps}  # fmt: skip
+
+
+def _public_lse(lse_BxHxTx1):
+    """The kernels' [B, H, T, 1] lse as [B, T, H]."""
+    return jnp.swapaxes(lse_BxHxTx1[..., 0], 1, 2)
+
+
+def tpu_implementation(q, k, v, segments, *, causal, window, scale, block_sizes, interpret):
     """IMPLEMENTATIONS entry; named explicitly it runs on any backend (to export for TPU)."""
     return packed_attention_tpu(
-        q, k, v, segment_ids, causal=causal, window=window, scale=scale,
+        q, k, v, segments, causal=causal, window=window, scale=scale,
         block_sizes=block_sizes, interpret=interpret,
     )  # fmt: skip

@@ -1,8 +1,11 @@
 """Training on dependent chunks (ChunkFlow, arXiv 2503.02356): memory set by the chunk.
 
 Rows of C tokens run in order; a row of document d >= 0 attends to the keys/values of the
-earlier rows of document d (its earlier chunks) and, within itself, causally within each
-document (rows of merged short documents have d = -1 and see only themselves). Targets
+earlier rows of document d (its earlier chunks, which must be the rows just before it)
+and, within itself, causally within each document (rows of merged short documents have
+d = -1 and see only themselves). Each row's attention is one `packed_attention` call of
+its queries against the keys/values buffer of all rows, with the keys it may not see
+given segment id 0, so the blocked implementations skip them. Targets
 are next tokens within a row, plus the first token of the next row when it continues
 the same document, so a document cut into chunks has exactly the targets, loss and
 gradients of the whole document in one row (tested).
@@ -11,10 +14,9 @@ gradients of the whole document in one row (tested).
 keys/values buffer; backward (a custom VJP), a reverse scan recomputing one row at a time
 and pulling back its loss and its keys/values' cotangent (accumulated from the later
 rows) into the parameters and the earlier rows. Scans run their steps one after another,
-so memory is the buffers plus one row's activations: linear in the total length, with
-the row's scores C x (rows * C) the largest term. `chunked_document_loss` applies it to
-whole documents, `chunkflow_loss_sum` to a training batch of ChunkFlow rows
-(`lcx.packing.chunkflow`).
+so memory is the buffers plus one row's activations: linear in the total length.
+`chunked_document_loss` applies it to whole documents, `chunkflow_loss_sum` to a
+training batch of ChunkFlow rows (`lcx.packing.chunkflow`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def dependent_rows_loss_sum(
     within, across = target_mask(segment_ids_RxC, document_R)
     count = jnp.sum(within) + jnp.sum(across)
     key_row = jnp.arange(rows * c) // c
-    key_seen = (segment_ids_RxC.reshape(-1) != 0) & (document_R[key_row] >= 0)
+    key_ids, key_positions = segment_ids_RxC.reshape(1, -1), positions_RxC.reshape(1, -1)
     next_first = jnp.concatenate([tokens_RxC[1:, 0], jnp.zeros((1,), tokens_RxC.dtype)])
 
     def row(params, buffer, r):
@@ -52,11 +54,15 @@ def dependent_rows_loss_sum(
         take = lambda x: jax.lax.dynamic_slice_in_dim(x, r, 1, axis=0)  # noqa: E731
         tokens, seg, pos = take(tokens_RxC), take(segment_ids_RxC), take(positions_RxC)
         doc = document_R[r]
-        visible = ((key_row < r) & (document_R[key_row] == doc) & key_seen)[None]
-        prefixes = [[(buffer[layer, 0], buffer[layer, 1])] for layer in range(cfg.num_layers)]
+        # Keys row r sees: its own, and its document's earlier chunks (consecutive rows,
+        # so each document stays one contiguous run of keys).
+        earlier = (key_row < r) & (document_R[key_row] == doc) & (doc >= 0)
+        cache_ids = jnp.where((key_row == r) | earlier, key_ids, 0)
+        caches = [(buffer[layer, 0], buffer[layer, 1]) for layer in range(cfg.num_layers)]
         logits, kvs = nnx.merge(graphdef, params).chunk_logits(
-            tokens, pos, prefixes, segment_ids_BxC=seg, prefix_visible_BxP=visible
-        )
+            tokens, seg, pos, caches, cache_segment_ids=cache_ids,
+            cache_positions=key_positions, index=r * c,
+        )  # fmt: skip
         inside = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], tokens[0, 1:])
         edge = optax.softmax_cross_entropy_with_integer_labels(logits[0, -1], next_first[r])
         total = jnp.sum(jnp.where(take(within)[0], inside, 0.0))

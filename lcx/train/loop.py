@@ -71,12 +71,10 @@ class Experiment:
                 f"data.dd_max_log2={c.data.dd_max_log2}: the longest bucket has {longest_rows} "
                 f"rows per step, not a multiple of the {divisor} batch shards of config.mesh"
             )
-        if c.data.packing == "chunkflow" and (
-            self.model_cfg.attention_window is not None or "lact" in self.model_cfg.block_pattern
-        ):
+        if c.data.packing == "chunkflow" and "lact" in self.model_cfg.block_pattern:
             raise ValueError(
                 "data.packing='chunkflow' runs dependent chunks through attention layers: "
-                "it needs model.attention_window unset and no 'lact' in model.block_pattern"
+                "it needs no 'lact' in model.block_pattern"
             )
         self.adaptive = None
         if c.batch.adaptive:

@@ -1,0 +1,296 @@
+"""Flash attention in plain XLA over the block schedule: the CPU default and the fallback.
+
+FlashAttention-2's online softmax (Dao, "FlashAttention-2: Faster Attention with Better
+Parallelism and Work Partitioning", 2023, arXiv 2307.08691) written with `lax.scan` and
+`lax.fori_loop` instead of a kernel: a scan over the (row, q block) pairs, and for each a
+loop over only the kv blocks `block_schedule` assigns it (dynamic bounds, blocks of other
+documents never touched), split into masked edges and an unmasked middle. Nothing of
+size Tq x Tk exists; memory is linear in the row.
+
+Backward (`jax.custom_vjp`): recomputation from the saved log-sum-exp in one pass, a
+scan over kv blocks and for each a loop over the q blocks of the transposed schedule,
+accumulating dk, dv in the loop and adding each tile's dq into a carried [B, ..., Tq, D]
+buffer (one recomputation of the probabilities, not two). The lse cotangent enters as
+delta - dlse (d lse / d s = p). Grouped-query heads stay grouped ([.., Hkv, G, ..]
+einsums): K/V are never repeated.
+
+Inside, tensors are heads-first ([B, K, G, T, D] queries, [B, K, T, D] keys), so every
+tile's einsum is a batched matrix product over the kv heads without transposes.
+Shape letters: Q q-block rows, S kv-block rows, K kv heads, G query heads per kv head.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from lcx.attention.kernel_common import (
+    MASK_VALUE,
+    BlockSizes,
+    finite_lse,
+    natural_lse,
+    pad_to_blocks,
+    tile_mask,
+    visit_blocks,
+)
+from lcx.attention.layout import block_schedule
+from lcx.attention.segments import Segments
+
+# Tiles tuned on a 2-core CPU (benchmarks/attention.py cpu): 128 x 128 was fastest on short
+# documents and on 256-token training rows; 256 x 256 is ~15% faster on one dense 4K row.
+DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_kv=128)
+
+
+def _tile(x, b, axis, start, size):
+    """x[b, ..., start:start + size (on `axis`), ...] with dynamic b and start."""
+    starts = [0] * x.ndim
+    starts[0], starts[axis] = b, start
+    sizes = list(x.shape)
+    sizes[0], sizes[axis] = 1, size
+    return jax.lax.dynamic_slice(x, starts, sizes)[0]
+
+
+def _tile_mask(seg: Segments, b, q_start, k_start, bq, bk, *, causal, window):
+    """[Q, S] visibility of one (q block, kv block) tile."""
+    q_side = [_tile(x, b, 1, q_start, bq)[:, None] for x in (seg.q_ids, seg.q_positions)]
+    k_side = [_tile(x, b, 1, k_start, bk)[None, :] for x in (seg.kv_ids, seg.kv_positions)]
+    return tile_mask(q_side[0], k_side[0], q_side[1], k_side[1], causal=causal, window=window)
+
+
+def _flat_groups(lo, hi, full_lo, full_hi):
+    """Scan inputs over the flattened (row, block) pairs: row, block index, the intervals."""
+    b, n = lo.shape
+    row = jnp.repeat(jnp.arange(b, dtype=jnp.int32), n)
+    block = jnp.tile(jnp.arange(n, dtype=jnp.int32), b)
+    return row, block, lo.reshape(-1), hi.reshape(-1), full_lo.reshape(-1), full_hi.reshape(-1)
+
+
+def _heads_first(x, hkv):
+    """[B, T, Hq, D] -> [B, K, G, T, D]."""
+    b, t, h, d = x.shape
+    return x.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
+
+
+def _per_query_heads_first(x, hkv):
+    """[B, T, Hq] -> [B, K, G, T]."""
+    b, t, h = x.shape
+    return x.reshape(b, t, hkv, h // hkv).transpose(0, 2, 3, 1)
+
+
+def _q_time_major(tiles, b):
+    """Scan outputs [B * n, K, G, Q, D] as [B, n * Q, K * G, D]."""
+    _, hkv, g, block, d = tiles.shape
+    x = tiles.reshape(b, -1, hkv, g, block, d).transpose(0, 1, 4, 2, 3, 5)
+    return x.reshape(b, -1, hkv * g, d)
+
+
+def _kv_time_major(tiles, b):
+    """Scan outputs [B * n, K, S, D] as [B, n * S, K, D]."""
+    _, hkv, block, d = tiles.shape
+    return tiles.reshape(b, -1, hkv, block, d).transpose(0, 1, 3, 2, 4).reshape(b, -1, hkv, d)
+
+
+def _schedule(seg: Segments, blocks, *, causal, window):
+    """block_schedule of padded segments for (block_q, block_kv) tiles."""
+    return block_schedule(
+        seg.q_ids, block_q=blocks[0], block_kv=blocks[1], causal=causal, window=window,
+        kv_segment_ids=seg.kv_ids, q_positions=seg.q_positions, kv_positions=seg.kv_positions,
+    )  # fmt: skip
+
+
+def _forward(q, k, v, seg: Segments, *, scale, causal, window, blocks):
+    """Padded inputs -> (out [B, Tq, Hq, D], lse [B, Tq, Hq] natural, counts [B, nq])."""
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    bq, bk = blocks
+    acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    sched = _schedule(seg, blocks, causal=causal, window=window)
+    full = seg.filled()
+    q5, k4, v4 = _heads_first(q, hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def group(_, xs):
+        row, i, lo, hi, full_lo, full_hi = xs
+        q_KxGxQxD = _tile(q5, row, 3, i * bq, bq)
+
+        def body(j, carry, masked):
+            m, l, acc, visited = carry
+            k_KxSxD, v_KxSxD = _tile(k4, row, 2, j * bk, bk), _tile(v4, row, 2, j * bk, bk)
+            s = jnp.einsum("kgqd,ksd->kgqs", q_KxGxQxD, k_KxSxD, preferred_element_type=acc_dtype)
+            s = s * scale
+            if masked:
+                mask = _tile_mask(full, row, i * bq, j * bk, bq, bk, causal=causal, window=window)
+                s = jnp.where(mask, s, MASK_VALUE)
+            m_next = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_next[..., None])
+            if masked:
+                p = jnp.where(mask, p, 0.0)
+            alpha = jnp.exp(m - m_next)
+            pv = jnp.einsum("kgqs,ksd->kgqd", p.astype(v.dtype), v_KxSxD,
+                            preferred_element_type=acc_dtype)  # fmt: skip
+            return m_next, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv, visited + 1
+
+        shape = (hkv, g, bq)
+        init = (
+            jnp.full(shape, MASK_VALUE, acc_dtype),
+            jnp.zeros(shape, acc_dtype),
+            jnp.zeros((*shape, d), acc_dtype),
+            jnp.int32(0),
+        )
+        m, l, acc, visited = visit_blocks(lo, hi, full_lo, full_hi, body, init)
+        seen = l > 0
+        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+        lse = natural_lse(m + jnp.log(jnp.where(seen, l, 1.0)), seen)
+        return None, (out.astype(q.dtype), lse, visited)
+
+    xs = _flat_groups(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi)
+    _, (out, lse, counts) = jax.lax.scan(group, None, xs)
+    lse = lse.reshape(b, -1, hkv, g, bq).transpose(0, 1, 4, 2, 3).reshape(b, tq, hq)
+    return _q_time_major(out, b), lse, counts.reshape(b, -1)
+
+
+def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, blocks):
+    """dq, dk, dv on padded inputs; lse and delta (rowsum(dO * O) - dlse) [B, Tq, Hq].
+
+    Also returns the q blocks computed per kv block [B, nk].
+    """
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    bq, bk = blocks
+    acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    sched = _schedule(seg, blocks, causal=causal, window=window)
+    full = seg.filled()
+    q5, do5 = _heads_first(q, hkv), _heads_first(do, hkv)
+    k4, v4 = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    lse4 = _per_query_heads_first(finite_lse(lse), hkv)
+    delta4 = _per_query_heads_first(delta, hkv)
+
+    def q_tiles(row, i):
+        """q, dO [K, G, Q, D] and lse, delta [K, G, Q] of one q block."""
+        return (_tile(q5, row, 3, i * bq, bq), _tile(do5, row, 3, i * bq, bq),
+                _tile(lse4, row, 3, i * bq, bq), _tile(delta4, row, 3, i * bq, bq))  # fmt: skip
+
+    def probabilities(q_t, k_t, lse_t, row, i, j, masked):
+        """p [K, G, Q, S] of one tile, recomputed from the lse; 0 where masked."""
+        s = jnp.einsum("kgqd,ksd->kgqs", q_t, k_t, preferred_element_type=acc_dtype) * scale
+        p = jnp.exp(s - lse_t[..., None])
+        if masked:
+            mask = _tile_mask(full, row, i * bq, j * bk, bq, bk, causal=causal, window=window)
+            p = jnp.where(mask, p, 0.0)
+        return p
+
+    def kv_group(dq_buffer, xs):
+        """dk, dv of one kv block over its q blocks; their dq added into the buffer."""
+        row, j, lo, hi, full_lo, full_hi = xs
+        k_t, v_t = _tile(k4, row, 2, j * bk, bk), _tile(v4, row, 2, j * bk, bk)
+
+        def body(i, carry, masked):
+            dk, dv, dq_buf, visited = carry
+            q_t, do_t, lse_t, delta_t = q_tiles(row, i)
+            p = probabilities(q_t, k_t, lse_t, row, i, j, masked)
+            dv = dv + jnp.einsum("kgqs,kgqd->ksd", p.astype(do.dtype), do_t,
+                                 preferred_element_type=acc_dtype)  # fmt: skip
+            dp = jnp.einsum("kgqd,ksd->kgqs", do_t, v_t, preferred_element_type=acc_dtype)
+            ds = (p * (dp - delta_t[..., None])).astype(q.dtype)
+            dk = dk + jnp.einsum("kgqs,kgqd->ksd", ds, q_t, preferred_element_type=acc_dtype)
+            dq_t = jnp.einsum("kgqs,ksd->kgqd", ds, k_t, preferred_element_type=acc_dtype)
+            start = (row, 0, 0, i * bq, 0)
+            tile = jax.lax.dynamic_slice(dq_buf, start, (1, hkv, g, bq, d))
+            dq_buf = jax.lax.dynamic_update_slice(dq_buf, tile + dq_t[None], start)
+            return dk, dv, dq_buf, visited + 1
+
+        zeros = jnp.zeros((hkv, bk, d), acc_dtype)
+        init = (zeros, zeros, dq_buffer, jnp.int32(0))
+        dk, dv, dq_buffer, visited = visit_blocks(lo, hi, full_lo, full_hi, body, init)
+        return dq_buffer, ((dk * scale).astype(k.dtype), dv.astype(v.dtype), visited)
+
+    xs = _flat_groups(sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi)
+    dq_buffer = jnp.zeros(q5.shape, acc_dtype)
+    dq_buffer, (dk, dv, counts) = jax.lax.scan(kv_group, dq_buffer, xs)
+    dq = (dq_buffer * scale).astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    return dq, _kv_time_major(dk, b), _kv_time_major(dv, b), counts.reshape(b, -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attention(q, k, v, seg, scale, causal, window, blocks):
+    """(out, lse) on padded inputs, differentiable in q, k, v (and through lse)."""
+    out, lse, _ = _forward(q, k, v, seg, scale=scale, causal=causal, window=window, blocks=blocks)
+    return out, lse
+
+
+def _attention_fwd(q, k, v, seg, scale, causal, window, blocks):
+    """custom_vjp forward: (out, lse) and the residuals."""
+    out, lse, _ = _forward(q, k, v, seg, scale=scale, causal=causal, window=window, blocks=blocks)
+    return (out, lse), (q, k, v, seg, out, lse)
+
+
+def _attention_bwd(scale, causal, window, blocks, residuals, cotangents):
+    """custom_vjp backward: dq, dk, dv; none for the segment layout."""
+    q, k, v, seg, out, lse = residuals
+    do, dlse = cotangents
+    acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    delta = jnp.sum(out.astype(acc_dtype) * do.astype(acc_dtype), axis=-1)
+    delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0).astype(acc_dtype)
+    dq, dk, dv, _ = _backward(
+        q, k, v, seg, lse, delta, do, scale=scale, causal=causal, window=window, blocks=blocks
+    )
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _tiles(block_sizes: BlockSizes | None, tq: int, tk: int) -> tuple[int, int]:
+    """(block_q, block_kv), each no larger than its side rounded up to 8 (decode: Tq = 1)."""
+    block_sizes = block_sizes or DEFAULT_BLOCK_SIZES
+    round8 = lambda t: -(-t // 8) * 8  # noqa: E731
+    return min(block_sizes.block_q, round8(tq)), min(block_sizes.block_kv, round8(tk))
+
+
+def xla_chunked_attention(
+    q, k, v, segments: Segments, *, causal=True, window=None, scale=None, block_sizes=None,
+    count_blocks=False,
+):  # fmt: skip
+    """(out [B, Tq, Hq, D], lse [B, Tq, Hq]) through the chunked XLA implementation.
+
+    `block_sizes.block_q` / `block_kv` set the tiles of all three passes. With
+    `count_blocks`, returns (out, lse, counts [B, ceil(Tq / block_q)]): the kv blocks the
+    forward computed per q block (no gradient).
+    """
+    tq, d = q.shape[1], q.shape[3]
+    blocks = _tiles(block_sizes, tq, k.shape[1])
+    scale = d**-0.5 if scale is None else scale
+    qp, kp, vp, seg = pad_to_blocks(q, k, v, segments, *blocks)
+    mask = dict(scale=scale, causal=causal, window=window, blocks=blocks)
+    if count_blocks:
+        out, lse, counts = _forward(qp, kp, vp, seg, **mask)
+        return out[:, :tq], lse[:, :tq], counts
+    out, lse = _attention(qp, kp, vp, seg, scale, causal, window, blocks)
+    return out[:, :tq], lse[:, :tq]
+
+
+def xla_chunked_implementation(q, k, v, segments, *, causal, window, scale, block_sizes,
+                               interpret):  # fmt: skip
+    """IMPLEMENTATIONS entry (no kernel to interpret)."""
+    del interpret
+    return xla_chunked_attention(
+        q, k, v, segments, causal=causal, window=window, scale=scale, block_sizes=block_sizes
+    )
+
+
+def computed_blocks(q, k, v, segments: Segments, *, causal=True, window=None, block_sizes=None):
+    """Blocks each pass computes, to check the skipping: int32 [B, 1, n] per pass.
+
+    "forward": kv blocks per q block; "dkv" (the one backward pass, dq included): q blocks
+    per kv block.
+    """
+    blocks = _tiles(block_sizes, q.shape[1], k.shape[1])
+    qp, kp, vp, seg = pad_to_blocks(q, k, v, segments, *blocks)
+    mask = dict(scale=1.0, causal=causal, window=window, blocks=blocks)
+    _, lse, forward = _forward(qp, kp, vp, seg, **mask)
+    delta = jnp.zeros(lse.shape, lse.dtype)
+    *_, dkv = _backward(qp, kp, vp, seg, lse, delta, qp, **mask)
+    return {"forward": forward[:, None], "dkv": dkv[:, None]}

@@ -1,0 +1,103 @@
+"""Production sizes without a TPU or GPU: lowering through jax.export, memory, block counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from lcx.attention import BlockSizes, Segments, packed_attention, pallas_gpu, pallas_tpu
+from lcx.attention.step_list import DEFAULT_CAPACITY
+
+TRITON = "__gpu$xla.gpu.triton"
+TARGETS = {
+    "tpu": ("pallas_tpu", "tpu_custom_call", []),
+    "cuda": ("pallas_gpu", TRITON, [export.DisabledSafetyCheck.custom_call(TRITON)]),
+}
+
+
+def _spec(*shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _export(platform, *, b, tq, tk, hq=8, hkv=2, d=128):
+    """MLIR text of forward and backward (through out and lse) exported for `platform`."""
+    implementation, _, checks = TARGETS[platform]
+    args = [_spec(b, tq, hq, d), _spec(b, tk, hkv, d), _spec(b, tk, hkv, d)]
+    args.append(_spec(b, tq, dtype=jnp.int32))
+    if tq != tk:  # kv segment ids, q positions, kv positions
+        args += [_spec(b, tk, dtype=jnp.int32), _spec(b, tq, dtype=jnp.int32)]
+        args.append(_spec(b, tk, dtype=jnp.int32))
+
+    def forward(q, k, v, seg, *layout):
+        names = ("kv_segment_ids", "q_positions", "kv_positions")
+        return packed_attention(q, k, v, seg, implementation=implementation, return_lse=True,
+                                **dict(zip(names, layout, strict=False)))  # fmt: skip
+
+    def backward(q, k, v, *rest):
+        def loss(q, k, v):
+            out, lse = forward(q, k, v, *rest)
+            return out.astype(jnp.float32).sum() + jnp.where(jnp.isfinite(lse), lse, 0).sum()
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    return [
+        export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+        for f in (forward, backward)
+    ]
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("tq,tk", [(4096, 4096), (1024, 8192)], ids=["self", "chunk"])
+def test_lowers_at_production_sizes(platform, tq, tk):
+    if platform == "cuda" and pallas_gpu.plgpu is None:
+        with pytest.raises(NotImplementedError):
+            _export(platform, b=2, tq=tq, tk=tk)
+        return
+    marker = TARGETS[platform][1]
+    forward, backward = _export(platform, b=2, tq=tq, tk=tk)
+    assert forward.count(marker) == 1 and backward.count(marker) == 3
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_million_token_rows_lower_without_quadratic_memory(platform):
+    if platform == "cuda" and pallas_gpu.plgpu is None:
+        return  # covered by test_lowers_at_production_sizes: refused, then the fallback
+    t = 1 << 20
+    for text in _export(platform, b=1, tq=t, tk=t, hq=2, hkv=1):
+        assert text.count(TARGETS[platform][1]) >= 1
+        for n in (t, t // 64, t // 128):  # no T x T or blocks x blocks array anywhere
+            assert f"{n}x{n}" not in text
+    if platform == "tpu":  # the work list's SMEM operands are one window long
+        assert f"tensor<{DEFAULT_CAPACITY}xi32>" in text
+
+
+def _temp_bytes(t, implementation):
+    """XLA's temp buffer bytes for forward+backward of one row of t tokens."""
+    q = jnp.zeros((1, t, 4, 32), jnp.float32)
+    seg = jnp.ones((1, t), jnp.int32)
+
+    def loss(q, k, v):
+        return packed_attention(q, k, v, seg, implementation=implementation).sum()
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_xla_chunked_memory_grows_linearly():
+    sizes = [_temp_bytes(t, "xla_chunked") for t in (4096, 8192, 16384)]
+    assert sizes[1] < 2.3 * sizes[0] and sizes[2] < 2.3 * sizes[1], sizes
+    assert sizes[2] < 0.05 * _temp_bytes(16384, "xla")  # the reference holds T x T scores
+
+
+def test_tpu_kernel_steps_only_on_scheduled_blocks_at_production_blocks(rng):
+    # 16 documents of 128 tokens in a 2,048 row with 128 blocks: 16 grid steps per head,
+    # where a grid over every block pair takes 256.
+    seg = np.repeat(np.arange(1, 17, dtype=np.int32), 128)[None]
+    q = jnp.asarray(rng.standard_normal((1, 2048, 1, 8)), jnp.float32)
+    counts = pallas_tpu.computed_blocks(
+        q, q, q, Segments(jnp.asarray(seg)), block_sizes=BlockSizes(block_q=128, block_kv=128),
+        interpret=True,
+    )  # fmt: skip
+    for name in ("forward", "dq", "dkv"):
+        assert int(np.sum(counts[name])) == int(np.sum(counts[name + "_steps"])) == 16
