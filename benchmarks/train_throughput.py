@@ -56,9 +56,11 @@ BASELINE = "padded"
 TIMED = ("tokens_per_sec", "padding_fraction", "step_ms", "pipeline_ms")
 
 
-def benchmark_config(*, seq_len: int, batch_size: int, smoke: bool = False, paths=()):
+def benchmark_config(*, seq_len: int, batch_size: int, smoke: bool = False, paths=(),
+                     attention_implementation=None):  # fmt: skip
     """configs/lm_tiny.py (or its smoke variant) with the benchmark's row shape."""
     config = lm_tiny.get_config("smoke" if smoke else None)
+    config.model.attention_implementation = attention_implementation
     config.train.update(seq_len=seq_len, batch_size=batch_size, micro_batch_size=0)
     config.train.update(progress=False, async_checkpoints=False)
     config.data.cache = False  # tokenizing is faster than writing a zarr cache per run
@@ -235,6 +237,7 @@ def _settings(config, **timing) -> dict:
         "seq_len": config.train.seq_len,
         "batch_size": config.train.batch_size,
         "model": f"d_model={m.d_model} layers={m.num_layers} heads={m.num_heads}",
+        "attention": m.attention_implementation or f"default ({jax.default_backend()})",
         "corpus": ",".join(config.data.paths) or "embedded (Python stdlib)",
         "max_documents": config.data.max_documents,
         "backend": f"{jax.default_backend()} x{jax.device_count()}",
@@ -290,6 +293,9 @@ def _parse_args(argv):
         "--short_documents", type=int, default=0, help="mean length of a short-document corpus"
     )
     p.add_argument("--short_corpus_bytes", type=int, default=4_000_000)
+    p.add_argument(
+        "--attention_implementation", default=None, help="a key of IMPLEMENTATIONS; default: best"
+    )
     return p.parse_args(argv)
 
 
@@ -306,8 +312,9 @@ def main(argv=None) -> dict:
 def _main(args, argv, paths) -> dict:
     """The benchmark on `paths` (the embedded corpus when empty)."""
     config = benchmark_config(
-        seq_len=args.seq_len, batch_size=args.batch_size, smoke=args.smoke, paths=paths
-    )
+        seq_len=args.seq_len, batch_size=args.batch_size, smoke=args.smoke, paths=paths,
+        attention_implementation=args.attention_implementation,
+    )  # fmt: skip
     bins = [int(b) for b in args.num_packing_bins.split(",")]
     result = run(
         config,

@@ -244,10 +244,13 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _tiles(block_sizes: BlockSizes | None, tq: int, tk: int) -> tuple[int, int]:
-    """(block_q, block_kv), each no larger than its side rounded up to 8 (decode: Tq = 1)."""
+    """(block_q, block_kv), each at most its side rounded up to a power of two >= 8.
+
+    Short sides (decoding: Tq = number of sequences) get one small tile, not a padded one.
+    """
     block_sizes = block_sizes or DEFAULT_BLOCK_SIZES
-    round8 = lambda t: -(-t // 8) * 8  # noqa: E731
-    return min(block_sizes.block_q, round8(tq)), min(block_sizes.block_kv, round8(tk))
+    cap = lambda t: max(8, 1 << (t - 1).bit_length())  # noqa: E731
+    return min(block_sizes.block_q, cap(tq)), min(block_sizes.block_kv, cap(tk))
 
 
 def xla_chunked_attention(
@@ -256,7 +259,7 @@ def xla_chunked_attention(
 ):  # fmt: skip
     """(out [B, Tq, Hq, D], lse [B, Tq, Hq]) through the chunked XLA implementation.
 
-    `block_sizes.block_q` / `block_kv` set the tiles of all three passes. With
+    `block_sizes.block_q` / `block_kv` set the tiles of the forward and backward passes. With
     `count_blocks`, returns (out, lse, counts [B, ceil(Tq / block_q)]): the kv blocks the
     forward computed per q block (no gradient).
     """
