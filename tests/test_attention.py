@@ -12,8 +12,10 @@ nothing, and skipping by count. Pallas kernels run in interpret mode on small gr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from lcx.attention import (
     packed_attention,
     pallas_gpu,
     pallas_tpu,
+    reference_attention,
     xla_chunked,
 )
 from tests import attention_cases as cases
@@ -44,6 +47,7 @@ class Implementation:
     interpret: bool = False
     computed_blocks: Callable | None = None  # fn(q, k, v, segments, **mask) -> counts
     grid_steps: bool = False  # its counts include "<pass>_steps" (a compacted grid)
+    float64: bool = False  # computes in float64 (else refuses it: NotImplementedError)
     available: bool = True
 
     def __call__(self, q, k, v, **call):
@@ -63,11 +67,12 @@ class Implementation:
 
 GPU_BLOCKS = BlockSizes(block_q=16, block_kv=16, block_q_dq=16, block_kv_dq=32, block_q_dkv=32)
 SPECS = {
-    "xla": Implementation("xla"),
+    "xla": Implementation("xla", float64=True),
     "xla_chunked": Implementation(
         "xla_chunked",
         BlockSizes(block_q=16, block_kv=8),
         computed_blocks=xla_chunked.computed_blocks,
+        float64=True,
     ),
     "pallas_tpu": Implementation(
         "pallas_tpu",
@@ -112,10 +117,18 @@ def check_against_reference(impl, q, k, v, rng, **call):
         assert cases.relative_error(got, want) < TOLERANCE[dtype], name
 
 
-MASKS = [dict(), dict(window=5), dict(causal=False), dict(causal=False, window=7)]
+MASKS = [
+    dict(),
+    dict(window=5),
+    dict(causal=False),
+    dict(causal=False, window=7),
+    dict(causal=False, window=2**31 - 1),  # as good as no window: no int32 overflow
+]
 
 
-@pytest.mark.parametrize("mask", MASKS, ids=["causal", "window", "bidirectional", "local"])
+@pytest.mark.parametrize(
+    "mask", MASKS, ids=["causal", "window", "bidirectional", "local", "unbounded_window"]
+)
 def test_self_attention_random_layouts_gqa(impl, rng, mask):
     seg = cases.random_layout(rng, 2, 40)  # 40: not a multiple of the blocks
     q, k, v = cases.qkv(rng, 2, 40, hq=4, hkv=2, d=8, dtype=jnp.float32)
@@ -147,6 +160,42 @@ def test_bfloat16(impl, rng):
     seg = cases.random_layout(rng, 2, 48)
     q, k, v = cases.qkv(rng, 2, 48, hq=2, hkv=2, d=16, dtype=jnp.bfloat16)
     check_against_reference(impl, q, k, v, rng, segment_ids=seg, window=21)
+
+
+def test_float64_to_the_last_digits(impl, rng):
+    # In float64 every implementation computes the reference's numbers (values, lse and
+    # gradients through both) to ~1e-12: nothing is silently computed in lower precision.
+    call, tq = cases.chunk_against_earlier_chunks(rng, b=2, tk=40, chunk=24)
+    with jax.enable_x64(True):
+        q, k, v = cases.qkv(rng, 2, tq, hq=4, hkv=2, d=8, dtype=jnp.float64, tk=40)
+        w = [jnp.asarray(x, jnp.float64) for x in cases.weights(rng, q)]
+
+        def loss(q, k, v, fn):
+            out, lse = fn(q, k, v)
+            return jnp.sum(out * w[0]) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w[1])
+
+        def ref(q, k, v):
+            return reference_attention(q, k, v, return_lse=True, window=9, **call)
+
+        def got(q, k, v):
+            return impl(q, k, v, window=9, **call)
+
+        if not impl.float64:  # refused, so the dispatcher moves on to one that serves it
+            with pytest.raises(NotImplementedError, match="float64"):
+                got(q, k, v)
+            got = functools.partial(packed_attention, return_lse=True, window=9, **call)
+        for fn in (got, ref):
+            assert fn(q, k, v)[0].dtype == jnp.float64
+        errors = [
+            cases.relative_error(a, b)
+            for a, b in zip(
+                [*got(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v, got)],
+                [*ref(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v, ref)],
+                strict=True,
+            )
+            if np.isfinite(np.asarray(b)).all()
+        ]
+    assert len(errors) == 4 and max(errors) < 1e-11, errors
 
 
 def test_rows_that_see_nothing(impl, rng):

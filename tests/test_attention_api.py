@@ -203,3 +203,22 @@ def test_cu_seqlens_round_trip(rng):
     np.testing.assert_array_equal(
         np.diff(back[: len(real)]) != 0, np.isin(np.arange(1, len(real)), want)
     )
+
+
+def test_self_attention_positions_given_on_one_side_stand_for_both(rng):
+    # Per-document positions passed as q_positions only: in self-attention the keys are
+    # the queries, so they get the same positions (not the index in the row).
+    seg = cases.random_layout(rng, 2, 32)
+    pos = cases.document_positions(seg)
+    q, k, v = cases.qkv(rng, 2, 32, hq=2, hkv=1, d=8, dtype=jnp.float32)
+    want = reference_attention(q, k, v, seg)
+    for implementation in ("xla", "xla_chunked"):
+        for side in ("q_positions", "kv_positions"):
+            got = packed_attention(q, k, v, seg, implementation=implementation, **{side: pos})
+            assert cases.relative_error(got, want) < 1e-6, (implementation, side)
+
+
+def test_tpu_kernel_block_sizes_must_fill_lanes(rng):
+    q, k, v = cases.qkv(rng, 1, 256, hq=2, hkv=1, d=128, dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_kv=64 must be a multiple of 128"):
+        packed_attention(q, k, v, implementation="pallas_tpu", block_sizes=BlockSizes(block_kv=64))

@@ -7,7 +7,7 @@ import pytest
 
 from lcx.attention import Segments, block_schedule, count_visited, visibility_mask
 from lcx.attention.layout import dense_causal_blocks, token_ranges
-from lcx.attention.step_list import COMPUTE, FIRST, FULL, LAST, groups_of, window
+from lcx.attention.step_list import COMPUTE, FIRST, FULL, LAST, groups_of, step_window
 from tests import attention_cases as cases
 
 MASKS = [(True, None), (True, 3), (False, None), (False, 5)]
@@ -94,7 +94,7 @@ def test_work_list_windows_visit_every_scheduled_block_once(rng):
     groups = groups_of(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi)
     seen, first, capacity = [], 0, 13  # >= the 12 kv blocks of a row
     while first < groups.lo.shape[0]:
-        steps, first = window(groups, jnp.int32(first), capacity)
+        steps, first = step_window(groups, jnp.int32(first), capacity)
         n = int(steps.length[0])
         assert 0 < n <= capacity
         flags = np.asarray(steps.flags)[:n]

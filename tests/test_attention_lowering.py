@@ -8,6 +8,7 @@ from jax import export
 
 from lcx.attention import BlockSizes, Segments, packed_attention, pallas_gpu, pallas_tpu
 from lcx.attention.step_list import DEFAULT_CAPACITY
+from tests import attention_cases as cases
 
 TRITON = "__gpu$xla.gpu.triton"
 TARGETS = {
@@ -101,3 +102,30 @@ def test_tpu_kernel_steps_only_on_scheduled_blocks_at_production_blocks(rng):
     )  # fmt: skip
     for name in ("forward", "dq", "dkv"):
         assert int(np.sum(counts[name])) == int(np.sum(counts[name + "_steps"])) == 16
+
+
+def test_tpu_kernel_runs_the_work_list_in_windows(rng):
+    # A capacity of one q block's kv blocks per window: many windows, one pallas_call each,
+    # the outputs carried through them; values and gradients as with one window.
+    call, tq = cases.chunk_against_earlier_chunks(rng, b=2, tk=64, chunk=48)
+    q, k, v = cases.qkv(rng, 2, tq, hq=2, hkv=1, d=8, dtype=jnp.float32, tk=64)
+    segments = Segments(*(jnp.asarray(call[n]) for n in (
+        "segment_ids", "kv_segment_ids", "q_positions", "kv_positions")))  # fmt: skip
+    blocks = BlockSizes(block_q=16, block_kv=16)
+
+    def attention(capacity):
+        def fn(q, k, v):
+            return pallas_tpu.packed_attention_tpu(
+                q, k, v, segments, block_sizes=blocks, interpret=True, capacity=capacity
+            )
+
+        return fn
+
+    w = cases.weights(rng, q)
+    one = cases.values_and_grads(attention(DEFAULT_CAPACITY), q, k, v, w)
+    many = cases.values_and_grads(attention(1), q, k, v, w)
+    ref_out, ref_lse, ref_grads = cases.reference_values_and_grads(q, k, v, w, **call)
+    for got, want in zip([many[0], *many[2]], [ref_out, *ref_grads], strict=True):
+        assert cases.relative_error(got, want) < 1e-5
+    for a, b in zip([one[0], one[1], *one[2]], [many[0], many[1], *many[2]], strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -63,6 +63,11 @@ def pad_length(x, length: int, axis: int = 1, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _pad_or_none(x, length):
+    """`x` padded along T to `length`; None stays None."""
+    return None if x is None else pad_length(x, length)
+
+
 def pad_to_blocks(q, k, v, segments: Segments, q_multiple: int, kv_multiple: int):
     """q, k, v and segments padded along T to block multiples; padding has segment id 0.
 
@@ -73,10 +78,9 @@ def pad_to_blocks(q, k, v, segments: Segments, q_multiple: int, kv_multiple: int
     if segments.kv_ids is None:
         q_multiple = kv_multiple = int(np.lcm(q_multiple, kv_multiple))
     lq, lk = -(-tq // q_multiple) * q_multiple, -(-tk // kv_multiple) * kv_multiple
-    pad = lambda x, n: None if x is None else pad_length(x, n)  # noqa: E731
     segments = Segments(
-        pad(segments.q_ids, lq), pad(segments.kv_ids, lk), pad(segments.q_positions, lq),
-        pad(segments.kv_positions, lk),
+        _pad_or_none(segments.q_ids, lq), _pad_or_none(segments.kv_ids, lk),
+        _pad_or_none(segments.q_positions, lq), _pad_or_none(segments.kv_positions, lk),
     )  # fmt: skip
     return pad_length(q, lq), pad_length(k, lk), pad_length(v, lk), segments
 
@@ -107,9 +111,9 @@ def saw_a_key(running_max):
 
 
 def natural_lse(lse, seen, *, base2=False):
-    """The public log-sum-exp: natural log, -inf for queries that saw no key."""
+    """The public log-sum-exp: natural log, float32 (or wider), -inf where nothing seen."""
     lse = lse * np.log(2.0) if base2 else lse
-    return jnp.where(seen, lse, -jnp.inf).astype(jnp.float32)
+    return jnp.where(seen, lse, -jnp.inf).astype(jnp.promote_types(lse.dtype, jnp.float32))
 
 
 def finite_lse(lse):

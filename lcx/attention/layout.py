@@ -147,6 +147,8 @@ def _cross_ranges(ids, positions, other_ids, other_positions, *, causal, window,
 
 def token_ranges(segments: Segments, *, causal=True, window=None):
     """((key_lo, key_hi) per query [B, Tq], (query_lo, query_hi) per key [B, Tk])."""
+    if window is not None:  # int32 arithmetic below: a window past any row is no window
+        window = min(math.ceil(window), _BIG)
     if segments.kv_ids is None and segments.q_positions is None and segments.kv_positions is None:
         ids = segments.q_ids
         keys = _self_ranges(ids, causal=causal, window=window, keys=True)

@@ -12,7 +12,8 @@ with it.
 
 Backward: a dq kernel (per q block, the same kv loop) and a dkv kernel (per kv block,
 a loop over the transposed schedule's q blocks), wired with `jax.custom_vjp` and the
-log-sum-exp saved by the forward pass; delta = rowsum(dO * O) in jnp. Grouped-query
+log-sum-exp saved by the forward pass; delta = rowsum(dO * O) - dlse in jnp (the lse
+cotangent: d lse / d s = p). Grouped-query
 heads: K/V are indexed by `head // group`; dk and dv are computed per query head and
 summed over the group in the wrapper.
 
@@ -405,7 +406,6 @@ def packed_attention_gpu(
     d_pad = _padded_head_dim(d)
     # Zero columns change no logit and give zero output columns, sliced off below.
     q, k, v = (pad_length(x, d_pad, axis=3) for x in (q, k, v))
-    window = None if window is None else int(window)
     if count_blocks:
         blocks = (block_sizes.block_q, block_sizes.block_kv)
         o, lse2, counts = _forward(
@@ -449,13 +449,13 @@ def gpu_implementation(q, k, v, segments, *, causal, window, scale, block_sizes,
     """IMPLEMENTATIONS entry; named explicitly it lowers on any host (export for CUDA).
 
     Raises NotImplementedError for what the Triton kernels cannot compute: inputs other
-    than float16, bfloat16 or float32 outside interpret mode, or a JAX without the
-    Pallas Triton backend.
+    than float16, bfloat16 or float32 (the accumulators are float32), or a JAX without
+    the Pallas Triton backend.
     """
     if plgpu is None:
         raise NotImplementedError("pallas_gpu: jax.experimental.pallas.triton is not available")
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
-    if not interpret and not dtypes <= {jnp.dtype(t) for t in _TRITON_DTYPES}:
+    if not dtypes <= {jnp.dtype(t) for t in _TRITON_DTYPES}:  # float32 accumulators
         raise NotImplementedError(f"pallas_gpu: Triton kernels take {_TRITON_DTYPES}; got {dtypes}")
     return packed_attention_gpu(
         q, k, v, segments, causal=causal, window=window, scale=scale,

@@ -22,7 +22,10 @@ Mosaic's last two block dimensions are (block, head_dim).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +55,7 @@ from lcx.attention.step_list import (
 
 DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_kv=128)
 _LANES = 128
+_DTYPES = ("bfloat16", "float16", "float32")
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b
 _ANY = pl.BlockSpec(memory_space=pl.ANY)  # an aliased output's previous value: not read
@@ -72,7 +76,8 @@ def _group_index(n_blocks):
 
     def split(group):
         # lax.div / rem: Mosaic lowers jnp floor division through sign(), which needs a TPU.
-        return jax.lax.div(group, n_blocks), jax.lax.rem(group, n_blocks)
+        # int32 constants made here, not captured: index maps must not close over arrays.
+        return jax.lax.div(group, jnp.int32(n_blocks)), jax.lax.rem(group, jnp.int32(n_blocks))
 
     return split
 
@@ -148,6 +153,23 @@ def _fwd_kernel(
         lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
 
+class _Specs(NamedTuple):
+    """BlockSpecs of one pass: q-shaped, kv-shaped, segment and per-query-row operands."""
+
+    q: pl.BlockSpec
+    kv: pl.BlockSpec
+    kv_out: pl.BlockSpec
+    q_seg: pl.BlockSpec
+    k_seg: pl.BlockSpec
+    q_row: pl.BlockSpec
+    count: pl.BlockSpec
+
+    def inputs(self, *, backward: bool):
+        """Specs of q, k, v, the segment operands (and lse, delta, dO for backward)."""
+        specs = [self.q, self.kv, self.kv, self.q_seg, self.q_seg, self.k_seg, self.k_seg]
+        return specs + ([self.q_row, self.q_row, self.q] if backward else [])
+
+
 def _specs(heads_per_kv, bq, bk, d, *, n_per_row, kv_major=False):
     """BlockSpecs of every operand, from an entry's group and block.
 
@@ -167,7 +189,7 @@ def _specs(heads_per_kv, bq, bk, d, *, n_per_row, kv_major=False):
 
     def kv_map(h, e, group_ref, block_ref, *_):
         row, _, j = tile(e, group_ref, block_ref)
-        return row, jax.lax.div(h, heads_per_kv), j, 0
+        return row, jax.lax.div(h, jnp.int32(heads_per_kv)), j, 0
 
     def kv_out_map(h, e, group_ref, block_ref, *_):
         row, _, j = tile(e, group_ref, block_ref)
@@ -185,7 +207,7 @@ def _specs(heads_per_kv, bq, bk, d, *, n_per_row, kv_major=False):
         row, own = split(group_ref[e])
         return row, h, own, 0
 
-    return dict(
+    return _Specs(
         q=pl.BlockSpec((None, None, bq, d), q_map),
         kv=pl.BlockSpec((None, None, bk, d), kv_map),
         kv_out=pl.BlockSpec((None, None, bk, d), kv_out_map),
@@ -203,24 +225,35 @@ def _segment_operands(seg: Segments):
             filled.kv_ids[:, None, :], filled.kv_positions[:, None, :])  # fmt: skip
 
 
-def _windowed_call(kernel, steps: StepList, operands, in_specs, outs, out_specs, scratch, hq,
-                   interpret):  # fmt: skip
-    """One window's pallas_call: grid (head, entry), outputs aliased to `outs`."""
-    first_alias = 3 + len(operands)
-    return pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(hq, steps.length[0]),
-            in_specs=[*in_specs, *[_ANY] * len(outs)],
-            out_specs=out_specs,
-            scratch_shapes=scratch,
-        ),
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-        input_output_aliases={first_alias + n: n for n in range(len(outs))},
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-        interpret=interpret,
-    )(steps.group, steps.block, steps.flags, *operands, *outs)
+@dataclasses.dataclass(frozen=True)
+class _Pass:
+    """One kernel pass over the work list: its kernel, operands, specs and scratch."""
+
+    kernel: Callable
+    operands: tuple
+    in_specs: list
+    out_specs: list
+    scratch: list
+    heads: int
+    interpret: bool
+
+    def __call__(self, steps: StepList, outs):
+        """One window's pallas_call: grid (head, entry), outputs aliased to `outs`."""
+        first_alias = 3 + len(self.operands)  # after the three scalar-prefetch arrays
+        return pl.pallas_call(
+            self.kernel,
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=3,
+                grid=(self.heads, steps.length[0]),
+                in_specs=[*self.in_specs, *[_ANY] * len(outs)],
+                out_specs=self.out_specs,
+                scratch_shapes=self.scratch,
+            ),
+            out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+            input_output_aliases={first_alias + n: n for n in range(len(outs))},
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+            interpret=self.interpret,
+        )(steps.group, steps.block, steps.flags, *self.operands, *outs)
 
 
 def _schedule(seg: Segments, bq, bk, *, causal, window):
@@ -241,22 +274,16 @@ def _forward(q, k, v, seg, *, scale, causal, window, blocks, interpret, capacity
     groups = groups_of(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi)
     spec = _specs(hq // k.shape[1], bq, bk, d, n_per_row=nq)
     outs = [jnp.zeros(q.shape, q.dtype), jnp.zeros((b, hq, tq, 1), jnp.float32)]
-    out_specs = [spec["q"], spec["q_row"]]
+    out_specs = [spec.q, spec.q_row]
     if count:
         outs += [jnp.zeros((b, hq, nq, 1), jnp.int32)] * 2
-        out_specs += [spec["count"]] * 2
+        out_specs += [spec.count] * 2
     kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, window=window, count=count)
-    in_specs = [spec["q"], spec["kv"], spec["kv"], spec["q_seg"], spec["q_seg"], spec["k_seg"],
-                spec["k_seg"]]  # fmt: skip
-    operands = (q, k, v, *_segment_operands(seg))
     scratch = [pltpu.VMEM((bq, _LANES), jnp.float32), pltpu.VMEM((bq, _LANES), jnp.float32),
                pltpu.VMEM((bq, d), jnp.float32)]  # fmt: skip
-
-    def call(steps, outs):
-        return _windowed_call(kernel, steps, operands, in_specs, outs, out_specs, scratch, hq,
-                              interpret)  # fmt: skip
-
-    return run_windows(groups, max(capacity, nk), call, outs)
+    forward = _Pass(kernel, (q, k, v, *_segment_operands(seg)), spec.inputs(backward=False),
+                    out_specs, scratch, hq, interpret)  # fmt: skip
+    return run_windows(groups, capacity, forward, outs, longest_group=nk)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -363,39 +390,28 @@ def _backward(q, k, v, seg, lse, delta, do, *, scale, causal, window, block_size
     nq, nk = tq // bq, tk // bk
     sched = _schedule(seg, bq, bk, causal=causal, window=window)
     spec = _specs(group, bq, bk, d, n_per_row=nq)
-    in_specs = [spec["q"], spec["kv"], spec["kv"], spec["q_seg"], spec["q_seg"], spec["k_seg"],
-                spec["k_seg"], spec["q_row"], spec["q_row"], spec["q"]]  # fmt: skip
     outs = [jnp.zeros(q.shape, q.dtype)] + [jnp.zeros((b, hq, nq, 1), jnp.int32)] * n_counts
-    out_specs = [spec["q"]] + [spec["count"]] * n_counts
-    kernel = functools.partial(_dq_kernel, **mask)
-    scratch = [pltpu.VMEM((bq, d), jnp.float32)]
-    dq_outs = run_windows(
-        groups_of(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi),
-        max(capacity, nk),
-        lambda steps, outs: _windowed_call(kernel, steps, operands, in_specs, outs, out_specs,
-                                           scratch, hq, interpret),
-        outs,
+    dq_pass = _Pass(
+        functools.partial(_dq_kernel, **mask), operands, spec.inputs(backward=True),
+        [spec.q] + [spec.count] * n_counts, [pltpu.VMEM((bq, d), jnp.float32)], hq, interpret,
     )  # fmt: skip
+    groups = groups_of(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi)
+    dq_outs = run_windows(groups, capacity, dq_pass, outs, longest_group=nk)
 
     bq, bk = block_sizes.dkv
     nq, nk = tq // bq, tk // bk
     sched = _schedule(seg, bq, bk, causal=causal, window=window)
     spec = _specs(group, bq, bk, d, n_per_row=nk, kv_major=True)
-    in_specs = [spec["q"], spec["kv"], spec["kv"], spec["q_seg"], spec["q_seg"], spec["k_seg"],
-                spec["k_seg"], spec["q_row"], spec["q_row"], spec["q"]]  # fmt: skip
     grad_dtype = k.dtype if group == 1 else jnp.float32  # summed over the group below
     outs = [jnp.zeros((b, hq, tk, d), grad_dtype)] * 2
     outs += [jnp.zeros((b, hq, nk, 1), jnp.int32)] * n_counts
-    out_specs = [spec["kv_out"]] * 2 + [spec["count"]] * n_counts
-    kernel = functools.partial(_dkv_kernel, **mask)
-    scratch = [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]
-    dkv_outs = run_windows(
-        groups_of(sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi),
-        max(capacity, nq),
-        lambda steps, outs: _windowed_call(kernel, steps, operands, in_specs, outs, out_specs,
-                                           scratch, hq, interpret),
-        outs,
+    dkv_pass = _Pass(
+        functools.partial(_dkv_kernel, **mask), operands, spec.inputs(backward=True),
+        [spec.kv_out] * 2 + [spec.count] * n_counts,
+        [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)], hq, interpret,
     )  # fmt: skip
+    groups = groups_of(sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi)
+    dkv_outs = run_windows(groups, capacity, dkv_pass, outs, longest_group=nq)
     dq, (dk, dv) = dq_outs[0], dkv_outs[:2]
     if group > 1:
         dk = dk.reshape(b, hkv, group, tk, d).sum(axis=2)
@@ -443,6 +459,28 @@ def _attention_bwd(scale, causal, window, block_sizes, interpret, capacity, resi
 _attention_bhtd.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _fit_queries(block_sizes: BlockSizes, tq: int, segments: Segments) -> BlockSizes:
+    """Query blocks no longer than Tq rounded up to 8 (a few decode queries: no padding
+    to 128), when queries and keys are separate rows."""
+    if segments.kv_ids is None:
+        return block_sizes
+    fit = -(-tq // 8) * 8
+    return dataclasses.replace(
+        block_sizes, block_q=min(block_sizes.block_q, fit),
+        block_q_dq=min(block_sizes.dq[0], fit), block_q_dkv=min(block_sizes.dkv[0], fit),
+    )  # fmt: skip
+
+
+def _check_tpu_block_sizes(block_sizes: BlockSizes) -> None:
+    """ValueError unless every kv block fills whole lanes (the key segment ids' blocks)."""
+    for name, size in [("block_kv", block_sizes.block_kv), ("block_kv_dq", block_sizes.dq[1]),
+                       ("block_kv_dkv", block_sizes.dkv[1])]:  # fmt: skip
+        if size % _LANES:
+            raise ValueError(
+                f"pallas_tpu: block_sizes.{name}={size} must be a multiple of {_LANES} on TPU"
+            )
+
+
 def packed_attention_tpu(
     q, k, v, segments: Segments | None = None, *, causal=True, window=None, scale=None,
     block_sizes=None, interpret=False, count_blocks=False, capacity=DEFAULT_CAPACITY,
@@ -465,8 +503,10 @@ def packed_attention_tpu(
     """
     if segments is None:
         segments = segments_of(q, k, None, None, None, None)
-    block_sizes = block_sizes or DEFAULT_BLOCK_SIZES
     tq = q.shape[1]
+    block_sizes = _fit_queries(block_sizes or DEFAULT_BLOCK_SIZES, tq, segments)
+    if not interpret:
+        _check_tpu_block_sizes(block_sizes)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q, k, v, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple,
                                  block_sizes.kv_multiple)  # fmt: skip
@@ -514,7 +554,14 @@ def _public_lse(lse_BxHxTx1):
 
 
 def tpu_implementation(q, k, v, segments, *, causal, window, scale, block_sizes, interpret):
-    """IMPLEMENTATIONS entry; named explicitly it runs on any backend (to export for TPU)."""
+    """IMPLEMENTATIONS entry; named explicitly it runs on any backend (to export for TPU).
+
+    Raises NotImplementedError for inputs other than bfloat16, float16 or float32 (the
+    accumulators are float32; TPUs have no float64).
+    """
+    dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+    if not dtypes <= {jnp.dtype(t) for t in _DTYPES}:
+        raise NotImplementedError(f"pallas_tpu: the kernels take {_DTYPES}; got {dtypes}")
     return packed_attention_tpu(
         q, k, v, segments, causal=causal, window=window, scale=scale,
         block_sizes=block_sizes, interpret=interpret,

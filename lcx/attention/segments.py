@@ -24,12 +24,20 @@ class Segments(NamedTuple):
 
     @property
     def kv_ids_or_q(self):
+        """The keys' segment ids (the queries' ids for self-attention)."""
         return self.q_ids if self.kv_ids is None else self.kv_ids
 
     def positions(self):
-        """(q_positions, kv_positions) with the index-in-row defaults filled in."""
+        """(q_positions, kv_positions) with the defaults filled in.
+
+        A missing side is the index in the row, except in self-attention, where keys are
+        the queries: there the side given stands for both.
+        """
         (b, tq), tk = self.q_ids.shape, self.kv_ids_or_q.shape[1]
         q_pos, kv_pos = self.q_positions, self.kv_positions
+        if self.kv_ids is None:
+            q_pos = kv_pos if q_pos is None else q_pos
+            kv_pos = q_pos if kv_pos is None else kv_pos
         if q_pos is None:
             q_pos = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
         if kv_pos is None:
@@ -42,6 +50,7 @@ class Segments(NamedTuple):
 
 
 def _shape_error(name, value, want):
+    """A ValueError for an argument of the wrong shape."""
     return ValueError(f"{name} must be {want}; got {name}.shape={tuple(np.shape(value))}")
 
 
@@ -86,10 +95,8 @@ def segments_of(q, k, segment_ids, kv_segment_ids, q_positions, kv_positions) ->
     """The call's Segments as int32 arrays; segment_ids=None is one document per row."""
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)  # noqa: E731
-    return Segments(
-        as_int(segment_ids), as_int(kv_segment_ids), as_int(q_positions), as_int(kv_positions)
-    )
+    return Segments(*(None if x is None else jnp.asarray(x, jnp.int32) for x in (
+        segment_ids, kv_segment_ids, q_positions, kv_positions)))  # fmt: skip
 
 
 def validate_segments(segments: Segments) -> None:

@@ -62,7 +62,7 @@ def grid_steps(lo, hi):
     return jnp.sum(jnp.maximum(hi - lo + 1, 1), axis=-1)
 
 
-def window(groups: Groups, first_group, capacity: int):
+def step_window(groups: Groups, first_group, capacity: int):
     """(StepList of the groups from `first_group` that fit `capacity`, next first group)."""
     offsets = groups.offsets
     n_groups = groups.lo.shape[0]
@@ -89,15 +89,17 @@ def window(groups: Groups, first_group, capacity: int):
     return StepList(group, block, flags.astype(jnp.int32), length), end
 
 
-def run_windows(groups: Groups, capacity: int, call, outputs):
+def run_windows(groups: Groups, capacity: int, call, outputs, *, longest_group: int):
     """outputs = call(step_list, outputs) over every window of the list, in order.
 
-    `capacity` must be at least the longest group (the blocks on the other side).
+    `longest_group`: an upper bound on any group's entries (the number of blocks on the
+    other side); windows hold at least that many entries, so every window makes progress.
     """
+    capacity = max(capacity, longest_group)
 
     def body(state):
         first_group, outs = state
-        steps, next_group = window(groups, first_group, capacity)
+        steps, next_group = step_window(groups, first_group, capacity)
         return next_group, tuple(call(steps, outs))
 
     def more(state):

@@ -45,8 +45,9 @@ DEFAULT_BLOCK_SIZES = BlockSizes(block_q=128, block_kv=128)
 
 def _tile(x, b, axis, start, size):
     """x[b, ..., start:start + size (on `axis`), ...] with dynamic b and start."""
-    starts = [0] * x.ndim
-    starts[0], starts[axis] = b, start
+    zero = jnp.zeros((), jnp.int32)  # int32 even under x64: dynamic_slice wants one type
+    starts = [zero] * x.ndim
+    starts[0], starts[axis] = jnp.asarray(b, jnp.int32), jnp.asarray(start, jnp.int32)
     sizes = list(x.shape)
     sizes[0], sizes[axis] = 1, size
     return jax.lax.dynamic_slice(x, starts, sizes)[0]
@@ -197,7 +198,8 @@ def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, 
             ds = (p * (dp - delta_t[..., None])).astype(q.dtype)
             dk = dk + jnp.einsum("kgqs,kgqd->ksd", ds, q_t, preferred_element_type=acc_dtype)
             dq_t = jnp.einsum("kgqs,ksd->kgqd", ds, k_t, preferred_element_type=acc_dtype)
-            start = (row, 0, 0, i * bq, 0)
+            zero = jnp.zeros((), jnp.int32)
+            start = (row, zero, zero, jnp.asarray(i * bq, jnp.int32), zero)
             tile = jax.lax.dynamic_slice(dq_buf, start, (1, hkv, g, bq, d))
             dq_buf = jax.lax.dynamic_update_slice(dq_buf, tile + dq_t[None], start)
             return dk, dv, dq_buf, visited + 1
@@ -243,14 +245,19 @@ def _attention_bwd(scale, causal, window, blocks, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _power_of_two_at_least(t: int) -> int:
+    """The smallest power of two >= max(t, 8)."""
+    return max(8, 1 << (t - 1).bit_length())
+
+
 def _tiles(block_sizes: BlockSizes | None, tq: int, tk: int) -> tuple[int, int]:
     """(block_q, block_kv), each at most its side rounded up to a power of two >= 8.
 
     Short sides (decoding: Tq = number of sequences) get one small tile, not a padded one.
     """
     block_sizes = block_sizes or DEFAULT_BLOCK_SIZES
-    cap = lambda t: max(8, 1 << (t - 1).bit_length())  # noqa: E731
-    return min(block_sizes.block_q, cap(tq)), min(block_sizes.block_kv, cap(tk))
+    return (min(block_sizes.block_q, _power_of_two_at_least(tq)),
+            min(block_sizes.block_kv, _power_of_two_at_least(tk)))  # fmt: skip
 
 
 def xla_chunked_attention(
@@ -259,7 +266,9 @@ def xla_chunked_attention(
 ):  # fmt: skip
     """(out [B, Tq, Hq, D], lse [B, Tq, Hq]) through the chunked XLA implementation.
 
-    `block_sizes.block_q` / `block_kv` set the tiles of the forward and backward passes. With
+    `block_sizes.block_q` / `block_kv` set the tiles of the forward and the (single)
+    backward pass, each capped at its side's length rounded up to a power of two; the
+    dq / dkv fields are not used. With
     `count_blocks`, returns (out, lse, counts [B, ceil(Tq / block_q)]): the kv blocks the
     forward computed per q block (no gradient).
     """
