@@ -3,8 +3,9 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-WORKDIR ?= runs/lm_tiny
 CONFIG ?= configs/lm_tiny.py
+# runs/<config name>: `make train CONFIG=configs/lm_tiny_dd.py` trains in runs/lm_tiny_dd.
+WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lcx-installed
 

@@ -57,7 +57,7 @@ def run(*, smoke=False, steps=60, max_log2=13) -> dict:
             last = train_and_evaluate(config, workdir)
             train_seconds = time.perf_counter() - t0
             tokens = last["tokens_seen"]
-            corpus = load_split(config.data, "train", workdir)
+            corpus, _ = load_split(config.data, "train", workdir)
             opts = PipelineOptions(
                 seq_len=config.train.seq_len, batch_size=config.train.batch_size,
                 packing=packing, seed=config.seed, dd_min_log2=config.data.dd_min_log2,

@@ -79,7 +79,7 @@ def variant_configs(*, smoke: bool, steps: int, seq_len: int, batch_size: int, w
 
 def eval_rows(config, workdir: str, *, long_len: int, max_docs: int):
     """(short rows, long rows): eval documents one per row, as token arrays."""
-    corpus = load_split(config.data, "eval", workdir)
+    corpus, _ = load_split(config.data, "eval", workdir)
     docs = [corpus.document(i) for i in range(corpus.num_documents)]
     short = [d for d in docs if len(d) < SHORT][:max_docs]
     long = [d[:long_len] for d in docs if len(d) > LONG][:max_docs]

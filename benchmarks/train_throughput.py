@@ -65,7 +65,7 @@ def benchmark_config(*, seq_len: int, batch_size: int, smoke: bool = False, path
     config.train.update(progress=False, async_checkpoints=False)
     config.data.cache = False  # tokenizing is faster than writing a zarr cache per run
     if paths:
-        config.data.paths = tuple(paths)
+        config.data.paths = ",".join(paths)
     return config
 
 
@@ -238,7 +238,7 @@ def _settings(config, **timing) -> dict:
         "batch_size": config.train.batch_size,
         "model": f"d_model={m.d_model} layers={m.num_layers} heads={m.num_heads}",
         "attention": m.attention_implementation or f"default ({jax.default_backend()})",
-        "corpus": ",".join(config.data.paths) or "embedded (Python stdlib)",
+        "corpus": config.data.paths or "embedded (Python stdlib)",
         "max_documents": config.data.max_documents,
         "backend": f"{jax.default_backend()} x{jax.device_count()}",
         "jax": jax.__version__,

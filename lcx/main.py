@@ -1,7 +1,9 @@
 """Command line: `python -m lcx.main --config configs/<name>.py[:arg] --workdir DIR`.
 
 The config is locked: `--config.train.stepz=1` is an error, not silently ignored.
-User errors print one line and exit with status 2; LCX_DEBUG=1 shows the traceback.
+User errors (a bad flag, config value, path or workdir) print one line and exit with
+status 2; LCX_DEBUG=1 shows the traceback. SIGINT / SIGTERM stop training after the
+step in flight with a checkpoint, one line, and status 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 flags.mark_flags_as_required(["config", "workdir"])
 
 MODES = ("train", "eval")
+USER_ERROR = 2  # the exit status of every mistake a user can fix
 
 
 def run(config, workdir: str) -> dict:
@@ -42,34 +45,73 @@ def _one_line(error) -> str:
     return " ".join(text.split())
 
 
+def _user_error(message: str):
+    """Print one line and exit with USER_ERROR."""
+    print(f"lcx: error: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR)
+
+
 def _parse_flags(argv):
     """absl flag parsing, with config-override mistakes reported on one line."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        sys.exit(f"lcx: error: {_one_line(e)}")
+        _user_error(_one_line(e))
     except (AttributeError, KeyError) as e:
         # ml_collections raises these for a key the locked config does not have.
         key = re.search(r"'([^'\\]+)\\?'", str(e))
         hint = re.search(r"Did you mean [^?]*\?", str(e))
         name = key.group(1) if key else "?"
-        sys.exit(f"lcx: error: --config has no key {name!r}. {hint.group(0) if hint else ''}")
+        _user_error(f"--config has no key {name!r}. {hint.group(0) if hint else ''}".strip())
     except (TypeError, ValueError) as e:
-        sys.exit(f"lcx: error: bad --config override: {_one_line(e)}")
+        _user_error(f"bad --config override: {_one_line(e)}")
+
+
+def summary(result: dict, workdir: str, mode: str) -> str:
+    """One readable line about a finished run or evaluation."""
+    if mode == "eval":
+        return f"lcx: step {result['step']}: eval loss {result['eval_loss']:.4f}"
+    if result.get("already_finished"):
+        return (
+            f"lcx: {workdir} already reached step {result['step']} (train.steps); raise "
+            "--config.train.steps to train further"
+        )
+    parts = [f"lcx: trained to step {result.get('step', '?')}"]
+    if "loss" in result:
+        parts.append(f"loss {result['loss']:.4f}")
+    if "eval_loss" in result:
+        parts.append(f"eval loss {result['eval_loss']:.4f}")
+    if "tokens_seen" in result:
+        parts.append(f"{result['tokens_seen']:,.0f} tokens")
+    if "tokens_per_sec" in result:
+        parts.append(f"{result['tokens_per_sec']:,.0f} target tokens/s")
+    return ", ".join(parts) + f"; checkpoints and metrics.jsonl in {workdir}"
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        _user_error(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    from lcx.train.preemption import Interrupted
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
     try:
-        result = run(_CONFIG.value, _WORKDIR.value)
+        result = run(config, workdir)
+    except Interrupted as e:
+        print(
+            f"lcx: {e}; checkpoint of step {e.step} written to {workdir}/checkpoints; run the "
+            "same command again to resume",
+            file=sys.stderr,
+        )
+        sys.exit(e.exit_status)
     except (ValueError, OSError) as e:
         if os.environ.get("LCX_DEBUG"):
             raise
-        print(f"lcx: error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-    print(f"lcx: done: {result}")
+        _user_error(_one_line(e))
+    except KeyboardInterrupt:  # outside training (training checkpoints and stops instead)
+        print("lcx: interrupted", file=sys.stderr)
+        sys.exit(128 + 2)
+    print(summary(result, workdir, config.mode))
 
 
 if __name__ == "__main__":

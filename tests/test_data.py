@@ -43,11 +43,14 @@ def test_bad_files_are_handled(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 3)
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64))
     docs = select_documents([str(tmp_path)], "train", eval_fraction=1e-9)
     corpus = tokenize_documents(docs, ByteTokenizer())
-    assert corpus.num_empty_skipped == 1
-    assert corpus.num_documents == 2
-    assert corpus.num_tokens == (768 + 2) + (4 + 2)
+    assert corpus.num_empty_skipped == 1 and corpus.num_binary_skipped == 2
+    assert corpus.num_documents == 1 and corpus.num_tokens == 4 + 2  # latin1.txt
+    kept = tokenize_documents(docs, ByteTokenizer(), keep_binary=True)  # byte-level work
+    assert kept.num_binary_skipped == 0 and kept.num_documents == 3
+    assert kept.num_tokens == (768 + 2) + (4 + 2) + (16 + 64 + 2)
 
 
 def test_missing_path_is_refused(tmp_path):
@@ -58,7 +61,7 @@ def test_missing_path_is_refused(tmp_path):
 def test_only_empty_files_is_refused(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"")
     docs = select_documents([str(tmp_path)], "train", eval_fraction=1e-9)
-    with pytest.raises(ValueError, match="no non-empty documents"):
+    with pytest.raises(ValueError, match="no documents to train on"):
         tokenize_documents(docs, ByteTokenizer())
 
 

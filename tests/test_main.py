@@ -48,7 +48,7 @@ def test_smoke_run_from_the_command_line(tmp_path):
 )
 def test_user_errors_are_one_line(tmp_path, extra, expected):
     result = _main("--config", SMOKE, "--workdir", str(tmp_path / "w"), *extra)
-    assert result.returncode != 0
+    assert result.returncode == 2  # one exit status for every mistake a user can fix
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("lcx: error")]
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
@@ -58,13 +58,13 @@ def test_unwritable_workdir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     result = _main("--config", SMOKE, "--workdir", str(blocker / "sub"))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--workdir" in result.stderr and "not writable" in result.stderr
 
 
 def test_missing_config_file(tmp_path):
     result = _main("--config", "configs/nope.py", "--workdir", str(tmp_path))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "configs/nope.py" in result.stderr
 
 
@@ -80,4 +80,4 @@ def test_odd_files_train(tmp_path):
         f"--config.data.paths={corpus}", "--config.train.steps=2",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "1 empty files skipped" in result.stderr
+    assert "1 empty and 1 binary files skipped" in result.stderr  # binary.bin has NUL bytes

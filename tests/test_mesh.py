@@ -19,6 +19,7 @@ from lcx.train.optimizer import OptimizerConfig, ScheduleConfig, make_optimizer,
 
 assert jax.device_count() == 8, jax.devices()
 c = lm_tiny.get_config("smoke")
+c.model.dtype = "float32"  # same function on any mesh, checked to float32 precision
 rules = tuple(tuple(r) for r in c.sharding_rules)
 model_cfg = TransformerConfig(**c.model)
 schedule = make_schedule(ScheduleConfig(**c.schedule), total_steps=10, batch_size=8, seq_len=32)

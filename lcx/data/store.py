@@ -32,6 +32,7 @@ class TokenizedCorpus:
     tokens: np.ndarray
     offsets: np.ndarray
     num_empty_skipped: int = 0
+    num_binary_skipped: int = 0
 
     @property
     def num_documents(self) -> int:
@@ -49,17 +50,25 @@ class TokenizedCorpus:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
-def fingerprint(docs: Sequence[Document], tokenizer: ByteTokenizer) -> str:
-    """A digest that changes whenever a file or the tokenizer changes."""
-    h = hashlib.sha256(tokenizer.name.encode())
+def fingerprint(docs: Sequence[Document], tokenizer: ByteTokenizer, keep_binary=False) -> str:
+    """A digest that changes whenever a file, the tokenizer or the binary policy changes."""
+    h = hashlib.sha256(f"{tokenizer.name}\0keep_binary={keep_binary}".encode())
     for d in docs:
         h.update(f"{d.path}\0{d.relpath}\0{d.size}\0{d.mtime_ns}\n".encode("utf-8", "replace"))
     return h.hexdigest()[:20]
 
 
-def tokenize_documents(docs: Sequence[Document], tokenizer: ByteTokenizer) -> TokenizedCorpus:
-    """Read and tokenize every document; empty files are skipped and counted."""
-    pieces, lengths, empty = [], [0], 0
+def looks_binary(data: bytes) -> bool:
+    """A NUL byte in the first 8 KiB: how git and grep tell binary files from text."""
+    return b"\0" in data[:8192]
+
+
+def tokenize_documents(
+    docs: Sequence[Document], tokenizer: ByteTokenizer, *, keep_binary: bool = False
+) -> TokenizedCorpus:
+    """Read and tokenize every document; empty (and, unless kept, binary) files are
+    skipped and counted."""
+    pieces, lengths, empty, binary = [], [0], 0, 0
     for doc in docs:
         try:
             with open(doc.path, "rb") as f:
@@ -69,15 +78,38 @@ def tokenize_documents(docs: Sequence[Document], tokenizer: ByteTokenizer) -> To
         if not data:
             empty += 1
             continue
+        if not keep_binary and looks_binary(data):
+            binary += 1
+            continue
         ids = tokenizer.encode(data)
         pieces.append(ids)
         lengths.append(len(ids))
     if not pieces:
         raise ValueError(
-            f"the corpus has no non-empty documents ({len(docs)} files, {empty} empty)"
+            f"the corpus has no documents to train on ({len(docs)} files: {empty} empty, "
+            f"{binary} binary; data.keep_binary=True trains on binary files)"
         )
     tokens = np.concatenate(pieces).astype(np.uint16)
-    return TokenizedCorpus(tokens, np.cumsum(lengths, dtype=np.int64), empty)
+    return TokenizedCorpus(tokens, np.cumsum(lengths, dtype=np.int64), empty, binary)
+
+
+def split_tail(corpus: TokenizedCorpus, fraction: float, min_tokens: int = 2):
+    """(head, tail): the last `fraction` of the tokens held out, cutting one document."""
+    n = corpus.num_tokens
+    held_out = max(min_tokens, int(round(fraction * n)))
+    if n - held_out < min_tokens:
+        raise ValueError(
+            f"data.paths: {n} tokens are too few to hold out {held_out} for evaluation"
+        )
+    cut = n - held_out
+    inner = corpus.offsets[(corpus.offsets > 0) & (corpus.offsets < n)]
+    head = np.concatenate([[0], inner[inner < cut], [cut]]).astype(np.int64)
+    tail = np.concatenate([[0], inner[inner > cut] - cut, [held_out]]).astype(np.int64)
+    return (
+        TokenizedCorpus(corpus.tokens[:cut], head, corpus.num_empty_skipped,
+                        corpus.num_binary_skipped),
+        TokenizedCorpus(corpus.tokens[cut:], tail, 0, 0),
+    )  # fmt: skip
 
 
 def _zarr_spec(path, dtype, shape):
@@ -98,7 +130,11 @@ def _write(directory, corpus):
         spec = _zarr_spec(os.path.join(directory, name), dtype, array.shape)
         store = ts.open(spec, create=True).result()
         store.write(array).result()
-    manifest = {"num_empty_skipped": corpus.num_empty_skipped, "version": 1}
+    manifest = {
+        "num_empty_skipped": corpus.num_empty_skipped,
+        "num_binary_skipped": corpus.num_binary_skipped,
+        "version": 2,
+    }
     with open(os.path.join(directory, "manifest.json"), "w") as f:
         json.dump(manifest, f)
 
@@ -114,26 +150,32 @@ def _read(directory) -> TokenizedCorpus:
             "kvstore": {"driver": "file", "path": os.path.join(directory, name)},
         }
         arrays[name] = ts.open(spec, open=True).result().read().result()
-    return TokenizedCorpus(arrays["tokens"], arrays["offsets"], manifest["num_empty_skipped"])
+    return TokenizedCorpus(
+        arrays["tokens"], arrays["offsets"], manifest["num_empty_skipped"],
+        manifest.get("num_binary_skipped", 0),
+    )  # fmt: skip
 
 
 def load_or_tokenize(
-    docs: Sequence[Document], tokenizer: ByteTokenizer, cache_dir: str | None
-) -> TokenizedCorpus:
+    docs: Sequence[Document], tokenizer: ByteTokenizer, cache_dir: str | None, *,
+    keep_binary: bool = False,
+) -> TokenizedCorpus:  # fmt: skip
     """Tokenized `docs`, from the zarr cache in `cache_dir` when present (None: no cache)."""
     if cache_dir is None:
-        return tokenize_documents(docs, tokenizer)
-    final = os.path.join(cache_dir, f"corpus-{fingerprint(docs, tokenizer)}")
+        return tokenize_documents(docs, tokenizer, keep_binary=keep_binary)
+    final = os.path.join(cache_dir, f"corpus-{fingerprint(docs, tokenizer, keep_binary)}")
     if os.path.exists(os.path.join(final, "manifest.json")):
         return _read(final)
-    corpus = tokenize_documents(docs, tokenizer)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".corpus-", dir=cache_dir)
+    corpus = tokenize_documents(docs, tokenizer, keep_binary=keep_binary)
+    tmp = None
     try:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".corpus-", dir=cache_dir)
         _write(tmp, corpus)
         os.replace(tmp, final)
     except OSError:
-        # Another process finished the same cache first, or the disk failed: keep
-        # the in-memory result and leave no partial directory behind.
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Another process finished the same cache first, the disk failed or the workdir
+        # is read-only: keep the in-memory result and leave no partial directory behind.
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return corpus

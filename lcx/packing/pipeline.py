@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from lcx.data.store import TokenizedCorpus
+from lcx.data.tokenizer import ByteTokenizer
 from lcx.packing.chunkflow import chunkflow_dataset
 from lcx.packing.decomposition import DecomposedDataset, DecompositionOptions
 from lcx.packing.ffd import first_fit_decreasing
@@ -67,7 +68,7 @@ class PipelineOptions:
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None: repeat forever
-    pad_id: int = 0
+    pad_id: int = ByteTokenizer().pad_id  # a special id, never a real byte
     shard_index: int = 0
     shard_count: int = 1
     # Dataset Decomposition ("dd"): bucket lengths 2^min_log2 .. 2^max_log2, curriculum.

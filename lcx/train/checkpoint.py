@@ -16,7 +16,8 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     """A CheckpointManager holding items `state` (TrainState) and `data` (iterator)."""
 
-    def __init__(self, directory: str, *, keep: int, save_every: int, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int, save_every: int, async_save: bool = True,
+                 read_only: bool = False):  # fmt: skip
         if keep <= 0 or save_every <= 0:
             raise ValueError(
                 f"train.keep_checkpoints={keep} and train.checkpoint_every={save_every} "
@@ -26,7 +27,8 @@ class Checkpointer:
             max_to_keep=keep,
             save_interval_steps=save_every,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(directory, options=options)
 
@@ -49,8 +51,12 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def close(self):
+        """Wait for pending saves and release orbax's resources (idempotent)."""
+        if self.manager is None:
+            return
         self.manager.wait_until_finished()
         self.manager.close()
+        self.manager = None
 
 
 def abstract_like(shapes, shardings):

@@ -6,7 +6,8 @@ import os
 
 import jax
 
-from lcx.data import ByteTokenizer, load_or_tokenize, select_documents
+from lcx.data import ByteTokenizer, load_or_tokenize, select_documents, split_tail
+from lcx.data.corpus import user_documents
 from lcx.packing import PipelineOptions, packed_dataset
 
 
@@ -22,21 +23,47 @@ def corpus_paths(paths) -> tuple[str, ...]:
 
 
 def load_split(data_cfg, split: str, workdir: str | None):
-    """The tokenized corpus of one split, cached under WORKDIR/cache when enabled."""
-    tokenizer = ByteTokenizer()
-    docs = select_documents(
-        corpus_paths(data_cfg.paths),
-        split,
-        eval_fraction=data_cfg.eval_fraction,
-        max_documents=data_cfg.max_documents,
-    )
-    if not docs:
-        raise EmptySplitError(
-            f"data.paths: the {split} split has no documents; add files or change "
-            f"data.eval_fraction={data_cfg.eval_fraction}"
-        )
+    """(tokenized corpus of one split, how the split was made), cached under WORKDIR/cache.
+
+    Eval documents come from `data.eval_paths` when given (train then uses every file of
+    `data.paths`); else documents are split by a hash of their path; when that leaves a
+    split empty (one file, or a few), the last `data.eval_fraction` of the tokens is held
+    out instead.
+    """
     cache = os.path.join(workdir, "cache") if (workdir and data_cfg.cache) else None
-    return load_or_tokenize(docs, tokenizer, cache)
+
+    def tokenized(docs):
+        return load_or_tokenize(
+            docs, ByteTokenizer(), cache, keep_binary=data_cfg.get("keep_binary", False)
+        )
+
+    paths = corpus_paths(data_cfg.paths)
+    eval_paths = corpus_paths(data_cfg.get("eval_paths", ""))
+    if eval_paths:
+        docs = user_documents(eval_paths if split == "eval" else paths)
+        if not docs:
+            raise EmptySplitError(f"data.{'eval_' if split == 'eval' else ''}paths: no files")
+        return tokenized(_truncated(docs, data_cfg)), "eval files from data.eval_paths"
+    by_split = {
+        s: select_documents(paths, s, eval_fraction=data_cfg.eval_fraction)
+        for s in ("train", "eval")
+    }
+    if all(by_split.values()):
+        return tokenized(_truncated(by_split[split], data_cfg)), "split by document"
+    docs = _truncated(by_split["train"] + by_split["eval"], data_cfg)
+    if not docs:
+        raise EmptySplitError("data.paths: no documents")
+    train, held_out = split_tail(tokenized(docs), data_cfg.eval_fraction)
+    how = (
+        f"too few files to split by document: the last {held_out.num_tokens} tokens are "
+        "held out for evaluation"
+    )
+    return (held_out if split == "eval" else train), how
+
+
+def _truncated(docs, data_cfg):
+    """The first `data.max_documents` documents (all when 0)."""
+    return docs[: data_cfg.max_documents] if data_cfg.max_documents > 0 else docs
 
 
 DD_KEYS = ("dd_min_log2", "dd_max_log2", "dd_curriculum", "dd_cycles")

@@ -13,22 +13,30 @@ import sys
 import tempfile
 
 import jax
+import numpy as np
 
 from lcx import optim
 from lcx.model import TransformerConfig
+from lcx.packing import STRATEGIES
 from lcx.train import input as data_input
+from lcx.train import run_record
 from lcx.train import sharding as sh
 from lcx.train import step as steplib
 from lcx.train.checkpoint import Checkpointer, abstract_like
-from lcx.train.metrics import MetricsWindow, MetricsWriter, Progress
+from lcx.train.metrics import MetricsWindow, MetricsWriter, Progress, read_metrics
 from lcx.train.optimizer import OptimizerConfig, ScheduleConfig, make_optimizer, make_schedule
+from lcx.train.preemption import Interrupted, StopSignals
 from lcx.train.runner import StepRunner
 
 
-def ensure_workdir(workdir: str) -> str:
-    """Create `workdir` if needed and check that it is writable."""
+def ensure_workdir(workdir: str, *, writable: bool = True) -> str:
+    """Create `workdir` if needed and check that it is writable (or, for reading, exists)."""
     if not workdir:
         raise ValueError("--workdir is required: a directory for checkpoints and metrics")
+    if not writable:
+        if not os.path.isdir(workdir):
+            raise ValueError(f"--workdir {workdir!r} does not exist")
+        return os.path.abspath(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir):
@@ -40,18 +48,43 @@ def ensure_workdir(workdir: str) -> str:
 
 @dataclasses.dataclass
 class Experiment:
-    """Everything built once from a config: mesh, model, optimizer, shardings, steps."""
+    """Everything built once from a config: mesh, model, optimizer, shardings, steps.
+
+    With `read_only`, checkpoints are only read and nothing is written to the workdir
+    (evaluating a colleague's finished run).
+    """
 
     config: object
     workdir: str
+    read_only: bool = False
 
     def __post_init__(self):
         c = self.config
+        if c.data.packing not in STRATEGIES:  # before any data work
+            raise ValueError(f"data.packing={c.data.packing!r}; valid: {STRATEGIES}")
         self.model_cfg = TransformerConfig(**c.model)
         self.mesh = sh.make_mesh(sh.MeshShape(**c.mesh))
         self.rules = tuple(tuple(r) for r in c.sharding_rules)
         tc = c.train
-        self.micro_batch_size = tc.micro_batch_size or tc.batch_size
+        self.checkpointer = Checkpointer(
+            os.path.join(self.workdir, "checkpoints"),
+            keep=c.train.keep_checkpoints,
+            save_every=c.train.checkpoint_every,
+            async_save=c.train.async_checkpoints,
+            read_only=self.read_only,
+        )
+        self.resume_step = self.checkpointer.latest_step()
+        if self.read_only:
+            self.plan = run_record.RunPlan(tc.batch_size, tc.micro_batch_size or tc.batch_size)
+        else:
+            try:
+                self.plan = run_record.plan_run(
+                    c, self.workdir, resuming=self.resume_step is not None
+                )
+            except ValueError:
+                self.checkpointer.close()  # else orbax's event loop complains at exit
+                raise
+        self.micro_batch_size = self.plan.micro_batch_size
         divisor = sh.batch_divisor(self.mesh, self.rules)
         if self.micro_batch_size % divisor or tc.batch_size % self.micro_batch_size:
             raise ValueError(
@@ -85,7 +118,7 @@ class Experiment:
         self.schedule = make_schedule(
             ScheduleConfig(**c.schedule),
             total_steps=tc.steps,
-            batch_size=tc.batch_size,
+            batch_size=self.plan.first_batch_size,  # step lengths of the run's first batch
             seq_len=tc.seq_len,
         )
         self.tx = make_optimizer(OptimizerConfig(**c.optimizer), self.schedule)
@@ -93,20 +126,23 @@ class Experiment:
         self.shardings = steplib.state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
         self.batch_sharding = sh.batch_sharding(self.mesh, self.rules)
         self.corpus_summary = {}
-        self.checkpointer = Checkpointer(
-            os.path.join(self.workdir, "checkpoints"),
-            keep=c.train.keep_checkpoints,
-            save_every=c.train.checkpoint_every,
-            async_save=c.train.async_checkpoints,
-        )
+        self.warnings = []
+        if c.schedule.warmup_steps >= tc.steps and c.schedule.name != "power":
+            self.warnings.append(
+                f"schedule.warmup_steps={c.schedule.warmup_steps} >= train.steps={tc.steps}: "
+                "the run ends before the learning rate reaches its peak"
+            )
 
     def dataset(self, split: str):
         """The grain dataset of one split."""
         c = self.config
-        corpus = data_input.load_split(c.data, split, self.workdir)
+        corpus, how = data_input.load_split(c.data, split, None if self.read_only else self.workdir)
+        skipped = f"{corpus.num_empty_skipped} empty"
+        if corpus.num_binary_skipped:
+            skipped += f" and {corpus.num_binary_skipped} binary"
         self.corpus_summary[split] = (
-            f"{split}: {corpus.num_documents} documents, {corpus.num_tokens} tokens, "
-            f"{corpus.num_empty_skipped} empty files skipped"
+            f"{split}: {corpus.num_documents} documents, {corpus.num_tokens} tokens "
+            f"({how}), {skipped} files skipped"
         )
         return data_input.make_dataset(
             corpus,
@@ -126,12 +162,19 @@ class Experiment:
 
     def restore_or_init(self, data_iterator=None):
         """The latest checkpoint's state (and iterator), else a fresh state."""
-        step = self.checkpointer.latest_step()
+        step = self.resume_step
         if step is None:
             return self.init_state()
         shapes = jax.eval_shape(self.init_state)
         abstract = abstract_like(shapes, self.shardings)
-        return self.checkpointer.restore(step, abstract, data_iterator)
+        try:
+            return self.checkpointer.restore(step, abstract, data_iterator)
+        except (ValueError, KeyError, TypeError) as e:  # orbax / grain on a mismatched state
+            raise ValueError(
+                f"--workdir {self.workdir}: the checkpoint of step {step} does not fit this "
+                f"config's model, optimizer or data pipeline ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); use a new --workdir"
+            ) from None
 
     def evaluator(self):
         """A function params -> mean eval loss over `train.eval_batches` fixed batches."""
@@ -164,47 +207,116 @@ def train_and_evaluate(config, workdir: str, *, stop_after: int | None = None) -
     """Train to `config.train.steps`, resuming from WORKDIR/checkpoints if present.
 
     `stop_after` ends this invocation early (checkpointing first), as a preemption
-    would: a later call resumes on the same schedule. Returns the last logged record.
+    would: a later call resumes on the same schedule. SIGINT / SIGTERM stop after the
+    step in flight with a checkpoint and raise `Interrupted`. Returns the last logged
+    record.
     """
     workdir = ensure_workdir(workdir)
     exp = Experiment(config, workdir)
+    try:
+        with StopSignals() as signals:  # a signal during set-up stops after the first step
+            return _train(exp, stop_after, signals)
+    finally:
+        exp.checkpointer.close()
+
+
+def _train(exp, stop_after, signals):
+    """The body of train_and_evaluate."""
+    config, workdir = exp.config, exp.workdir
     tc = config.train
+    if exp.resume_step is None:
+        run_record.write_record(config, workdir)
     data_iter = iter(exp.dataset("train"))
     state = exp.restore_or_init(data_iter)
     evaluate = _evaluator_or_none(exp) if tc.eval_every > 0 else None
-    runner = StepRunner(exp, int(state.batch_size))
+    state, batch_size = _batch_size_to_run(exp, state)
+    runner = StepRunner(exp, batch_size)
     start, tokens = int(state.step), int(state.rows_seen) * tc.seq_len
     progress = Progress(tc.steps, start, enabled=tc.progress)
-    for line in exp.corpus_summary.values():
-        progress.write(f"corpus {line}")
-    window = MetricsWindow(MetricsWriter(workdir), progress, always=(start + 1, tc.steps))
+    for line in [*exp.corpus_summary.values(), *exp.warnings]:
+        progress.write(f"lcx: {line}")
+    writer = MetricsWriter(workdir)
+    if exp.resume_step is not None:
+        writer.truncate_after(start)
+        changed = f"; changed: {', '.join(exp.plan.changed)}" if exp.plan.changed else ""
+        progress.write(f"lcx: resumed from step {start} in {workdir}{changed}")
+    if start >= tc.steps:
+        progress.close()
+        return _finished_record(workdir, start)
+    window = MetricsWindow(writer, progress, always=(start + 1, tc.steps))
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
+    progress.write(f"lcx: compiling the train step, then training steps {start + 1}-{end}")
+    stop = False
     for step in range(start + 1, end + 1):
         state, metrics, stats = runner(state, data_iter, step)
         window.add(step, metrics, stats, log=step % tc.log_every == 0)
         tokens += metrics["batch_size"] * tc.seq_len
-        done = step == end or 0 < tc.max_tokens <= tokens
+        stop = signals.requested(step)
+        done = step == end or 0 < tc.max_tokens <= tokens or stop
         exp.checkpointer.save(step, state, data_iter, force=done)
-        if evaluate is not None and (step % tc.eval_every == 0 or step == tc.steps or done):
+        if (
+            evaluate is not None
+            and not stop
+            and (step % tc.eval_every == 0 or step == tc.steps or done)
+        ):
             window.flush()
             window.write_eval(step, evaluate(state.params))
         if done:
             break
     window.flush()
     progress.close()
-    exp.checkpointer.close()
+    exp.checkpointer.close()  # waits for the last save
+    if stop:
+        raise Interrupted(signals.signum, step)
     return window.last
 
 
+def _batch_size_to_run(exp, state):
+    """(state, sequences per step): the config's batch size unless AdAdaGrad controls it."""
+    if exp.adaptive is not None:
+        return state, int(state.batch_size)
+    batch_size = exp.config.train.batch_size
+    if int(state.batch_size) != batch_size:
+        resized = jax.device_put(np.int32(batch_size), state.batch_size.sharding)
+        state = state._replace(batch_size=resized)
+    return state, batch_size
+
+
+def _finished_record(workdir: str, step: int) -> dict:
+    """The last records of a run that already reached train.steps."""
+    try:
+        records = read_metrics(workdir)
+    except FileNotFoundError:
+        records = []
+    last = {}
+    for record in records:
+        last |= record
+    return last | {"step": step, "already_finished": True}
+
+
+def _writable(path: str) -> bool:
+    """Whether this process may write in `path`."""
+    return os.access(path, os.W_OK)
+
+
 def evaluate_checkpoint(config, workdir: str) -> dict:
-    """Evaluate the latest checkpoint in WORKDIR on the eval split."""
-    workdir = ensure_workdir(workdir)
-    exp = Experiment(config, workdir)
-    step = exp.checkpointer.latest_step()
-    if step is None:
-        raise ValueError(f"--workdir {workdir!r} has no checkpoint to evaluate; train first")
-    state = exp.restore_or_init()
-    record = {"step": step, "eval_loss": exp.evaluator()(state.params)}
-    MetricsWriter(workdir).write(record)
-    exp.checkpointer.close()
+    """Evaluate the latest checkpoint in WORKDIR on the eval split.
+
+    A read-only workdir (someone else's finished run) is read, not written: the record
+    is returned but not appended to its metrics.jsonl, and the corpus is not cached.
+    """
+    read_only = os.path.isdir(workdir) and not _writable(workdir)
+    workdir = ensure_workdir(workdir, writable=not read_only)
+    exp = Experiment(config, workdir, read_only=read_only)
+    try:
+        run_record.check_model(config, workdir)
+        step = exp.resume_step
+        if step is None:
+            raise ValueError(f"--workdir {workdir!r} has no checkpoint to evaluate; train first")
+        state = exp.restore_or_init()
+        record = {"step": step, "eval_loss": exp.evaluator()(state.params)}
+    finally:
+        exp.checkpointer.close()
+    if not read_only:
+        MetricsWriter(workdir).write(record)
     return record

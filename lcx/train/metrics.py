@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -13,13 +14,26 @@ from tqdm import tqdm
 
 
 def _plain(value):
-    """JSON-serialisable Python scalar from a numpy / jax scalar."""
+    """JSON-serialisable Python value from a numpy / jax scalar; NaN and inf become None."""
     value = np.asarray(value)
-    return value.item() if value.ndim == 0 else value.tolist()
+    if value.ndim:
+        return value.tolist()
+    value = value.item()
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _kind(record: dict) -> str:
+    """'eval' for an evaluation record, 'train' for a training step's."""
+    return "eval" if "eval_loss" in record and "loss" not in record else "train"
 
 
 class MetricsWriter:
-    """Appends metric dicts to metrics.jsonl; only process 0 writes."""
+    """Appends metric dicts to metrics.jsonl (strict JSON); only process 0 writes.
+
+    One record per (step, kind): a resumed run first drops the records after its
+    checkpoint (`truncate_after`), and an evaluation replaces an earlier one of the
+    same step.
+    """
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -28,19 +42,52 @@ class MetricsWriter:
     def write(self, record: dict):
         if not self.enabled:
             return
-        line = json.dumps({k: _plain(v) for k, v in record.items()}, sort_keys=True)
+        record = {k: _plain(v) for k, v in record.items()}
+        if _kind(record) == "eval":
+            self._keep(lambda r: not (_kind(r) == "eval" and r.get("step") == record["step"]))
+        line = json.dumps(record, sort_keys=True, allow_nan=False)
         with open(self.path, "a") as f:
             f.write(line + "\n")
 
+    def truncate_after(self, step: int):
+        """Drop the records of steps after `step` (a resume trains them again)."""
+        if self.enabled:
+            self._keep(lambda r: r.get("step", 0) <= step)
 
-def read_metrics(workdir: str) -> list[dict]:
-    """Every record of WORKDIR/metrics.jsonl, in order."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    def _keep(self, keep):
+        """Rewrite the file with the records for which `keep(record)` holds."""
+        if not os.path.exists(self.path):
+            return
+        records = _read(self.path)
+        if all(keep(r) for r in records):
+            return
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            for r in records:
+                if keep(r):
+                    f.write(json.dumps(r, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _read(path: str) -> list[dict]:
+    """The records of a metrics file, in order."""
+    with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of WORKDIR/metrics.jsonl in order, the last one per (step, kind)."""
+    records = _read(os.path.join(workdir, "metrics.jsonl"))
+    last = {(r.get("step"), _kind(r)): i for i, r in enumerate(records)}
+    return [r for i, r in enumerate(records) if last[(r.get("step"), _kind(r))] == i]
+
+
 class Progress:
-    """A tqdm bar over training steps showing loss, real tokens/s and padding (ETA by tqdm)."""
+    """A tqdm bar over training steps showing loss, real tokens/s and padding.
+
+    The ETA is the mean time per step since the first update, so the first step's
+    compilation does not show as hours to go.
+    """
 
     def __init__(self, total: int, initial: int, enabled: bool):
         enabled = enabled and jax.process_index() == 0
@@ -51,9 +98,15 @@ class Progress:
             desc="train",
             dynamic_ncols=True,
             file=sys.stderr,
+            smoothing=0,
         )
+        self._timing_from_here = True
 
     def update(self, step: int, record: dict | None = None):
+        if self._timing_from_here and not self.bar.disable:  # restart the clock after step 1
+            self.bar.reset(total=self.bar.total)
+            self.bar.initial = step
+            self._timing_from_here = False
         self.bar.n = step
         if record is not None:
             self.bar.set_postfix(

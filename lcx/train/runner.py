@@ -36,6 +36,11 @@ class StepRunner:
     def __init__(self, exp, batch_size: int):
         self.exp = exp
         self.micro = exp.micro_batch_size
+        if batch_size < self.micro or batch_size % self.micro:
+            raise ValueError(
+                f"train.batch_size={batch_size} must be a positive multiple of the "
+                f"micro-batch size {self.micro}"
+            )
         self.adaptive = exp.adaptive
         self.batch_size = batch_size
         seq_len = exp.config.train.seq_len

@@ -1,0 +1,153 @@
+"""The workdir's record of the run it holds: the config it started with, checked on resume.
+
+A fresh run writes `WORKDIR/config.json`. A resume compares the current config with it:
+keys in RESUMABLE may differ (the run continues correctly), any other difference stops
+with one line naming the keys, unless `train.allow_config_change` is set. A changed
+`train.batch_size` continues through gradient accumulation in micro-batches of the
+run's first micro-batch size (the data iterator in the checkpoint draws those), and the
+learning-rate schedule keeps the first batch size's step lengths, so it stays a function
+of tokens seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+
+RECORD = "config.json"
+
+# Keys that may change between the first start and a resume.
+RESUMABLE = frozenset(
+    {
+        "mode",
+        "train.steps",
+        "train.max_tokens",
+        "train.batch_size",  # continued in micro-batches of the first run's size
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.async_checkpoints",
+        "train.progress",
+        "train.allow_config_change",
+        "data.cache",
+        "model.attention_implementation",  # the same function, computed another way
+    }
+)
+
+
+def flatten(config) -> dict:
+    """A config as {dotted key: JSON value} (tuples become lists)."""
+    plain = json.loads(json.dumps(config.to_dict(), default=_jsonable))
+    out = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value
+
+    walk("", plain)
+    return out
+
+
+def _jsonable(value):
+    """JSON for what json cannot encode directly (placeholders, numpy scalars)."""
+    if hasattr(value, "item"):
+        return value.item()
+    return None if value is None else repr(value)
+
+
+def read_record(workdir: str) -> dict | None:
+    """The flattened config a workdir's run started with, or None if it has none."""
+    path = os.path.join(workdir, RECORD)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_record(config, workdir: str) -> None:
+    """Record the config of a run starting in `workdir` (process 0 writes)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, RECORD)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(flatten(config), f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def differences(recorded: dict, config) -> dict:
+    """{key: (recorded value, current value)} for every key that differs."""
+    current = flatten(config)
+    keys = set(recorded) | set(current)
+    missing = object()
+    out = {}
+    for key in sorted(keys):
+        old, new = recorded.get(key, missing), current.get(key, missing)
+        if old != new:
+            out[key] = (None if old is missing else old, None if new is missing else new)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """How this invocation continues the workdir's run."""
+
+    first_batch_size: int  # the schedule's step length in sequences
+    micro_batch_size: int  # sequences per data-iterator batch
+    changed: tuple[str, ...] = ()  # config keys that differ from the record
+
+
+def _describe(diffs: dict, keys) -> str:
+    """'a.b=1 (now 2), ...' for `keys`."""
+    return ", ".join(f"{k}={diffs[k][0]!r} (now {diffs[k][1]!r})" for k in keys)
+
+
+def plan_run(config, workdir: str, *, resuming: bool) -> RunPlan:
+    """The RunPlan of a train invocation; ValueError (one line) if it cannot continue."""
+    tc = config.train
+    micro = tc.micro_batch_size or tc.batch_size
+    recorded = read_record(workdir) if resuming else None
+    if recorded is None:
+        return RunPlan(first_batch_size=tc.batch_size, micro_batch_size=micro)
+    diffs = differences(recorded, config)
+    fixed = [k for k in diffs if k not in RESUMABLE]
+    if fixed and not tc.allow_config_change:
+        raise ValueError(
+            f"--workdir {workdir} holds a run started with another config: "
+            f"{_describe(diffs, fixed)}. Use a new --workdir, or pass "
+            "--config.train.allow_config_change=True to continue it anyway"
+        )
+    first_micro = recorded["train.micro_batch_size"] or recorded["train.batch_size"]
+    if "train.micro_batch_size" not in diffs:
+        micro = first_micro  # the checkpointed data iterator draws batches of this size
+    if tc.batch_size % micro:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} cannot continue the run in {workdir}: it draws "
+            f"micro-batches of {micro} sequences, so the batch size must be a multiple of "
+            f"{micro} (or start a new --workdir)"
+        )
+    return RunPlan(
+        first_batch_size=recorded["train.batch_size"], micro_batch_size=micro,
+        changed=tuple(diffs),
+    )  # fmt: skip
+
+
+def check_model(config, workdir: str) -> None:
+    """ValueError (one line) if the workdir's run was started with another model config."""
+    recorded = read_record(workdir)
+    if recorded is None:
+        return
+    diffs = differences(recorded, config)
+    model = [k for k in diffs if k.startswith("model.") and k not in RESUMABLE]
+    if model:
+        raise ValueError(
+            f"--workdir {workdir} holds a model of another config: {_describe(diffs, model)}"
+        )
