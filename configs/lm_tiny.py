@@ -19,6 +19,20 @@ def get_config(arg=None):
     c.mode = "train"
     c.seed = 0
 
+    # --config.mode=generate: complete prompts with the workdir's latest checkpoint.
+    c.generate = dict(
+        prompts="def ",  # several separated by \\n
+        prompts_file="",  # one prompt per line; overrides prompts
+        max_new_tokens=200,
+        temperature=0.0,  # 0: greedy
+        top_k=0,  # 0: no limit
+        top_p=1.0,  # 1: no limit
+        seed=0,
+        share_prefix=True,  # store the prompts' common prefix once (Hydragen)
+        slots=0,  # sequences decoded at once; 0: all prompts
+        token_budget=256,  # query tokens per engine step
+    )
+
     c.data = dict(
         # Comma-separated files or directories; empty: the embedded corpus (Python's
         # standard library sources).

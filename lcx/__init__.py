@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 
 SUBMODULES = (
     "attention",
+    "cache",
     "config_loading",
     "data",
+    "generate",
     "layers",
     "model",
     "optim",

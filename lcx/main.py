@@ -21,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "generate")
 USER_ERROR = 2  # the exit status of every mistake a user can fix
 
 
@@ -33,6 +33,10 @@ def run(config, workdir: str) -> dict:
         return train.train_and_evaluate(config, workdir)
     if config.mode == "eval":
         return train.evaluate_checkpoint(config, workdir)
+    if config.mode == "generate":
+        from lcx.generate.cli import generate_from_workdir
+
+        return generate_from_workdir(config, workdir)
     raise ValueError(f"config.mode={config.mode!r}; valid: {MODES}")
 
 
@@ -71,6 +75,9 @@ def summary(result: dict, workdir: str, mode: str) -> str:
     """One readable line about a finished run or evaluation."""
     if mode == "eval":
         return f"lcx: step {result['step']}: eval loss {result['eval_loss']:.4f}"
+    if mode == "generate":
+        tokens, prompts = result["tokens"], result["prompts"]
+        return f"lcx: step {result['step']}: {tokens} tokens for {prompts} prompts"
     if result.get("already_finished"):
         return (
             f"lcx: {workdir} already reached step {result['step']} (train.steps); raise "

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcx.attention import packed_attention
+from lcx.attention import merge_attention, packed_attention
+from lcx.attention.shared_prefix import prefix_attention
+from lcx.cache import AttentionCache, cache_attention
 from lcx.layers import DTYPES, apply_rope, param, rms_normalise
 from lcx.ttt import LaCTConfig, LaCTLayer
 
@@ -137,42 +139,85 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions_BxT, cfg.rope_theta)
         return q, apply_rope(k, positions_BxT, cfg.rope_theta), v
 
+    def init_cache(self, slots: int, length: int, dtype=None) -> AttentionCache:
+        """An empty cache of `slots` sequences of `length` tokens (default compute dtype)."""
+        cfg = self.cfg
+        dtype = dtype or cfg.compute_dtype
+        return AttentionCache.zeros(slots, length, cfg.num_kv_heads, cfg.head_dim, dtype)
+
+    def _attend(self, q, k, v, segment_ids, *, return_lse=True, **keys):
+        """packed_attention with this layer's masking; (out, lse), or out."""
+        cfg = self.cfg
+        return packed_attention(
+            q, k, v, segment_ids, causal=True, window=cfg.attention_window,
+            implementation=cfg.attention_implementation, return_lse=return_lse, **keys,
+        )  # fmt: skip
+
     def with_cache(self, x_BxCxE, segment_ids_BxC, positions_BxC, cache, *, cache_segment_ids,
                    cache_positions, index):  # fmt: skip
-        """A chunk's attention over a key/value cache that first receives its keys/values.
+        """A chunk's attention over a key/value buffer that first receives its keys/values.
 
         `cache`: (k, v) [B, S, K, D]; the chunk's keys/values are written at `index`, then
-        its queries attend the whole cache through `packed_attention`, which skips the
-        blocks no query sees. `cache_segment_ids` [B, S] give each cache entry the segment
+        its queries attend the whole buffer through `packed_attention`, which skips the
+        blocks no query sees. `cache_segment_ids` [B, S] give each entry the segment
         id of the queries that may see it (0: nobody, e.g. other documents or later
         chunks) and must already hold the chunk's own ids at `index`; `cache_positions`
         [B, S] drive causality and the window. ChunkFlow passes its rows' buffer here.
         Returns (output [B, C, E], the chunk's (k, v)).
         """
-        cfg, dt = self.cfg, self.cfg.compute_dtype
+        dt = self.cfg.compute_dtype
         q, k, v = self._qkv(x_BxCxE, positions_BxC)
         k_all = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 1)
         v_all = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 1)
-        o_BxCxHxD = packed_attention(
+        o_BxCxHxD, _ = self._attend(
             q, k_all, v_all, segment_ids_BxC, kv_segment_ids=cache_segment_ids,
-            q_positions=positions_BxC, kv_positions=cache_positions, causal=True,
-            window=cfg.attention_window, implementation=cfg.attention_implementation,
+            q_positions=positions_BxC, kv_positions=cache_positions,
         )  # fmt: skip
         return jnp.einsum("bthd,hde->bte", o_BxCxHxD, self.w_o[...].astype(dt)), (k, v)
 
-    def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT):
+    def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT, cache=None, *,
+                 attend_cache=True, prefixes=(), offset_S=None, decode_rows=0):  # fmt: skip
+        """Self-attention over packed rows; with `cache`, (output, the updated cache).
+
+        With a cache (lcx.cache: a token's slot is its segment id - 1) the tokens'
+        keys/values are stored first. `attend_cache`: the queries (one row) attend the
+        whole cache, for decoding and chunked prefill; False: only their own row, for a
+        prefill whose prompts lie whole in the rows. `prefixes`: (SharedPrefix, group of
+        each slot [S]) per tree level, merged by log-sum-exp (Hydragen); `offset_S` [S]:
+        the prefix length each slot's cache entries start after. `decode_rows`: the row's
+        first `slots` queries are one decode token per slot (query i of slot i, or
+        padding), attended slot by slot rather than against the whole cache.
+        """
         cfg, dt = self.cfg, self.cfg.compute_dtype
         q, k, v = self._qkv(x_BxTxE, positions_BxT)
-        o_BxTxHxD = packed_attention(
-            q,
-            k,
-            v,
-            segment_ids_BxT,
-            causal=True,
-            window=cfg.attention_window,
-            implementation=cfg.attention_implementation,
-        )
-        return jnp.einsum("bthd,hde->bte", o_BxTxHxD, self.w_o[...].astype(dt))
+        if cache is not None:
+            cache = cache.write(k, v, segment_ids_BxT, positions_BxT, offset_S)
+        if cache is not None and attend_cache:
+            parts = [
+                cache_attention(
+                    q, segment_ids_BxT, positions_BxT, cache, offset_S=offset_S,
+                    decode_rows=decode_rows, window=cfg.attention_window,
+                    implementation=cfg.attention_implementation,
+                )
+            ]  # fmt: skip
+        elif not prefixes:  # training and prepacked prefill: causal within the row's runs
+            o_BxTxHxD = self._attend(q, k, v, segment_ids_BxT, return_lse=False)
+            out = jnp.einsum("bthd,hde->bte", o_BxTxHxD, self.w_o[...].astype(dt))
+            return out if cache is None else (out, cache)
+        else:
+            parts = [self._attend(q, k, v, segment_ids_BxT)]
+        slot = jnp.clip(segment_ids_BxT - 1, 0, None)
+        for prefix, group_of_slot in prefixes:
+            groups = jnp.where(segment_ids_BxT > 0, group_of_slot[slot], -1)
+            parts.append(
+                prefix_attention(
+                    q, prefix, groups, positions_BxT, window=cfg.attention_window,
+                    implementation=cfg.attention_implementation,
+                )
+            )  # fmt: skip
+        o_BxTxHxD = merge_attention(parts)[0] if len(parts) > 1 else parts[0][0]
+        out = jnp.einsum("bthd,hde->bte", o_BxTxHxD, self.w_o[...].astype(dt))
+        return out if cache is None else (out, cache)
 
 
 class SwiGLU(nnx.Module):
@@ -204,9 +249,14 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
-    def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT):
-        x_BxTxE = x_BxTxE + self.attn(self.attn_norm(x_BxTxE), segment_ids_BxT, positions_BxT)
-        return x_BxTxE + self.mlp(self.mlp_norm(x_BxTxE))
+    def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT, cache=None, **cache_args):
+        """The block; with a mixer cache, (output, the updated cache)."""
+        h = self.attn(self.attn_norm(x_BxTxE), segment_ids_BxT, positions_BxT, cache, **cache_args)
+        if cache is not None:
+            h, cache = h
+        x_BxTxE = x_BxTxE + h
+        x_BxTxE = x_BxTxE + self.mlp(self.mlp_norm(x_BxTxE))
+        return x_BxTxE if cache is None else (x_BxTxE, cache)
 
     def with_cache(self, x_BxCxE, segment_ids_BxC, positions_BxC, cache, **cache_layout):
         """The block on one chunk attending a key/value cache (ChunkFlow); see Attention."""
@@ -233,15 +283,49 @@ class Transformer(nnx.Module):
             rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, ("embed", "vocab")
         )
 
-    def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None):
+    def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, *, cache=None,
+                 logits_at=None, **cache_args):  # fmt: skip
+        """Logits [B, T, V] (float32); with `cache`, (logits, the updated cache).
+
+        `cache`: from `init_cache`, one entry per layer (see lcx.cache: a token's slot is
+        its segment id - 1); `cache_args` go to the mixers (`attend_cache`, `offset_S`),
+        except `prefixes`: per layer, the (SharedPrefix, group of each slot) of each tree
+        level. `logits_at` int [B, N]: only the logits at those indices, [B, N, V].
+        """
         b, t = tokens_BxT.shape
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.ones((b, t), jnp.int32)
         if positions_BxT is None:
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        return self.logits_from_embeddings(
-            self.embed_tokens(tokens_BxT), segment_ids_BxT, positions_BxT
-        )
+        if cache is None and not cache_args and logits_at is None:
+            return self.logits_from_embeddings(
+                self.embed_tokens(tokens_BxT), segment_ids_BxT, positions_BxT
+            )
+        x = self.embed_tokens(tokens_BxT)
+        caches = [None] * len(self.blocks) if cache is None else cache
+        prefixes = cache_args.pop("prefixes", None) or [()] * len(self.blocks)
+        updated = []
+        for block, layer_cache, layer_prefixes in zip(self.blocks, caches, prefixes, strict=True):
+            x = block(
+                x, segment_ids_BxT, positions_BxT, layer_cache, prefixes=layer_prefixes,
+                **cache_args,
+            )  # fmt: skip
+            if layer_cache is not None:
+                x, layer_cache = x
+            updated.append(layer_cache)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
+        logits = self._unembed(x)
+        return logits if cache is None else (logits, tuple(updated))
+
+    def init_cache(self, slots: int, length: int, dtype=None) -> tuple:
+        """Empty per-layer caches for `slots` sequences of up to `length` tokens."""
+        return tuple(block.attn.init_cache(slots, length, dtype) for block in self.blocks)
+
+    def _unembed(self, x_BxTxE):
+        """Final norm and unembedding; float32 logits."""
+        unembed = self.unembed[...].astype(self.cfg.compute_dtype)
+        return jnp.einsum("bte,ev->btv", self.final_norm(x_BxTxE), unembed).astype(jnp.float32)
 
     def embed_tokens(self, tokens_BxT):
         """Token embeddings [B, T, E] in the compute dtype."""
@@ -259,14 +343,10 @@ class Transformer(nnx.Module):
         for block, cache in zip(self.blocks, caches, strict=True):
             x, kv = block.with_cache(x, segment_ids_BxC, positions_BxC, cache, **cache_layout)
             kvs.append(kv)
-        unembed = self.unembed[...].astype(self.cfg.compute_dtype)
-        logits = jnp.einsum("bte,ev->btv", self.final_norm(x), unembed).astype(jnp.float32)
-        return logits, kvs
+        return self._unembed(x), kvs
 
     def logits_from_embeddings(self, x_BxTxE, segment_ids_BxT, positions_BxT):
         """The decoder stack and unembedding; float32 logits [B, T, V]."""
         for block in self.blocks:
             x_BxTxE = block(x_BxTxE, segment_ids_BxT, positions_BxT)
-        x_BxTxE = self.final_norm(x_BxTxE)
-        unembed = self.unembed[...].astype(self.cfg.compute_dtype)
-        return jnp.einsum("bte,ev->btv", x_BxTxE, unembed).astype(jnp.float32)
+        return self._unembed(x_BxTxE)

@@ -33,6 +33,14 @@ def test_smoke_run_from_the_command_line(tmp_path):
     result = _main("--config", SMOKE, "--workdir", str(workdir), "--config.mode=eval")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval_loss" in (workdir / "metrics.jsonl").read_text().splitlines()[-1]
+    result = _main(
+        "--config", SMOKE, "--workdir", str(workdir), "--config.mode=generate",
+        "--config.generate.prompts=def f(x):\\nimport os", "--config.generate.max_new_tokens=5",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("--- 0: def f(x):") and lines[1].startswith("--- 1: import os")
+    assert "step 2: 10 tokens for 2 prompts" in lines[-1]  # the smoke model never says EOS
 
 
 @pytest.mark.parametrize(
@@ -43,6 +51,7 @@ def test_smoke_run_from_the_command_line(tmp_path):
         (["--config.data.paths=/no/such/corpus"], "does not exist"),
         (["--config.data.packing=zigzag"], "data.packing"),
         (["--config.mode=eval"], "no checkpoint"),
+        (["--config.mode=generate"], "no checkpoint"),
         (["--config.mode=dance"], "config.mode"),
     ],
 )

@@ -2,6 +2,7 @@
 
 `packed_attention` (queries with segment ids and positions against keys with theirs,
 optional log-sum-exp), `merge_attention` (exact combination of parts over disjoint keys),
+`shared_prefix_attention` (prefixes stored once, merged in: Hydragen),
 the jnp reference, the chunked XLA implementation, the Pallas kernels, block schedules
 and converters to the cumulative-length (varlen) form.
 """
@@ -12,6 +13,7 @@ from lcx.attention.layout import BlockSchedule, block_schedule, count_visited
 from lcx.attention.merge import merge_attention
 from lcx.attention.reference import reference_attention, visibility_mask
 from lcx.attention.segments import Segments
+from lcx.attention.shared_prefix import SharedPrefix, prefix_attention, shared_prefix_attention
 from lcx.attention.varlen import cu_seqlens_to_segment_ids, segment_ids_to_cu_seqlens
 
 __all__ = [
@@ -19,12 +21,15 @@ __all__ = [
     "BlockSchedule",
     "BlockSizes",
     "Segments",
+    "SharedPrefix",
     "block_schedule",
     "count_visited",
     "cu_seqlens_to_segment_ids",
     "merge_attention",
     "packed_attention",
+    "prefix_attention",
     "reference_attention",
     "segment_ids_to_cu_seqlens",
+    "shared_prefix_attention",
     "visibility_mask",
 ]

@@ -50,6 +50,15 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+    def restore_params(self, step: int, abstract_params):
+        """Only the parameters of a checkpoint's state: no optimizer state, no iterator."""
+        item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )  # fmt: skip
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
     def close(self):
         """Wait for pending saves and release orbax's resources (idempotent)."""
         if self.manager is None:

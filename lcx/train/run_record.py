@@ -40,6 +40,11 @@ RESUMABLE = frozenset(
 )
 
 
+def resumable(key: str) -> bool:
+    """Whether a config key may differ on resume (generation settings never matter)."""
+    return key in RESUMABLE or key.startswith("generate.")
+
+
 def flatten(config) -> dict:
     """A config as {dotted key: JSON value} (tuples become lists)."""
     plain = json.loads(json.dumps(config.to_dict(), default=_jsonable))
@@ -118,7 +123,7 @@ def plan_run(config, workdir: str, *, resuming: bool) -> RunPlan:
     if recorded is None:
         return RunPlan(first_batch_size=tc.batch_size, micro_batch_size=micro)
     diffs = differences(recorded, config)
-    fixed = [k for k in diffs if k not in RESUMABLE]
+    fixed = [k for k in diffs if not resumable(k)]
     if fixed and not tc.allow_config_change:
         raise ValueError(
             f"--workdir {workdir} holds a run started with another config: "

@@ -103,7 +103,7 @@ def newton_schulz(g):
     return jnp.swapaxes(x, -1, -2) if transpose else x
 
 
-def _row_norms(w: FastWeights) -> FastWeights:
+def row_norms(w: FastWeights) -> FastWeights:
     """Norm of every row (over the last axis), kept for re-normalisation."""
     return jax.tree.map(lambda x: safe_norm(x, axis=-1), w)
 
@@ -117,7 +117,7 @@ def _renormalise(w: FastWeights, norms: FastWeights) -> FastWeights:
     return jax.tree.map(rescale, w, norms)
 
 
-def _where_rows(cond_B, a: FastWeights, b: FastWeights) -> FastWeights:
+def where_rows(cond_B, a: FastWeights, b: FastWeights) -> FastWeights:
     """Per batch row: a where cond else b."""
     return jax.tree.map(lambda x, y: jnp.where(cond_B[:, None, None, None], x, y), a, b)
 
@@ -134,6 +134,31 @@ def document_start_index(segment_ids_BxT):
         axis=1,
     )
     return jax.lax.cummax(jnp.where(change, idx, 0), axis=1)
+
+
+def chunk_update(base: FastWeights, base_mom, k, v, lr, momentum, in_chunk, norms, *,
+                 chunk_size, use_muon, directions=descent_directions):  # fmt: skip
+    """(weights, momentum) after one chunk's update from `base` (and its momentum).
+
+    k, v [B, H, C, D]; lr [B, H, C, 3]; momentum [B, H, C] or None; `in_chunk` [B, 1, C]:
+    1 for the tokens of the document being updated (the chunk's last), else 0; `norms`:
+    the initial weights' row norms, restored after the step.
+    """
+    lr = lr * in_chunk[..., None]
+    delta = directions(base, k, v, lr[..., 0], lr[..., 1], lr[..., 2])
+    mom = None
+    if base_mom is not None:
+        count = jnp.maximum(jnp.sum(in_chunk, axis=-1), 1.0)  # [B, 1]
+        coeff = jnp.sum(momentum * in_chunk, axis=-1) / count  # [B, H]
+        delta = jax.tree.map(lambda d, m: d + m * coeff[..., None, None], delta, base_mom)
+        mom = delta
+    if use_muon:
+        # Muon gives every update about unit size whatever its token count; scaling by
+        # the share of the chunk the document filled keeps a document's few tokens at
+        # the end of a chunk from moving the weights as far as a full chunk does.
+        share = jnp.sum(in_chunk, axis=-1) / chunk_size  # [B, 1]
+        delta = jax.tree.map(lambda d: newton_schulz(d) * share[..., None, None], delta)
+    return _renormalise(jax.tree.map(jnp.add, base, delta), norms), mom
 
 
 def _to_chunks(x, n, c):
@@ -192,7 +217,7 @@ def lact_chunk_scan(
     dt = jnp.float32 if out_dtype != jnp.float64 else jnp.float64
     q, k, v = (x.astype(dt) for x in (q, k, v))
     w0 = FastWeights(*(jnp.broadcast_to(x.astype(dt), (b, *x.shape)) for x in w_init))
-    norms = _row_norms(w0)
+    norms = row_norms(w0)
     xs = dict(
         q=_to_chunks(q, n, c),
         k=_to_chunks(k, n, c),
@@ -216,22 +241,14 @@ def lact_chunk_scan(
         last_seg = x["seg"][:, -1]
         continues = ~x["fresh"][:, -1]  # the chunk's last document began before it
         in_last = ((x["seg"] == last_seg[:, None]) & x["real"]).astype(dt)[:, None, :]  # [B,1,C]
-        base = _where_rows(continues, w, w0)
-        lr = x["lr"] * in_last[..., None]
-        delta = directions(base, x["k"], x["v"], lr[..., 0], lr[..., 1], lr[..., 2])
+        base = where_rows(continues, w, w0)
+        base_mom = None
         if mom is not None:
-            count = jnp.maximum(jnp.sum(in_last, axis=-1), 1.0)  # [B, 1]
-            coeff = jnp.sum(x["momentum"] * in_last, axis=-1) / count  # [B, H]
-            base_mom = _where_rows(continues, mom, jax.tree.map(jnp.zeros_like, mom))
-            delta = jax.tree.map(lambda d, m: d + m * coeff[..., None, None], delta, base_mom)
-            mom = delta
-        if use_muon:
-            # Muon gives every update about unit size whatever its token count; scaling by
-            # the share of the chunk the document filled keeps a document's few tokens at
-            # the end of a chunk from moving the weights as far as a full chunk does.
-            share = jnp.sum(in_last, axis=-1) / c  # [B, 1]
-            delta = jax.tree.map(lambda d: newton_schulz(d) * share[..., None, None], delta)
-        w = _renormalise(jax.tree.map(jnp.add, base, delta), norms)
+            base_mom = where_rows(continues, mom, jax.tree.map(jnp.zeros_like, mom))
+        w, mom = chunk_update(
+            base, base_mom, x["k"], x["v"], x["lr"], x.get("momentum"), in_last, norms,
+            chunk_size=c, use_muon=use_muon, directions=directions,
+        )  # fmt: skip
         return (w, mom), out
 
     mom0 = None if momentum is None else jax.tree.map(jnp.zeros_like, w0)

@@ -26,8 +26,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcx.attention import packed_attention
+from lcx.cache import AttentionCache, cache_attention
 from lcx.layers import DTYPES, apply_rope, constant_param, param, rms_normalise
 from lcx.ttt.fast_weights import FastWeights, lact_chunk_scan, safe_norm
+from lcx.ttt.state import LaCTCache, fast_weight_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +115,18 @@ class LaCTLayer(nnx.Module):
         out_std = e**-0.5 / (2 * cfg.num_layers) ** 0.5
         self.w_o = param(rngs.params(), (e, e), out_std, ("mlp", "embed"))
 
-    def __call__(self, x_BxTxE, segment_ids_BxT=None, positions_BxT=None):
+    def __call__(self, x_BxTxE, segment_ids_BxT=None, positions_BxT=None, cache=None, *,
+                 attend_cache=True, prefixes=(), offset_S=None, decode_rows=0):  # fmt: skip
+        """[B, T, E]; with `cache` (one row, an engine step), (output, the updated cache)."""
+        if prefixes:
+            raise NotImplementedError("LaCT layers take no shared prefix: its state is per slot")
+        if cache is not None:
+            if not attend_cache:
+                raise NotImplementedError(
+                    "LaCT layers prefill through engine steps (chunks that end on their "
+                    "chunk grid), not prepacked rows"
+                )
+            return self._cached(x_BxTxE, segment_ids_BxT, positions_BxT, cache, decode_rows)
         cfg = self.cfg
         dt = DTYPES[cfg.dtype]
         b, t, e = x_BxTxE.shape
@@ -127,6 +140,48 @@ class LaCTLayer(nnx.Module):
         o_swa = self._sliding_window_attention(q, k, v, segment_ids_BxT, positions_BxT)
         o_lact = self._fast_weight_branch(x, q, k, v, segment_ids_BxT, positions_BxT)
         return (o_swa + o_lact) @ self.w_o[...].astype(dt)
+
+    def init_cache(self, slots: int, length: int, dtype=None) -> LaCTCache:
+        """Empty per-slot state: attention cache, fast weights, momentum, chunk buffer."""
+        cfg = self.cfg
+        hf, c, d = cfg.fw_heads, cfg.chunk_size, cfg.fw_head_dim
+        per_slot = lambda x: jnp.broadcast_to(x, (slots, *x.shape))  # noqa: E731
+        w = jax.tree.map(per_slot, self._initial_weights())
+        zeros = lambda *shape: jnp.zeros((slots, hf, c, *shape), jnp.float32)  # noqa: E731
+        head_dim = cfg.d_model // cfg.num_heads
+        return LaCTCache(
+            attention=AttentionCache.zeros(
+                slots, length, cfg.num_heads, head_dim, dtype or DTYPES[cfg.dtype]
+            ),
+            w=w, momentum=jax.tree.map(jnp.zeros_like, w) if cfg.use_momentum else None,
+            k=zeros(d), v=zeros(d), lr=zeros(3), momentum_rates=zeros(),
+        )  # fmt: skip
+
+    def _cached(self, x_BxTxE, segment_ids, positions, cache: LaCTCache, decode_rows):
+        """One engine row: attention against the cache, fast weights per slot (see LaCTCache)."""
+        cfg = self.cfg
+        dt = DTYPES[cfg.dtype]
+        b, t, e = x_BxTxE.shape
+        x = x_BxTxE.astype(dt)
+        q, k, v = jnp.moveaxis(jnp.einsum("bte,ekf->btkf", x, self.w_qkv[...].astype(dt)), 2, 0)
+        heads = lambda a: a.reshape(b, t, cfg.num_heads, e // cfg.num_heads)  # noqa: E731
+        qh = apply_rope(heads(q), positions, cfg.rope_theta)
+        kh = apply_rope(heads(k), positions, cfg.rope_theta)
+        attention = cache.attention.write(kh, heads(v), segment_ids, positions)
+        o_swa, _ = cache_attention(
+            qh, segment_ids, positions, attention, decode_rows=decode_rows, window=cfg.window,
+            implementation=cfg.attention_implementation,
+        )  # fmt: skip
+
+        qf, kf, vf, lr, momentum = self._fast_weight_inputs(x, q, k, v, positions)
+        state, out_TxHxD = fast_weight_step(
+            cache, self._initial_weights(), qf[0], kf[0], vf[0], lr[0],
+            None if momentum is None else momentum[0], segment_ids[0], positions[0],
+            decode_rows=decode_rows, use_muon=cfg.use_muon,
+        )  # fmt: skip
+        o_lact = self._fast_weight_output(x, out_TxHxD[None].astype(jnp.float32))
+        out = (o_swa.reshape(b, t, e) + o_lact) @ self.w_o[...].astype(dt)
+        return out, state._replace(attention=attention)
 
     def _sliding_window_attention(self, q, k, v, segment_ids, positions):
         """Causal windowed attention of the shared q, k, v; [B, T, E]."""
@@ -142,8 +197,8 @@ class LaCTLayer(nnx.Module):
         )  # fmt: skip
         return o.reshape(b, t, e)
 
-    def _fast_weight_branch(self, x, q, k, v, segment_ids, positions):
-        """Gated, normalised fast-weight outputs; [B, T, E]."""
+    def _fast_weight_inputs(self, x, q, k, v, positions):
+        """Fast-weight q, k, v [B, H, T, D], learning rates [B, H, T, 3], momentum [B, H, T]."""
         cfg = self.cfg
         dt = x.dtype
         b, t, e = x.shape
@@ -162,13 +217,28 @@ class LaCTLayer(nnx.Module):
         if cfg.use_momentum:
             m = jnp.einsum("bte,eh->bht", x32, self.w_momentum[...]) + self.b_momentum[...][:, None]
             momentum = jax.nn.sigmoid(m)
-        w_init = FastWeights(self.fw_w0[...], self.fw_w1[...], self.fw_w2[...])
         to_bhtd = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731
+        return to_bhtd(q), to_bhtd(k), to_bhtd(v), lr, momentum
+
+    def _initial_weights(self) -> FastWeights:
+        """The fast weights every sequence starts from (slow parameters)."""
+        return FastWeights(self.fw_w0[...], self.fw_w1[...], self.fw_w2[...])
+
+    def _fast_weight_output(self, x, out_BxTxHxD):
+        """Normalised, gated fast-weight outputs [B, T, E] in x's dtype."""
+        cfg = self.cfg
+        b, t, e = x.shape
+        normed = rms_normalise(out_BxTxHxD, cfg.norm_eps) * self.o_norm_scale[...]
+        x32 = x.astype(jnp.float32)
+        gate = jax.nn.silu(jnp.einsum("bte,eh->bth", x32, self.w_gate[...]) + self.b_gate[...])
+        return (normed * gate[..., None]).astype(x.dtype).reshape(b, t, e)
+
+    def _fast_weight_branch(self, x, q, k, v, segment_ids, positions):
+        """Gated, normalised fast-weight outputs; [B, T, E]."""
+        cfg = self.cfg
+        q, k, v, lr, momentum = self._fast_weight_inputs(x, q, k, v, positions)
         out = lact_chunk_scan(
-            w_init, to_bhtd(q), to_bhtd(k), to_bhtd(v), lr, momentum, segment_ids,
+            self._initial_weights(), q, k, v, lr, momentum, segment_ids,
             chunk_size=cfg.chunk_size, use_muon=cfg.use_muon,
         )  # fmt: skip
-        out = to_bhtd(out)  # [B, T, H, D]
-        normed = rms_normalise(out, cfg.norm_eps) * self.o_norm_scale[...]
-        gate = jax.nn.silu(jnp.einsum("bte,eh->bth", x32, self.w_gate[...]) + self.b_gate[...])
-        return (normed * gate[..., None]).astype(dt).reshape(b, t, e)
+        return self._fast_weight_output(x, jnp.swapaxes(out, 1, 2))

@@ -1,0 +1,348 @@
+"""Serving on the CPU, each comparison side by side in one run, with the tiny LM's shape.
+
+    python benchmarks/generate.py            # the BENCHMARKS.md run
+    python benchmarks/generate.py --smoke    # seconds
+
+1. `prefill`: 64 prompts cut from the embedded corpus's documents at random points,
+   log-uniform in [16, 1024] tokens (long-tailed: most short, a few long): one prompt per
+   row padded to the longest, vs prepacked
+   (`first_fit_decreasing` rows as long as the longest prompt). Time (median of repeats)
+   and the compiled step's temporary memory.
+2. `decode`: 32 sequences continuing one shared prefix with short suffixes; decode
+   tokens/s when each sequence attends its own copy of the prefix in its cache (naive)
+   vs the prefix stored once and attended by all queries in one product (Hydragen).
+3. `trace`: requests with Poisson arrivals and long-tailed prompt and output lengths:
+   static batches padded to the longest vs the continuous-batching engine with chunked
+   prefill piggybacked on decodes, and the engine prefilling whole prompts in one step.
+   Total time, output tokens/s, median and p99 time between a request's tokens; each
+   variant runs the trace twice and reports the second (compilation excluded).
+
+The model has lm_tiny's shape in float32 (`--dtype`); weights are random (the timing does
+not depend on them); greedy decoding runs to
+`max_new_tokens` (no stop ids), so every variant generates the same token counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+from flax import nnx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lcx.config_loading import load_config  # noqa: E402
+from lcx.generate import Engine, Request  # noqa: E402
+from lcx.model import Transformer, TransformerConfig  # noqa: E402
+from lcx.train.input import load_split  # noqa: E402
+
+
+def spread(values) -> dict:
+    """Median, min and max of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def build_model(smoke: bool, implementation=None, dtype="float32"):
+    """The tiny LM of configs/lm_tiny.py (its smoke shape with --smoke), random weights."""
+    config = load_config(os.path.join(ROOT, "configs", "lm_tiny.py"), "smoke" if smoke else None)
+    fields = dict(config.model, attention_implementation=implementation, dtype=dtype)
+    return Transformer(TransformerConfig(**fields), rngs=nnx.Rngs(0)), config
+
+
+def corpus_documents(config):
+    """The embedded corpus's training documents, as token arrays."""
+    corpus, _ = load_split(config.data, "train", None)
+    return [corpus.document(i) for i in range(corpus.num_documents)]
+
+
+def cut_prompts(documents, rng, n, cap, shortest=16):
+    """n prompts: random documents cut at a log-uniform point in [shortest, cap] tokens.
+
+    Log-uniform lengths are long-tailed: most prompts short, a few near `cap`.
+    """
+    prompts = []
+    for i in rng.choice(len(documents), n, replace=len(documents) < n):
+        doc = documents[i]
+        length = int(np.exp(rng.uniform(np.log(shortest), np.log(cap))))
+        prompts.append(doc[: max(1, min(length, len(doc)))].astype(np.int32).tolist())
+    return prompts
+
+
+def timed(fn, repeats):
+    """Seconds of each of `repeats` calls of fn (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# ---- 1. prefill ----------------------------------------------------------------------
+
+
+def bench_prefill(model, prompts, repeats):
+    """Padded vs prepacked prefill of one static batch: time and temporary memory."""
+    requests = [Request(p, 1) for p in prompts]
+    slots, longest = len(prompts), max(map(len, prompts))
+    out = {}
+    for packing in ("padded", "ffd"):
+
+        def run(packing=packing):
+            engine = Engine(model, slots=slots, max_length=longest + 8, token_budget=slots + 1)
+            engine.prefill(requests, packing=packing)
+
+        engine = Engine(model, slots=slots, max_length=longest + 8, token_budget=slots + 1)
+        memory = engine.compiled_prefill(requests, packing=packing).memory_analysis()
+        rows = engine._pack_prefill(requests, packing)[0]["tokens"].shape
+        out[packing] = {
+            "seconds": spread(timed(run, repeats)),
+            "temp_mib": memory.temp_size_in_bytes / 2**20,
+            "rows": rows[0],
+            "row_length": rows[1],
+        }
+    out["speedup"] = out["padded"]["seconds"]["median"] / out["ffd"]["seconds"]["median"]
+    out["prompt_tokens"] = sum(map(len, prompts))
+    return out
+
+
+# ---- 2. shared-prefix decode ---------------------------------------------------------
+
+
+def bench_decode(model, prefix, suffixes, new_tokens, repeats):
+    """Decode tokens/s: each sequence's own prefix copy vs one shared copy (Hydragen)."""
+    slots = len(suffixes)
+    longest = max(map(len, suffixes))
+    variants = {
+        "naive": dict(prompts=[prefix + s for s in suffixes], shared_prefix=None,
+                      max_length=len(prefix) + longest + new_tokens),
+        "shared": dict(prompts=suffixes, shared_prefix=prefix,
+                       max_length=longest + new_tokens),
+    }  # fmt: skip
+    out = {}
+    for name, v in variants.items():
+        rates = []
+        for _ in range(repeats + 1):  # the first compiles
+            engine = Engine(
+                model, slots=slots, max_length=v["max_length"], token_budget=slots + 8,
+                shared_prefix=v["shared_prefix"],
+            )  # fmt: skip
+            engine.prefill([Request(p, new_tokens) for p in v["prompts"]])
+            start, events = time.perf_counter(), 0
+            while not engine.idle:
+                events += len(engine.step())
+            rates.append(events / (time.perf_counter() - start))
+        out[name] = {"tokens_per_sec": spread(rates[1:])}
+    out["speedup"] = (
+        out["shared"]["tokens_per_sec"]["median"] / out["naive"]["tokens_per_sec"]["median"]
+    )
+    return out
+
+
+# ---- 3. request trace ----------------------------------------------------------------
+
+
+def make_trace(documents, rng, n, rate, prompt_cap, output_mean, output_cap):
+    """(arrival seconds, Request) for n requests: Poisson arrivals, long-tailed lengths."""
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
+    prompts = cut_prompts(documents, rng, n, prompt_cap)
+    outputs = np.minimum(1 + rng.exponential(output_mean, n).astype(int), output_cap)
+    return [
+        (float(a), Request(p, int(o))) for a, p, o in zip(arrivals, prompts, outputs, strict=True)
+    ]
+
+
+def _trace_stats(token_times, start, finish):
+    """Total time, tokens/s and inter-token gaps from per-request token timestamps."""
+    gaps = [b - a for times in token_times.values() for a, b in zip(times, times[1:], strict=False)]
+    tokens = sum(map(len, token_times.values()))
+    total = finish - start
+    return {
+        "seconds": total,
+        "tokens_per_sec": tokens / total,
+        "itl_median_ms": 1e3 * float(np.median(gaps)) if gaps else 0.0,
+        "itl_p99_ms": 1e3 * float(np.percentile(gaps, 99)) if gaps else 0.0,
+        "tokens": tokens,
+    }
+
+
+def run_continuous(model, trace, *, slots, max_length, token_budget):
+    """The engine fed as requests arrive; token timestamps per request."""
+    engine = Engine(model, slots=slots, max_length=max_length, token_budget=token_budget)
+    token_times, pending = {}, list(trace)
+    start = time.perf_counter()
+    while pending or not engine.idle:
+        now = time.perf_counter() - start
+        while pending and pending[0][0] <= now:
+            engine.submit(pending.pop(0)[1])
+        if engine.idle:
+            time.sleep(max(0.0, pending[0][0] - now))
+            continue
+        for event in engine.step():
+            token_times.setdefault(event.request_id, []).append(time.perf_counter())
+    return _trace_stats(token_times, start, time.perf_counter())
+
+
+def run_static(model, trace, *, slots, max_length):
+    """Batches of `slots` requests in arrival order, each prefilled padded, decoded to the end."""
+    engine = Engine(model, slots=slots, max_length=max_length, token_budget=slots + 1)
+    token_times, ids = {}, 0
+    start = time.perf_counter()
+    for first in range(0, len(trace), slots):
+        batch = trace[first : first + slots]
+        time.sleep(max(0.0, batch[-1][0] - (time.perf_counter() - start)))  # wait for it
+        events = engine.prefill([r for _, r in batch], packing="padded")
+        while True:
+            now = time.perf_counter()
+            for event in events:
+                token_times.setdefault(event.request_id, []).append(now)
+            if engine.idle:
+                break
+            events = engine.step()
+        ids += len(batch)
+    return _trace_stats(token_times, start, time.perf_counter())
+
+
+def bench_trace(model, trace, *, slots, token_budget):
+    """Static batching vs the engine with chunked prefill vs whole-prompt prefill."""
+    longest_prompt = max(len(r.prompt) for _, r in trace)
+    max_length = longest_prompt + max(r.max_new_tokens for _, r in trace)
+    max_length = -(-max_length // 8) * 8
+    whole_budget = slots + longest_prompt  # any prompt fits one step
+    runs = {
+        "static": lambda t: run_static(model, t, slots=slots, max_length=max_length),
+        "continuous_chunked": lambda t: run_continuous(
+            model, t, slots=slots, max_length=max_length, token_budget=token_budget
+        ),
+        "continuous_whole_prompt": lambda t: run_continuous(
+            model, t, slots=slots, max_length=max_length, token_budget=whole_budget
+        ),
+    }
+    out = {}
+    for name, run in runs.items():
+        run(trace)  # compiles every shape this variant meets (static: one per batch width)
+        out[name] = run(trace)
+    out["throughput_ratio"] = (
+        out["continuous_chunked"]["tokens_per_sec"] / out["static"]["tokens_per_sec"]
+    )
+    return out
+
+
+# ---- driver --------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefill_prompts", type=int, default=64)
+    parser.add_argument("--prompt_cap", type=int, default=1024)
+    parser.add_argument("--decode_batch", type=int, default=32)
+    parser.add_argument("--prefix", type=int, default=2048)
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=20.0, help="arrivals per second")
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--token_budget", type=int, default=128)
+    parser.add_argument("--output_mean", type=float, default=32)
+    parser.add_argument("--json", default="")
+    parser.add_argument("--only", default="prefill,decode,trace", help="comparisons to run")
+    parser.add_argument("--implementation", default=None, help="model.attention_implementation")
+    # float32: on a CPU, XLA's bfloat16 matmuls at serving sizes run about 2x slower.
+    parser.add_argument("--dtype", default="float32", help="model.dtype")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.prefill_prompts, args.prompt_cap = 2, 8, 64
+        args.decode_batch, args.prefix, args.new_tokens = 4, 32, 3
+        args.requests, args.slots, args.token_budget, args.output_mean = 10, 3, 16, 4
+        args.rate = 200.0
+
+    model, config = build_model(args.smoke, args.implementation, args.dtype)
+    documents = corpus_documents(config)
+    only = set(args.only.split(","))
+    results = {"settings": vars(args)}
+    if "prefill" in only:
+        rng = np.random.default_rng(args.seed)
+        prompts = cut_prompts(documents, rng, args.prefill_prompts, args.prompt_cap)
+        results["prefill"] = bench_prefill(model, prompts, args.repeats)
+    if "decode" in only:
+        rng = np.random.default_rng(args.seed + 1)
+        prefix = max(documents, key=len)[: args.prefix].astype(np.int32).tolist()
+        suffixes = cut_prompts(documents, rng, args.decode_batch, 32, shortest=4)
+        results["decode"] = bench_decode(model, prefix, suffixes, args.new_tokens, args.repeats)
+    if "trace" in only:
+        rng = np.random.default_rng(args.seed + 2)
+        trace = make_trace(
+            documents, rng, args.requests, args.rate, args.prompt_cap // 2, args.output_mean,
+            4 * args.output_mean,
+        )  # fmt: skip
+        results["trace"] = bench_trace(
+            model, trace, slots=args.slots, token_budget=args.token_budget
+        )
+    report(results, argv)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def report(results, argv):
+    """Markdown tables of the three comparisons, with the command."""
+    print(f"\n`python benchmarks/generate.py {' '.join(argv or sys.argv[1:])}`".rstrip() + "\n")
+    if "prefill" in results:
+        _report_prefill(results)
+    if "decode" in results:
+        _report_decode(results)
+    if "trace" in results:
+        _report_trace(results)
+
+
+def _report_prefill(results):
+    """The prefill table."""
+    p = results["prefill"]
+    print(
+        f"Prefill of {results['settings']['prefill_prompts']} prompts ({p['prompt_tokens']} tokens)"
+    )
+    print("| packing | rows x length | seconds (median, min-max) | temp MiB |")
+    print("|---|---|---|---|")
+    for name in ("padded", "ffd"):
+        r = p[name]
+        s = r["seconds"]
+        print(f"| {name} | {r['rows']} x {r['row_length']} | {s['median']:.3f} "
+              f"({s['min']:.3f}-{s['max']:.3f}) | {r['temp_mib']:.1f} |")  # fmt: skip
+    print(f"prepacked speed-up: {p['speedup']:.2f}x\n")
+
+
+def _report_decode(results):
+    """The shared-prefix decode table."""
+    d = results["decode"]
+    print("| decode | tokens/s (median, min-max) |")
+    print("|---|---|")
+    for name in ("naive", "shared"):
+        s = d[name]["tokens_per_sec"]
+        print(f"| {name} | {s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f}) |")
+    print(f"shared-prefix speed-up: {d['speedup']:.2f}x\n")
+
+
+def _report_trace(results):
+    """The request-trace table."""
+    t = results["trace"]
+    print("| trace | seconds | output tokens/s | ITL median ms | ITL p99 ms |")
+    print("|---|---|---|---|---|")
+    for name in ("static", "continuous_chunked", "continuous_whole_prompt"):
+        r = t[name]
+        print(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | "
+              f"{r['itl_median_ms']:.1f} | {r['itl_p99_ms']:.1f} |")  # fmt: skip
+    print(f"continuous / static throughput: {t['throughput_ratio']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

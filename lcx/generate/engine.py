@@ -1,0 +1,424 @@
+"""A serving engine where every step is one packed row of query tokens against a KV cache.
+
+Continuous batching over a fixed number of sequence slots (Orca, Yu et al., OSDI 2022)
+with chunked prefill piggybacked on decodes (SARATHI, Agrawal et al., arXiv 2308.16369):
+each step's row holds one decode token of every running sequence, then chunks of waiting
+prompts up to `token_budget` tokens; each token carries its slot + 1 as segment id and
+its position, and one jitted forward attends the row against the cache (`lcx.cache`).
+A prompt longer than the budget's remainder is prefilled over several steps. Shapes are
+fixed by (slots, max_length, token_budget), so the step compiles once.
+
+`prefill` is Prepacking (Zhao et al., arXiv 2404.09529) for a static batch: prompts
+packed by `first_fit_decreasing` into rows, one forward, each prompt's keys/values
+scattered to its slot. A shared prefix (Hydragen, arXiv 2402.05099) is prefilled once,
+stored once, and merged into every step's attention by log-sum-exp
+(`lcx.attention.shared_prefix`); each slot's cache then holds only its own suffix.
+
+Host-side bookkeeping (queues, slots, stop conditions) is plain Python over small lists;
+the device sees fixed-shape arrays only.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lcx.attention.shared_prefix import SharedPrefix
+from lcx.cache import AttentionCache
+from lcx.generate.sampling import SamplingParams, sample, settings_arrays
+from lcx.packing import first_fit_decreasing
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A prompt to continue: token ids, how many new tokens at most, how, when to stop."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One generated token of a request; `done` on its last."""
+
+    request_id: int
+    token: int
+    done: bool
+
+
+@dataclasses.dataclass
+class _Running:
+    """Host state of the sequence in a slot."""
+
+    request_id: int
+    request: Request
+    prefilled: int = 0  # prompt tokens already in the cache
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.request.prompt)
+
+
+def _forward_and_sample(graphdef, attend_cache, state, cache, prefixes, row, settings):
+    """One packed forward against the cache, then each slot's next token from its logits."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(
+        row["tokens"], row["segment_ids"], row["positions"], cache=cache,
+        logits_at=row["logits_at"], attend_cache=attend_cache, prefixes=prefixes,
+        offset_S=row["offset"], decode_rows=cache[0].slots if attend_cache else 0,
+    )  # fmt: skip
+    b, n, v = logits.shape
+    chosen = logits.reshape(b * n, v)[row["logit_of_slot"]]
+    temperature, top_k, top_p, seed = settings
+    return sample(chosen, seed, row["count"], temperature, top_k, top_p), cache
+
+
+class Engine:
+    """Continuous batching: `submit` requests, then `step` (or `run`) until `idle`.
+
+    Args:
+      model: an lcx `Transformer` whose mixers have caches.
+      slots: sequences decoded at once.
+      max_length: cache entries per slot: prompt (after a shared prefix) plus new tokens.
+      token_budget: query tokens per step: `slots` places for decodes, the rest for
+        prompt chunks; > slots.
+      shared_prefix: token ids every request continues, prefilled once and stored once;
+        requests then give only what follows it.
+      cache_dtype: dtype of the cache (default the model's compute dtype).
+      mesh, rules: shard the parameters by their logical axes under `rules` (as
+        `config.sharding_rules`) and the cache's slots over `data`, its kv heads over
+        `tensor`; the step is jitted with these shardings.
+    """
+
+    def __init__(self, model, *, slots: int, max_length: int, token_budget: int,
+                 shared_prefix: Sequence[int] | None = None, cache_dtype=None, mesh=None,
+                 rules=()):  # fmt: skip
+        if slots < 1:
+            raise ValueError(f"slots={slots} must be >= 1")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length} must be >= 2 (a prompt and a token)")
+        if token_budget <= slots:
+            raise ValueError(
+                f"token_budget={token_budget} must be > slots={slots}: every slot has a decode "
+                "token's place in each step, and prompts need the rest"
+            )
+        cfg = model.cfg
+        # LaCT layers update per chunk of their sequence: prompt chunks end on that grid.
+        self._lact_chunk = cfg.lact_chunk_size if "lact" in cfg.block_pattern else 0
+        if self._lact_chunk and shared_prefix is not None:
+            raise ValueError("shared_prefix needs an attention-only model (LaCT state is per slot)")
+        self.vocab_size = cfg.vocab_size
+        self.slots, self.max_length, self.token_budget = slots, max_length, token_budget
+        self._graphdef, self._state = nnx.split(model)
+        self._cache = model.init_cache(slots, max_length, cache_dtype)
+        cache_sharding = None
+        if mesh is not None:
+            self._state = jax.device_put(self._state, _param_shardings(self._state, mesh, rules))
+            cache_sharding = _cache_sharding(self._cache, mesh)
+            self._cache = jax.device_put(self._cache, cache_sharding)
+        out_shardings = None if mesh is None else (_replicated(mesh), cache_sharding)
+        self._steps = {
+            attend: _jitted_step(self._graphdef, attend, out_shardings) for attend in (True, False)
+        }
+        self._prefix_length = 0
+        self._prefixes = None
+        if shared_prefix is not None:
+            self._check_tokens(shared_prefix, "shared_prefix")
+            self._prefixes = self._prefill_prefix(model, list(shared_prefix), cache_dtype)
+            self._prefix_length = len(shared_prefix)
+        self._queue: collections.deque[tuple[int, Request]] = collections.deque()
+        self._running: list[_Running | None] = [None] * slots
+        self._next_id = 0
+        self.results: dict[int, list[int]] = {}
+        self.steps = 0
+
+    # ---- requests ---------------------------------------------------------------------
+
+    def submit(self, request: Request) -> int:
+        """Queue a request; its id. ValueError (one line, nothing queued) if it cannot run."""
+        self._check_request(request)
+        request_id = self._next_id
+        self._next_id += 1
+        self._queue.append((request_id, request))
+        return request_id
+
+    @property
+    def idle(self) -> bool:
+        """No request queued or running."""
+        return not self._queue and all(r is None for r in self._running)
+
+    def run(self, on_event: Callable[[Event], None] | None = None) -> dict[int, list[int]]:
+        """Step until idle; the new tokens of every request, by id."""
+        while not self.idle:
+            for event in self.step():
+                if on_event is not None:
+                    on_event(event)
+        return self.results
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """Admit waiting requests into free slots, run one packed row, sample, retire."""
+        self._admit()
+        plan = self._plan_row()
+        if plan is None:
+            return []
+        row, last, samplers = plan
+        tokens = self._run(row, last[None], np.arange(self.slots), attend_cache=True)
+        self.steps += 1
+        return self._take(tokens, samplers)
+
+    def prefill(self, requests: Sequence[Request], *, packing: str = "ffd") -> list[Event]:
+        """Prepacked prefill of a static batch into free slots; their first tokens.
+
+        The prompts are packed by `first_fit_decreasing` into rows as long as the longest
+        prompt (`packing="padded"`: one prompt per row, the baseline), run in one forward
+        (each prompt attends only itself), and each prompt's keys/values are written to
+        its slot. Decode them with `step`.
+        """
+        if packing not in ("ffd", "padded"):
+            raise ValueError(f"packing={packing!r}; valid: 'ffd', 'padded'")
+        if self._lact_chunk:
+            raise ValueError(
+                "prefill (prepacked) needs an attention-only model; with LaCT layers submit "
+                "the requests and step: prompts are prefilled in chunks on the LaCT grid"
+            )
+        requests = list(requests)
+        row, logits_at, logit_of_slot, free = self._pack_prefill(requests, packing)
+        samplers = []
+        for i, request in enumerate(requests):
+            request_id = self._next_id
+            self._next_id += 1
+            running = _Running(request_id, request, prefilled=len(request.prompt))
+            self._running[free[i]] = running
+            samplers.append(free[i])
+        return self._take(self._run(row, logits_at, logit_of_slot, attend_cache=False), samplers)
+
+    def compiled_prefill(self, requests: Sequence[Request], *, packing: str = "ffd"):
+        """The compiled executable `prefill` would run (for its cost and memory analysis)."""
+        row, logits_at, logit_of_slot, _ = self._pack_prefill(list(requests), packing)
+        args = self._device_args(row, logits_at, logit_of_slot)
+        return self._steps[False].lower(*args).compile()
+
+    def _pack_prefill(self, requests, packing):
+        """(row arrays, logits_at, logit_of_slot, free slots) of a prefill; checks first."""
+        if not requests:
+            raise ValueError("prefill needs at least one request")
+        for request in requests:
+            self._check_request(request)
+        free = [s for s, r in enumerate(self._running) if r is None]
+        if len(requests) > len(free):
+            raise ValueError(
+                f"prefill of {len(requests)} requests needs as many free slots; {len(free)} "
+                f"of slots={self.slots} are free"
+            )
+        lengths = [len(r.prompt) for r in requests]
+        capacity = max(lengths)
+        if packing == "ffd":
+            rows = first_fit_decreasing(lengths, capacity)
+        else:
+            rows = [[i] for i in range(len(requests))]
+        width = -(-capacity // 8) * 8
+        tokens = np.zeros((len(rows), width), np.int32)
+        segment_ids, positions = np.zeros_like(tokens), np.zeros_like(tokens)
+        per_row = max(len(members) for members in rows)
+        logits_at = np.zeros((len(rows), per_row), np.int32)  # each prompt's last token
+        logit_of_slot = np.zeros(self.slots, np.int32)  # its index in logits_at, flattened
+        for r, members in enumerate(rows):
+            start = 0
+            for j, i in enumerate(members):
+                slot, prompt = free[i], requests[i].prompt
+                end = start + len(prompt)
+                tokens[r, start:end] = prompt
+                segment_ids[r, start:end] = slot + 1
+                positions[r, start:end] = np.arange(len(prompt)) + self._prefix_length
+                logits_at[r, j] = end - 1
+                logit_of_slot[slot] = r * per_row + j
+                start = end
+        row = dict(tokens=tokens, segment_ids=segment_ids, positions=positions)
+        return row, logits_at, logit_of_slot, free
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _check_tokens(self, tokens, name):
+        """ValueError unless `tokens` is a non-empty list of ids in the vocabulary."""
+        if len(tokens) == 0:
+            raise ValueError(f"{name} is empty; give at least one token id")
+        ids = np.asarray(tokens)
+        if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(
+                f"{name} holds token ids outside the vocabulary [0, {self.vocab_size})"
+            )
+
+    def _check_request(self, request: Request):
+        """One-line ValueError for a request the engine cannot serve."""
+        self._check_tokens(request.prompt, "prompt")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={request.max_new_tokens} must be >= 1")
+        need = len(request.prompt) + request.max_new_tokens - 1  # the last token is not cached
+        if need > self.max_length:
+            raise ValueError(
+                f"a prompt of {len(request.prompt)} tokens plus max_new_tokens="
+                f"{request.max_new_tokens} needs {need + 1} cache entries per slot; "
+                f"max_length={self.max_length}"
+            )
+
+    def _prefill_prefix(self, model, prefix, cache_dtype):
+        """Keys/values of the shared prefix, computed once: one SharedPrefix per layer."""
+        n = len(prefix)
+        cache = model.init_cache(1, n, cache_dtype)
+        tokens = jnp.asarray([prefix], jnp.int32)
+        ones = jnp.ones((1, n), jnp.int32)
+        positions = jnp.arange(n, dtype=jnp.int32)[None]
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def run(state, cache):
+            """The prefix's forward, keeping its keys/values."""
+            model = nnx.merge(graphdef, state)
+            return model(tokens, ones, positions, cache=cache, attend_cache=False)[1]
+
+        cache = run(state, cache)
+        group_of_slot = jnp.zeros((self.slots,), jnp.int32)
+        lengths, starts = jnp.asarray([n], jnp.int32), jnp.zeros((1,), jnp.int32)
+        return tuple(((SharedPrefix(c.k, c.v, lengths, starts), group_of_slot),) for c in cache)
+
+    def _admit(self):
+        """Move queued requests into free slots, first come first served."""
+        for slot, running in enumerate(self._running):
+            if running is None and self._queue:
+                request_id, request = self._queue.popleft()
+                self._running[slot] = _Running(request_id, request)
+
+    def _plan_row(self):
+        """The step's row: slot i's decode token at index i (or padding), then prompt chunks."""
+        budget = self.token_budget
+        tokens = np.zeros(budget, np.int32)
+        segment_ids, positions = np.zeros_like(tokens), np.zeros_like(tokens)
+        last = np.zeros(self.slots, np.int32)  # the row index of each slot's sampled token
+        samplers, used, chunks = [], self.slots, []
+        for slot, running in enumerate(self._running):
+            if running is not None and running.decoding:
+                n = len(running.request.prompt) + len(running.generated) - 1
+                tokens[slot] = running.generated[-1]
+                segment_ids[slot], positions[slot] = slot + 1, n + self._prefix_length
+                last[slot] = slot
+                samplers.append(slot)
+        waiting = [(r.request_id, s) for s, r in enumerate(self._running) if r and not r.decoding]
+        for _, slot in sorted(waiting):  # oldest request first
+            running = self._running[slot]
+            start = running.prefilled
+            take = min(budget - used, len(running.request.prompt) - start)
+            if self._lact_chunk:
+                take = min(take, self._lact_chunk - start % self._lact_chunk)
+            if take <= 0:
+                break
+            tokens[used : used + take] = running.request.prompt[start : start + take]
+            segment_ids[used : used + take] = slot + 1
+            positions[used : used + take] = np.arange(start, start + take) + self._prefix_length
+            chunks.append((slot, take))
+            if start + take == len(running.request.prompt):
+                last[slot] = used + take - 1
+                samplers.append(slot)
+            used += take
+        if not samplers and not chunks:
+            return None
+        for slot, take in chunks:
+            self._running[slot].prefilled += take
+        row = dict(tokens=tokens[None], segment_ids=segment_ids[None], positions=positions[None])
+        return row, last, samplers
+
+    def _run(self, row, logits_at, logit_of_slot, *, attend_cache):
+        """The jitted forward and sampling; the next token of every slot, on the host.
+
+        `logits_at` [B, N]: the row indices whose logits are needed; `logit_of_slot` [S]:
+        each slot's entry among them, flattened (meaningless for slots not sampled).
+        """
+        args = self._device_args(row, logits_at, logit_of_slot)
+        tokens, self._cache = self._steps[attend_cache](*args)
+        return np.asarray(tokens)
+
+    def _device_args(self, row, logits_at, logit_of_slot):
+        """The jitted step's arguments: state, cache, prefixes, row arrays, sampling."""
+        counts, params = [], []
+        for running in self._running:
+            counts.append(0 if running is None else len(running.generated))
+            params.append(None if running is None else running.request.sampling)
+        device_row = dict(
+            tokens=jnp.asarray(row["tokens"]), segment_ids=jnp.asarray(row["segment_ids"]),
+            positions=jnp.asarray(row["positions"]), logits_at=jnp.asarray(logits_at, jnp.int32),
+            logit_of_slot=jnp.asarray(logit_of_slot, jnp.int32),
+            count=jnp.asarray(counts, jnp.int32),
+            offset=jnp.full((self.slots,), self._prefix_length, jnp.int32),
+        )  # fmt: skip
+        return self._state, self._cache, self._prefixes, device_row, settings_arrays(params)
+
+    def _take(self, tokens_S, samplers) -> list[Event]:
+        """Append each sampled token to its sequence; retire finished ones."""
+        events = []
+        for slot in samplers:
+            running = self._running[slot]
+            token = int(tokens_S[slot])
+            running.generated.append(token)
+            request = running.request
+            done = len(running.generated) >= request.max_new_tokens or token in request.stop_ids
+            events.append(Event(running.request_id, token, done))
+            if done:
+                self.results[running.request_id] = running.generated
+                self._running[slot] = None
+        return events
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_step(graphdef, attend_cache, out_shardings):
+    """The jitted step of a model graph, shared by every engine of that graph."""
+    return jax.jit(
+        functools.partial(_forward_and_sample, graphdef, attend_cache),
+        donate_argnums=1, out_shardings=out_shardings,
+    )  # fmt: skip
+
+
+def _param_shardings(state, mesh, rules):
+    """NamedShardings of the parameters from their logical axis names."""
+    from lcx.train.sharding import logical_to_sharding
+
+    return logical_to_sharding(nnx.get_partition_spec(state), mesh, rules)
+
+
+def _cache_sharding(cache, mesh):
+    """Slots over `data`; an attention cache's kv heads over `tensor`; where sizes divide."""
+    slots = "data" if cache[0].slots % mesh.shape["data"] == 0 else None
+
+    def by_slot(x):
+        """Slots sharded, the rest replicated."""
+        return NamedSharding(mesh, PartitionSpec(slots, *([None] * (x.ndim - 1))))
+
+    def attention(c: AttentionCache):
+        """[S, L, K, D] with K over tensor."""
+        heads = "tensor" if c.k.shape[2] % mesh.shape["tensor"] == 0 else None
+        sharding = NamedSharding(mesh, PartitionSpec(slots, None, heads, None))
+        return AttentionCache(sharding, sharding)
+
+    def layer(c):
+        """One layer's cache: attention, or LaCT state holding an attention cache."""
+        if isinstance(c, AttentionCache):
+            return attention(c)
+        return jax.tree.map(by_slot, c)._replace(attention=attention(c.attention))
+
+    return tuple(layer(c) for c in cache)
+
+
+def _replicated(mesh):
+    """Replicated on `mesh`."""
+    return NamedSharding(mesh, PartitionSpec())

@@ -1,0 +1,70 @@
+"""Next-token sampling per sequence: greedy, temperature, top-k, top-p (nucleus), seeded.
+
+Top-p: Holtzman et al., "The Curious Case of Neural Text Degeneration" (arXiv 1904.09751).
+Every row carries its own settings, so one jitted call serves a batch of requests with
+different ones. A row's key is `fold_in(PRNGKey(seed), count)` with `count` the number of
+tokens the request has generated, so its samples do not depend on which other requests
+share the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1, or None for no limit")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1], or None for no limit")
+
+
+def allowed_tokens(logits_SxV, top_k_S, top_p_S):
+    """bool [S, V]: the tokens top-k (0: all) and then top-p (>= 1: all) leave to sample from."""
+    v = logits_SxV.shape[-1]
+    order = jnp.argsort(-logits_SxV, axis=-1)
+    ranked = jnp.take_along_axis(logits_SxV, order, axis=-1)
+    k = jnp.where(top_k_S > 0, jnp.minimum(top_k_S, v), v)
+    in_top_k = jnp.arange(v)[None, :] < k[:, None]
+    probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the better-ranked tokens
+    keep_ranked = in_top_k & (before < top_p_S[:, None])  # the best token always stays
+    keep = jnp.zeros_like(keep_ranked)
+    return keep.at[jnp.arange(keep.shape[0])[:, None], order].set(keep_ranked)
+
+
+def sample(logits_SxV, seed_S, count_S, temperature_S, top_k_S, top_p_S):
+    """int32 [S]: each row's next token under its own settings."""
+    logits_SxV = logits_SxV.astype(jnp.float32)
+    greedy = jnp.argmax(logits_SxV, axis=-1).astype(jnp.int32)
+    scaled = logits_SxV / jnp.where(temperature_S > 0, temperature_S, 1.0)[:, None]
+    masked = jnp.where(allowed_tokens(scaled, top_k_S, top_p_S), scaled, -jnp.inf)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seed_S, count_S)
+    drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jnp.where(temperature_S > 0, drawn, greedy)
+
+
+def settings_arrays(params: list[SamplingParams | None]):
+    """(temperature, top_k, top_p, seed) arrays for `sample`; None rows are greedy."""
+    params = [p or SamplingParams() for p in params]
+    return (
+        jnp.asarray([p.temperature for p in params], jnp.float32),
+        jnp.asarray([p.top_k or 0 for p in params], jnp.int32),
+        # None: 2, above any cumulative mass, so float rounding never drops a tail token.
+        jnp.asarray([2.0 if p.top_p is None else p.top_p for p in params], jnp.float32),
+        jnp.asarray([p.seed for p in params], jnp.uint32),
+    )

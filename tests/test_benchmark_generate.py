@@ -1,0 +1,30 @@
+"""benchmarks/generate.py at tiny size: the three comparisons run and report sane numbers."""
+
+import math
+
+from benchmarks import generate as bench
+
+
+def test_generate_benchmark_runs(capsys):
+    result = bench.main(["--smoke", "--repeats=1"])
+    prefill = result["prefill"]
+    assert prefill["padded"]["rows"] == 8 and prefill["ffd"]["rows"] <= 8
+    for name in ("padded", "ffd"):
+        seconds = prefill[name]["seconds"]
+        assert 0 < seconds["min"] <= seconds["median"] <= seconds["max"]
+        assert prefill[name]["temp_mib"] > 0
+    decode = result["decode"]
+    for name in ("naive", "shared"):
+        assert decode[name]["tokens_per_sec"]["median"] > 0
+    trace = result["trace"]
+    tokens = {trace[name]["tokens"] for name in ("static", "continuous_chunked",
+                                                  "continuous_whole_prompt")}  # fmt: skip
+    assert len(tokens) == 1  # every variant generates the trace's tokens exactly
+    for name in ("static", "continuous_chunked", "continuous_whole_prompt"):
+        row = trace[name]
+        assert row["seconds"] > 0 and row["tokens_per_sec"] > 0
+        assert 0 <= row["itl_median_ms"] <= row["itl_p99_ms"]
+    assert all(math.isfinite(result[k]["speedup"]) for k in ("prefill", "decode"))
+    printed = capsys.readouterr().out
+    assert "python benchmarks/generate.py --smoke" in printed
+    assert printed.count("| static |") == 1

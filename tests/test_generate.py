@@ -1,0 +1,291 @@
+"""The serving engine against recomputation: caches, chunked and prepacked prefill, shared
+prefixes, sampling, bad input."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcx.attention import packed_attention
+from lcx.attention.shared_prefix import SharedPrefix, shared_prefix_attention
+from lcx.generate import Engine, Request, SamplingParams, allowed_tokens, generate, sample
+from lcx.model import Transformer, TransformerConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 61
+TIE = 1e-5  # logits this close may pick either token
+
+
+def tiny_model(seed=0, **overrides):
+    """A float32 Transformer small enough to recompute every step."""
+    fields = dict(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64, attention_implementation="xla_chunked")  # fmt: skip
+    fields.update(overrides)
+    return Transformer(TransformerConfig(**fields), rngs=nnx.Rngs(seed))
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _last_logits(state, tokens, n, *, graphdef):
+    """Logits at index n - 1 of a causal forward over a fixed-length padded row."""
+    return nnx.merge(graphdef, state)(tokens[None])[0, n - 1]
+
+
+def greedy_by_recomputation(model, prompt, n):
+    """(new tokens, whether a near-tie decided a pick): the full forward at every step."""
+    tokens, tie = list(prompt), False
+    graphdef, state = nnx.split(model)
+    width = 128  # one compilation: later padding cannot reach earlier logits (causal)
+    for _ in range(n):
+        padded = jnp.asarray(tokens + [0] * (width - len(tokens)))
+        logits = np.asarray(_last_logits(state, padded, len(tokens), graphdef=graphdef))
+        top2 = np.sort(logits)[-2:]
+        tie |= top2[1] - top2[0] < TIE
+        tokens.append(int(np.argmax(logits)))
+    return tokens[len(prompt) :], tie
+
+
+def assert_same_greedy(model, prompts, outputs, n):
+    """Each output equals recomputation, up to the first near-tie (then it may differ)."""
+    for prompt, out in zip(prompts, outputs, strict=True):
+        expected, tie = greedy_by_recomputation(model, prompt, n)
+        if tie and out != expected:
+            continue  # a pick between logits within 1e-5: either token is right
+        assert out == expected
+
+
+def random_prompts(rng, lengths):
+    return [rng.integers(0, VOCAB, n).tolist() for n in lengths]
+
+
+def test_engine_greedy_equals_recomputation_with_more_requests_than_slots(rng):
+    model = tiny_model()
+    prompts = random_prompts(rng, [int(n) for n in rng.integers(1, 40, 7)])
+    # 3 slots, 8 tokens a step: prompts are prefilled in chunks beside running decodes.
+    outputs = generate(model, prompts, max_new_tokens=5, slots=3, token_budget=8)
+    assert_same_greedy(model, prompts, outputs, 5)
+
+
+def test_continuous_batching_gives_each_request_its_tokens_alone(rng):
+    model = tiny_model(seed=1)
+    prompts = random_prompts(rng, [3, 25, 11, 40, 2, 17])
+    new = [4, 9, 2, 6, 7, 3]
+    engine = Engine(model, slots=2, max_length=56, token_budget=12)
+    ids = [engine.submit(Request(p, n)) for p, n in zip(prompts, new, strict=True)]
+    together = engine.run()
+    for i, prompt, n in zip(ids, prompts, new, strict=True):
+        alone = Engine(model, slots=1, max_length=56, token_budget=64)
+        j = alone.submit(Request(prompt, n))
+        assert together[i] == alone.run()[j]
+        assert len(together[i]) == n
+
+
+def _slot_entries(engine, slot, n):
+    """The first n cache entries of a slot, every layer: [layers, 2, n, K, D]."""
+    return np.stack([np.stack([c.k[slot, :n], c.v[slot, :n]]) for c in engine._cache])
+
+
+def test_chunked_prefill_leaves_the_cache_of_one_shot_prefill(rng):
+    model = tiny_model(seed=2)
+    prompt = random_prompts(rng, [45])[0]
+    chunked = Engine(model, slots=2, max_length=64, token_budget=8)  # chunks of 6 tokens
+    chunked.submit(Request(prompt, 1))
+    while not chunked.idle:
+        chunked.step()
+    one_shot = Engine(model, slots=2, max_length=64, token_budget=64)
+    one_shot.submit(Request(prompt, 1))
+    one_shot.step()
+    assert chunked.steps == 8 and one_shot.steps == 1
+    np.testing.assert_allclose(
+        _slot_entries(chunked, 0, 45), _slot_entries(one_shot, 0, 45), atol=1e-5
+    )
+    assert chunked.results == one_shot.results
+
+
+def test_prepacked_prefill_equals_each_prompt_prefilled_alone(rng):
+    model = tiny_model(seed=3)
+    prompts = random_prompts(rng, [30, 7, 12, 19, 3, 26])
+    packed = Engine(model, slots=6, max_length=48, token_budget=8)
+    first = {e.request_id: e.token for e in packed.prefill([Request(p, 4) for p in prompts])}
+    for slot, prompt in enumerate(prompts):
+        alone = Engine(model, slots=1, max_length=48, token_budget=48)
+        (event,) = alone.prefill([Request(prompt, 4)])
+        assert event.token == first[slot]
+        np.testing.assert_allclose(
+            _slot_entries(packed, slot, len(prompt)), _slot_entries(alone, 0, len(prompt)),
+            atol=1e-5,
+        )  # fmt: skip
+    outputs = packed.run()
+    assert_same_greedy(model, prompts, [outputs[i] for i in range(len(prompts))], 4)
+
+
+def test_shared_prefix_generation_equals_recomputation(rng):
+    model = tiny_model(seed=4)
+    prefix = random_prompts(rng, [33])[0]
+    prompts = [prefix + p for p in random_prompts(rng, [4, 1, 9, 6])]
+    detected = generate(model, prompts, max_new_tokens=5, shared_prefix=True, token_budget=16)
+    given = generate(model, prompts, max_new_tokens=5, shared_prefix=prefix, token_budget=16)
+    assert detected == given
+    assert_same_greedy(model, prompts, detected, 5)
+
+
+def _random_qkv(rng, b, t, h, k, d):
+    return [jnp.asarray(rng.standard_normal((b, t, n, d))) for n in (h, k, k)]
+
+
+def _prefix(rng, g, p, k, d, lengths, starts):
+    kv = [jnp.asarray(rng.standard_normal((g, p, k, d))) for _ in range(2)]
+    return SharedPrefix(*kv, jnp.asarray(lengths), jnp.asarray(starts))
+
+
+@pytest.mark.parametrize("implementation", ["xla", "xla_chunked"])
+def test_shared_prefix_attention_equals_attention_over_the_concatenation(rng, implementation):
+    """A two-level tree: one root prefix for all, then one of two child prefixes each."""
+    with jax.enable_x64(True):
+        b, t, h, k, d = 4, 5, 4, 2, 8
+        root = _prefix(rng, 1, 11, k, d, [11], [0])
+        child = _prefix(rng, 2, 7, k, d, [7, 4], [11, 11])  # the second prefix is shorter
+        group = np.array([0, 1, 1, 0])
+        q, sk, sv = _random_qkv(rng, b, t, h, k, d)
+        suffix_start = np.asarray(child.lengths)[group] + 11
+        positions = jnp.asarray(suffix_start[:, None] + np.arange(t))
+        groups = [jnp.zeros((b, t), jnp.int32), jnp.asarray(np.repeat(group[:, None], t, 1))]
+        got = shared_prefix_attention(
+            q, sk, sv, prefixes=[root, child], prefix_groups=groups,
+            q_positions=positions, kv_positions=positions, implementation=implementation,
+        )  # fmt: skip
+        for row in range(b):
+            n = int(child.lengths[group[row]])
+            keys = [
+                jnp.concatenate([root.k[0], child.k[group[row], :n], sk[row]])[None],
+                jnp.concatenate([root.v[0], child.v[group[row], :n], sv[row]])[None],
+            ]
+            pos = jnp.arange(11 + n + t)[None]
+            want = packed_attention(
+                q[row : row + 1], *keys, jnp.ones((1, t), jnp.int32),
+                kv_segment_ids=jnp.ones((1, 11 + n + t), jnp.int32),
+                q_positions=positions[row : row + 1], kv_positions=pos, implementation="xla",
+            )  # fmt: skip
+            np.testing.assert_allclose(got[row], want[0], atol=1e-10)
+
+
+def test_sampling_is_reproducible_and_stays_in_the_top_k_and_top_p_sets(rng):
+    logits = jnp.asarray(rng.standard_normal((4, VOCAB)) * 3, jnp.float32)
+    top_k = jnp.asarray([0, 5, 0, 3], jnp.int32)
+    top_p = jnp.asarray([2.0, 2.0, 0.6, 0.9], jnp.float32)
+    allowed = np.asarray(allowed_tokens(logits, top_k, top_p))
+    for row in range(4):  # the sets, from numpy
+        order = np.argsort(-np.asarray(logits[row]))
+        k = int(top_k[row]) or VOCAB
+        probs = np.exp(np.asarray(logits[row])[order[:k]])
+        probs /= probs.sum()
+        keep = (np.cumsum(probs) - probs) < float(top_p[row])
+        assert set(np.flatnonzero(allowed[row])) == set(order[:k][keep])
+    temperature = jnp.ones(4, jnp.float32)
+    seeds = jnp.asarray([7, 7, 8, 9], jnp.uint32)
+    draws = jax.jit(
+        jax.vmap(lambda c: sample(logits, seeds, jnp.full(4, c), temperature, top_k, top_p))
+    )(jnp.arange(2000))
+    draws = np.asarray(draws)
+    for row in range(4):
+        assert set(draws[:, row]) <= set(np.flatnonzero(allowed[row]))
+    unrestricted = np.bincount(draws[:, 0], minlength=VOCAB) / 2000
+    np.testing.assert_allclose(unrestricted, jax.nn.softmax(logits[0]), atol=0.05)
+    model = tiny_model(seed=5)
+    prompts = random_prompts(rng, [5, 9, 3])
+    settings = dict(max_new_tokens=6, temperature=0.9, top_k=20, top_p=0.95, seed=3)
+    first = generate(model, prompts, **settings)
+    assert generate(model, prompts, **settings, slots=1) == first  # batching-independent
+    assert generate(model, prompts, **{**settings, "seed": 4}) != first
+
+
+def test_bad_input_raises_one_line_and_leaves_the_engine_unchanged():
+    model = tiny_model()
+    engine = Engine(model, slots=2, max_length=16, token_budget=4)
+    engine.submit(Request([1, 2, 3], 2))
+    bad = {
+        "empty": Request([], 2),
+        "max_new_tokens=0": Request([1], 0),
+        "needs 20 cache entries": Request(list(range(10)), 10),
+        "outside the vocabulary": Request([1, VOCAB], 2),
+    }
+    for message, request in bad.items():
+        with pytest.raises(ValueError, match=message) as error:
+            engine.submit(request)
+        assert "\n" not in str(error.value)
+        with pytest.raises(ValueError, match=message):
+            engine.prefill([Request([1, 2], 2), request])
+    assert len(engine._queue) == 1 and all(r is None for r in engine._running)
+    for params in [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0), dict(temperature=-1)]:
+        with pytest.raises(ValueError, match=next(iter(params))):
+            SamplingParams(**params)
+    for budget in (1, 2):
+        with pytest.raises(ValueError, match=f"token_budget={budget} must be > slots=2"):
+            Engine(model, slots=2, max_length=16, token_budget=budget)
+    with pytest.raises(ValueError, match="prompts is empty"):
+        generate(model, [], max_new_tokens=2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(model, [[1], []], max_new_tokens=2)
+    assert engine.run() == {0: engine.results[0]} and len(engine.results[0]) == 2
+
+
+MESH_SCRIPT = r"""
+import os, sys
+import jax, numpy as np
+sys.path.insert(0, "tests")
+from test_generate import tiny_model, random_prompts
+from configs import lm_tiny
+from lcx.generate import generate
+from lcx.train import sharding as sh
+
+assert jax.device_count() == 8, jax.devices()
+rules = tuple(tuple(r) for r in lm_tiny.get_config("smoke").sharding_rules)
+mesh = sh.make_mesh(sh.MeshShape(data=4, fsdp=1, tensor=2, sequence=1))
+model = tiny_model(seed=6, vocab_size=64)  # the vocabulary splits over tensor=2
+rng = np.random.default_rng(int(os.environ["LCX_MESH_SEED"]))
+prompts = random_prompts(rng, [9, 30, 4, 17, 22, 6])
+settings = dict(max_new_tokens=6, slots=4, token_budget=16)
+one = generate(model, prompts, **settings)
+eight = generate(model, prompts, **settings, mesh=mesh, rules=rules)
+prefix = generate(model, [prompts[0] + p for p in prompts], shared_prefix=True, **settings)
+eight_prefix = generate(model, [prompts[0] + p for p in prompts], shared_prefix=True,
+                        mesh=mesh, rules=rules, **settings)
+hybrid = tiny_model(seed=6, vocab_size=64, block_pattern=("attention", "lact"),
+                    lact_chunk_size=8, lact_window=12)
+lact = generate(hybrid, prompts, **settings)
+eight_lact = generate(hybrid, prompts, **settings, mesh=mesh, rules=rules)
+print("tokens", one == eight, prefix == eight_prefix, lact == eight_lact)
+"""
+
+
+def test_eight_device_mesh_generates_the_tokens_of_one_device(rng):
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+        LCX_MESH_SEED=str(int(rng.integers(2**31))), PYTHONPATH=ROOT,
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tokens True True True" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("pattern", [("lact",), ("attention", "lact")], ids=["lact", "hybrid"])
+def test_lact_and_hybrid_engine_greedy_equals_recomputation(rng, pattern):
+    """Fast weights update every 8 tokens of each sequence, in prompts and while decoding."""
+    model = tiny_model(
+        seed=7, block_pattern=pattern, lact_chunk_size=8, lact_window=12, lact_fw_heads=2
+    )  # fmt: skip
+    prompts = random_prompts(rng, [13, 3, 21, 8, 30])
+    outputs = generate(model, prompts, max_new_tokens=11, slots=2, token_budget=9)
+    assert_same_greedy(model, prompts, outputs, 11)
+    with pytest.raises(ValueError, match="attention-only"):
+        Engine(model, slots=2, max_length=48, token_budget=9).prefill([Request([1, 2], 2)])
