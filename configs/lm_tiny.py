@@ -4,7 +4,7 @@
     python -m lcx.main --config configs/lm_tiny.py:smoke --workdir /tmp/smoke   # seconds
 
 Trains 600 steps of 16 x 256 tokens to an eval loss of about 1.28 nats per byte in
-about 8.5 minutes on a 2-core CPU (`make train`; BENCHMARKS.md has the timings).
+about 8 minutes on a 2-core CPU (`make train`; BENCHMARKS.md has the timings).
 """
 
 from ml_collections import config_dict

@@ -95,9 +95,19 @@ def cache_attention(q, segment_ids, positions, cache: AttentionCache, *, offset_
     decode = tuple(x.reshape(1, s, *x.shape[2:]) for x in decode)
     if q.shape[1] == s:
         return decode
-    chunks = packed_attention(
-        q[:, s:], k_row, v_row, segment_ids[:, s:], kv_segment_ids=ids,
-        q_positions=positions[:, s:], kv_positions=kv_positions,
-        block_sizes=CHUNK_BLOCK_SIZES, **common,
-    )  # fmt: skip
+
+    def attend_chunks():
+        """Prompt chunks against the cache as one row."""
+        return packed_attention(
+            q[:, s:], k_row, v_row, segment_ids[:, s:], kv_segment_ids=ids,
+            q_positions=positions[:, s:], kv_positions=kv_positions,
+            block_sizes=CHUNK_BLOCK_SIZES, **common,
+        )  # fmt: skip
+
+    def no_chunks():
+        """A decode-only step: nothing to attend."""
+        out = jnp.zeros_like(q[:, s:])
+        return out, jnp.full(out.shape[:3], -jnp.inf, jnp.float32)
+
+    chunks = jax.lax.cond(jnp.any(segment_ids[:, s:] > 0), attend_chunks, no_chunks)
     return tuple(jnp.concatenate([d, c], axis=1) for d, c in zip(decode, chunks, strict=True))

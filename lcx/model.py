@@ -52,6 +52,7 @@ class TransformerConfig:
     lact_momentum: bool = True
     lact_muon: bool = True
     lact_base_lr: float = 1e-2
+    lact_grid: str = "document"  # LaCT chunks from each document's start, or "row"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -95,6 +96,7 @@ class TransformerConfig:
             use_momentum=self.lact_momentum,
             use_muon=self.lact_muon,
             base_lr=self.lact_base_lr,
+            grid=self.lact_grid,
             rope_theta=self.rope_theta,
             num_layers=self.num_layers,
             dtype=self.dtype,

@@ -28,3 +28,13 @@ def test_generate_benchmark_runs(capsys):
     printed = capsys.readouterr().out
     assert "python benchmarks/generate.py --smoke" in printed
     assert printed.count("| static |") == 1
+
+
+def test_lact_grid_benchmark_runs(capsys):
+    from benchmarks import lact_grid
+
+    result = lact_grid.main(["--smoke", "--repeats=1"])
+    for grid in ("row", "document"):
+        assert 0 < result[grid]["min"] <= result[grid]["median"] <= result[grid]["max"]
+    assert result["document_over_row"] > 0
+    assert "| document |" in capsys.readouterr().out

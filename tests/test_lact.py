@@ -78,8 +78,12 @@ def _naive_newton_schulz(g):
     return x.T if tr else x
 
 
-def naive_lact(w_init, q, k, v, lr, momentum, seg, chunk_size, use_muon):
-    """A plain loop over rows, heads, documents and the chunks each document touches."""
+def naive_lact(w_init, q, k, v, lr, momentum, seg, chunk_size, use_muon, grid="document"):
+    """A plain loop over rows, heads, documents and the chunks each document touches.
+
+    grid "document": chunks start at the document's first token; "row": at multiples of
+    the chunk size in the row.
+    """
     b, h, t, d = q.shape
     out = np.zeros((b, h, t, d))
     for row in range(b):
@@ -93,7 +97,7 @@ def naive_lact(w_init, q, k, v, lr, momentum, seg, chunk_size, use_muon):
                 w = [np.asarray(x[head], np.float64) for x in w_init]
                 norms = [np.linalg.norm(x, axis=-1, keepdims=True) for x in w]
                 mom = [np.zeros_like(x) for x in w]
-                c0 = (s // chunk_size) * chunk_size
+                c0 = s if grid == "document" else (s // chunk_size) * chunk_size
                 for cs in range(c0, e, chunk_size):
                     idx = slice(max(s, cs), min(e, cs + chunk_size))
                     out[row, head, idx] = _swiglu(w, q[row, head, idx])
@@ -105,7 +109,7 @@ def naive_lact(w_init, q, k, v, lr, momentum, seg, chunk_size, use_muon):
                         coeff = float(np.mean(momentum[row, head, idx], dtype=np.float64))
                         dw = [x + m * coeff for x, m in zip(dw, mom, strict=True)]
                         mom = dw
-                    if use_muon:  # scaled by the tokens this document had in the chunk
+                    if use_muon:  # scaled by the tokens this document had in the chunk (row grid)
                         share = (idx.stop - idx.start) / chunk_size
                         dw = [_naive_newton_schulz(x) * share for x in dw]
                     w = [x + dx for x, dx in zip(w, dw, strict=True)]
@@ -132,11 +136,12 @@ def _scan_inputs(rng, b, h, t, d, f):
     return FastWeights(*map(f32, w)), f32(q), f32(k), f32(v), f32(lr), f32(momentum)
 
 
+@pytest.mark.parametrize("grid", ["document", "row"])
 @pytest.mark.parametrize(
     "chunk_size,use_momentum,use_muon",
     [(4, True, True), (8, False, True), (16, True, False), (64, False, False)],
 )
-def test_chunk_scan_matches_naive_loop(chunk_size, use_momentum, use_muon, rng):
+def test_chunk_scan_matches_naive_loop(chunk_size, use_momentum, use_muon, grid, rng):
     # t = 40 with ~5 documents of ~8 tokens: chunks smaller than, like and larger than the
     # documents; most documents start mid-chunk; T is not a multiple of 16 or 64.
     b, h, t, d, f = 2, 2, 40, 8, 12
@@ -145,11 +150,11 @@ def test_chunk_scan_matches_naive_loop(chunk_size, use_momentum, use_muon, rng):
     mom = mom if use_momentum else None
     f64 = lambda x: None if x is None else jnp.asarray(x, jnp.float64)  # noqa: E731
     with jax.enable_x64(True):  # both in float64: this checks the arithmetic, not rounding
-        got = jax.jit(lact_chunk_scan, static_argnames=("chunk_size", "use_muon"))(
+        got = jax.jit(lact_chunk_scan, static_argnames=("chunk_size", "use_muon", "grid"))(
             FastWeights(*map(f64, w)), *map(f64, (q, k, v, lr, mom)), seg,
-            chunk_size=chunk_size, use_muon=use_muon,
+            chunk_size=chunk_size, use_muon=use_muon, grid=grid,
         )  # fmt: skip
-        want = naive_lact(w, q, k, v, lr, mom, seg, chunk_size, use_muon)
+        want = naive_lact(w, q, k, v, lr, mom, seg, chunk_size, use_muon, grid)
     assert got.dtype == jnp.float64
     assert _relative_error(got, want) < 1e-10
     assert np.all(np.asarray(got)[np.broadcast_to((seg == 0)[:, None, :], got.shape[:3])] == 0)
@@ -225,13 +230,14 @@ def _fixed_layout(t, length, offset):
     ],
 )
 def test_packed_row_equals_each_document_alone(layout, chunk_size, rng):
+    """Row grid: equal to the document at the same offset of an otherwise empty row."""
     t = 48
     if layout == "random":
         seg = _layout(rng, t, 5)[None]
     else:
         seg = _fixed_layout(t, 8, 0 if layout == "aligned" else 3)[None]
     pos = _positions(seg)
-    layer = _layer(chunk_size, seed=int(rng.integers(1 << 16)))
+    layer = _layer(chunk_size, seed=int(rng.integers(1 << 16)), grid="row")
     x = jnp.asarray(rng.standard_normal((1, t, 32)), jnp.float32)
     packed = np.asarray(layer(x, seg, pos))
     for doc in np.unique(seg[seg != 0]):
@@ -242,6 +248,26 @@ def test_packed_row_equals_each_document_alone(layout, chunk_size, rng):
         assert err < 1e-5, f"doc {doc}, {layout=}, {chunk_size=}"
         assert np.all(got[0, ~mask] == 0)
     assert np.all(packed[0, seg[0] == 0] == 0)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 8])
+def test_document_grid_packed_equals_each_document_alone_at_the_row_start(chunk_size, rng):
+    """Document grid: every document, packed at any offset, equals itself at offset 0."""
+    t = 48
+    seg = _layout(rng, t, 5)[None]
+    pos = _positions(seg)
+    layer = _layer(chunk_size, seed=int(rng.integers(1 << 16)))  # grid="document" default
+    x = jnp.asarray(rng.standard_normal((1, t, 32)), jnp.float32)
+    packed = np.asarray(layer(x, seg, pos))
+    for doc in np.unique(seg[seg != 0]):
+        where = np.flatnonzero(seg[0] == doc)
+        n = len(where)
+        alone_x = jnp.zeros_like(x).at[0, :n].set(x[0, where])
+        alone_seg = np.zeros_like(seg)
+        alone_seg[0, :n] = 1
+        got = np.asarray(layer(alone_x, alone_seg, _positions(alone_seg)))
+        err = _relative_error(packed[0, where], got[0, :n])
+        assert err < 1e-5, f"doc {doc} at {where[0]}, {chunk_size=}"
 
 
 def test_causal_through_gradients(rng):

@@ -173,9 +173,12 @@ def _from_chunks(x):
     return jnp.moveaxis(x, 0, 2).reshape(b, h, n * c, d)
 
 
+GRIDS = ("document", "row")
+
+
 def lact_chunk_scan(
     w_init: FastWeights, q, k, v, lr, momentum, segment_ids, *, chunk_size, use_muon,
-    inner_gradient="hand",
+    inner_gradient="hand", grid="document",
 ):  # fmt: skip
     """Apply-then-update over chunks of packed rows; returns outputs [B, H, T, D].
 
@@ -188,12 +191,18 @@ def lact_chunk_scan(
       chunk_size: tokens per update.
       use_muon: orthogonalise every update with Newton-Schulz.
       inner_gradient: "hand" (derived, the default: see benchmarks/lact.py) or "autodiff".
+      grid: "document": chunks counted from each document's first token, so a document
+        packed at any offset equals the document alone (as the engine decodes it);
+        "row": chunks on the row's grid (a document's first chunk is cut short where it
+        starts mid-chunk; its update is scaled by the share it filled).
 
     Returns:
       [B, H, T, D]; 0 at padding tokens.
     """
     if inner_gradient not in INNER_GRADIENTS:
         raise ValueError(f"inner_gradient={inner_gradient!r}; valid: {sorted(INNER_GRADIENTS)}")
+    if grid not in GRIDS:
+        raise ValueError(f"grid={grid!r}; valid: {GRIDS}")
     directions = INNER_GRADIENTS[inner_gradient]
     b, h, t, _ = q.shape
     c = int(chunk_size)
@@ -205,8 +214,13 @@ def lact_chunk_scan(
             momentum = pad_length(momentum, n * c, axis=2)
         segment_ids = pad_length(segment_ids, n * c, axis=1)
     real_BxT = segment_ids != 0
-    chunk_start_T = (jnp.arange(n * c, dtype=jnp.int32) // c) * c
-    fresh_BxT = document_start_index(segment_ids) >= chunk_start_T  # starts inside its chunk
+    index_T = jnp.arange(n * c, dtype=jnp.int32)
+    chunk_start_T = (index_T // c) * c
+    start_BxT = document_start_index(segment_ids)
+    fresh_BxT = start_BxT >= chunk_start_T  # starts inside its chunk
+    # Document grid: the token where a document's next chunk (and its next weights) begin.
+    into_document = index_T - start_BxT
+    boundary_BxT = real_BxT & (into_document > 0) & (into_document % c == 0)
     seg_NxBxC = jnp.moveaxis(segment_ids.reshape(b, n, c), 1, 0)
     fresh_NxBxC = jnp.moveaxis(fresh_BxT.reshape(b, n, c), 1, 0)
     real_NxBxC = jnp.moveaxis(real_BxT.reshape(b, n, c), 1, 0)
@@ -226,6 +240,7 @@ def lact_chunk_scan(
         seg=seg_NxBxC,
         fresh=fresh_NxBxC,
         real=real_NxBxC,
+        boundary=jnp.moveaxis(boundary_BxT.reshape(b, n, c), 1, 0),
     )
     if momentum is not None:
         xs["momentum"] = _to_chunks(momentum.astype(dt), n, c)
@@ -251,6 +266,44 @@ def lact_chunk_scan(
         )  # fmt: skip
         return (w, mom), out
 
+    def document_step(carry, x):
+        """One row chunk on the document grid: the continuing document's weights switch at
+        its chunk boundary (if one falls here), after an update over the c tokens before it
+        (the end of the previous row chunk and the start of this one)."""
+        w, mom, previous = carry
+        fresh, real = x["fresh"], x["real"]
+        crossing = x["boundary"] & ~fresh  # only the continuing document can cross here
+        has_boundary = jnp.any(crossing, axis=-1)  # [B]
+        at = jnp.where(has_boundary, jnp.argmax(crossing, axis=-1), c)  # [B]
+        window = lambda name: jax.vmap(  # noqa: E731
+            lambda both, start: jax.lax.dynamic_slice_in_dim(both, start, c, axis=1)
+        )(jnp.concatenate([previous[name], x[name]], axis=2), at % c)
+        names = ["k", "v", "lr"] + (["momentum"] if mom is not None else [])
+        chunk = {name: window(name) for name in names}
+        w_next, mom_next = chunk_update(
+            w, mom, chunk["k"], chunk["v"], chunk["lr"], chunk.get("momentum"),
+            jnp.ones((b, 1, c), dt), norms, chunk_size=c, use_muon=use_muon,
+            directions=directions,
+        )  # fmt: skip
+        w_next = where_rows(has_boundary, w_next, w)
+        after = jnp.arange(c)[None, :] >= at[:, None]  # [B, C]
+        out = jnp.where(
+            fresh[:, None, :, None], apply_fast_weights(w0, x["q"]),
+            jnp.where(after[:, None, :, None], apply_fast_weights(w_next, x["q"]),
+                      apply_fast_weights(w, x["q"])),
+        ) * real[:, None, :, None]  # fmt: skip
+        last_fresh = fresh[:, -1]  # the next chunk continues a document that began here
+        w = where_rows(last_fresh, w0, w_next)
+        if mom is not None:
+            mom_next = where_rows(has_boundary, mom_next, mom)
+            mom = where_rows(last_fresh, jax.tree.map(jnp.zeros_like, mom), mom_next)
+        return (w, mom, {name: x[name] for name in names}), out
+
     mom0 = None if momentum is None else jax.tree.map(jnp.zeros_like, w0)
-    _, out = jax.lax.scan(step, (w0, mom0), xs)
+    if grid == "row":
+        _, out = jax.lax.scan(step, (w0, mom0), xs)
+    else:
+        first = {name: jnp.zeros_like(xs[name][0]) for name in ("k", "v", "lr", "momentum")
+                 if name in xs}  # fmt: skip
+        _, out = jax.lax.scan(document_step, (w0, mom0, first), xs)
     return _from_chunks(out)[:, :, :t].astype(out_dtype)

@@ -28,7 +28,7 @@ from flax import nnx
 from lcx.attention import packed_attention
 from lcx.cache import AttentionCache, cache_attention
 from lcx.layers import DTYPES, apply_rope, constant_param, param, rms_normalise
-from lcx.ttt.fast_weights import FastWeights, lact_chunk_scan, safe_norm
+from lcx.ttt.fast_weights import GRIDS, FastWeights, lact_chunk_scan, safe_norm
 from lcx.ttt.state import LaCTCache, fast_weight_step
 
 
@@ -50,6 +50,7 @@ class LaCTConfig:
     num_layers: int = 1  # scales the output projection's initialisation
     dtype: str = "float32"
     attention_implementation: str | None = None
+    grid: str = "document"  # chunks counted from each document's start, or "row"
 
     def __post_init__(self):
         if self.chunk_size <= 0:
@@ -70,6 +71,8 @@ class LaCTConfig:
             raise ValueError(f"lact inter_multi={self.inter_multi} must be positive")
         if self.dtype not in DTYPES:
             raise ValueError(f"lact dtype={self.dtype!r}; valid: {sorted(DTYPES)}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"lact grid={self.grid!r}; valid: {GRIDS}")
 
     @property
     def fw_head_dim(self) -> int:
@@ -239,6 +242,6 @@ class LaCTLayer(nnx.Module):
         q, k, v, lr, momentum = self._fast_weight_inputs(x, q, k, v, positions)
         out = lact_chunk_scan(
             self._initial_weights(), q, k, v, lr, momentum, segment_ids,
-            chunk_size=cfg.chunk_size, use_muon=cfg.use_muon,
+            chunk_size=cfg.chunk_size, use_muon=cfg.use_muon, grid=cfg.grid,
         )  # fmt: skip
         return self._fast_weight_output(x, jnp.swapaxes(out, 1, 2))
