@@ -59,7 +59,7 @@ def packed_rows(row_len: int, num_rows: int, *, max_documents: int = 0, seed: in
 
 
 def exponential_rows(row_len: int, num_rows: int, mean: int, seed: int = 0) -> np.ndarray:
-    """Rows packed back to back with exponential document lengths (PAPERS.md's example)."""
+    """Rows packed back to back with exponential document lengths of mean `mean`."""
     rng = np.random.default_rng(seed)
     seg = np.zeros((num_rows, row_len), np.int32)
     for row in seg:

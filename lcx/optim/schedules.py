@@ -10,7 +10,7 @@ with n the number of tokens trained and batch_size the number of sequences per s
 a linear warmup to lr(warmup_tokens), and an optional final decay phase over the last
 `decay_tokens` of `total_tokens` (WSD style). Defaults a = 4, b = -0.51,
 max_lr = 0.02 are the paper's fitted values for muP-parametrised models (*verify*
-against the paper for other parametrisations; PAPERS.md). The decay defaults to the
+against the paper, arXiv 2408.13359, for other parametrisations). The decay defaults to the
 exponential shape of the reference implementation, which reaches exactly
 `final_lr_fraction` of the starting value at the end; "linear" and "1-sqrt" are the
 other common WSD tails.

@@ -3,7 +3,7 @@
 Every document is split into consecutive pieces no longer than the row, never dropped,
 so each token of the corpus is seen exactly once per epoch. Strategies:
 - `first_fit`, `best_fit`: grain's online packers, which emit `*_segment_ids`
-  (0 = padding) and `*_positions` restarting at 0 per piece (DESIGN.md's layout);
+  (0 = padding) and `*_positions` restarting at 0 per piece (README, "Conventions");
 - `concat_chunk`: grain's concat-then-split: pieces back to back, cut every row; a
   piece cut in two continues its positions in the next row;
 - `ffd`: offline first-fit-decreasing over the whole epoch (`lcx.packing.ffd`);
