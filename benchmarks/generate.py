@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prefix", type=int, default=2048)
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=20.0, help="arrivals per second")
+    parser.add_argument("--rate", type=float, default=100.0, help="arrivals per second")
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--token_budget", type=int, default=128)
     parser.add_argument("--output_mean", type=float, default=32)

@@ -17,11 +17,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lcx.attention import BlockSizes, packed_attention
+from lcx.attention import packed_attention
 
-# Prompt chunks of an engine step against the whole cache: a query block spanning the
-# chunks of two slots visits every slot between them, so query blocks stay short.
-CHUNK_BLOCK_SIZES = BlockSizes(block_q=32, block_kv=128)
+# An engine row's prompt chunks come in blocks of this many queries, each block holding one
+# slot's tokens (or padding): a block attends only its own slot's cache, gathered, so a
+# step's attention work follows its chunks (the ragged layout of tpu-inference's ragged
+# paged attention) instead of the whole flattened cache.
+CHUNK_QUERY_BLOCK = 16
 
 
 class AttentionCache(NamedTuple):
@@ -67,47 +69,65 @@ class AttentionCache(NamedTuple):
 
 def cache_attention(q, segment_ids, positions, cache: AttentionCache, *, offset_S=None,
                  decode_rows=0, window=None, implementation=None):  # fmt: skip
-    """(out, lse) of one row of queries [1, T, H, D] against the whole cache, causal.
+    """(out, lse) of one row of queries [1, T, H, D] against the cache, causal.
+
+    Without `decode_rows` the queries attend the whole cache as one packed row.
 
     `decode_rows`: the row's first `slots` queries are one decode token per slot (query i
     of slot i, or padding) and attend their own slot as a batch of [S, 1] queries
-    against [S, L] keys; the rest (prompt chunks) attend the cache as one row.
+    against [S, L] keys; the rest (prompt chunks) come in blocks of `CHUNK_QUERY_BLOCK`
+    queries, each block one slot's tokens or padding, and a block attends its slot's
+    cache alone (a query of another slot in a block attends nothing).
     """
     if q.shape[0] != 1:
         raise ValueError(f"attending the cache takes one row of queries, got {q.shape[0]}")
     common = dict(causal=True, window=window, implementation=implementation, return_lse=True)
-    k_row, v_row, ids, kv_positions = cache.as_row(offset_S)
     if not decode_rows:
+        k_row, v_row, ids, kv_positions = cache.as_row(offset_S)
         return packed_attention(
             q, k_row, v_row, segment_ids, kv_segment_ids=ids, q_positions=positions,
             kv_positions=kv_positions, **common,
         )  # fmt: skip
-    s, n = cache.slots, cache.length
+    s = cache.slots
     if decode_rows != s:
         raise ValueError(f"decode_rows={decode_rows} must equal the cache's {s} slots")
-    if q.shape[1] < s:
-        raise ValueError(f"decode_rows={s} needs a row of at least {s} queries")
-    decode = packed_attention(
-        q[0, :s, None], cache.k, cache.v, (segment_ids[0, :s] > 0).astype(jnp.int32)[:, None],
-        kv_segment_ids=jnp.ones((s, n), jnp.int32), q_positions=positions[0, :s, None],
-        kv_positions=kv_positions.reshape(s, n), **common,
+    if q.shape[1] < s or (q.shape[1] - s) % CHUNK_QUERY_BLOCK:
+        raise ValueError(
+            f"decode_rows={s} needs a row of {s} decode queries plus a multiple of "
+            f"CHUNK_QUERY_BLOCK={CHUNK_QUERY_BLOCK} chunk queries; got {q.shape[1]}"
+        )
+    offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
+    parts = [
+        _slot_attention(
+            q[0, :s, None], (segment_ids[0, :s] > 0)[:, None], positions[0, :s, None],
+            cache, None, offset_S, common,
+        )
+    ]  # fmt: skip
+    if q.shape[1] > s:
+        blocks = lambda x: x[0, s:].reshape(-1, CHUNK_QUERY_BLOCK, *x.shape[2:])  # noqa: E731
+        ids_NxC = blocks(segment_ids)
+        slot_plus_one = ids_NxC.max(axis=1)
+        own = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
+        slot_N = jnp.maximum(slot_plus_one - 1, 0)
+        parts.append(
+            _slot_attention(blocks(q), own, blocks(positions), cache, slot_N, offset_S, common)
+        )
+    return tuple(jnp.concatenate(p, axis=0)[None] for p in zip(*parts, strict=True))
+
+
+def _slot_attention(q_NxCxHxD, real_NxC, positions_NxC, cache, slot_N, offset_S, common):
+    """(out, lse) flattened to [N * C, ...]: query group n against slot slot_N[n]'s cache.
+
+    `slot_N` None: group n is slot n (every slot, no gather).
+    """
+    n, c = real_NxC.shape
+    length = cache.length
+    k, v = (cache.k, cache.v) if slot_N is None else (cache.k[slot_N], cache.v[slot_N])
+    offset_N = offset_S if slot_N is None else offset_S[slot_N]
+    kv_positions = jnp.arange(length, dtype=jnp.int32)[None] + offset_N[:, None]
+    out, lse = packed_attention(
+        q_NxCxHxD, k, v, real_NxC.astype(jnp.int32),
+        kv_segment_ids=jnp.ones((n, length), jnp.int32), q_positions=positions_NxC,
+        kv_positions=kv_positions, **common,
     )  # fmt: skip
-    decode = tuple(x.reshape(1, s, *x.shape[2:]) for x in decode)
-    if q.shape[1] == s:
-        return decode
-
-    def attend_chunks():
-        """Prompt chunks against the cache as one row."""
-        return packed_attention(
-            q[:, s:], k_row, v_row, segment_ids[:, s:], kv_segment_ids=ids,
-            q_positions=positions[:, s:], kv_positions=kv_positions,
-            block_sizes=CHUNK_BLOCK_SIZES, **common,
-        )  # fmt: skip
-
-    def no_chunks():
-        """A decode-only step: nothing to attend."""
-        out = jnp.zeros_like(q[:, s:])
-        return out, jnp.full(out.shape[:3], -jnp.inf, jnp.float32)
-
-    chunks = jax.lax.cond(jnp.any(segment_ids[:, s:] > 0), attend_chunks, no_chunks)
-    return tuple(jnp.concatenate([d, c], axis=1) for d, c in zip(decode, chunks, strict=True))
+    return out.reshape(n * c, *out.shape[2:]), lse.reshape(n * c, *lse.shape[2:])

@@ -16,6 +16,7 @@ from flax import nnx
 
 from lcx.attention import packed_attention
 from lcx.attention.shared_prefix import SharedPrefix, shared_prefix_attention
+from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, cache_attention
 from lcx.generate import Engine, Request, SamplingParams, allowed_tokens, generate, sample
 from lcx.model import Transformer, TransformerConfig
 
@@ -77,7 +78,8 @@ def test_continuous_batching_gives_each_request_its_tokens_alone(rng):
     model = tiny_model(seed=1)
     prompts = random_prompts(rng, [3, 25, 11, 40, 2, 17])
     new = [4, 9, 2, 6, 7, 3]
-    engine = Engine(model, slots=2, max_length=56, token_budget=12)
+    # Rows of 2 decodes + 3 chunk blocks: a step can hold chunks of both slots.
+    engine = Engine(model, slots=2, max_length=56, token_budget=40)
     ids = [engine.submit(Request(p, n)) for p, n in zip(prompts, new, strict=True)]
     together = engine.run()
     for i, prompt, n in zip(ids, prompts, new, strict=True):
@@ -107,6 +109,33 @@ def test_chunked_prefill_leaves_the_cache_of_one_shot_prefill(rng):
         _slot_entries(chunked, 0, 45), _slot_entries(one_shot, 0, 45), atol=1e-5
     )
     assert chunked.results == one_shot.results
+
+
+@pytest.mark.parametrize("implementation", ["xla", "xla_chunked"])
+def test_blocked_cache_attention_equals_attention_over_the_whole_cache(rng, implementation):
+    """Decodes slot by slot and chunk blocks against their slot's cache, vs one flat row."""
+    with jax.enable_x64(True):
+        slots, length, block = 3, 40, CHUNK_QUERY_BLOCK
+        cache = AttentionCache(*(jnp.asarray(rng.normal(size=(slots, length, 2, 8))) for _ in "kv"))
+        t = slots + 3 * block
+        q = jnp.asarray(rng.normal(size=(1, t, 4, 8)))
+        ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
+        ids[0, :slots], positions[0, :slots] = [1, 0, 3], [17, 0, 30]  # slot 1 idle
+        for b, (slot, start, n) in enumerate([(2, 0, block), (2, block, 5), (1, 3, block - 2)]):
+            at = slots + b * block
+            ids[0, at : at + n], positions[0, at : at + n] = slot, start + np.arange(n)
+        offset = jnp.asarray([0, 2, 1], jnp.int32)
+        common = dict(offset_S=offset, window=None, implementation=implementation)
+        blocked = cache_attention(q, ids, positions, cache, decode_rows=slots, **common)
+        flat = cache_attention(q, ids, positions, cache, **common)
+        for a, b in zip(blocked, flat, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-12)
+        # A query of another slot inside a block attends nothing.
+        ids[0, slots + block + 7] = 3
+        out, _ = cache_attention(q, ids, positions, cache, decode_rows=slots, **common)
+        assert not np.any(out[0, slots + block + 7])
+        with pytest.raises(ValueError, match="CHUNK_QUERY_BLOCK"):
+            cache_attention(q[:, :-1], ids[:, :-1], positions[:, :-1], cache, decode_rows=slots)
 
 
 def test_prepacked_prefill_equals_each_prompt_prefilled_alone(rng):

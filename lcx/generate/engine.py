@@ -6,7 +6,8 @@ each step's row holds one decode token of every running sequence, then chunks of
 prompts up to `token_budget` tokens; each token carries its slot + 1 as segment id and
 its position, and one jitted forward attends the row against the cache (`lcx.cache`).
 A prompt longer than the budget's remainder is prefilled over several steps. Shapes are
-fixed by (slots, max_length, token_budget), so the step compiles once.
+fixed by (slots, max_length, token_budget): the step compiles twice, for decode-only
+rows and for rows with chunks.
 
 `prefill` is Prepacking (Zhao et al., arXiv 2404.09529) for a static batch: prompts
 packed by `first_fit_decreasing` into rows, one forward, each prompt's keys/values
@@ -32,7 +33,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lcx.attention.shared_prefix import SharedPrefix
-from lcx.cache import AttentionCache
+from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
 from lcx.generate.sampling import SamplingParams, sample, settings_arrays
 from lcx.packing import first_fit_decreasing
 
@@ -302,12 +303,18 @@ class Engine:
                 self._running[slot] = _Running(request_id, request)
 
     def _plan_row(self):
-        """The step's row: slot i's decode token at index i (or padding), then prompt chunks."""
-        budget = self.token_budget
-        tokens = np.zeros(budget, np.int32)
+        """The step's row: slot i's decode token at index i (or padding), then prompt chunks.
+
+        Each chunk starts a block of `CHUNK_QUERY_BLOCK` (a block attends one slot's
+        cache); the row is `slots` wide in a decode-only step, else as wide as the
+        budget rounded up to whole blocks, so the step compiles for two shapes.
+        """
+        s, block = self.slots, CHUNK_QUERY_BLOCK
+        width = s + -(-(self.token_budget - s) // block) * block
+        tokens = np.zeros(width, np.int32)
         segment_ids, positions = np.zeros_like(tokens), np.zeros_like(tokens)
-        last = np.zeros(self.slots, np.int32)  # the row index of each slot's sampled token
-        samplers, used, chunks = [], self.slots, []
+        last = np.zeros(s, np.int32)  # the row index of each slot's sampled token
+        samplers, chunks = [], []
         for slot, running in enumerate(self._running):
             if running is not None and running.decoding:
                 n = len(running.request.prompt) + len(running.generated) - 1
@@ -315,27 +322,31 @@ class Engine:
                 segment_ids[slot], positions[slot] = slot + 1, n + self._prefix_length
                 last[slot] = slot
                 samplers.append(slot)
+        budget, at = self.token_budget - s, s  # prompt tokens left; next block start
         waiting = [(r.request_id, s) for s, r in enumerate(self._running) if r and not r.decoding]
         for _, slot in sorted(waiting):  # oldest request first
             running = self._running[slot]
             start = running.prefilled
-            take = min(budget - used, len(running.request.prompt) - start)
+            take = min(budget, width - at, len(running.request.prompt) - start)
             if self._lact_chunk:
                 take = min(take, self._lact_chunk - start % self._lact_chunk)
             if take <= 0:
                 break
-            tokens[used : used + take] = running.request.prompt[start : start + take]
-            segment_ids[used : used + take] = slot + 1
-            positions[used : used + take] = np.arange(start, start + take) + self._prefix_length
+            tokens[at : at + take] = running.request.prompt[start : start + take]
+            segment_ids[at : at + take] = slot + 1
+            positions[at : at + take] = np.arange(start, start + take) + self._prefix_length
             chunks.append((slot, take))
             if start + take == len(running.request.prompt):
-                last[slot] = used + take - 1
+                last[slot] = at + take - 1
                 samplers.append(slot)
-            used += take
+            budget -= take
+            at += -(-take // block) * block
         if not samplers and not chunks:
             return None
         for slot, take in chunks:
             self._running[slot].prefilled += take
+        if not chunks:
+            tokens, segment_ids, positions = tokens[:s], segment_ids[:s], positions[:s]
         row = dict(tokens=tokens[None], segment_ids=segment_ids[None], positions=positions[None])
         return row, last, samplers
 
