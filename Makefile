@@ -9,7 +9,7 @@ WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lcx-installed
 
-.PHONY: train test lint format bench clean
+.PHONY: train processes test lint format bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 train: $(STAMP)
 	$(PY) -m lcx.main --config $(CONFIG) --workdir $(WORKDIR)
+
+# N local processes of one run, as N hosts would run it (multi-process JAX on the CPU).
+PROCESSES ?= 2
+processes: $(STAMP)
+	$(PY) scripts/local_processes.py --processes $(PROCESSES) -- --config $(CONFIG) --workdir $(WORKDIR)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .

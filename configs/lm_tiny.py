@@ -44,6 +44,9 @@ def get_config(arg=None):
         eval_fraction=0.02,
         max_documents=0,  # 0: all
         cache=True,  # tokenized corpus cached as zarr in WORKDIR/cache
+        # Document shards, each packed on its own; a process reads shards/processes of
+        # them. 0: one per process. Fix it to keep the data order on another host count.
+        shards=0,
         # Dataset Decomposition (packing="dd"): rows of 2^min_log2 .. 2^max_log2 tokens,
         # batch_size * seq_len tokens per step; curriculum uniform | grow_p2.
         dd_min_log2=6,
@@ -100,11 +103,16 @@ def get_config(arg=None):
         groups_per_micro_batch=4,
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
+    # With mesh.sequence > 1 attention runs as a ring (lcx.attention.ring) over rows
+    # permuted once in the input pipeline: balanced (per row, the layout of contiguous,
+    # zigzag, striped or whole documents whose ring visits the fewest blocks), or one of
+    # those always.
+    c.ring = dict(layout="balanced")
     # Logical axis -> mesh axes. Batch over data and fsdp; parameters FSDP-sharded on
     # their model dimension and tensor-parallel on heads and the MLP width.
     c.sharding_rules = (
         ("batch", ("data", "fsdp")),
-        ("length", None),
+        ("length", "sequence"),
         ("embed", "fsdp"),
         ("mlp", "tensor"),
         ("heads", "tensor"),
@@ -133,6 +141,8 @@ def get_config(arg=None):
         lact_momentum=True,
         lact_muon=True,
         lact_base_lr=1e-2,
+        remat="none",  # none | full | dots (keep matmul outputs) | offload (to host memory)
+        scan_layers=False,  # blocks under lax.scan: compile time flat in depth
     )
 
     if smoke:

@@ -1,5 +1,9 @@
 """Command line: `python -m lcx.main --config configs/<name>.py[:arg] --workdir DIR`.
 
+Several processes (one per host, or `scripts/local_processes.py` on one machine) add
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`; on a TPU pod slice
+or under SLURM JAX finds the others without flags (lcx.train.distributed).
+
 The config is locked: `--config.train.stepz=1` is an error, not silently ignored.
 User errors (a bad flag, config value, path or workdir) print one line and exit with
 status 2; LCX_DEBUG=1 shows the traceback. SIGINT / SIGTERM stop training after the
@@ -20,6 +24,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for a multi-process run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 60, "Seconds to wait for every process to connect."
+)
 
 MODES = ("train", "eval", "generate")
 USER_ERROR = 2  # the exit status of every mistake a user can fix
@@ -103,6 +115,12 @@ def main(argv):
 
     config, workdir = _CONFIG.value, _WORKDIR.value
     try:
+        from lcx.train import distributed
+
+        distributed.initialize(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+            timeout_s=_INIT_TIMEOUT.value,
+        )  # fmt: skip
         result = run(config, workdir)
     except Interrupted as e:
         print(
@@ -118,7 +136,8 @@ def main(argv):
     except KeyboardInterrupt:  # outside training (training checkpoints and stops instead)
         print("lcx: interrupted", file=sys.stderr)
         sys.exit(128 + 2)
-    print(summary(result, workdir, config.mode))
+    if distributed.is_main_process():
+        print(summary(result, workdir, config.mode))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lcx.attention import merge_attention, packed_attention
+from lcx.attention.ring import sequence_mesh
 from lcx.attention.shared_prefix import prefix_attention
 from lcx.cache import AttentionCache, cache_attention
 from lcx.layers import DTYPES, apply_rope, param, rms_normalise
 from lcx.ttt import LaCTConfig, LaCTLayer
 
 MIXERS = ("attention", "lact")
+
+# model.remat -> the jax.checkpoint policy of each block (None: save nothing, recompute all).
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +62,11 @@ class TransformerConfig:
     lact_muon: bool = True
     lact_base_lr: float = 1e-2
     lact_grid: str = "document"  # LaCT chunks from each document's start, or "row"
+    # Training memory and compile time: rematerialisation of each block in the backward
+    # pass (none | full | dots: keep the matmul outputs | offload: keep them in host
+    # memory), and the blocks under lax.scan (compile time flat in depth).
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -72,6 +86,8 @@ class TransformerConfig:
             )
         if "lact" in self.block_pattern:
             self.lact_config()  # validates the lact_* fields
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
         for name in ("vocab_size", "d_model", "num_layers", "head_dim", "mlp_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
@@ -203,7 +219,10 @@ class Attention(nnx.Module):
                 )
             ]  # fmt: skip
         elif not prefixes:  # training and prepacked prefill: causal within the row's runs
-            o_BxTxHxD = self._attend(q, k, v, segment_ids_BxT, return_lse=False)
+            # Rows split over a `sequence` mesh axis may be permuted (ring layouts): the
+            # ring then needs each token's position; otherwise the index in the row serves.
+            where = {"q_positions": positions_BxT} if sequence_mesh() is not None else {}
+            o_BxTxHxD = self._attend(q, k, v, segment_ids_BxT, return_lse=False, **where)
             out = jnp.einsum("bthd,hde->bte", o_BxTxHxD, self.w_o[...].astype(dt))
             return out if cache is None else (out, cache)
         else:
@@ -348,7 +367,47 @@ class Transformer(nnx.Module):
         return self._unembed(x), kvs
 
     def logits_from_embeddings(self, x_BxTxE, segment_ids_BxT, positions_BxT):
-        """The decoder stack and unembedding; float32 logits [B, T, V]."""
-        for block in self.blocks:
-            x_BxTxE = block(x_BxTxE, segment_ids_BxT, positions_BxT)
+        """The decoder stack and unembedding; float32 logits [B, T, V].
+
+        `model.remat` wraps each block in `nnx.remat`; `model.scan_layers` runs the
+        blocks as a `lax.scan` over groups of `len(block_pattern)` layers, their
+        parameters stacked per step (the stored parameters stay one module per layer).
+        """
+        run = _block_runner(self.cfg.remat)
+        blocks = list(self.blocks)
+        period = len(self.cfg.block_pattern)
+        scanned = (len(blocks) // period) * period if self.cfg.scan_layers else 0
+        if scanned > period:
+            x_BxTxE = _scan_blocks(blocks[:scanned], period, run, x_BxTxE, segment_ids_BxT,
+                                   positions_BxT)  # fmt: skip
+            blocks = blocks[scanned:]
+        for block in blocks:
+            x_BxTxE = run(block, x_BxTxE, segment_ids_BxT, positions_BxT)
         return self._unembed(x_BxTxE)
+
+
+def _block_runner(remat: str):
+    """block, x, segment ids, positions -> x, rematerialised as `model.remat` says."""
+
+    def run(block, x_BxTxE, segment_ids_BxT, positions_BxT):
+        return block(x_BxTxE, segment_ids_BxT, positions_BxT)
+
+    if remat == "none":
+        return run
+    return nnx.remat(run, policy=REMAT_POLICIES[remat])
+
+
+def _scan_blocks(blocks, period, run, x_BxTxE, segment_ids_BxT, positions_BxT):
+    """The blocks as a lax.scan over groups of `period` (one per pattern position)."""
+    graphdefs, states = zip(*(nnx.split(block) for block in blocks), strict=True)
+    stacked = [
+        jax.tree.map(lambda *layers: jnp.stack(layers), *states[j::period]) for j in range(period)
+    ]
+
+    def group(x, group_states):
+        """One group of `period` blocks."""
+        for graphdef, state in zip(graphdefs[:period], group_states, strict=True):
+            x = run(nnx.merge(graphdef, state), x, segment_ids_BxT, positions_BxT)
+        return x, None
+
+    return jax.lax.scan(group, x_BxTxE, stacked)[0]

@@ -186,16 +186,21 @@ def test_float64_to_the_last_digits(impl, rng):
             got = functools.partial(packed_attention, return_lse=True, window=9, **call)
         for fn in (got, ref):
             assert fn(q, k, v)[0].dtype == jnp.float64
+        (out, lse), (ref_out, ref_lse) = got(q, k, v), ref(q, k, v)
+        # lse is -inf exactly where a query sees no key (whether any does depends on the
+        # random layout): compare the pattern, then the finite values.
+        seen = np.isfinite(np.asarray(ref_lse))
+        np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), seen)
         errors = [
             cases.relative_error(a, b)
             for a, b in zip(
-                [*got(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v, got)],
-                [*ref(q, k, v), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v, ref)],
+                [out, jnp.where(seen, lse, 0.0), *jax.grad(loss, argnums=(0, 1, 2))(q, k, v, got)],
+                [ref_out, jnp.where(seen, ref_lse, 0.0),
+                 *jax.grad(loss, argnums=(0, 1, 2))(q, k, v, ref)],
                 strict=True,
             )
-            if np.isfinite(np.asarray(b)).all()
-        ]
-    assert len(errors) == 4 and max(errors) < 1e-11, errors
+        ]  # fmt: skip
+    assert max(errors) < 1e-11, errors
 
 
 def test_rows_that_see_nothing(impl, rng):

@@ -1,4 +1,4 @@
-"""The same training steps on 1 CPU device and on a data=2, fsdp=4 mesh of 8 agree.
+"""Training on meshes of 8 CPU devices agrees with 1 device: steps, losses and gradients.
 
 Runs in a subprocess: the 8 host devices must be requested before jax starts.
 """
@@ -9,9 +9,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = r"""
+SETUP = r"""
 import os
 import jax, numpy as np
+from lcx.attention.ring import sequence_layout
 from configs import lm_tiny
 from lcx.model import TransformerConfig
 from lcx.train import sharding as sh, step as steplib
@@ -37,6 +38,11 @@ for row in range(b):
 batch = {"tokens": rng.integers(0, 256, (b, t)).astype(np.int32),
          "segment_ids": segment_ids, "positions": positions}
 
+"""
+
+SCRIPT = (
+    SETUP
+    + r"""
 def run(shape, devices):
     mesh = sh.make_mesh(shape, devices)
     shardings = steplib.state_shardings(model_cfg, tx, mesh, rules)
@@ -63,6 +69,7 @@ jax.tree.map(
 )
 print("losses", one_losses, eight_losses)
 """
+)
 
 
 def test_eight_device_mesh_matches_one_device(rng):
@@ -80,3 +87,48 @@ def test_eight_device_mesh_matches_one_device(rng):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "losses" in result.stdout
+
+
+GRADS_SCRIPT = (
+    SETUP
+    + r"""
+loss_sum = steplib.model_loss_sum(graphdef)
+
+def loss_and_grads(shape, devices):
+    mesh = sh.make_mesh(shape, devices)
+    shardings = steplib.state_shardings(model_cfg, tx, mesh, rules)
+    params = steplib.init_state(model_cfg, tx, 0, shardings, b).params
+    host = batch if mesh.shape["sequence"] == 1 else sequence_layout(
+        batch, mesh.shape["sequence"], c.ring.layout)
+    device_batch = sh.put_batch(host, sh.batch_sharding(mesh, rules))
+    mean = lambda p, x: (lambda total, n: total / n)(*loss_sum(p, x))
+    with jax.set_mesh(mesh):
+        loss, grads = jax.jit(jax.value_and_grad(mean))(params, device_batch)
+    return float(loss), jax.device_get(grads)
+
+want_loss, want = loss_and_grads(sh.MeshShape(data=1), jax.devices()[:1])
+scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(want))
+for shape in [dict(data=8), dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=2, sequence=2),
+              dict(data=1, sequence=8)]:
+    loss, grads = loss_and_grads(sh.MeshShape(**shape), jax.devices())
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=str(shape))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5 * scale,
+                                                         err_msg=str(shape)), grads, want)
+    print("agrees", shape, loss)
+print("all meshes agree")
+"""
+)
+
+
+def test_loss_and_gradients_agree_on_every_mesh_axis(rng):
+    """1 device vs data=8, fsdp x tensor, data x fsdp x sequence (ring), sequence=8."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+        LCX_MESH_SEED=str(int(rng.integers(2**31))),
+    )  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", GRADS_SCRIPT], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "all meshes agree" in result.stdout, result.stdout

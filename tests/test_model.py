@@ -208,3 +208,40 @@ def test_dependent_chunks_need_memory_linear_in_the_document():
     small, large = temp_bytes(chunked, 1024), temp_bytes(chunked, 2048)
     assert large < 2.5 * small  # linear in L (the chunk's scores are C x L), not quadratic
     assert large < 0.2 * temp_bytes(whole, 2048)
+
+
+def _loss_and_grads(rng_seed, **fields):
+    """Mean next-token loss and its gradients for a tiny model on a packed batch."""
+    cfg = TransformerConfig(vocab_size=64, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                            mlp_dim=64, **fields)  # fmt: skip
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(rng_seed)
+    seg = np.repeat(np.array([[1, 1, 2, 3], [4, 4, 4, 0]]), 8, axis=1).astype(np.int32)
+    pos = np.concatenate([np.arange(16), np.arange(8), np.arange(8)])[None].repeat(2, 0)
+    batch = dict(tokens=jnp.asarray(rng.integers(0, 64, (2, 32))), segment_ids=jnp.asarray(seg),
+                 positions=jnp.asarray(pos, jnp.int32))  # fmt: skip
+
+    def loss(params):
+        logits = nnx.merge(graphdef, params)(batch["tokens"], batch["segment_ids"],
+                                             batch["positions"])  # fmt: skip
+        total, count = lm_loss(logits, batch)
+        return total / count
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize(
+    "pattern, fields",
+    [(("attention",), dict(scan_layers=True)), (("attention",), dict(remat="full")),
+     (("attention",), dict(remat="dots")), (("attention",), dict(remat="offload")),
+     (("attention", "lact"), dict(scan_layers=True, remat="dots"))],
+    ids=["scan", "full", "dots", "offload", "hybrid-scan-dots"],
+)  # fmt: skip
+def test_scanned_layers_and_every_remat_policy_give_the_loop_gradients(rng, pattern, fields):
+    layers = dict(num_layers=2) if pattern == ("attention",) else dict(
+        num_layers=4, lact_chunk_size=8, lact_window=8)  # fmt: skip
+    seed = int(rng.integers(2**31))
+    want_loss, want = _loss_and_grads(seed, block_pattern=pattern, **layers)
+    loss, grads = _loss_and_grads(seed, block_pattern=pattern, **layers, **fields)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), grads, want)

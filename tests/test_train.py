@@ -75,7 +75,9 @@ def test_restart_reproduces_an_uninterrupted_run(name, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.mark.parametrize("name", ["lm_tiny_lamb", "lm_tiny_adaptive", "lm_lact_tiny", "lm_tiny_dd"])
+@pytest.mark.parametrize(
+    "name", ["lm_tiny_lamb", "lm_tiny_adaptive", "lm_lact_tiny", "lm_tiny_dd", "lm_1b_tpu"]
+)
 def test_variant_configs_train(name, tmp_path):
     config = _smoke(name)
     last = train_and_evaluate(config, str(tmp_path / name))

@@ -12,6 +12,7 @@ from lcx.attention.kernel_common import BlockSizes
 from lcx.attention.layout import BlockSchedule, block_schedule, count_visited
 from lcx.attention.merge import merge_attention
 from lcx.attention.reference import reference_attention, visibility_mask
+from lcx.attention.ring import ring_attention, sequence_layout
 from lcx.attention.segments import Segments
 from lcx.attention.shared_prefix import SharedPrefix, prefix_attention, shared_prefix_attention
 from lcx.attention.varlen import cu_seqlens_to_segment_ids, segment_ids_to_cu_seqlens
@@ -29,7 +30,9 @@ __all__ = [
     "packed_attention",
     "prefix_attention",
     "reference_attention",
+    "ring_attention",
     "segment_ids_to_cu_seqlens",
+    "sequence_layout",
     "shared_prefix_attention",
     "visibility_mask",
 ]

@@ -5,16 +5,19 @@ prefill, ChunkFlow), one query per sequence against a cache (decoding): all are 
 with segment ids and positions against keys with theirs (see `reference_attention` for
 the semantics). Every implementation takes the same `Segments` and returns
 (out, lse); `implementation=None` tries the best for the backend and falls back to the
-next on NotImplementedError.
+next on NotImplementedError. Under a mesh whose `sequence` axis is > 1 (`jax.set_mesh`),
+self-attention runs as ring attention (`lcx.attention.ring`) over that axis.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from lcx.attention.pallas_gpu import gpu_implementation
 from lcx.attention.pallas_tpu import tpu_implementation
 from lcx.attention.reference import reference_attention
+from lcx.attention.ring import ring_attention, sequence_mesh
 from lcx.attention.segments import check_attention_args, segments_of, validate_segments
 from lcx.attention.xla_chunked import xla_chunked_implementation
 
@@ -80,6 +83,18 @@ def packed_attention(
         q, k, v, segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
         kv_positions=kv_positions, window=window,
     )  # fmt: skip
+    mesh = sequence_mesh() if kv_segment_ids is None and kv_positions is None else None
+    if mesh is not None:  # self-attention of rows split over the `sequence` axis
+        b, t = q.shape[:2]
+        ring = ring_attention(
+            q, k, v, jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids,
+            jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            if q_positions is None else q_positions,
+            mesh=mesh, causal=causal, window=window, scale=scale,
+            implementation=implementation, block_sizes=block_sizes, interpret=interpret,
+            return_lse=return_lse,
+        )  # fmt: skip
+        return ring
     segments = segments_of(q, k, segment_ids, kv_segment_ids, q_positions, kv_positions)
     if validate:
         validate_segments(segments)

@@ -67,7 +67,8 @@ def _with_decay(body, decay_tokens, total_tokens, decay, final_lr_fraction):
     """Wrap `body(n, batch)` with the final decay phase (a no-op when decay_tokens=0)."""
     if not decay_tokens:
         return body
-    start = total_tokens - decay_tokens
+    # Python floats: token counts pass 2**31 (an int argument would be parsed as int32).
+    start, decay_tokens = float(total_tokens - decay_tokens), float(decay_tokens)
 
     def schedule(tokens, batch_size=None):
         tokens = jnp.asarray(tokens, jnp.float32)
@@ -108,6 +109,7 @@ def power_schedule(
     if b >= 0:
         raise ValueError(f"b={b} must be negative: the learning rate falls with tokens seen")
     _check_phases(warmup_tokens, decay_tokens, total_tokens, decay, final_lr_fraction)
+    warmup_tokens = float(warmup_tokens)  # counts past 2**31 stay floats, never int32
 
     def power(tokens, beta):
         return jnp.minimum(max_lr, beta * a * jnp.maximum(tokens, 1.0) ** b)
@@ -135,6 +137,7 @@ def wsd_schedule(
     """Warmup-stable-decay in tokens: linear warmup, constant, then the decay tail."""
     check_positive("peak_lr", peak_lr)
     _check_phases(warmup_tokens, decay_tokens, total_tokens, decay, final_lr_fraction)
+    warmup_tokens = float(warmup_tokens)  # counts past 2**31 stay floats, never int32
 
     def body(tokens, batch_size=None):
         del batch_size
@@ -153,6 +156,7 @@ def cosine_schedule(
     check_positive("peak_lr", peak_lr)
     check_positive("total_tokens", total_tokens)
     check_non_negative("warmup_tokens", warmup_tokens)
+    warmup_tokens, total_tokens = float(warmup_tokens), float(total_tokens)
 
     def schedule(tokens, batch_size=None):
         del batch_size

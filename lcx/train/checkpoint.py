@@ -8,6 +8,8 @@ checkpoints and an interrupted save never corrupts an earlier one.
 
 from __future__ import annotations
 
+import os
+
 import grain
 import jax
 import orbax.checkpoint as ocp
@@ -30,10 +32,29 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
+        self.directory = directory
         self.manager = ocp.CheckpointManager(directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """The steps with a checkpoint directory, latest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def is_complete(self, step: int) -> bool:
+        """Whether the step's items and the state's metadata are there (a cut write may
+        still miss array files: restoring then fails, and the caller falls back)."""
+        root = os.path.join(self.directory, str(step))
+        needed = [os.path.join("state", "_METADATA"), "data"]
+        return all(os.path.exists(os.path.join(root, name)) for name in needed)
+
+    def set_aside(self, step: int):
+        """Rename a broken step's directory to `<step>.incomplete` (process 0)."""
+        if jax.process_index() == 0:
+            root = os.path.join(self.directory, str(step))
+            os.replace(root, root + ".incomplete")
+        self.manager.reload()
 
     def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
         """Save if `step` is on the interval (or `force`); returns whether it saved."""

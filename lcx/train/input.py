@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+import grain
 import jax
+import numpy as np
 
 from lcx.data import ByteTokenizer, load_or_tokenize, select_documents, split_tail
 from lcx.data.corpus import user_documents
@@ -70,28 +72,43 @@ DD_KEYS = ("dd_min_log2", "dd_max_log2", "dd_curriculum", "dd_cycles")
 
 
 def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: bool):
-    """This process's share of the batches: shuffled and repeated for training."""
+    """This process's share of the batches: shuffled and repeated for training.
+
+    The documents are split into `data.shards` shards (0: one per process), each packed
+    and batched on its own; a process reads its consecutive shards and concatenates
+    their rows, so the global batch (process 0's rows first) does not depend on how many
+    processes read it.
+    """
     count = jax.process_count()
-    if global_batch_size % count:
+    shards = data_cfg.get("shards", 0) or count
+    if shards % count or global_batch_size % shards:
         raise ValueError(
-            f"train.batch_size={global_batch_size} must divide among {count} processes"
+            f"data.shards={shards} must be a multiple of the {count} processes and divide "
+            f"train.batch_size={global_batch_size}"
         )
     # Dataset Decomposition and ChunkFlow shape training batches; evaluation packs rows.
     packing = data_cfg.packing
     if packing in ("dd", "chunkflow") and not train:
         packing = "first_fit"
     dd = {k: data_cfg[k] for k in DD_KEYS if k in data_cfg}
-    opts = PipelineOptions(
-        seq_len=seq_len,
-        batch_size=global_batch_size // count,
-        packing=packing,
-        **dd,
-        num_packing_bins=data_cfg.num_packing_bins,
-        seed=seed,
-        shuffle=train,
-        num_epochs=None,
-        pad_id=ByteTokenizer().pad_id,
-        shard_index=jax.process_index(),
-        shard_count=count,
-    )
-    return packed_dataset(corpus, opts)
+    mine = shards // count
+    datasets = [
+        packed_dataset(
+            corpus,
+            PipelineOptions(
+                seq_len=seq_len, batch_size=global_batch_size // shards, packing=packing,
+                **dd, num_packing_bins=data_cfg.num_packing_bins, seed=seed, shuffle=train,
+                num_epochs=None, pad_id=ByteTokenizer().pad_id,
+                shard_index=jax.process_index() * mine + j, shard_count=shards,
+            ),
+        )
+        for j in range(mine)
+    ]  # fmt: skip
+    if mine == 1:
+        return datasets[0]
+    return grain.experimental.ZipIterDataset(datasets).map(_concatenate_rows)
+
+
+def _concatenate_rows(batches):
+    """One batch of the rows of several shards' batches, in shard order."""
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

@@ -6,6 +6,7 @@ dispatched; tokens/s counts real (non-padding) target tokens.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -13,9 +14,11 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lcx import optim
+from lcx.attention.ring import sequence_layout
 from lcx.model import TransformerConfig
 from lcx.packing import STRATEGIES
 from lcx.train import input as data_input
@@ -104,6 +107,9 @@ class Experiment:
                 f"data.dd_max_log2={c.data.dd_max_log2}: the longest bucket has {longest_rows} "
                 f"rows per step, not a multiple of the {divisor} batch shards of config.mesh"
             )
+        self.sequence_shards = self.mesh.shape["sequence"]
+        if self.sequence_shards > 1:
+            check_sequence_parallel(c, self.model_cfg, self.sequence_shards)
         if c.data.packing == "chunkflow" and "lact" in self.model_cfg.block_pattern:
             raise ValueError(
                 "data.packing='chunkflow' runs dependent chunks through attention layers: "
@@ -133,6 +139,16 @@ class Experiment:
                 "the run ends before the learning rate reaches its peak"
             )
 
+    def device_batch(self, batch):
+        """A host batch on the mesh; in `sequence_layout` when rows are split over devices."""
+        if self.sequence_shards > 1:
+            batch = sequence_layout(batch, self.sequence_shards, self.config.ring.layout)
+        return sh.put_batch(batch, self.batch_sharding)
+
+    def mesh_context(self):
+        """The mesh as ambient mesh when rows are split (attention then runs as a ring)."""
+        return jax.set_mesh(self.mesh) if self.sequence_shards > 1 else contextlib.nullcontext()
+
     def dataset(self, split: str):
         """The grain dataset of one split."""
         c = self.config
@@ -161,20 +177,58 @@ class Experiment:
         )
 
     def restore_or_init(self, data_iterator=None):
-        """The latest checkpoint's state (and iterator), else a fresh state."""
-        step = self.resume_step
-        if step is None:
+        """The latest complete checkpoint's state (and iterator), else a fresh state.
+
+        A checkpoint that is incomplete (a write cut off) or unreadable while an earlier
+        one restores is set aside as `<step>.incomplete`, with a warning; when none
+        restores, the first error says the checkpoints do not fit this config.
+        """
+        if self.resume_step is None:
             return self.init_state()
         shapes = jax.eval_shape(self.init_state)
         abstract = abstract_like(shapes, self.shardings)
+        failed = []
+        for step in self.checkpointer.all_steps():
+            try:
+                if not self.checkpointer.is_complete(step):
+                    raise ValueError("a file of the write is missing")
+                state = self._restore(step, abstract, data_iterator)
+            except (ValueError, KeyError, TypeError, OSError) as e:  # orbax, grain, tensorstore
+                failed.append((step, e))
+                continue
+            for bad, e in failed:
+                self.checkpointer.set_aside(bad)
+                self.warnings.append(
+                    f"warning: the checkpoint of step {bad} is incomplete or unreadable "
+                    f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); moved to "
+                    f"checkpoints/{bad}.incomplete, resuming from step {step}"
+                )
+            self.resume_step = step
+            return state
+        step, e = failed[0]
+        raise ValueError(
+            f"--workdir {self.workdir}: the checkpoint of step {step} does not fit this "
+            f"config's model, optimizer or data pipeline ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); use a new --workdir"
+        ) from None
+
+    def _restore(self, step, abstract, data_iterator):
+        """One step's checkpoint; one written before rows were counted in two words
+        (a scalar `rows_seen`) is read as such and converted."""
         try:
             return self.checkpointer.restore(step, abstract, data_iterator)
-        except (ValueError, KeyError, TypeError) as e:  # orbax / grain on a mismatched state
-            raise ValueError(
-                f"--workdir {self.workdir}: the checkpoint of step {step} does not fit this "
-                f"config's model, optimizer or data pipeline ({type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200]}); use a new --workdir"
-            ) from None
+        except (ValueError, KeyError, TypeError):
+            sharding = abstract.rows_seen.sharding
+            scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding)
+            try:
+                old = self.checkpointer.restore(step, abstract._replace(rows_seen=scalar),
+                                                data_iterator)  # fmt: skip
+            except (ValueError, KeyError, TypeError):
+                pass
+            else:
+                rows = jax.device_put(steplib.wide_rows(int(old.rows_seen)), sharding)
+                return old._replace(rows_seen=rows)
+            raise
 
     def evaluator(self):
         """A function params -> mean eval loss over `train.eval_batches` fixed batches."""
@@ -187,11 +241,31 @@ class Experiment:
         def evaluate(params):
             total, count = 0.0, 0
             for batch in itertools.islice(iter(eval_ds), num_batches):
-                loss_sum, n = eval_step(params, sh.put_batch(batch, self.batch_sharding))
+                with self.mesh_context():
+                    loss_sum, n = eval_step(params, self.device_batch(batch))
                 total, count = total + float(loss_sum), count + int(n)
             return total / max(count, 1)
 
         return evaluate
+
+
+def check_sequence_parallel(c, model_cfg, shards: int):
+    """One-line ValueError for a config whose rows cannot be split over `shards` devices."""
+    from lcx.attention.ring import LAYOUTS
+
+    if c.ring.layout not in LAYOUTS:
+        raise ValueError(f"ring.layout={c.ring.layout!r}; valid: {LAYOUTS}")
+    if c.train.seq_len % (2 * shards):
+        raise ValueError(
+            f"train.seq_len={c.train.seq_len} must be a multiple of 2 * mesh.sequence = "
+            f"{2 * shards} to split rows over the sequence axis"
+        )
+    if "lact" in model_cfg.block_pattern or c.data.packing in ("dd", "chunkflow"):
+        raise ValueError(
+            f"mesh.sequence={shards} splits rows for ring attention: it needs attention-only "
+            "layers (no 'lact' in model.block_pattern) and rows of train.seq_len (not "
+            f"data.packing={c.data.packing!r})"
+        )
 
 
 def _evaluator_or_none(exp):
@@ -231,7 +305,7 @@ def _train(exp, stop_after, signals):
     evaluate = _evaluator_or_none(exp) if tc.eval_every > 0 else None
     state, batch_size = _batch_size_to_run(exp, state)
     runner = StepRunner(exp, batch_size)
-    start, tokens = int(state.step), int(state.rows_seen) * tc.seq_len
+    start, tokens = int(state.step), steplib.host_rows(state.rows_seen) * tc.seq_len
     progress = Progress(tc.steps, start, enabled=tc.progress)
     for line in [*exp.corpus_summary.values(), *exp.warnings]:
         progress.write(f"lcx: {line}")
@@ -248,7 +322,8 @@ def _train(exp, stop_after, signals):
     progress.write(f"lcx: compiling the train step, then training steps {start + 1}-{end}")
     stop = False
     for step in range(start + 1, end + 1):
-        state, metrics, stats = runner(state, data_iter, step)
+        with exp.mesh_context():
+            state, metrics, stats = runner(state, data_iter, step)
         window.add(step, metrics, stats, log=step % tc.log_every == 0)
         tokens += metrics["batch_size"] * tc.seq_len
         stop = signals.requested(step)

@@ -118,7 +118,8 @@ class Progress:
         self.bar.refresh()
 
     def write(self, message: str):
-        self.bar.write(message, file=sys.stderr)
+        if jax.process_index() == 0:
+            self.bar.write(message, file=sys.stderr)
 
     def close(self):
         self.bar.close()

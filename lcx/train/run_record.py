@@ -36,6 +36,13 @@ RESUMABLE = frozenset(
         "train.allow_config_change",
         "data.cache",
         "model.attention_implementation",  # the same function, computed another way
+        "ring.layout",  # the same function: the loss reads targets in the same layout
+        # The same function on any mesh: a checkpoint restores into the new shardings.
+        "mesh.data",
+        "mesh.fsdp",
+        "mesh.tensor",
+        "mesh.sequence",
+        "sharding_rules",
     }
 )
 

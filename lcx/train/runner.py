@@ -14,7 +14,6 @@ import numpy as np
 
 from lcx import optim
 from lcx.packing import batch_stats
-from lcx.train import sharding as sh
 from lcx.train import step as steplib
 from lcx.train.chunkflow import chunkflow_loss_sum
 
@@ -63,7 +62,7 @@ class StepRunner:
     def _next(self, data_iter):
         """The next micro-batch on device, and its host statistics."""
         batch = next(data_iter)
-        return sh.put_batch(batch, self.exp.batch_sharding), batch_stats(batch)
+        return self.exp.device_batch(batch), batch_stats(batch)
 
     def __call__(self, state, data_iter, step: int):
         """One optimizer step: (state, device metrics, host batch statistics)."""

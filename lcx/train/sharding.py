@@ -42,8 +42,6 @@ class MeshShape:
             raise ValueError(
                 f"config.mesh={self} needs {math.prod(sizes)} devices; {num_devices} available"
             )
-        if sizes[MESH_AXES.index("sequence")] != 1:
-            raise ValueError("config.mesh.sequence > 1 needs ring attention, not yet available")
         return tuple(sizes)
 
 
@@ -54,9 +52,27 @@ def make_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) -> 
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def logical_to_sharding(logical_specs, mesh: Mesh, rules: Sequence[tuple[str, object]]):
-    """Map a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, [tuple(r) for r in rules])
+def logical_to_sharding(logical_specs, mesh: Mesh, rules: Sequence[tuple[str, object]],
+                        shapes=None):  # fmt: skip
+    """Map a tree of logical PartitionSpecs to NamedShardings on `mesh`.
+
+    With `shapes` (a matching tree of arrays or ShapeDtypeStructs), a dimension the mesh
+    axes do not divide stays whole (e.g. one kv head under tensor=2): replicated there.
+    """
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, [tuple(r) for r in rules])
+    if shapes is None:
+        return shardings
+    return jax.tree.map(lambda sh, x: _fit(sh, x.shape), shardings, shapes)
+
+
+def _fit(sharding: NamedSharding, shape) -> NamedSharding:
+    """`sharding` without the mesh axes that do not divide their dimension."""
+    spec = []
+    for i, axes in enumerate(sharding.spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = math.prod(sharding.mesh.shape[a] for a in names)
+        spec.append(axes if size and i < len(shape) and shape[i] % size == 0 else None)
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:

@@ -31,8 +31,35 @@ class TrainState(NamedTuple):
     step: jax.Array
     params: dict
     opt_state: Any
-    rows_seen: jax.Array  # sequences trained on; tokens seen = rows_seen * seq_len
+    rows_seen: jax.Array  # sequences trained on, int32 [high, low] (`add_rows`)
     batch_size: jax.Array  # sequences per step now (grows under AdAdaGrad)
+
+
+# Rows seen are counted in two int32 words, high * ROW_BASE + low: one int32 wraps after
+# 2**31 rows (10**12 tokens in rows of 465), and JAX has no int64 without x64 mode.
+ROW_BASE = 2**30
+
+
+def add_rows(counter, rows):
+    """The [high, low] counter plus `rows` (< ROW_BASE)."""
+    low = counter[1] + rows
+    return jnp.stack([counter[0] + low // ROW_BASE, low % ROW_BASE]).astype(jnp.int32)
+
+
+def rows_as_float(counter):
+    """The counter's value as a float32 (relative error 6e-8: what schedules need)."""
+    return counter[0].astype(jnp.float32) * ROW_BASE + counter[1].astype(jnp.float32)
+
+
+def host_rows(counter) -> int:
+    """The counter's exact value on the host."""
+    high, low = (int(x) for x in jax.device_get(counter))
+    return high * ROW_BASE + low
+
+
+def wide_rows(rows: int):
+    """A counter holding `rows` (host int)."""
+    return jnp.asarray([rows // ROW_BASE, rows % ROW_BASE], jnp.int32)
 
 
 class Accumulator(NamedTuple):
@@ -55,7 +82,9 @@ def state_shardings(model_cfg, tx, mesh, rules):
     """NamedShardings for every leaf of TrainState, from the parameters' logical names."""
     _, abstract_params = abstract_model(model_cfg)
     param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-    param_shardings = sh.logical_to_sharding(param_specs, mesh, rules)
+    param_shardings = sh.logical_to_sharding(
+        param_specs, mesh, rules, nnx.to_pure_dict(abstract_params)
+    )
     abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
     replicated = sh.replicated(mesh)
     opt_shardings = optax.tree_map_params(
@@ -70,7 +99,9 @@ def init_state(model_cfg, tx, seed, shardings, batch_size: int) -> TrainState:
     def init():
         params = nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(seed))))
         zero = jnp.zeros((), jnp.int32)
-        return TrainState(zero, params, tx.init(params), zero, jnp.asarray(batch_size, jnp.int32))
+        return TrainState(
+            zero, params, tx.init(params), wide_rows(0), jnp.asarray(batch_size, jnp.int32)
+        )
 
     return jax.jit(init, out_shardings=shardings)()
 
@@ -79,15 +110,20 @@ def lm_loss(logits_BxTxV, batch):
     """Summed next-token cross-entropy over real targets, and their count.
 
     A target exists where the next position continues the same (non-padding)
-    document; the last token of a document has none.
+    document; the last token of a document has none. A batch in a ring layout
+    (`lcx.attention.ring.sequence_layout`) carries its `targets` and `target_mask`.
     """
-    tokens, seg = batch["tokens"], batch["segment_ids"]
-    mask = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV[:, :-1], tokens[:, 1:])
+    if "targets" in batch:
+        targets, mask = batch["targets"], batch["target_mask"].astype(bool)
+    else:
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        mask = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)
+        targets, logits_BxTxV = tokens[:, 1:], logits_BxTxV[:, :-1]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets)
     return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
 
 
-def _loss_sum(graphdef):
+def model_loss_sum(graphdef):
     """params, batch -> (summed loss, target count)."""
 
     def loss_sum(params, batch):
@@ -100,8 +136,8 @@ def _loss_sum(graphdef):
 
 def _optimizer_update(tx, state: TrainState, grads, rows, seq_len):
     """One optimizer step on mean gradients `grads` of `rows` sequences."""
-    rows_seen = state.rows_seen + rows
-    tokens_seen = rows_seen.astype(jnp.float32) * seq_len
+    rows_seen = add_rows(state.rows_seen, rows)
+    tokens_seen = rows_as_float(rows_seen) * seq_len
     updates, opt_state = tx.update(
         grads, state.opt_state, state.params, tokens_seen=tokens_seen, batch_size=rows
     )
@@ -129,7 +165,7 @@ def make_train_step(graphdef, tx, shardings, batch_sharding, seq_len, loss_sum=N
     counts them. `loss_sum(params, batch) -> (sum, targets)` defaults to the model's
     next-token loss over independent rows.
     """
-    loss_sum = loss_sum or _loss_sum(graphdef)
+    loss_sum = loss_sum or model_loss_sum(graphdef)
     traces = [0]
 
     def train_step(state: TrainState, batch):
@@ -156,6 +192,7 @@ def make_train_step(graphdef, tx, shardings, batch_sharding, seq_len, loss_sum=N
         return jitted(state, batch)
 
     step.compiles = lambda: traces[0]
+    step.jitted = jitted  # for .lower(...).compile() analyses
     return step
 
 
@@ -183,7 +220,7 @@ def empty_accumulator(params, with_stats: bool) -> Accumulator:
 
 def make_accumulate_step(graphdef, batch_sharding, groups: int):
     """`accumulate(acc, params, micro_batch) -> acc`; groups > 0 also gathers statistics."""
-    loss_sum = _loss_sum(graphdef)
+    loss_sum = model_loss_sum(graphdef)
 
     def accumulate(acc: Accumulator, params, batch):
         rows = jnp.asarray(batch["tokens"].shape[0], jnp.int32)
@@ -207,7 +244,7 @@ def make_accumulate_step(graphdef, batch_sharding, groups: int):
 
 def make_projection_step(graphdef, groups: int):
     """Second AdAdaGrad pass: `project(stats, params, micro_batch) -> stats` adds <g_j, mean>."""
-    loss_sum = _loss_sum(graphdef)
+    loss_sum = model_loss_sum(graphdef)
 
     def project(stats, params, batch):
         grads, _, counts = _group_gradients(loss_sum, params, batch, groups)
@@ -233,4 +270,4 @@ def make_apply_step(tx, shardings, seq_len):
 
 def make_eval_step(graphdef, param_shardings, batch_sharding):
     """The jitted `eval_step(params, batch) -> (loss_sum, target_count)`."""
-    return jax.jit(_loss_sum(graphdef), in_shardings=(param_shardings, batch_sharding))
+    return jax.jit(model_loss_sum(graphdef), in_shardings=(param_shardings, batch_sharding))

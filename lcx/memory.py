@@ -1,0 +1,100 @@
+"""Per-device training memory of a config on a named TPU slice, before renting it.
+
+    python -m lcx.memory --config configs/lm_1b_tpu.py --slice v5e-256
+
+Parameters, optimizer state and gradients (float32, sharded over `fsdp` x `tensor`),
+and the activations the backward pass keeps under `model.remat`, for the local tokens
+(rows over `data` x `fsdp`, each row's tokens over `sequence`), plus the float32
+logits. An estimate by counting, checked at smoke size against XLA's compiled memory
+analysis (tests/test_memory.py: XLA's CPU step needs 2-3x the count there, its
+temporaries holding float32 copies and attention tiles the count leaves out), so read
+it as a lower bound; on a slice, the compiled step's own analysis is the final word.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+# Chips and HBM GiB per chip of the slices lcx plans for (v5p counts TensorCores: 2 per chip).
+SLICES = {
+    "v5e-8": (8, 16), "v5e-64": (64, 16), "v5e-256": (256, 16),
+    "v5p-8": (4, 95), "v5p-128": (64, 95), "v5p-1024": (512, 95),
+}  # fmt: skip
+# Optimizer state per parameter, in float32 copies.
+OPTIMIZER_COPIES = {"adamw": 2, "lamb": 2, "adagrad": 1, "adagrad_norm": 0}
+
+
+def activation_elements_per_token(cfg) -> int:
+    """Elements one layer keeps per token for the backward pass, by `model.remat`."""
+    d, f = cfg.d_model, cfg.mlp_dim
+    q, kv = cfg.num_heads * cfg.head_dim, 2 * cfg.num_kv_heads * cfg.head_dim
+    if cfg.remat in ("full", "offload"):  # the block's input (offload: matmuls on the host)
+        return d
+    if cfg.remat == "dots":  # matmul outputs, and attention's output for its backward
+        return q + kv + q + d + 2 * f + d
+    return 4 * d + 2 * q + kv + 3 * f  # everything: norms, projections, SwiGLU
+
+
+def estimate(config, devices: int) -> dict:
+    """Bytes per device: params, optimizer, gradients, activations, logits, total."""
+    from lcx.model import TransformerConfig
+    from lcx.train.sharding import MESH_AXES, MeshShape
+    from lcx.train.step import abstract_model
+
+    cfg = TransformerConfig(**config.model)
+    _, abstract = abstract_model(cfg)
+    import jax
+
+    params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+    sizes = dict(zip(MESH_AXES, MeshShape(**config.mesh).resolve(devices), strict=True))
+    shards = sizes["fsdp"] * sizes["tensor"]
+    rows = config.train.batch_size / (sizes["data"] * sizes["fsdp"])
+    tokens = rows * config.train.seq_len / sizes["sequence"]
+    width = 2 if cfg.dtype == "bfloat16" else 4
+    per_token = activation_elements_per_token(cfg) * cfg.num_layers * width
+    copies = OPTIMIZER_COPIES.get(config.optimizer.name, 2)
+    out = {
+        "parameters": 4 * params / shards,
+        "optimizer": 4 * copies * params / shards,
+        "gradients": 4 * params / shards,
+        "activations": tokens * per_token,
+        "logits": tokens * 4 * 2 * cfg.vocab_size / sizes["tensor"],  # logits and softmax
+    }
+    out["total"] = sum(out.values())
+    out["parameter_count"] = params
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="configs/NAME.py[:arg]")
+    parser.add_argument("--slice", required=True, help=f"one of {sorted(SLICES)}")
+    args = parser.parse_args(argv)
+    if args.slice not in SLICES:
+        print(f"lcx: error: --slice={args.slice!r}; valid: {sorted(SLICES)}", file=sys.stderr)
+        return 2
+    from lcx.config_loading import load_config
+
+    path, _, arg = args.config.partition(":")
+    chips, hbm = SLICES[args.slice]
+    try:
+        config = load_config(path, arg or None)
+        memory = estimate(config, chips)
+    except ValueError as e:
+        print(f"lcx: error: {e}", file=sys.stderr)
+        return 2
+    gib = 2**30
+    billions = memory["parameter_count"] / 1e9
+    print(f"{args.config} on {args.slice} ({chips} chips of {hbm} GiB), {billions:.2f}B "
+          f"parameters, remat={config.model.remat}:")  # fmt: skip
+    for key in ("parameters", "optimizer", "gradients", "activations", "logits", "total"):
+        print(f"  {key:12s} {memory[key] / gib:8.2f} GiB per device")
+    fits = "fits" if memory["total"] < 0.9 * hbm * gib else "does NOT fit"
+    print(f"  {fits} in {hbm} GiB (90% usable)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""Multi-process runs on one machine: two processes train like one, faults, resharding.
+
+Every run here is a subprocess (`python -m lcx.main`), with its own host devices.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "lm_tiny.py")
+COMMON = [
+    "--config", f"{SMOKE}:smoke", "--config.train.eval_every=0", "--config.model.dtype=float32",
+    "--config.train.batch_size=8", "--config.mesh.data=-1",
+]  # fmt: skip
+
+
+def _env(devices):
+    return dict(
+        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )  # fmt: skip
+
+
+def _one_process(workdir, devices, *extra, timeout=600):
+    """`python -m lcx.main` with `devices` host devices; the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", "lcx.main", *COMMON, "--workdir", str(workdir), *extra],
+        cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _processes(workdir, *extra, timeout=600):
+    """Two processes of four devices through scripts/local_processes.py."""
+    return subprocess.run(
+        [sys.executable, "scripts/local_processes.py", "--processes", "2",
+         "--devices_per_process", "4", "--", *COMMON, "--workdir", str(workdir), *extra],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+
+
+def _losses(workdir):
+    """{step: loss} of metrics.jsonl (the last line of a step wins)."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: (r["loss"], r["tokens_seen"]) for r in records if "loss" in r}
+
+
+def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
+    two = _processes(tmp_path / "two", "--config.train.steps=3")
+    assert two.returncode == 0, two.stderr[-3000:]
+    # One process reading the same two data shards (data.shards=2) on 8 devices.
+    one = _one_process(tmp_path / "one", 8, "--config.train.steps=3", "--config.data.shards=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    got, want = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert sorted(got) == [1, 2, 3]
+    for step in got:
+        np.testing.assert_allclose(got[step][0], want[step][0], rtol=1e-5)
+        assert got[step][1] == want[step][1]
+    assert two.stdout.count("lcx: trained to step 3") == 1  # process 0 speaks
+
+
+def test_a_killed_process_stops_the_other_and_both_resume_losing_no_tokens(tmp_path):
+    workdir = tmp_path / "run"
+    port = _free_port()
+    args = [*COMMON, "--workdir", str(workdir), "--config.train.steps=200",
+            "--config.train.checkpoint_every=2", f"--coordinator_address=localhost:{port}",
+            "--num_processes=2", "--distributed_timeout=60"]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "lcx.main", *args, f"--process_id={i}"],
+            cwd=ROOT,
+            env=_env(4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and len(_losses(workdir)) >= 5):
+            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.time()
+        procs[0].wait(timeout=BOUND_S)  # raises TimeoutExpired: a hang
+        assert procs[0].returncode != 0
+        print(f"the survivor exited {time.time() - killed:.1f} s after the kill")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    # Both continue the 200-step schedule and stop after 12 steps (12 * 8 * 64 tokens).
+    twelve = ["--config.train.steps=200", "--config.train.max_tokens=6144",
+              "--config.train.checkpoint_every=2"]  # fmt: skip
+    resumed = _processes(workdir, *twelve)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stderr
+    straight = _processes(tmp_path / "straight", *twelve)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    got, want = _losses(workdir), _losses(tmp_path / "straight")
+    assert sorted(got) == sorted(want) == list(range(1, 13))
+    for step in want:  # the same batches: same tokens counted, same losses
+        assert got[step][1] == want[step][1]
+        np.testing.assert_allclose(got[step][0], want[step][0], rtol=1e-5)
+
+
+# The survivor learns of a dead peer through JAX's heartbeats (lcx.train.distributed's
+# heartbeat_s=20) and exits; allow for detection and teardown.
+BOUND_S = 90
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_a_checkpoint_written_on_one_mesh_continues_on_another(tmp_path):
+    """fsdp=8 on 8 devices, then data=2, tensor=2 on 4: the losses of an unresharded run."""
+    first = ["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.steps=4"]
+    run = _one_process(tmp_path / "run", 8, *first, "--config.train.max_tokens=1024")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(_losses(tmp_path / "run")) == [1, 2]
+    second = ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.train.steps=4"]
+    resumed = _one_process(tmp_path / "run", 4, *second)
+    assert resumed.returncode == 0 and "resumed from step 2" in resumed.stderr, resumed.stderr
+    straight = _one_process(tmp_path / "straight", 8, *first)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    got, want = _losses(tmp_path / "run"), _losses(tmp_path / "straight")
+    for step in (3, 4):
+        np.testing.assert_allclose(got[step][0], want[step][0], rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num_processes=2"], "go together"),
+        (
+            [
+                "--coordinator_address=localhost:1",
+                "--num_processes=2",
+                "--process_id=1",
+                "--distributed_timeout=5",
+            ],
+            "could not join the coordinator",
+        ),  # fmt: skip
+        (["--config.mesh.fsdp=3"], "does not divide"),
+        (["--config.mesh.sequence=2", "--config.train.seq_len=62"], "multiple of 2 * mesh"),
+    ],
+    ids=["process_id missing", "unreachable coordinator", "mesh", "sequence"],
+)
+def test_bad_distributed_input_is_one_line(tmp_path, extra, message):
+    start = time.time()
+    result = _one_process(tmp_path / "run", 4, "--config.train.steps=1", *extra, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [x for x in result.stderr.splitlines() if x.startswith("lcx: error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert time.time() - start < 60
+
+
+def test_a_checkpoint_cut_off_mid_write_is_set_aside_for_the_previous_one(tmp_path):
+    from lcx.config_loading import load_config
+    from lcx.train.loop import Experiment, train_and_evaluate
+
+    config = load_config(SMOKE, "smoke")
+    config.train.update(eval_every=0, checkpoint_every=2, steps=4)
+    workdir = tmp_path / "run"
+    train_and_evaluate(config, str(workdir))
+    # A write of step 4 cut off: its array files and commit markers never landed.
+    cut = workdir / "checkpoints" / "4"
+    for name in ("state/d", "state/ocdbt.process_0"):
+        shutil.rmtree(cut / name)
+    (cut / "commit_success.txt").unlink()
+    config.train.steps = 6
+    exp = Experiment(config, str(workdir))
+    try:
+        state = exp.restore_or_init()
+        assert int(state.step) == 2 and exp.resume_step == 2
+        (warning,) = exp.warnings
+        assert "step 4 is incomplete" in warning and "resuming from step 2" in warning
+        assert (workdir / "checkpoints" / "4.incomplete").is_dir() and not cut.exists()
+    finally:
+        exp.checkpointer.close()
+    assert train_and_evaluate(config, str(workdir))["step"] == 6
