@@ -6,9 +6,10 @@ Parameters, optimizer state and gradients (float32, sharded over `fsdp` x `tenso
 and the activations the backward pass keeps under `model.remat`, for the local tokens
 (rows over `data` x `fsdp`, each row's tokens over `sequence`), plus the float32
 logits. An estimate by counting, checked at smoke size against XLA's compiled memory
-analysis (tests/test_memory.py: XLA's CPU step needs 2-3x the count there, its
-temporaries holding float32 copies and attention tiles the count leaves out), so read
-it as a lower bound; on a slice, the compiled step's own analysis is the final word.
+analysis (tests/test_memory.py: XLA's CPU step needs 1.4-2.4x the count there, its
+temporaries holding float32 copies of bfloat16 values and attention tiles the count
+leaves out), so read it as a lower bound; on a slice, the compiled step's own analysis
+is the final word.
 """
 
 from __future__ import annotations
@@ -37,8 +38,16 @@ def activation_elements_per_token(cfg) -> int:
     return 4 * d + 2 * q + kv + 3 * f  # everything: norms, projections, SwiGLU
 
 
+def _no_remat(cfg):
+    """`cfg` with rematerialisation off."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, remat="none")
+
+
 def estimate(config, devices: int) -> dict:
-    """Bytes per device: params, optimizer, gradients, activations, logits, total."""
+    """Bytes per device: params, optimizer, gradients, update temporaries, activations
+    (kept, plus one layer's working set), logits, total."""
     from lcx.model import TransformerConfig
     from lcx.train.sharding import MESH_AXES, MeshShape
     from lcx.train.step import abstract_model
@@ -55,12 +64,16 @@ def estimate(config, devices: int) -> dict:
     width = 2 if cfg.dtype == "bfloat16" else 4
     per_token = activation_elements_per_token(cfg) * cfg.num_layers * width
     copies = OPTIMIZER_COPIES.get(config.optimizer.name, 2)
+    # The backward pass works on one layer at a time with everything of it live (the
+    # layer recomputed under remat), and the update holds two parameter-sized temporaries.
+    working = tokens * activation_elements_per_token(_no_remat(cfg)) * width
     out = {
         "parameters": 4 * params / shards,
         "optimizer": 4 * copies * params / shards,
         "gradients": 4 * params / shards,
-        "activations": tokens * per_token,
-        "logits": tokens * 4 * 2 * cfg.vocab_size / sizes["tensor"],  # logits and softmax
+        "update": 4 * 2 * params / shards,
+        "activations": tokens * per_token + working,
+        "logits": tokens * 4 * 3 * cfg.vocab_size / sizes["tensor"],  # logits, softmax, grad
     }
     out["total"] = sum(out.values())
     out["parameter_count"] = params
@@ -89,7 +102,8 @@ def main(argv=None) -> int:
     billions = memory["parameter_count"] / 1e9
     print(f"{args.config} on {args.slice} ({chips} chips of {hbm} GiB), {billions:.2f}B "
           f"parameters, remat={config.model.remat}:")  # fmt: skip
-    for key in ("parameters", "optimizer", "gradients", "activations", "logits", "total"):
+    for key in ("parameters", "optimizer", "gradients", "update", "activations", "logits",
+                "total"):  # fmt: skip
         print(f"  {key:12s} {memory[key] / gib:8.2f} GiB per device")
     fits = "fits" if memory["total"] < 0.9 * hbm * gib else "does NOT fit"
     print(f"  {fits} in {hbm} GiB (90% usable)")

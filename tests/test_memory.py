@@ -32,7 +32,7 @@ def _compiled_bytes(c):
 
 
 def test_estimate_orders_remat_policies_and_bounds_xla_from_below():
-    """At smoke size (4 layers of 128, 8 rows of 512): XLA's CPU step needs 1-4x the
+    """At smoke size (4 layers of 128, 8 rows of 512): XLA's CPU step needs 1-3x the
     estimate (its temporaries hold float32 copies and attention tiles the count omits),
     and both order the policies none > dots > full."""
     got = {}
@@ -43,7 +43,7 @@ def test_estimate_orders_remat_policies_and_bounds_xla_from_below():
         c.train.update(seq_len=512, batch_size=8)
         got[remat] = (estimate(c, 1)["total"], _compiled_bytes(c))
     for remat, (est, xla) in got.items():
-        assert 1.0 <= xla / est <= 4.0, (remat, est, xla)
+        assert 1.0 <= xla / est <= 3.0, (remat, est, xla)
     for i in (0, 1):
         assert got["none"][i] > got["dots"][i] > got["full"][i]
 

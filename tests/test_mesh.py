@@ -106,6 +106,27 @@ def loss_and_grads(shape, devices):
         loss, grads = jax.jit(jax.value_and_grad(mean))(params, device_batch)
     return float(loss), jax.device_get(grads)
 
+def adadagrad_tests(shape, devices):  # b* of each test, one micro-batch in 4 groups
+    from lcx import optim
+    mesh = sh.make_mesh(shape, devices)
+    shardings = steplib.state_shardings(model_cfg, tx, mesh, rules)
+    params = steplib.init_state(model_cfg, tx, 0, shardings, b).params
+    device_batch = sh.put_batch(batch, sh.batch_sharding(mesh, rules))
+    acc = jax.jit(lambda p: steplib.empty_accumulator(p, with_stats=True))(params)
+    acc = steplib.make_accumulate_step(graphdef, sh.batch_sharding(mesh, rules), 4)(
+        acc, params, device_batch)
+    stats = steplib.make_projection_step(graphdef, 4)(acc.stats, params, device_batch)
+    suggested = optim.suggested_batch_sizes(stats, samples_per_gradient=2)
+    return {k: float(v) for k, v in suggested.items()}
+
+want_tests = adadagrad_tests(sh.MeshShape(data=1), jax.devices()[:1])
+for shape in [dict(data=8)]:  # statistics reduced over the data-parallel axis
+    got_tests = adadagrad_tests(sh.MeshShape(**shape), jax.devices())
+    for name in want_tests:
+        np.testing.assert_allclose(got_tests[name], want_tests[name], rtol=1e-4, err_msg=name)
+assert all(np.isfinite(v) and v > 0 for v in want_tests.values()), want_tests
+print("adadagrad tests agree", want_tests)
+
 want_loss, want = loss_and_grads(sh.MeshShape(data=1), jax.devices()[:1])
 scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(want))
 for shape in [dict(data=8), dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=2, sequence=2),
@@ -121,7 +142,8 @@ print("all meshes agree")
 
 
 def test_loss_and_gradients_agree_on_every_mesh_axis(rng):
-    """1 device vs data=8, fsdp x tensor, data x fsdp x sequence (ring), sequence=8."""
+    """1 device vs data=8, fsdp x tensor, data x fsdp x sequence (ring), sequence=8; and
+    AdAdaGrad's test statistics on data-parallel meshes."""
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
         LCX_MESH_SEED=str(int(rng.integers(2**31))),
