@@ -105,7 +105,8 @@ def balanced_permutation(segment_ids, shards: int, block: int = 512) -> np.ndarr
     if t % (2 * shards):
         raise ValueError(f"balanced layout: length {t} must be a multiple of {2 * shards}")
     candidates = [layout_permutation(t, shards, name) for name in LAYOUTS[:3]]
-    candidates.append(_dealt_documents(segment_ids, shards))
+    dealt = _dealt_documents(segment_ids, shards)
+    candidates += [] if dealt is None else [dealt]
     work = [ring_critical_blocks(segment_ids, p, shards, block) for p in candidates]
     return candidates[int(np.argmin(work))].astype(np.int32)
 
@@ -137,7 +138,7 @@ def ring_critical_blocks(segment_ids, permutation, shards: int, block: int) -> i
     return int(sum(pairs[d, (d - i) % shards].max() for i in range(shards)))
 
 
-def _dealt_documents(segment_ids, shards: int) -> np.ndarray:
+def _dealt_documents(segment_ids, shards: int) -> np.ndarray | None:
     """Documents longer than a shard split zigzag; the others, longest first, dealt to
     the shards in serpentine order (0..n-1, n-1..0, ...), the lists laid end to end and
     cut at each shard's room (at most n - 1 of them cross a shard edge); padding last."""
@@ -153,14 +154,18 @@ def _dealt_documents(segment_ids, shards: int) -> np.ndarray:
         if n <= size:
             short.append(index)
             continue
-        pieces = np.array_split(index, 2 * shards)
-        for i in range(shards):
-            long_parts[i].append(np.concatenate([pieces[i], pieces[-1 - i]]))
+        pieces = np.array_split(index, 2 * shards)  # the first ones a token longer
+        turn = len(long_parts[0])  # long documents so far: rotate who gets those
+        for j in range(shards):
+            i = (j + turn) % shards
+            long_parts[j].append(np.concatenate([pieces[i], pieces[-1 - i]]))
     order = [*range(shards), *reversed(range(shards))]
     for k, index in enumerate(sorted(short, key=len, reverse=True)):
         dealt[order[k % len(order)]].append(index)
     padding = [np.flatnonzero(segment_ids == 0)]
     stream = np.concatenate([np.zeros(0, np.int64)] + [i for d in dealt for i in d] + padding)
+    if any(sum(map(len, parts)) > size for parts in long_parts):
+        return None  # long documents' pieces overfill a shard: no such layout
     out, at = [], 0
     for i in range(shards):
         room = size - sum(len(x) for x in long_parts[i])
