@@ -9,6 +9,8 @@ about 8 minutes on a 2-core CPU (`make train`; BENCHMARKS.md has the timings).
 
 from ml_collections import config_dict
 
+from lcx.train.sharding import DEFAULT_RULES
+
 
 def get_config(arg=None):
     """`arg`: None for the full run, 'smoke' for a seconds-long CPU run."""
@@ -108,18 +110,10 @@ def get_config(arg=None):
     # zigzag, striped or whole documents whose ring visits the fewest blocks), or one of
     # those always.
     c.ring = dict(layout="balanced")
-    # Logical axis -> mesh axes. Batch over data and fsdp; parameters FSDP-sharded on
-    # their model dimension and tensor-parallel on heads and the MLP width.
-    c.sharding_rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", "sequence"),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("head_dim", None),
-        ("vocab", "tensor"),
-    )
+    # Logical axis -> mesh axes: lcx.train.sharding.DEFAULT_RULES (batch over data and
+    # fsdp; parameters FSDP-sharded on their model dimension, tensor-parallel on heads
+    # and the MLP width).
+    c.sharding_rules = DEFAULT_RULES
     c.model = dict(
         vocab_size=384,
         d_model=256,

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 SUBMODULES = (
     "attention",
     "cache",
+    "checkpoints",
     "config_loading",
     "data",
     "generate",

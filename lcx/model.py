@@ -7,6 +7,11 @@ attention for LaCT layers (`lcx.ttt`, arXiv 2505.23884) in chosen layers.
 
 Shape letters: B batch, T time, H query heads, K kv heads, D head dim, E model width,
 F feed-forward width, V vocabulary.
+
+The Hugging Face architectures lcx.checkpoints reads and writes differ from this
+model only by the optional pieces `attention_bias` (Qwen2's q/k/v biases), `qk_norm`
+(Qwen3's per-head RMSNorm of queries and keys before RoPE), `tie_embeddings` (the
+unembedding is the embedding's transpose) and `rope_scaling` (Llama 3.1's frequencies).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from lcx.attention import merge_attention, packed_attention
 from lcx.attention.ring import sequence_mesh
 from lcx.attention.shared_prefix import prefix_attention
 from lcx.cache import AttentionCache, cache_attention
-from lcx.layers import DTYPES, apply_rope, param, rms_normalise
+from lcx.layers import DTYPES, ROPE_SCALINGS, apply_rope, constant_param, param, rms_normalise
 from lcx.ttt import LaCTConfig, LaCTLayer
 
 MIXERS = ("attention", "lact")
@@ -48,7 +53,17 @@ class TransformerConfig:
     mlp_dim: int = 768
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    dtype: str = "float32"  # compute dtype
+    # Storage dtype of the attention, MLP, norm and embedding parameters (LaCT layers
+    # keep float32): "bfloat16" halves a bf16 checkpoint's memory; the optimizer state
+    # then follows it.
+    param_dtype: str = "float32"
+    # Hugging Face architecture pieces (lcx.checkpoints), each off by default.
+    attention_bias: bool = False  # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim of queries and keys before RoPE (Qwen3)
+    tie_embeddings: bool = False  # unembedding = embedding transposed
+    # None, or {"rope_type": "linear" | "llama3", "factor": ..., ...} (lcx.layers).
+    rope_scaling: tuple | None = None
     attention_implementation: str | None = None  # None = best for the backend
     attention_window: int | None = None
     # Mixer of each layer, the pattern cycled over the layers: "attention" | "lact".
@@ -69,8 +84,18 @@ class TransformerConfig:
     scan_layers: bool = False
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r}; valid: {sorted(DTYPES)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: {sorted(DTYPES)}")
+        if self.rope_scaling is not None:
+            # A mapping in configs; stored as sorted (key, value) pairs to stay hashable.
+            items = dict(self.rope_scaling).items()
+            object.__setattr__(self, "rope_scaling", tuple(sorted(items)))
+            kind = dict(self.rope_scaling).get("rope_type")
+            if kind not in ROPE_SCALINGS:
+                raise ValueError(
+                    f"model.rope_scaling rope_type={kind!r}; supported: {ROPE_SCALINGS}"
+                )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must be a multiple of "
@@ -95,6 +120,10 @@ class TransformerConfig:
     @property
     def compute_dtype(self):
         return DTYPES[self.dtype]
+
+    @property
+    def parameter_dtype(self):
+        return DTYPES[self.param_dtype]
 
     def mixer(self, layer: int) -> str:
         """The sequence mixer of `layer`: block_pattern cycled."""
@@ -123,12 +152,10 @@ class TransformerConfig:
 class RMSNorm(nnx.Module):
     """Root-mean-square norm with a learned scale, computed in float32."""
 
-    def __init__(self, dim, *, eps, rngs):
+    def __init__(self, dim, *, eps, rngs, axis="embed", dtype=jnp.float32):
         del rngs
         self.eps = eps
-        self.scale = nnx.Param(
-            jnp.ones((dim,), jnp.float32), out_sharding=("embed",), eager_sharding=False
-        )
+        self.scale = constant_param(jnp.ones((dim,)), (axis,), dtype)
 
     def __call__(self, x):
         normed = rms_normalise(x, self.eps)
@@ -141,12 +168,19 @@ class Attention(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs):
         self.cfg = cfg
         e, h, k, d = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        std = e**-0.5
-        self.w_q = param(rngs.params(), (e, h, d), std, ("embed", "heads", "head_dim"))
-        self.w_k = param(rngs.params(), (e, k, d), std, ("embed", "kv_heads", "head_dim"))
-        self.w_v = param(rngs.params(), (e, k, d), std, ("embed", "kv_heads", "head_dim"))
+        std, pd = e**-0.5, cfg.parameter_dtype
+        self.w_q = param(rngs.params(), (e, h, d), std, ("embed", "heads", "head_dim"), pd)
+        self.w_k = param(rngs.params(), (e, k, d), std, ("embed", "kv_heads", "head_dim"), pd)
+        self.w_v = param(rngs.params(), (e, k, d), std, ("embed", "kv_heads", "head_dim"), pd)
         out_std = (h * d) ** -0.5 / (2 * cfg.num_layers) ** 0.5
-        self.w_o = param(rngs.params(), (h, d, e), out_std, ("heads", "head_dim", "embed"))
+        self.w_o = param(rngs.params(), (h, d, e), out_std, ("heads", "head_dim", "embed"), pd)
+        if cfg.attention_bias:
+            self.b_q = constant_param(jnp.zeros((h, d)), ("heads", "head_dim"), pd)
+            self.b_k = constant_param(jnp.zeros((k, d)), ("kv_heads", "head_dim"), pd)
+            self.b_v = constant_param(jnp.zeros((k, d)), ("kv_heads", "head_dim"), pd)
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.norm_eps, rngs=rngs, axis="head_dim", dtype=pd)
+            self.q_norm, self.k_norm = RMSNorm(d, **norm), RMSNorm(d, **norm)
 
     def _qkv(self, x_BxTxE, positions_BxT):
         """Projected q [B,T,H,D], k, v [B,T,K,D], RoPE applied to q and k."""
@@ -154,8 +188,14 @@ class Attention(nnx.Module):
         q = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.w_q[...].astype(dt))
         k = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.w_k[...].astype(dt))
         v = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.w_v[...].astype(dt))
-        q = apply_rope(q, positions_BxT, cfg.rope_theta)
-        return q, apply_rope(k, positions_BxT, cfg.rope_theta), v
+        if cfg.attention_bias:
+            q, k, v = (
+                x + b[...].astype(dt) for x, b in ((q, self.b_q), (k, self.b_k), (v, self.b_v))
+            )
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
+        return q, apply_rope(k, positions_BxT, cfg.rope_theta, cfg.rope_scaling), v
 
     def init_cache(self, slots: int, length: int, dtype=None) -> AttentionCache:
         """An empty cache of `slots` sequences of `length` tokens (default compute dtype)."""
@@ -246,11 +286,11 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs):
         self.dtype = cfg.compute_dtype
-        e, f = cfg.d_model, cfg.mlp_dim
-        self.w_gate = param(rngs.params(), (e, f), e**-0.5, ("embed", "mlp"))
-        self.w_up = param(rngs.params(), (e, f), e**-0.5, ("embed", "mlp"))
+        e, f, pd = cfg.d_model, cfg.mlp_dim, cfg.parameter_dtype
+        self.w_gate = param(rngs.params(), (e, f), e**-0.5, ("embed", "mlp"), pd)
+        self.w_up = param(rngs.params(), (e, f), e**-0.5, ("embed", "mlp"), pd)
         down_std = f**-0.5 / (2 * cfg.num_layers) ** 0.5
-        self.w_down = param(rngs.params(), (f, e), down_std, ("mlp", "embed"))
+        self.w_down = param(rngs.params(), (f, e), down_std, ("mlp", "embed"), pd)
 
     def __call__(self, x_BxTxE):
         dt = self.dtype
@@ -262,12 +302,13 @@ class Block(nnx.Module):
     """Pre-norm residual block: a sequence mixer (attention or LaCT) then SwiGLU."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs, mixer: str = "attention"):
-        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        norm = dict(eps=cfg.norm_eps, rngs=rngs, dtype=cfg.parameter_dtype)
+        self.attn_norm = RMSNorm(cfg.d_model, **norm)
         if mixer == "lact":
             self.attn = LaCTLayer(cfg.lact_config(), rngs=rngs)
         else:
             self.attn = Attention(cfg, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, **norm)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 
     def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT, cache=None, **cache_args):
@@ -295,14 +336,16 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed = param(rngs.params(), (cfg.vocab_size, cfg.d_model), 1.0, ("vocab", "embed"))
+        v, e, pd = cfg.vocab_size, cfg.d_model, cfg.parameter_dtype
+        # Tied, the embedding is also the unembedding: scaled as the unembedding would be.
+        embed_std = e**-0.5 if cfg.tie_embeddings else 1.0
+        self.embed = param(rngs.params(), (v, e), embed_std, ("vocab", "embed"), pd)
         self.blocks = nnx.List(
             [Block(cfg, rngs=rngs, mixer=cfg.mixer(i)) for i in range(cfg.num_layers)]
         )
-        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.unembed = param(
-            rngs.params(), (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, ("embed", "vocab")
-        )
+        self.final_norm = RMSNorm(e, eps=cfg.norm_eps, rngs=rngs, dtype=pd)
+        if not cfg.tie_embeddings:
+            self.unembed = param(rngs.params(), (e, v), e**-0.5, ("embed", "vocab"), pd)
 
     def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, *, cache=None,
                  logits_at=None, **cache_args):  # fmt: skip
@@ -345,7 +388,8 @@ class Transformer(nnx.Module):
 
     def _unembed(self, x_BxTxE):
         """Final norm and unembedding; float32 logits."""
-        unembed = self.unembed[...].astype(self.cfg.compute_dtype)
+        weights = self.embed[...].T if self.cfg.tie_embeddings else self.unembed[...]
+        unembed = weights.astype(self.cfg.compute_dtype)
         return jnp.einsum("bte,ev->btv", self.final_norm(x_BxTxE), unembed).astype(jnp.float32)
 
     def embed_tokens(self, tokens_BxT):

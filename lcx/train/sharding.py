@@ -17,6 +17,18 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+# Logical axis -> mesh axes: batch over data and fsdp, parameters FSDP-sharded on their
+# model dimension and tensor-parallel on heads and the MLP width (configs use these).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
