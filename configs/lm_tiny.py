@@ -35,12 +35,25 @@ def get_config(arg=None):
         token_budget=256,  # query tokens per engine step
     )
 
+    # --config.mode=export: the latest checkpoint as a Hugging Face directory.
+    c.export = dict(dir="", max_shard_gb=2.0)
+    # Start from a Hugging Face checkpoint (lcx.checkpoints): its config.json sets the
+    # architecture, config.model how it runs; rope_theta > 0 replaces its RoPE base.
+    c.init = dict(hf_checkpoint="", rope_theta=0.0)
+
     c.data = dict(
         # Comma-separated files or directories; empty: the embedded corpus (Python's
         # standard library sources).
         paths="",
         eval_paths="",  # comma-separated eval files; empty: split off data.paths
         keep_binary=False,  # train on files with NUL bytes too (skipped and counted if not)
+        # bytes | checkpoint (init.hf_checkpoint's tokenizer.json) | a directory holding a
+        # Hugging Face tokenizer.json. Special ids come from the tokenizer.
+        tokenizer="bytes",
+        add_bos=True,  # each document is [BOS] + its tokens + [EOS], added explicitly
+        add_eos=True,
+        # Files under each top-level directory joined into one (long) document.
+        join_directories=False,
         packing="first_fit",  # first_fit | best_fit | concat_chunk | ffd | padded | dd
         num_packing_bins=128,  # grain first/best-fit bins; 0: one per row (packs poorly)
         eval_fraction=0.02,
@@ -115,7 +128,7 @@ def get_config(arg=None):
     # and the MLP width).
     c.sharding_rules = DEFAULT_RULES
     c.model = dict(
-        vocab_size=384,
+        vocab_size=384,  # >= the tokenizer's vocabulary (the byte tokenizer's: 384)
         d_model=256,
         num_layers=4,
         num_heads=4,
@@ -124,7 +137,8 @@ def get_config(arg=None):
         mlp_dim=768,
         rope_theta=10_000.0,
         norm_eps=1e-6,
-        dtype="bfloat16",  # compute dtype (parameters stay float32): 1.4x faster on CPU
+        dtype="bfloat16",  # compute dtype: 1.4x faster on CPU than float32
+        param_dtype="float32",  # parameter (and optimizer state) storage
         attention_implementation=config_dict.placeholder(str),
         attention_window=config_dict.placeholder(int),
         block_pattern=("attention",),  # cycled over layers: attention | lact (lcx.ttt)

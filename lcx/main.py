@@ -33,7 +33,7 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 60, "Seconds to wait for every process to connect."
 )
 
-MODES = ("train", "eval", "generate")
+MODES = ("train", "eval", "generate", "export")
 USER_ERROR = 2  # the exit status of every mistake a user can fix
 
 
@@ -49,6 +49,10 @@ def run(config, workdir: str) -> dict:
         from lcx.generate.cli import generate_from_workdir
 
         return generate_from_workdir(config, workdir)
+    if config.mode == "export":
+        from lcx.checkpoints.export import export_from_workdir
+
+        return export_from_workdir(config, workdir)
     raise ValueError(f"config.mode={config.mode!r}; valid: {MODES}")
 
 
@@ -87,6 +91,8 @@ def summary(result: dict, workdir: str, mode: str) -> str:
     """One readable line about a finished run or evaluation."""
     if mode == "eval":
         return f"lcx: step {result['step']}: eval loss {result['eval_loss']:.4f}"
+    if mode == "export":
+        return f"lcx: step {result['step']} written as a Hugging Face model to {result['dir']}"
     if mode == "generate":
         tokens, prompts = result["tokens"], result["prompts"]
         return f"lcx: step {result['step']}: {tokens} tokens for {prompts} prompts"

@@ -48,11 +48,11 @@ def _no_remat(cfg):
 def estimate(config, devices: int) -> dict:
     """Bytes per device: params, optimizer, gradients, update temporaries, activations
     (kept, plus one layer's working set), logits, total."""
-    from lcx.model import TransformerConfig
+    from lcx.train.model_source import model_config
     from lcx.train.sharding import MESH_AXES, MeshShape
     from lcx.train.step import abstract_model
 
-    cfg = TransformerConfig(**config.model)
+    cfg = model_config(config)  # the imported architecture with init.hf_checkpoint
     _, abstract = abstract_model(cfg)
     import jax
 
@@ -67,11 +67,12 @@ def estimate(config, devices: int) -> dict:
     # The backward pass works on one layer at a time with everything of it live (the
     # layer recomputed under remat), and the update holds two parameter-sized temporaries.
     working = tokens * activation_elements_per_token(_no_remat(cfg)) * width
+    stored = 2 if cfg.param_dtype == "bfloat16" else 4  # optimizer state follows the params
     out = {
-        "parameters": 4 * params / shards,
-        "optimizer": 4 * copies * params / shards,
-        "gradients": 4 * params / shards,
-        "update": 4 * 2 * params / shards,
+        "parameters": stored * params / shards,
+        "optimizer": stored * copies * params / shards,
+        "gradients": stored * params / shards,
+        "update": stored * 2 * params / shards,
         "activations": tokens * per_token + working,
         "logits": tokens * 4 * 3 * cfg.vocab_size / sizes["tensor"],  # logits, softmax, grad
     }

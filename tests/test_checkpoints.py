@@ -76,23 +76,28 @@ def test_round_trip_is_bit_identical_and_the_export_loads_in_transformers(varian
     assert error <= 1e-5, (variant, error)
 
 
-def test_bfloat16_checkpoints_load_exactly_and_stay_bfloat16(rng, tmp_path):
+@pytest.mark.parametrize(
+    "stored, param_dtype",
+    [("bfloat16", "bfloat16"), ("float16", "float32"), ("bfloat16", "float32")],
+)
+def test_half_precision_checkpoints_load_exactly(stored, param_dtype, rng, tmp_path):
+    """bf16 / fp16 files load exactly into bf16 or float32 parameters and round-trip."""
     import torch
 
-    torch_model = build(str(tmp_path / "hf"), "qwen3", int(rng.integers(1 << 30)), dtype="bfloat16")
-    model = load_hf(str(tmp_path / "hf"), param_dtype="bfloat16")
+    torch_model = build(str(tmp_path / "hf"), "qwen3", int(rng.integers(1 << 30)), dtype=stored)
+    assert torch_model.dtype == getattr(torch, stored)
+    model = load_hf(str(tmp_path / "hf"), param_dtype=param_dtype)
     expected = torch_model.model.layers[1].self_attn.q_proj.weight.detach().float().numpy()
     w_q = np.asarray(model.blocks[1].attn.w_q[...])
-    assert w_q.dtype == jnp.bfloat16
+    assert w_q.dtype == jnp.dtype(param_dtype)
     np.testing.assert_array_equal(w_q.astype(np.float32), expected.T.reshape(w_q.shape))
     save_hf(model, str(tmp_path / "out"))
-    stored = load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert stored["model.embed_tokens.weight"].dtype == jnp.bfloat16
-    assert json.load(open(tmp_path / "out" / "config.json"))["torch_dtype"] == "bfloat16"
-    assert torch_model.dtype == torch.bfloat16
-    again = load_hf(str(tmp_path / "out"), param_dtype="bfloat16")
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert written["model.embed_tokens.weight"].dtype == jnp.dtype(param_dtype)
+    assert json.load(open(tmp_path / "out" / "config.json"))["torch_dtype"] == param_dtype
+    again = load_hf(str(tmp_path / "out"), param_dtype=param_dtype)
     for a, b in zip(jax.tree.leaves(_params(model)), jax.tree.leaves(_params(again)), strict=True):
-        assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def test_layout_reads_any_block(rng):

@@ -1,4 +1,4 @@
-"""Corpora, the byte tokenizer and the tensorstore token cache."""
+"""Corpora, tokenizers (bytes, Hugging Face tokenizer.json) and the tensorstore token cache."""
 
 from lcx.data.corpus import Document, select_documents, split_of, stdlib_documents
 from lcx.data.store import (
@@ -8,10 +8,13 @@ from lcx.data.store import (
     split_tail,
     tokenize_documents,
 )
-from lcx.data.tokenizer import ByteTokenizer
+from lcx.data.tokenizer import ByteTokenizer, HFTokenizer, check_vocabulary, make_tokenizer
 
 __all__ = [
     "ByteTokenizer",
+    "HFTokenizer",
+    "check_vocabulary",
+    "make_tokenizer",
     "Document",
     "TokenizedCorpus",
     "load_or_tokenize",

@@ -1,7 +1,8 @@
 """Tokenized corpus cache: a flat token array and document offsets in zarr via tensorstore.
 
 The first run tokenizes and writes `WORKDIR/cache/corpus-<fingerprint>/`; later runs with
-the same files (path, size, mtime) and tokenizer read it back. The directory is written
+the same files (path, size, mtime), tokenizer and options read it back. Tokens are
+stored as uint16, or uint32 when the tokenizer has more than 65,536 ids. The directory is written
 under a temporary name and renamed into place, so an interrupted run never leaves a
 half-written cache that a later run would trust.
 """
@@ -20,14 +21,15 @@ import numpy as np
 import tensorstore as ts
 
 from lcx.data.corpus import Document
-from lcx.data.tokenizer import ByteTokenizer
+from lcx.data.tokenizer import ByteTokenizer, token_dtype
 
 _CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedCorpus:
-    """Documents as one flat uint16 token array plus offsets (document i is [o[i], o[i+1]))."""
+    """Documents as one flat token array (uint16 or uint32) plus offsets (document i is
+    [o[i], o[i+1]))."""
 
     tokens: np.ndarray
     offsets: np.ndarray
@@ -50,9 +52,12 @@ class TokenizedCorpus:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
-def fingerprint(docs: Sequence[Document], tokenizer: ByteTokenizer, keep_binary=False) -> str:
-    """A digest that changes whenever a file, the tokenizer or the binary policy changes."""
-    h = hashlib.sha256(f"{tokenizer.name}\0keep_binary={keep_binary}".encode())
+def fingerprint(docs: Sequence[Document], tokenizer: ByteTokenizer, keep_binary=False,
+                join_directories=False) -> str:  # fmt: skip
+    """A digest that changes whenever a file, the tokenizer or an option changes."""
+    options = f"keep_binary={keep_binary}" + ("\0join" if join_directories else "")
+    key = getattr(tokenizer, "cache_key", tokenizer.name)
+    h = hashlib.sha256(f"{key}\0{options}".encode())
     for d in docs:
         h.update(f"{d.path}\0{d.relpath}\0{d.size}\0{d.mtime_ns}\n".encode("utf-8", "replace"))
     return h.hexdigest()[:20]
@@ -63,12 +68,25 @@ def looks_binary(data: bytes) -> bool:
     return b"\0" in data[:8192]
 
 
+def _directory_of(doc: Document) -> str | None:
+    """The top-level directory of a document's relative path (None: at the root)."""
+    head, sep, _ = doc.relpath.partition(os.sep)
+    return head if sep else None
+
+
 def tokenize_documents(
-    docs: Sequence[Document], tokenizer: ByteTokenizer, *, keep_binary: bool = False
-) -> TokenizedCorpus:
+    docs: Sequence[Document], tokenizer: ByteTokenizer, *, keep_binary: bool = False,
+    join_directories: bool = False,
+) -> TokenizedCorpus:  # fmt: skip
     """Read and tokenize every document; empty (and, unless kept, binary) files are
-    skipped and counted."""
-    pieces, lengths, empty, binary = [], [0], 0, 0
+    skipped and counted.
+
+    `join_directories`: the files under each top-level directory are one document, joined
+    by newlines in path order (ProLong's repository-level code documents: long ones),
+    while files at the root stay documents of their own (short ones).
+    """
+    texts, empty, binary = [], 0, 0
+    joined = {}  # directory -> index in texts
     for doc in docs:
         try:
             with open(doc.path, "rb") as f:
@@ -81,15 +99,22 @@ def tokenize_documents(
         if not keep_binary and looks_binary(data):
             binary += 1
             continue
-        ids = tokenizer.encode(data)
-        pieces.append(ids)
-        lengths.append(len(ids))
+        directory = _directory_of(doc) if join_directories else None
+        if directory is None:
+            texts.append(data)
+        elif directory in joined:
+            texts[joined[directory]] += b"\n" + data
+        else:
+            joined[directory] = len(texts)
+            texts.append(bytearray(data))
+    pieces = [tokenizer.encode(bytes(text)) for text in texts]
+    lengths = [0] + [len(ids) for ids in pieces]
     if not pieces:
         raise ValueError(
             f"the corpus has no documents to train on ({len(docs)} files: {empty} empty, "
             f"{binary} binary; data.keep_binary=True trains on binary files)"
         )
-    tokens = np.concatenate(pieces).astype(np.uint16)
+    tokens = np.concatenate(pieces).astype(token_dtype(tokenizer.vocab_size))
     return TokenizedCorpus(tokens, np.cumsum(lengths, dtype=np.int64), empty, binary)
 
 
@@ -124,7 +149,7 @@ def _zarr_spec(path, dtype, shape):
 def _write(directory, corpus):
     """Write `corpus` as zarr arrays plus a manifest into `directory`."""
     for name, dtype, array in (
-        ("tokens", "<u2", corpus.tokens),
+        ("tokens", corpus.tokens.dtype.newbyteorder("<").str, corpus.tokens),
         ("offsets", "<i8", corpus.offsets),
     ):
         spec = _zarr_spec(os.path.join(directory, name), dtype, array.shape)
@@ -158,15 +183,16 @@ def _read(directory) -> TokenizedCorpus:
 
 def load_or_tokenize(
     docs: Sequence[Document], tokenizer: ByteTokenizer, cache_dir: str | None, *,
-    keep_binary: bool = False,
+    keep_binary: bool = False, join_directories: bool = False,
 ) -> TokenizedCorpus:  # fmt: skip
     """Tokenized `docs`, from the zarr cache in `cache_dir` when present (None: no cache)."""
+    options = dict(keep_binary=keep_binary, join_directories=join_directories)
     if cache_dir is None:
-        return tokenize_documents(docs, tokenizer, keep_binary=keep_binary)
-    final = os.path.join(cache_dir, f"corpus-{fingerprint(docs, tokenizer, keep_binary)}")
+        return tokenize_documents(docs, tokenizer, **options)
+    final = os.path.join(cache_dir, f"corpus-{fingerprint(docs, tokenizer, **options)}")
     if os.path.exists(os.path.join(final, "manifest.json")):
         return _read(final)
-    corpus = tokenize_documents(docs, tokenizer, keep_binary=keep_binary)
+    corpus = tokenize_documents(docs, tokenizer, **options)
     tmp = None
     try:
         os.makedirs(cache_dir, exist_ok=True)

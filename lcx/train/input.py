@@ -8,7 +8,7 @@ import grain
 import jax
 import numpy as np
 
-from lcx.data import ByteTokenizer, load_or_tokenize, select_documents, split_tail
+from lcx.data import ByteTokenizer, load_or_tokenize, make_tokenizer, select_documents, split_tail
 from lcx.data.corpus import user_documents
 from lcx.packing import PipelineOptions, packed_dataset
 
@@ -24,20 +24,22 @@ def corpus_paths(paths) -> tuple[str, ...]:
     return tuple(paths or ())
 
 
-def load_split(data_cfg, split: str, workdir: str | None):
+def load_split(data_cfg, split: str, workdir: str | None, tokenizer=None):
     """(tokenized corpus of one split, how the split was made), cached under WORKDIR/cache.
 
     Eval documents come from `data.eval_paths` when given (train then uses every file of
     `data.paths`); else documents are split by a hash of their path; when that leaves a
     split empty (one file, or a few), the last `data.eval_fraction` of the tokens is held
-    out instead.
+    out instead. `tokenizer`: default `make_tokenizer(data_cfg)`.
     """
     cache = os.path.join(workdir, "cache") if (workdir and data_cfg.cache) else None
+    tokenizer = tokenizer or make_tokenizer(data_cfg)
 
     def tokenized(docs):
         return load_or_tokenize(
-            docs, ByteTokenizer(), cache, keep_binary=data_cfg.get("keep_binary", False)
-        )
+            docs, tokenizer, cache, keep_binary=data_cfg.get("keep_binary", False),
+            join_directories=data_cfg.get("join_directories", False),
+        )  # fmt: skip
 
     paths = corpus_paths(data_cfg.paths)
     eval_paths = corpus_paths(data_cfg.get("eval_paths", ""))
@@ -71,7 +73,8 @@ def _truncated(docs, data_cfg):
 DD_KEYS = ("dd_min_log2", "dd_max_log2", "dd_curriculum", "dd_cycles")
 
 
-def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: bool):
+def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: bool,
+                 pad_id: int = ByteTokenizer().pad_id):  # fmt: skip
     """This process's share of the batches: shuffled and repeated for training.
 
     The documents are split into `data.shards` shards (0: one per process), each packed
@@ -98,7 +101,7 @@ def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: b
             PipelineOptions(
                 seq_len=seq_len, batch_size=global_batch_size // shards, packing=packing,
                 **dd, num_packing_bins=data_cfg.num_packing_bins, seed=seed, shuffle=train,
-                num_epochs=None, pad_id=ByteTokenizer().pad_id,
+                num_epochs=None, pad_id=pad_id,
                 shard_index=jax.process_index() * mine + j, shard_count=shards,
             ),
         )

@@ -22,7 +22,7 @@ from lcx.attention.ring import sequence_layout
 from lcx.model import TransformerConfig
 from lcx.packing import STRATEGIES
 from lcx.train import input as data_input
-from lcx.train import run_record
+from lcx.train import model_source, run_record
 from lcx.train import sharding as sh
 from lcx.train import step as steplib
 from lcx.train.checkpoint import Checkpointer, abstract_like
@@ -65,7 +65,8 @@ class Experiment:
         c = self.config
         if c.data.packing not in STRATEGIES:  # before any data work
             raise ValueError(f"data.packing={c.data.packing!r}; valid: {STRATEGIES}")
-        self.model_cfg = TransformerConfig(**c.model)
+        self.tokenizer = model_source.tokenizer_of(c)
+        self.model_cfg: TransformerConfig = model_source.model_config(c, self.tokenizer)
         self.mesh = sh.make_mesh(sh.MeshShape(**c.mesh))
         self.rules = tuple(tuple(r) for r in c.sharding_rules)
         tc = c.train
@@ -152,7 +153,8 @@ class Experiment:
     def dataset(self, split: str):
         """The grain dataset of one split."""
         c = self.config
-        corpus, how = data_input.load_split(c.data, split, None if self.read_only else self.workdir)
+        workdir = None if self.read_only else self.workdir
+        corpus, how = data_input.load_split(c.data, split, workdir, self.tokenizer)
         skipped = f"{corpus.num_empty_skipped} empty"
         if corpus.num_binary_skipped:
             skipped += f" and {corpus.num_binary_skipped} binary"
@@ -167,11 +169,18 @@ class Experiment:
             global_batch_size=self.micro_batch_size,
             seed=c.seed,
             train=split == "train",
+            pad_id=self.tokenizer.pad_id,
         )
 
     def init_state(self):
-        """A fresh TrainState."""
+        """A fresh TrainState: `init.hf_checkpoint`'s weights, else a random init."""
         c = self.config
+        directory = model_source.hf_checkpoint(c)
+        if directory:
+            from lcx.checkpoints import load_params
+
+            params = load_params(directory, self.model_cfg, self.shardings.params)
+            return steplib.state_from_params(params, self.tx, self.shardings, c.train.batch_size)
         return steplib.init_state(
             self.model_cfg, self.tx, c.seed, self.shardings, c.train.batch_size
         )

@@ -47,9 +47,27 @@ RESUMABLE = frozenset(
 )
 
 
+# Keys added to the configs after runs were recorded: absent from an older record, they
+# count as these values (what those runs did), so the runs still resume.
+ADDED_KEYS = {
+    "data.tokenizer": "bytes",
+    "data.add_bos": True,
+    "data.add_eos": True,
+    "data.join_directories": False,
+    "init.hf_checkpoint": "",
+    "init.rope_theta": 0.0,
+    "model.param_dtype": "float32",
+    "model.attention_bias": False,
+    "model.qk_norm": False,
+    "model.tie_embeddings": False,
+    "model.rope_scaling": None,
+}
+
+
 def resumable(key: str) -> bool:
-    """Whether a config key may differ on resume (generation settings never matter)."""
-    return key in RESUMABLE or key.startswith("generate.")
+    """Whether a config key may differ on resume (generation and export settings never
+    matter)."""
+    return key in RESUMABLE or key.startswith(("generate.", "export."))
 
 
 def flatten(config) -> dict:
@@ -102,7 +120,7 @@ def differences(recorded: dict, config) -> dict:
     missing = object()
     out = {}
     for key in sorted(keys):
-        old, new = recorded.get(key, missing), current.get(key, missing)
+        old, new = recorded.get(key, ADDED_KEYS.get(key, missing)), current.get(key, missing)
         if old != new:
             out[key] = (None if old is missing else old, None if new is missing else new)
     return out
@@ -158,7 +176,7 @@ def check_model(config, workdir: str) -> None:
     if recorded is None:
         return
     diffs = differences(recorded, config)
-    model = [k for k in diffs if k.startswith("model.") and k not in RESUMABLE]
+    model = [k for k in diffs if k.startswith(("model.", "init.")) and k not in RESUMABLE]
     if model:
         raise ValueError(
             f"--workdir {workdir} holds a model of another config: {_describe(diffs, model)}"

@@ -106,6 +106,18 @@ def init_state(model_cfg, tx, seed, shardings, batch_size: int) -> TrainState:
     return jax.jit(init, out_shardings=shardings)()
 
 
+def state_from_params(params, tx, shardings, batch_size: int) -> TrainState:
+    """A TrainState at step 0 around given (already placed) parameters."""
+
+    def init(params):
+        zero = jnp.zeros((), jnp.int32)
+        return TrainState(
+            zero, params, tx.init(params), wide_rows(0), jnp.asarray(batch_size, jnp.int32)
+        )
+
+    return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+
+
 def lm_loss(logits_BxTxV, batch):
     """Summed next-token cross-entropy over real targets, and their count.
 

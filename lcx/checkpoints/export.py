@@ -1,0 +1,28 @@
+"""`--config.mode=export --config.export.dir=OUT`: a workdir's latest checkpoint as a
+Hugging Face directory (weights, config.json and, for a Hugging Face tokenizer, its files)."""
+
+from __future__ import annotations
+
+import os
+
+from lcx.checkpoints.hf import save_hf
+
+
+def export_from_workdir(config, workdir: str) -> dict:
+    """Write the latest checkpoint's parameters to `config.export.dir`; a summary record."""
+    from lcx.generate.cli import restore_model
+
+    ec = config.get("export") or {}
+    out = ec.get("dir", "")
+    if not out:
+        raise ValueError("export.dir is empty: give --config.export.dir=OUT, a new directory")
+    if os.path.isdir(out) and os.listdir(out):
+        raise ValueError(f"export.dir={out!r} is not empty; give a new directory")
+    model, step, tokenizer = restore_model(config, workdir, with_tokenizer=True)
+    path = getattr(tokenizer, "path", None)
+    save_hf(
+        model, out, max_shard_bytes=int(ec.get("max_shard_gb", 2.0) * (1 << 30)),
+        tokenizer_dir=os.path.dirname(path) if path else None,
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+    )  # fmt: skip
+    return {"step": step, "dir": out}
