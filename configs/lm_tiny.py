@@ -128,7 +128,7 @@ def get_config(arg=None):
     # and the MLP width).
     c.sharding_rules = DEFAULT_RULES
     c.model = dict(
-        vocab_size=384,  # >= the tokenizer's vocabulary (the byte tokenizer's: 384)
+        vocab_size=384,  # >= the tokenizer's vocabulary; 0: the tokenizer's, rounded up to 128
         d_model=256,
         num_layers=4,
         num_heads=4,
