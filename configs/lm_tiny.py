@@ -18,7 +18,7 @@ def get_config(arg=None):
         raise ValueError(f"configs/lm_tiny.py takes no argument or 'smoke'; got {arg!r}")
     smoke = arg == "smoke"
     c = config_dict.ConfigDict()
-    c.mode = "train"
+    c.mode = "train"  # train | eval | generate | evaluate | export
     c.seed = 0
 
     # --config.mode=generate: complete prompts with the workdir's latest checkpoint.
@@ -35,6 +35,20 @@ def get_config(arg=None):
         token_budget=256,  # query tokens per engine step
     )
 
+    # --config.mode=evaluate: long-context tasks (lcx.evals) at these prompt lengths in
+    # tokens, scored by exact match of greedy generations and by the answer's likelihood,
+    # and held-out loss by token position; appended to WORKDIR/evals.jsonl.
+    c.evals = dict(
+        tasks="kv_retrieval,multi_needle,variable_tracking,copy_span,icl_classification",
+        lengths="1024,2048,4096",
+        examples=20,  # per task and length
+        seed=0,
+        generate=True,  # False: likelihood scores only (faster)
+        context=8192,  # the longest prompt + answer allowed; never truncated
+        loss_by_position=True,
+        position_length=4096,  # held-out documents scored up to this many tokens
+        documents=64,
+    )
     # --config.mode=export: the latest checkpoint as a Hugging Face directory.
     c.export = dict(dir="", max_shard_gb=2.0)
     # Start from a Hugging Face checkpoint (lcx.checkpoints): its config.json sets the

@@ -14,6 +14,7 @@ SUBMODULES = (
     "checkpoints",
     "config_loading",
     "data",
+    "evals",
     "generate",
     "layers",
     "model",

@@ -33,7 +33,7 @@ _INIT_TIMEOUT = flags.DEFINE_integer(
     "distributed_timeout", 60, "Seconds to wait for every process to connect."
 )
 
-MODES = ("train", "eval", "generate", "export")
+MODES = ("train", "eval", "generate", "export", "evaluate")
 USER_ERROR = 2  # the exit status of every mistake a user can fix
 
 
@@ -49,6 +49,10 @@ def run(config, workdir: str) -> dict:
         from lcx.generate.cli import generate_from_workdir
 
         return generate_from_workdir(config, workdir)
+    if config.mode == "evaluate":
+        from lcx.evals.cli import evaluate_workdir
+
+        return evaluate_workdir(config, workdir)
     if config.mode == "export":
         from lcx.checkpoints.export import export_from_workdir
 
@@ -91,6 +95,9 @@ def summary(result: dict, workdir: str, mode: str) -> str:
     """One readable line about a finished run or evaluation."""
     if mode == "eval":
         return f"lcx: step {result['step']}: eval loss {result['eval_loss']:.4f}"
+    if mode == "evaluate":
+        step, count = result["step"], result["records"]
+        return f"lcx: step {step}: {count} results appended to {result['results']}"
     if mode == "export":
         return f"lcx: step {result['step']} written as a Hugging Face model to {result['dir']}"
     if mode == "generate":

@@ -65,9 +65,9 @@ ADDED_KEYS = {
 
 
 def resumable(key: str) -> bool:
-    """Whether a config key may differ on resume (generation and export settings never
-    matter)."""
-    return key in RESUMABLE or key.startswith(("generate.", "export."))
+    """Whether a config key may differ on resume (generation, export and evaluation
+    settings never matter)."""
+    return key in RESUMABLE or key.startswith(("generate.", "export.", "evals."))
 
 
 def flatten(config) -> dict:

@@ -1,0 +1,182 @@
+"""Scoring: exact match of greedy generations and the likelihood of the answer.
+
+A model is anything with `context` (tokens), `generate(prompts, max_new_tokens)` and
+`score_tokens(sequences)`; `TransformerLM` is an lcx Transformer through the serving
+engine (generation) and packed rows (likelihood: many sequences per row, attention kept
+within each). Generation-based exact match needs a model able to follow the format;
+the answer's log-likelihood and its teacher-forced token accuracy grade a model too small
+to generate it. A prompt that does not fit the context is an error, never truncated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lcx.evals.tasks import Example
+from lcx.packing import first_fit_decreasing
+from lcx.packing.rows import packed_row
+
+
+class LanguageModel(Protocol):
+    """What the scorers need of a model."""
+
+    context: int
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations (token ids) of each prompt."""
+
+    def score_tokens(self, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per sequence, for t >= 1: log p(token t | tokens < t) and whether it is the argmax."""
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """The tokens of `text` alone (no BOS, no EOS)."""
+    ids = tokenizer.encode(text.encode("utf-8")).tolist()
+    ids = ids[1:] if tokenizer.add_bos else ids
+    return ids[:-1] if tokenizer.add_eos else ids
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """[BOS] + the tokens of `text`."""
+    ids = tokenizer.encode(text.encode("utf-8")).tolist()
+    return ids[:-1] if tokenizer.add_eos else ids
+
+
+def continuation(answer: str) -> str:
+    """What a model should write after a prompt: a space, the answer, a newline."""
+    return f" {answer}\n"
+
+
+def split_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt tokens, answer-continuation tokens) as the tokenizer splits them together.
+
+    A BPE tokenizer may merge across the boundary; then the prompt's own tokens and the
+    continuation's are used (the boundary is kept, the merge is not).
+    """
+    head = prompt_ids(tokenizer, prompt)
+    whole = prompt_ids(tokenizer, prompt + continuation(answer))
+    if whole[: len(head)] == head:
+        return head, whole[len(head) :]
+    return head, text_ids(tokenizer, continuation(answer))
+
+
+def first_line(text: str) -> str:
+    """A completion's first line, stripped: what exact match compares."""
+    return text.split("\n", 1)[0].strip()
+
+
+def check_fits(examples_ids, new_tokens: int, context: int, what: str) -> None:
+    """ValueError when a prompt plus its new tokens exceed the model's context."""
+    longest = max(len(ids) for ids in examples_ids)
+    if longest + new_tokens > context:
+        raise ValueError(
+            f"evals: {what}: a prompt of {longest} tokens plus {new_tokens} to generate exceeds "
+            f"the model's context of {context} tokens (prompts are never truncated; raise "
+            "evals.context or lower evals.lengths)"
+        )
+
+
+def score_examples(lm: LanguageModel, tokenizer, examples: Sequence[Example], *,
+                   generate: bool = True) -> dict:  # fmt: skip
+    """Mean exact match (greedy generation), answer log-likelihood per token, teacher-
+    forced token accuracy and, with label choices, the likelihood's choice accuracy."""
+    pairs = [split_ids(tokenizer, ex.prompt, ex.answer) for ex in examples]
+    what = f"{examples[0].task} at {len(pairs[0][0])} tokens"
+    new = max(len(a) for _, a in pairs) + 4
+    check_fits([p + a for p, a in pairs], 0, lm.context, what)
+    out = {"examples": len(examples)}
+    if generate:
+        check_fits([p for p, _ in pairs], new, lm.context, what)
+        completions = lm.generate([p for p, _ in pairs], new)
+        texts = [tokenizer.decode(c).decode("utf-8", "replace") for c in completions]
+        hits = [first_line(t) == ex.answer for t, ex in zip(texts, examples, strict=True)]
+        out["exact_match"] = float(np.mean(hits))
+    scores = lm.score_tokens([p + a for p, a in pairs])
+    logprob, accuracy = [], []
+    for (p, _), (lp, top) in zip(pairs, scores, strict=True):
+        logprob.append(float(np.mean(lp[len(p) - 1 :])))
+        accuracy.append(float(np.mean(top[len(p) - 1 :])))
+    out["answer_logprob"] = float(np.mean(logprob))
+    out["answer_token_accuracy"] = float(np.mean(accuracy))
+    if examples[0].choices:
+        out["choice_accuracy"] = _choice_accuracy(lm, tokenizer, examples)
+    return out
+
+
+def _choice_accuracy(lm, tokenizer, examples) -> float:
+    """How often the answer is the most likely of the example's choices."""
+    sequences, spans = [], []
+    for ex in examples:
+        for choice in ex.choices:
+            head, tail = split_ids(tokenizer, ex.prompt, choice)
+            sequences.append(head + tail)
+            spans.append(len(head) - 1)
+    totals = [
+        float(np.sum(lp[s:])) for (lp, _), s in zip(lm.score_tokens(sequences), spans, strict=True)
+    ]
+    correct, i = [], 0
+    for ex in examples:
+        k = len(ex.choices)
+        correct.append(ex.choices[int(np.argmax(totals[i : i + k]))] == ex.answer)
+        i += k
+    return float(np.mean(correct))
+
+
+class TransformerLM:
+    """An lcx Transformer as a LanguageModel: engine generation, packed-row likelihoods."""
+
+    def __init__(self, model, tokenizer, context: int, *, slots: int = 8, token_budget: int = 512):
+        self.model, self.tokenizer, self.context = model, tokenizer, context
+        self.slots, self.token_budget = slots, token_budget
+        self._engine = None
+        graphdef, state = nnx.split(model)
+        self._state = state
+        self._forward = jax.jit(
+            lambda state, *row: _next_token_scores(nnx.merge(graphdef, state), *row)
+        )
+
+    def generate(self, prompts, max_new_tokens):
+        from lcx.generate import Engine, Request, SamplingParams
+
+        if self._engine is None:  # one engine (one compilation) for every call
+            self._engine = Engine(self.model, slots=self.slots, max_length=self.context,
+                                  token_budget=self.token_budget)  # fmt: skip
+        stop = () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)
+        ids = [self._engine.submit(Request(p, max_new_tokens, SamplingParams(0.0), stop))
+               for p in prompts]  # fmt: skip
+        results = self._engine.run()
+        return [results.pop(i) for i in ids]
+
+    def score_tokens(self, sequences):
+        check_fits(sequences, 0, self.context, "score_tokens")
+        bins = first_fit_decreasing([len(s) for s in sequences], self.context)
+        out = [None] * len(sequences)
+        pad = self.tokenizer.pad_id
+        for members in bins:
+            row = packed_row([sequences[i] for i in members], self.context, pad)
+            logprob, top = self._forward(
+                self._state,
+                *(jnp.asarray(row[k])[None] for k in ("tokens", "segment_ids", "positions")),
+            )
+            logprob, top = np.asarray(logprob[0]), np.asarray(top[0])
+            start = 0
+            for i in members:
+                n = len(sequences[i])
+                out[i] = (logprob[start : start + n - 1], top[start : start + n - 1])
+                start += n
+        return out
+
+
+def _next_token_scores(model, tokens, segment_ids, positions):
+    """log p(next token) and whether it is the argmax, at every position but the last."""
+    logits = model(tokens, segment_ids, positions)[:, :-1]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    target = tokens[:, 1:]
+    chosen = jnp.take_along_axis(logprobs, target[..., None], axis=-1)[..., 0]
+    return chosen, jnp.argmax(logits, axis=-1) == target

@@ -1,0 +1,240 @@
+"""Long-context evaluation: deterministic, length-exact tasks; exact scorers; oracle 100%,
+a random model at chance; over-long prompts refused; loss by position; mode=evaluate."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcx.data import ByteTokenizer, HFTokenizer, stdlib_documents
+from lcx.evals import (
+    TASKS,
+    TransformerLM,
+    loss_by_position,
+    make_examples,
+    plot_loss_by_position,
+    prompt_length,
+    score_examples,
+    split_ids,
+)
+from lcx.evals.cli import parse_settings
+from lcx.evals.scoring import continuation, text_ids
+from lcx.model import Transformer, TransformerConfig
+from tests.test_tokenizers import _train_bpe
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    docs = stdlib_documents()[::40]
+    texts = [open(d.path, "rb").read().decode("utf-8", "replace") for d in docs]
+    return HFTokenizer(_train_bpe(str(tmp_path_factory.mktemp("bpe")), texts))
+
+
+def test_tasks_are_deterministic_per_seed(rng):
+    seed = int(rng.integers(1 << 20))
+    for task in TASKS:
+        first = make_examples(task, 512, 2, seed, ByteTokenizer())
+        assert first == make_examples(task, 512, 2, seed, ByteTokenizer())
+        assert first != make_examples(task, 512, 2, seed + 1, ByteTokenizer())
+        assert first[0] != first[1]
+
+
+@pytest.mark.parametrize("tokenizer_name", ["bytes", "bpe"])
+def test_prompts_are_the_requested_length(tokenizer_name, bpe, rng):
+    tokenizer = ByteTokenizer() if tokenizer_name == "bytes" else bpe
+    seed = int(rng.integers(1 << 20))
+    for task in TASKS:
+        for length in (1024, 3000):
+            (example,) = make_examples(task, length, 1, seed, tokenizer)
+            n = prompt_length(tokenizer, example.prompt)
+            assert abs(n - length) <= 0.01 * length, (task, length, n)
+            assert n <= length
+
+
+def _solve(prompt: str) -> str:
+    """The answer of a task prompt, read off the prompt (what the oracle 'copies')."""
+    if prompt.endswith("Value:"):
+        key = re.findall(r'Key: "(\w+)"', prompt)[-1]
+        return re.search(rf'"{key}": "(\w+)"', prompt).group(1)
+    if "magic numbers for" in prompt:
+        names = re.search(r"magic numbers for (.*)\?", prompt).group(1).split(", ")
+        return ", ".join(
+            re.search(rf"magic number for {n} is (\d+)\.", prompt).group(1) for n in names
+        )
+    if "hold the value" in prompt:
+        value = re.search(r"hold the value (\d+)\?", prompt).group(1)
+        bound = []
+        for name, source in re.findall(r"VAR (\w+) = (\w+)", prompt):
+            if source == value or source in bound:
+                bound.append(name)
+        return " ".join(bound)
+    if prompt.endswith("Text:"):
+        return re.search(r"\[SPAN\] (.*?) \[/SPAN\]", prompt).group(1)
+    shots = re.findall(r"Input: (.*)\nLabel: (.*)\n", prompt)
+    query = prompt.rsplit("Input: ", 1)[1].split("\n")[0].split()
+    seen = {}
+    for text, label in shots:
+        for word in text.split():
+            seen.setdefault(word, []).append(label)
+    clues = [seen[w] for w in query if w in seen and len(set(seen[w])) == 1]
+    return max(clues, key=len)[0]  # a class's clue word: always with its label, often
+
+
+class OracleLM:
+    """Answers by reading the prompt; `wrong`: a one-character-wrong answer."""
+
+    context = 1 << 16
+
+    def __init__(self, tokenizer, wrong=False):
+        self.tokenizer, self.wrong = tokenizer, wrong
+
+    def _answer(self, prompt):
+        answer = _solve(prompt)
+        if not self.wrong:
+            return answer
+        labels = sorted(set(re.findall(r"Label: (.*)\n", prompt)) - {answer})
+        if labels:  # classification: another of the label words
+            return labels[0]
+        return answer[:-1] + ("x" if answer[-1] != "x" else "y")
+
+    def _text(self, ids):
+        return self.tokenizer.decode(ids).decode("utf-8")
+
+    def generate(self, prompts, max_new_tokens):
+        return [
+            text_ids(self.tokenizer, continuation(self._answer(self._text(p)))) for p in prompts
+        ]
+
+    def score_tokens(self, sequences):
+        out = []
+        for seq in sequences:
+            prompt = self._text(seq).rsplit(":", 1)[0] + ":"
+            head, tail = split_ids(self.tokenizer, prompt, self._answer(prompt))
+            expected = np.asarray((head + tail + [-1] * len(seq))[: len(seq)])
+            match = expected[1:] == np.asarray(seq[1:])
+            out.append((np.where(match, 0.0, -30.0), match))
+        return out
+
+
+@pytest.mark.parametrize("tokenizer_name", ["bytes", "bpe"])
+def test_an_oracle_scores_everything_and_a_wrong_one_nothing(tokenizer_name, bpe, rng):
+    tokenizer = ByteTokenizer() if tokenizer_name == "bytes" else bpe
+    seed = int(rng.integers(1 << 20))
+    for task in TASKS:
+        examples = make_examples(task, 2048, 3, seed, tokenizer)
+        right = score_examples(OracleLM(tokenizer), tokenizer, examples)
+        assert right["exact_match"] == 1.0 and right["answer_token_accuracy"] == 1.0, task
+        assert right["answer_logprob"] == 0.0
+        assert right.get("choice_accuracy", 1.0) == 1.0
+        wrong = score_examples(OracleLM(tokenizer, wrong=True), tokenizer, examples)
+        assert wrong["exact_match"] == 0.0 and wrong["answer_token_accuracy"] < 1.0, task
+        assert wrong.get("choice_accuracy", 0.0) == 0.0
+
+
+def _random_lm(context=2048):
+    cfg = TransformerConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                            head_dim=16, mlp_dim=64)  # fmt: skip
+    return TransformerLM(Transformer(cfg, rngs=nnx.Rngs(0)), ByteTokenizer(), context)
+
+
+def test_a_random_model_scores_about_chance(rng):
+    lm, tokenizer = _random_lm(), ByteTokenizer()
+    seed = int(rng.integers(1 << 20))
+    examples = make_examples("icl_classification", 200, 48, seed, tokenizer)
+    scores = score_examples(lm, tokenizer, examples, generate=False)
+    # 4 classes: chance 0.25, 48 examples: standard deviation 0.0625.
+    assert 0.25 - 0.2 <= scores["choice_accuracy"] <= 0.25 + 0.2, scores
+    kv = score_examples(lm, tokenizer, make_examples("kv_retrieval", 200, 2, seed, tokenizer))
+    assert kv["exact_match"] == 0.0 and kv["answer_logprob"] < -3.0
+
+
+def test_over_long_prompts_raise_and_are_never_truncated(rng):
+    lm, tokenizer = _random_lm(context=512), ByteTokenizer()
+    examples = make_examples("kv_retrieval", 600, 1, 0, tokenizer)
+    with pytest.raises(
+        ValueError, match=r"exceeds the model's context of 512 tokens .*never truncated"
+    ):
+        score_examples(lm, tokenizer, examples)
+    with pytest.raises(ValueError, match=r"exceeds the model's context"):
+        lm.score_tokens([[1] * 513])
+    settings = type("E", (), dict(tasks="kv_retrieval", lengths="1024,9000", context=8192))
+    with pytest.raises(ValueError, match=r"9000 tokens exceed evals.context=8192"):
+        parse_settings(settings)
+    settings.tasks = "kv_retrieval,haystack"
+    with pytest.raises(ValueError, match=r"evals.tasks=.*valid names are"):
+        parse_settings(settings)
+
+
+class KnownLM:
+    """Every token's log-probability is minus its position (so bucket means are known)."""
+
+    context = 4096
+
+    def score_tokens(self, sequences):
+        return [
+            (-np.arange(1, len(s), dtype=np.float64), np.ones(len(s) - 1, bool)) for s in sequences
+        ]
+
+
+def test_loss_by_position_buckets_and_plot(tmp_path):
+    documents = [np.zeros(3000, np.int32), np.zeros(600, np.int32), np.zeros(1, np.int32)]
+    buckets = loss_by_position(KnownLM(), documents, max_length=2500, buckets=(0, 512, 2048))
+    assert [(b["start"], b["end"]) for b in buckets] == [(0, 512), (512, 2048), (2048, 2500)]
+    assert [b["documents"] for b in buckets] == [2, 2, 1]
+    assert buckets[0]["tokens"] == 511 * 2 and buckets[0]["loss"] == pytest.approx(256.0)
+    positions = list(range(512, 2048)) + list(range(512, 600))
+    assert buckets[1]["loss"] == pytest.approx(np.mean(positions))
+    assert buckets[2]["tokens"] == 2500 - 2048
+    path = plot_loss_by_position({"known": buckets}, str(tmp_path / "curve.png"))
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_mode_appends_results_and_prints_a_table(smoke_config, tmp_path, capsys):
+    from lcx.main import run
+
+    c = smoke_config
+    run(c, str(tmp_path))
+    c.mode = "evaluate"
+    c.evals.update(lengths="256,512", examples=2, context=640, position_length=640, documents=4)
+    result = run(c, str(tmp_path))
+    assert result["records"] == len(TASKS) * 2 + 1
+    lines = [json.loads(x) for x in open(tmp_path / "evals.jsonl")]
+    assert {(r["task"], r.get("length")) for r in lines} >= {
+        ("kv_retrieval", 256),
+        ("copy_span", 512),
+    }
+    assert all(0.0 <= r["exact_match"] <= 1.0 for r in lines if "exact_match" in r)
+    assert lines[-1]["task"] == "loss_by_position" and lines[-1]["buckets"][0]["tokens"] > 0
+    assert os.path.isfile(tmp_path / "loss_by_position.png")
+    out = capsys.readouterr().out
+    assert "icl_classification" in out and "loss by position: 0-512: " in out
+
+
+def test_finetune_recipe_trains_on_short_task_examples(tmp_path):
+    from lcx.checkpoints import save_hf
+    from lcx.config_loading import load_config
+    from lcx.evals.finetune import write_task_corpus
+    from lcx.evals.scoring import first_line
+    from lcx.main import run
+
+    paths = write_task_corpus(str(tmp_path / "data"), 12, lengths=(256, 320))
+    for path, task in zip(paths, list(TASKS) * 3, strict=False):
+        text = open(path).read()
+        prompt, answer = text.rsplit(":", 1)
+        assert task in path and answer.endswith("\n") and first_line(answer)
+        assert (
+            abs(
+                prompt_length(ByteTokenizer(), prompt + ":")
+                - (256, 320)[paths.index(path) // 5 % 2]
+            )
+            <= 2
+        )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(os.path.join(root, "configs", "evals_finetune.py"), "smoke")
+    save_hf(Transformer(TransformerConfig(**c.model), rngs=nnx.Rngs(0)), str(tmp_path / "hf"))
+    c.init.hf_checkpoint, c.data.paths = str(tmp_path / "hf"), str(tmp_path / "data")
+    record = run(c, str(tmp_path / "run"))
+    assert record["step"] == 3 and np.isfinite(record["loss"])
