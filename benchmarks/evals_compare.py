@@ -75,6 +75,10 @@ def one_model(root, name, seed, smoke, task_data):
     from lcx.main import run
 
     base = os.path.join(root, f"{name}-s{seed}")
+    done = os.path.join(base, "compare.json")
+    if os.path.exists(done):  # evaluated by an earlier invocation
+        with open(done) as f:
+            return json.load(f, object_hook=_int_lengths)
     c = pretrain_config(name, seed, smoke)
     if not os.path.isdir(os.path.join(base, "checkpoints", str(c.train.steps))):
         run(c, base)
@@ -93,11 +97,19 @@ def one_model(root, name, seed, smoke, task_data):
     if not os.path.isdir(os.path.join(tuned, "checkpoints", str(f.train.steps))):
         run(f, tuned)
     kv = _evaluate(f, tuned, lengths, 2 if smoke else 20, False, context)
-    return {
+    result = {
         "variant": name, "seed": seed,
         "loss_by_position": positions[-1]["buckets"],
         "kv": {r["length"]: r for r in kv if r["task"] == "kv_retrieval"},
     }  # fmt: skip
+    with open(done, "w") as f:
+        json.dump(result, f)
+    return result
+
+
+def _int_lengths(record):
+    """JSON object keys that are lengths back to ints."""
+    return {int(k) if k.isdigit() else k: v for k, v in record.items()}
 
 
 def main(argv=None) -> list[dict]:
