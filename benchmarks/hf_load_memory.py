@@ -89,11 +89,10 @@ if method == "load_hf":
     model = load_hf(directory, mesh=mesh)
     arrays = jax.tree.leaves(__import__("flax").nnx.state(model))
 else:
-    from flax import nnx
     from lcx.checkpoints.hf import _param_shardings
-    from lcx.model import Transformer
+    from lcx.train.step import abstract_model
     from safetensors.numpy import load_file
-    abstract = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    _, abstract = abstract_model(cfg)
     shardings = _param_shardings(abstract, mesh, None)
     by_name = {layout.name: (path, layout) for path, layout in tensor_layouts(cfg).items()}
     index = json.load(open(os.path.join(directory, "model.safetensors.index.json")))

@@ -28,6 +28,7 @@ from lcx.checkpoints.hf_config import family_of, read_config, write_config_dict
 from lcx.checkpoints.hf_layout import tensor_layouts
 from lcx.model import Transformer, TransformerConfig
 from lcx.train import sharding as sh
+from lcx.train.step import abstract_model
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -111,7 +112,8 @@ def load_params(directory: str, cfg: TransformerConfig, shardings) -> dict:
     for path, layout in layouts.items():
 
         def block(index, layout=layout):
-            """This device's block, read from the file (and only that block)."""
+            """This device's block, read from the file (and only that block); the file is
+            opened per block so its mapped pages are released before the next tensor."""
             with safe_open(where[layout.name], "numpy") as f:
                 data = layout.read(f.get_slice(layout.name), index)
             return data.astype(dtype, copy=False)
@@ -145,7 +147,7 @@ def load_hf(directory: str, *, mesh=None, param_dtype=None, rules=None, **overri
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     cfg = hf_model_config(directory, **overrides)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    graphdef, abstract = abstract_model(cfg)
     params = load_params(directory, cfg, _param_shardings(abstract, mesh, rules))
     nnx.replace_by_pure_dict(abstract, params)
     return nnx.merge(graphdef, abstract)

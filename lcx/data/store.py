@@ -56,8 +56,7 @@ def fingerprint(docs: Sequence[Document], tokenizer: ByteTokenizer, keep_binary=
                 join_directories=False) -> str:  # fmt: skip
     """A digest that changes whenever a file, the tokenizer or an option changes."""
     options = f"keep_binary={keep_binary}" + ("\0join" if join_directories else "")
-    key = getattr(tokenizer, "cache_key", tokenizer.name)
-    h = hashlib.sha256(f"{key}\0{options}".encode())
+    h = hashlib.sha256(f"{tokenizer.cache_key}\0{options}".encode())
     for d in docs:
         h.update(f"{d.path}\0{d.relpath}\0{d.size}\0{d.mtime_ns}\n".encode("utf-8", "replace"))
     return h.hexdigest()[:20]

@@ -168,14 +168,13 @@ class HFTokenizer:
         ids = []
         # surrogateescape turns each invalid byte b into U+DC00 + b: split the text there.
         for piece in _INVALID_BYTES.split(data.decode("utf-8", errors="surrogateescape")):
-            byte_id = None
             if len(piece) == 1 and "\udc80" <= piece <= "\udcff":
                 byte_id = self._byte_ids[ord(piece) - 0xDC00]
-                piece = piece if byte_id is None else ""  # a vocabulary without that byte
-            if byte_id is not None:
-                ids.append(byte_id)
-            elif piece:
-                piece = piece.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                if byte_id is not None:
+                    ids.append(byte_id)
+                    continue
+                piece = "\ufffd"  # a vocabulary without that byte token: replaced
+            if piece:
                 ids += self._tokenizer.encode(piece, add_special_tokens=False).ids
         return ids
 
@@ -207,6 +206,19 @@ class HFTokenizer:
                     table.append(token.encode("utf-8"))
             self._bytes_of_id = table
         return self._bytes_of_id
+
+
+def text_ids(tokenizer, text: str) -> list[int]:
+    """The tokens of `text` alone (no BOS, no EOS)."""
+    ids = tokenizer.encode(text.encode("utf-8")).tolist()
+    ids = ids[1:] if tokenizer.add_bos else ids
+    return ids[:-1] if tokenizer.add_eos else ids
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """[BOS] + the tokens of `text` (no EOS: a model is to continue it)."""
+    ids = tokenizer.encode(text.encode("utf-8")).tolist()
+    return ids[:-1] if tokenizer.add_eos else ids
 
 
 def make_tokenizer(data_cfg, hf_checkpoint: str = ""):

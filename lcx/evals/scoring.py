@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lcx.data.tokenizer import prompt_ids, text_ids
 from lcx.evals.tasks import Example
 from lcx.packing import first_fit_decreasing
 from lcx.packing.rows import packed_row
@@ -35,31 +36,19 @@ class LanguageModel(Protocol):
         """Per sequence, for t >= 1: log p(token t | tokens < t) and whether it is the argmax."""
 
 
-def text_ids(tokenizer, text: str) -> list[int]:
-    """The tokens of `text` alone (no BOS, no EOS)."""
-    ids = tokenizer.encode(text.encode("utf-8")).tolist()
-    ids = ids[1:] if tokenizer.add_bos else ids
-    return ids[:-1] if tokenizer.add_eos else ids
-
-
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """[BOS] + the tokens of `text`."""
-    ids = tokenizer.encode(text.encode("utf-8")).tolist()
-    return ids[:-1] if tokenizer.add_eos else ids
-
-
 def continuation(answer: str) -> str:
     """What a model should write after a prompt: a space, the answer, a newline."""
     return f" {answer}\n"
 
 
-def split_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+def split_ids(tokenizer, prompt: str, answer: str, head=None) -> tuple[list[int], list[int]]:
     """(prompt tokens, answer-continuation tokens) as the tokenizer splits them together.
 
     A BPE tokenizer may merge across the boundary; then the prompt's own tokens and the
-    continuation's are used (the boundary is kept, the merge is not).
+    continuation's are used (the boundary is kept, the merge is not). `head`: the
+    prompt's tokens, when already known.
     """
-    head = prompt_ids(tokenizer, prompt)
+    head = prompt_ids(tokenizer, prompt) if head is None else head
     whole = prompt_ids(tokenizer, prompt + continuation(answer))
     if whole[: len(head)] == head:
         return head, whole[len(head) :]
@@ -113,8 +102,9 @@ def _choice_accuracy(lm, tokenizer, examples) -> float:
     """How often the answer is the most likely of the example's choices."""
     sequences, spans = [], []
     for ex in examples:
+        prompt = prompt_ids(tokenizer, ex.prompt)  # once per example, not per choice
         for choice in ex.choices:
-            head, tail = split_ids(tokenizer, ex.prompt, choice)
+            head, tail = split_ids(tokenizer, ex.prompt, choice, head=prompt)
             sequences.append(head + tail)
             spans.append(len(head) - 1)
     totals = [

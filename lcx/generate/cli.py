@@ -16,6 +16,7 @@ import sys
 from absl import logging
 from flax import nnx
 
+from lcx.data.tokenizer import prompt_ids
 from lcx.generate.api import generate
 from lcx.train import run_record
 from lcx.train import step as steplib
@@ -39,12 +40,6 @@ def read_prompts(gc) -> list[str]:
             "--config.generate.prompts_file=FILE (one per line)"
         )
     return prompts
-
-
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """[BOS] + the tokens of `text` (no EOS: the model continues it)."""
-    ids = tokenizer.encode(text.encode("utf-8")).tolist()
-    return ids[:-1] if tokenizer.add_eos else ids
 
 
 def restore_model(config, workdir: str, *, with_tokenizer: bool = False):

@@ -57,10 +57,6 @@ ADDED_KEYS = {
     "init.hf_checkpoint": "",
     "init.rope_theta": 0.0,
     "model.param_dtype": "float32",
-    "model.attention_bias": False,
-    "model.qk_norm": False,
-    "model.tie_embeddings": False,
-    "model.rope_scaling": None,
 }
 
 

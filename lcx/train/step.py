@@ -93,29 +93,29 @@ def state_shardings(model_cfg, tx, mesh, rules):
     return TrainState(replicated, param_shardings, opt_shardings, replicated, replicated)
 
 
+def _step_zero(params, tx, batch_size: int) -> TrainState:
+    """The TrainState at step 0 around `params` (traced inside a jit)."""
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(
+        zero, params, tx.init(params), wide_rows(0), jnp.asarray(batch_size, jnp.int32)
+    )
+
+
 def init_state(model_cfg, tx, seed, shardings, batch_size: int) -> TrainState:
     """Initialise parameters and optimizer directly into their shardings."""
 
     def init():
         params = nnx.to_pure_dict(nnx.state(Transformer(model_cfg, rngs=nnx.Rngs(seed))))
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(
-            zero, params, tx.init(params), wide_rows(0), jnp.asarray(batch_size, jnp.int32)
-        )
+        return _step_zero(params, tx, batch_size)
 
     return jax.jit(init, out_shardings=shardings)()
 
 
 def state_from_params(params, tx, shardings, batch_size: int) -> TrainState:
     """A TrainState at step 0 around given (already placed) parameters."""
-
-    def init(params):
-        zero = jnp.zeros((), jnp.int32)
-        return TrainState(
-            zero, params, tx.init(params), wide_rows(0), jnp.asarray(batch_size, jnp.int32)
-        )
-
-    return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+    init = jax.jit(lambda p: _step_zero(p, tx, batch_size),
+                   in_shardings=(shardings.params,), out_shardings=shardings)  # fmt: skip
+    return init(params)
 
 
 def lm_loss(logits_BxTxV, batch):
