@@ -51,10 +51,12 @@ from lcx.packing import PipelineOptions, packed_dataset  # noqa: E402
 def packed_rows(row_len: int, num_rows: int, *, max_documents: int = 0, seed: int = 0):
     """Segment ids [num_rows, row_len] of the embedded corpus packed by the lcx pipeline."""
     docs = select_documents([], "train", eval_fraction=0.02, max_documents=max_documents)
-    corpus = load_or_tokenize(docs, ByteTokenizer(), None)
+    tokenizer = ByteTokenizer()
+    corpus = load_or_tokenize(docs, tokenizer, None)
     opts = PipelineOptions(
-        seq_len=row_len, batch_size=num_rows, num_packing_bins=128, seed=seed, shuffle=True
-    )
+        seq_len=row_len, batch_size=num_rows, pad_id=tokenizer.pad_id, packing="first_fit",
+        settings={"num_bins": 128}, seed=seed, shuffle=True,
+    )  # fmt: skip
     return next(iter(packed_dataset(corpus, opts)))["segment_ids"]
 
 

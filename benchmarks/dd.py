@@ -24,6 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from lcx.config_loading import load_config  # noqa: E402
+from lcx.data import ByteTokenizer  # noqa: E402
 from lcx.packing import PipelineOptions  # noqa: E402
 from lcx.packing.stats import measure  # noqa: E402
 from lcx.train import train_and_evaluate  # noqa: E402
@@ -36,7 +37,7 @@ def strategy_config(packing: str, *, smoke: bool, steps: int, max_log2: int):
     """The tiny model at row length 2^max_log2, one row's worth of tokens per step."""
     c = load_config(os.path.join(ROOT, "configs", "lm_tiny_dd.py"), "smoke" if smoke else None)
     c.data.packing = packing
-    c.data.update(dd_max_log2=max_log2, dd_min_log2=min(6, max_log2 - 2), dd_cycles=1)
+    c.data.dd.update(max_log2=max_log2, min_log2=min(6, max_log2 - 2), cycles=1)
     c.train.update(seq_len=1 << max_log2, batch_size=1, steps=steps, progress=False)
     c.train.update(eval_every=steps, eval_batches=4, checkpoint_every=steps, log_every=1)
     c.schedule.warmup_steps = max(1, steps // 10)
@@ -60,9 +61,8 @@ def run(*, smoke=False, steps=60, max_log2=13) -> dict:
             corpus, _ = load_split(config.data, "train", workdir)
             opts = PipelineOptions(
                 seq_len=config.train.seq_len, batch_size=config.train.batch_size,
-                packing=packing, seed=config.seed, dd_min_log2=config.data.dd_min_log2,
-                dd_max_log2=config.data.dd_max_log2, dd_curriculum=config.data.dd_curriculum,
-                dd_cycles=config.data.dd_cycles, pad_id=258,
+                packing=packing, settings=config.data.get(packing), seed=config.seed,
+                pad_id=ByteTokenizer().pad_id,
             )  # fmt: skip
             stats = measure(corpus, opts, max_tokens=int(tokens))
             results[packing] = {

@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 VARIANTS = {
     "padded1k": ({"packing": "padded"}, {"seq_len": 1024, "batch_size": 4}),
     "first_fit1k": ({"packing": "first_fit"}, {"seq_len": 1024, "batch_size": 4}),
-    "dd1k": ({"packing": "dd", "dd_min_log2": 6, "dd_max_log2": 10},
+    "dd1k": ({"packing": "dd", "dd": {"min_log2": 6, "max_log2": 10}},
              {"seq_len": 1024, "batch_size": 4}),
     "first_fit4k": ({"packing": "first_fit"}, {"seq_len": 4096, "batch_size": 1}),
 }  # fmt: skip
@@ -48,7 +48,7 @@ def pretrain_config(name, seed, smoke):
     if smoke:  # rows an eighth of the size
         c.train.update(steps=2, checkpoint_every=2, log_every=1, seq_len=train["seq_len"] // 8)
         if name == "dd1k":
-            c.data.update(dd_max_log2=7, dd_min_log2=5)
+            c.data.dd.update(max_log2=7, min_log2=5)
         c.schedule.warmup_steps = 1
     return c
 

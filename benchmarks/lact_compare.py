@@ -60,7 +60,8 @@ def variant_configs(*, smoke: bool, steps: int, seq_len: int, batch_size: int, w
     if not smoke:
         base.model.update(d_model=128, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32)
         base.model.update(mlp_dim=384)
-    base.model.update(lact_chunk_size=window, lact_window=window, num_kv_heads=base.model.num_heads)
+    base.model.lact.update(chunk_size=window, window=window)
+    base.model.num_kv_heads = base.model.num_heads
     lact_model = TransformerConfig(**base.model)
     target = param_count(lact_model)
     configs = {}

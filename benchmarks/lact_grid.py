@@ -7,7 +7,7 @@ The model of configs/lm_lact_tiny.py (every layer LaCT + sliding-window attentio
 and window of 256, rows of 1,024 tokens, 4 rows a step) takes jitted forward+backward
 steps (summed next-token loss, gradients of every parameter) on packed rows of
 documents with exponential lengths (mean `--mean_document` tokens), with
-`model.lact_grid` = "row" and = "document", alternating, median of `--repeats` after a
+`model.lact.grid` = "row" and = "document", alternating, median of `--repeats` after a
 compile run. The document grid makes a document packed at any offset equal to itself
 alone (what the serving engine computes); this measures what it costs.
 """
@@ -50,7 +50,8 @@ def packed_batch(rng, rows, length, mean_document, vocab):
 
 def step_fn(model_fields, grid):
     """A jitted (params, batch) -> gradients of the summed loss, for one grid."""
-    model = Transformer(TransformerConfig(**model_fields, lact_grid=grid), rngs=nnx.Rngs(0))
+    lact = dict(model_fields["lact"], grid=grid)
+    model = Transformer(TransformerConfig(**{**model_fields, "lact": lact}), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
 
     def loss(params, batch):
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
     config = load_config(
         os.path.join(ROOT, "configs", "lm_lact_tiny.py"), "smoke" if args.smoke else None
     )
-    fields = {k: v for k, v in config.model.items() if k != "lact_grid"}
+    fields = config.model.to_dict()
     rows, length = config.train.batch_size, config.train.seq_len
     if args.smoke:
         rows, args.mean_document = 2, 20

@@ -74,7 +74,7 @@ def variants(packing: str = "first_fit", num_packing_bins=(0,)) -> dict[str, dic
     out = {BASELINE: {"packing": BASELINE}}
     for bins in num_packing_bins:
         label = f"{packing}, {bins or 'batch_size'} bins"
-        out[label] = {"packing": packing, "num_packing_bins": bins}
+        out[label] = {"packing": packing, packing: {"num_bins": bins}}
     return out
 
 

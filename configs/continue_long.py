@@ -34,7 +34,8 @@ def get_config(arg=None):
     c.data.update(tokenizer="checkpoint", join_directories=True, packing="first_fit")
     c.train.update(steps=5_000, batch_size=64, seq_len=65_536, eval_every=500,
                    checkpoint_every=250, keep_checkpoints=3)  # fmt: skip
-    c.optimizer.update(name="adamw", b1=0.9, b2=0.95, weight_decay=0.1, grad_clip=1.0)
+    c.optimizer.update(name="adamw", grad_clip=1.0)
+    c.optimizer.adamw.update(b1=0.9, b2=0.95, weight_decay=0.1)
     c.schedule.update(name="cosine", peak_lr=1e-5, warmup_steps=500, final_lr_fraction=0.1)
     c.mesh.update(data=1, fsdp=-1)
     c.model.update(dtype="bfloat16", remat="dots")

@@ -41,17 +41,19 @@ def get_config(arg=None):
                        eval_batches=8, checkpoint_every=500, log_every=10)  # fmt: skip
         c.schedule.update(warmup_steps=500)
     c.model.update(dtype="bfloat16", remat="dots", scan_layers=True)
-    c.optimizer.update(name="lamb", b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01)
-    c.schedule.update(name="power", peak_lr=0.01, power_a=4.0, power_b=-0.51,
+    c.optimizer.name = "lamb"
+    c.optimizer.lamb.update(b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01)
+    c.schedule.power.update(a=4.0, b=-0.51)
+    c.schedule.update(name="power", peak_lr=0.01,
                       decay="exponential", decay_steps=max(1, c.train.steps // 10),
                       final_lr_fraction=0.0)  # fmt: skip
     c.mesh.update(data=1, fsdp=-1, tensor=1, sequence=1 if smoke else 4)
     if "dd" in args:
-        c.data.update(packing="dd", dd_min_log2=6 if smoke else 11,
-                      dd_max_log2=6 if smoke else 15)  # fmt: skip
+        c.data.packing = "dd"
+        c.data.dd.update(min_log2=6 if smoke else 11, max_log2=6 if smoke else 15)
         c.mesh.sequence = 1
     if "lact" in args:
-        c.model.update(block_pattern=("lact", "attention"), lact_chunk_size=2048 if not smoke
-                       else 16, lact_window=2048 if not smoke else 16)  # fmt: skip
+        c.model.block_pattern = ("lact", "attention")
+        c.model.lact.update(chunk_size=16 if smoke else 2048, window=16 if smoke else 2048)
         c.mesh.sequence = 1
     return c

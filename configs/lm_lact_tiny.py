@@ -19,10 +19,11 @@ BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_tiny.py")
 def get_config(arg=None):
     """`arg`: None for the full run, 'smoke' for a seconds-long CPU run."""
     c = load_config(BASE, arg)
-    c.model.update(block_pattern=("lact",), lact_fw_heads=2)
+    c.model.block_pattern = ("lact",)
+    c.model.lact.fw_heads = 2
     if arg == "smoke":
-        c.model.update(lact_chunk_size=16, lact_window=16)
+        c.model.lact.update(chunk_size=16, window=16)
     else:
         c.train.update(batch_size=4, seq_len=1024)
-        c.model.update(lact_chunk_size=256, lact_window=256)
+        c.model.lact.update(chunk_size=256, window=256)
     return c

@@ -68,20 +68,19 @@ def get_config(arg=None):
         add_eos=True,
         # Files under each top-level directory joined into one (long) document.
         join_directories=False,
-        packing="first_fit",  # first_fit | best_fit | concat_chunk | ffd | padded | dd
-        num_packing_bins=128,  # grain first/best-fit bins; 0: one per row (packs poorly)
+        packing="first_fit",  # a key of lcx.packing.REGISTRY
         eval_fraction=0.02,
         max_documents=0,  # 0: all
         cache=True,  # tokenized corpus cached as zarr in WORKDIR/cache
         # Document shards, each packed on its own; a process reads shards/processes of
         # them. 0: one per process. Fix it to keep the data order on another host count.
         shards=0,
-        # Dataset Decomposition (packing="dd"): rows of 2^min_log2 .. 2^max_log2 tokens,
-        # batch_size * seq_len tokens per step; curriculum uniform | grow_p2.
-        dd_min_log2=6,
-        dd_max_log2=8,
-        dd_curriculum="grow_p2",
-        dd_cycles=1,
+        # Settings of the strategies that take them, under their names (docs/methods.md).
+        first_fit=dict(num_bins=128),  # rows packed at once; 0: one per row (packs poorly)
+        best_fit=dict(num_bins=128),
+        # Dataset Decomposition: rows of 2^min_log2 .. 2^max_log2 tokens, batch_size *
+        # seq_len tokens per step; curriculum uniform | grow_p2; cycles of short-to-long.
+        dd=dict(min_log2=6, max_log2=8, curriculum="grow_p2", cycles=1),
     )
     c.train = dict(
         steps=600,
@@ -100,24 +99,24 @@ def get_config(arg=None):
         allow_config_change=False,
     )
     c.optimizer = dict(
-        name="adamw",  # adamw | lamb | adagrad | adagrad_norm
-        b1=0.9,
-        b2=0.95,
-        eps=1e-8,
-        weight_decay=0.1,
-        initial_accumulator_value=0.1,  # adagrad, adagrad_norm
+        name="adamw",  # a key of lcx.train.optimizer.OPTIMIZERS
         grad_clip=1.0,
+        # Hyper-parameters of each optimizer, under its name (keyword arguments of its
+        # factory: optax.adamw, lcx.optim.lamb, lcx.optim.adagrad, lcx.optim.adagrad_norm).
+        adamw=dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1),
+        lamb=dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1),
+        adagrad=dict(initial_accumulator_value=0.1, eps=1e-8),
+        adagrad_norm=dict(initial_accumulator_value=0.1),
     )
     # Learning rate as a function of tokens seen; lengths in steps of the first batch.
     c.schedule = dict(
-        name="cosine",  # cosine | wsd | power
+        name="cosine",  # a key of lcx.train.optimizer.SCHEDULES: cosine | wsd | power
         peak_lr=2e-3,  # power: the cap max_lr. Tuned for `make train` (BENCHMARKS.md)
         warmup_steps=50,
         decay_steps=0,  # wsd, power: the final decay phase
         decay="linear",  # exponential | linear | 1-sqrt
         final_lr_fraction=0.1,
-        power_a=4.0,
-        power_b=-0.51,
+        power=dict(a=4.0, b=-0.51),  # lr = min(peak_lr, batch_size * a * tokens^b)
     )
     # AdAdaGrad: grow the batch (in micro-batches of train.micro_batch_size) when the
     # gradient noise dominates.
@@ -156,13 +155,18 @@ def get_config(arg=None):
         attention_implementation=config_dict.placeholder(str),
         attention_window=config_dict.placeholder(int),
         block_pattern=("attention",),  # cycled over layers: attention | lact (lcx.ttt)
-        lact_fw_heads=2,
-        lact_chunk_size=2048,
-        lact_window=2048,
-        lact_inter_multi=1.0,
-        lact_momentum=True,
-        lact_muon=True,
-        lact_base_lr=1e-2,
+        # LaCT layers (lcx.ttt.LaCTSettings): fast-weight heads, chunk, the window of their
+        # attention, chunks counted from each document's start ("document") or the row's.
+        lact=dict(
+            fw_heads=2,
+            chunk_size=2048,
+            window=2048,
+            inter_multi=1.0,
+            momentum=True,
+            muon=True,
+            base_lr=1e-2,
+            grid="document",
+        ),
         remat="none",  # none | full | dots (keep matmul outputs) | offload (to host memory)
         scan_layers=False,  # blocks under lax.scan: compile time flat in depth
     )

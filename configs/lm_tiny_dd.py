@@ -21,8 +21,8 @@ def get_config(arg=None):
     c = load_config(BASE, arg)
     c.data.packing = "dd"
     if arg == "smoke":  # seq_len 64, batch 4: 256 tokens per step, rows of 16 to 64
-        c.data.update(dd_min_log2=4, dd_max_log2=6)
+        c.data.dd.update(min_log2=4, max_log2=6)
     else:
         c.train.update(batch_size=4, seq_len=1024)
-        c.data.update(dd_min_log2=6, dd_max_log2=10, dd_curriculum="grow_p2", dd_cycles=2)
+        c.data.dd.update(min_log2=6, max_log2=10, curriculum="grow_p2", cycles=2)
     return c

@@ -17,12 +17,12 @@ BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_tiny.py")
 def get_config(arg=None):
     """`arg`: None for the full run, 'smoke' for a seconds-long CPU run."""
     c = load_config(BASE, arg)
-    c.optimizer.update(name="lamb", b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01)
+    c.optimizer.name = "lamb"
+    c.optimizer.lamb.update(b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.01)
+    c.schedule.power.update(a=4.0, b=-0.51)
     c.schedule.update(
         name="power",
         peak_lr=0.01,  # max_lr
-        power_a=4.0,
-        power_b=-0.51,
         decay="exponential",
         decay_steps=max(1, c.train.steps // 10),
         final_lr_fraction=0.0,

@@ -12,6 +12,7 @@ SUBMODULES = (
     "attention",
     "cache",
     "checkpoints",
+    "colab",
     "config_loading",
     "data",
     "evals",
@@ -20,6 +21,7 @@ SUBMODULES = (
     "model",
     "optim",
     "packing",
+    "plots",
     "train",
     "ttt",
 )

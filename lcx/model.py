@@ -17,6 +17,7 @@ unembedding is the embedding's transpose) and `rope_scaling` (Llama 3.1's freque
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,7 @@ from lcx.attention.ring import sequence_mesh
 from lcx.attention.shared_prefix import prefix_attention
 from lcx.cache import AttentionCache, cache_attention
 from lcx.layers import DTYPES, ROPE_SCALINGS, apply_rope, constant_param, param, rms_normalise
-from lcx.ttt import LaCTConfig, LaCTLayer
-
-MIXERS = ("attention", "lact")
+from lcx.ttt import LaCTConfig, LaCTLayer, LaCTSettings
 
 # model.remat -> the jax.checkpoint policy of each block (None: save nothing, recompute all).
 REMAT_POLICIES = {
@@ -68,15 +67,8 @@ class TransformerConfig:
     attention_window: int | None = None
     # Mixer of each layer, the pattern cycled over the layers: "attention" | "lact".
     block_pattern: tuple[str, ...] = ("attention",)
-    # LaCT layers (lcx.ttt): fast-weight heads, chunk, sliding window of their attention.
-    lact_fw_heads: int = 2
-    lact_chunk_size: int = 2048
-    lact_window: int = 2048
-    lact_inter_multi: float = 1.0
-    lact_momentum: bool = True
-    lact_muon: bool = True
-    lact_base_lr: float = 1e-2
-    lact_grid: str = "document"  # LaCT chunks from each document's start, or "row"
+    # LaCT layers (lcx.ttt): a LaCTSettings, or a mapping of its fields (config.model.lact).
+    lact: LaCTSettings = LaCTSettings()
     # Training memory and compile time: rematerialisation of each block in the backward
     # pass (none | full | dots: keep the matmul outputs | offload: keep them in host
     # memory), and the blocks under lax.scan (compile time flat in depth).
@@ -109,8 +101,9 @@ class TransformerConfig:
             raise ValueError(
                 f"model.block_pattern={self.block_pattern}: each entry one of {sorted(MIXERS)}"
             )
+        object.__setattr__(self, "lact", LaCTSettings.of(self.lact))
         if "lact" in self.block_pattern:
-            self.lact_config()  # validates the lact_* fields
+            self.lact_config()  # validates model.lact
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
         for name in ("vocab_size", "d_model", "num_layers", "head_dim", "mlp_dim"):
@@ -130,18 +123,19 @@ class TransformerConfig:
         return self.block_pattern[layer % len(self.block_pattern)]
 
     def lact_config(self) -> LaCTConfig:
-        """The LaCT layer's config from the lact_* fields."""
+        """The LaCT layer's config: model.lact and the model's sizes."""
+        lact = self.lact
         return LaCTConfig(
             d_model=self.d_model,
             num_heads=self.num_heads,
-            fw_heads=self.lact_fw_heads,
-            chunk_size=self.lact_chunk_size,
-            window=self.lact_window,
-            inter_multi=self.lact_inter_multi,
-            use_momentum=self.lact_momentum,
-            use_muon=self.lact_muon,
-            base_lr=self.lact_base_lr,
-            grid=self.lact_grid,
+            fw_heads=lact.fw_heads,
+            chunk_size=lact.chunk_size,
+            window=lact.window,
+            inter_multi=lact.inter_multi,
+            use_momentum=lact.momentum,
+            use_muon=lact.muon,
+            base_lr=lact.base_lr,
+            grid=lact.grid,
             rope_theta=self.rope_theta,
             num_layers=self.num_layers,
             dtype=self.dtype,
@@ -298,16 +292,24 @@ class SwiGLU(nnx.Module):
         return (gate * (x_BxTxE @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
 
 
+# `model.block_pattern` entries -> the sequence mixer of a block, built from the model's
+# config. A mixer maps (x [B, T, E], segment_ids, positions, cache=None, **cache_args) to
+# [B, T, E] (and, with a cache, the updated cache) and has `init_cache(slots, length)`.
+MIXERS = types.MappingProxyType(
+    {
+        "attention": lambda cfg, rngs: Attention(cfg, rngs=rngs),
+        "lact": lambda cfg, rngs: LaCTLayer(cfg.lact_config(), rngs=rngs),
+    }
+)
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: a sequence mixer (attention or LaCT) then SwiGLU."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs, mixer: str = "attention"):
         norm = dict(eps=cfg.norm_eps, rngs=rngs, dtype=cfg.parameter_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, **norm)
-        if mixer == "lact":
-            self.attn = LaCTLayer(cfg.lact_config(), rngs=rngs)
-        else:
-            self.attn = Attention(cfg, rngs=rngs)
+        self.attn = MIXERS[mixer](cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, **norm)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 

@@ -205,7 +205,7 @@ def test_export_refuses_lact_models():
 
     cfg = TransformerConfig(vocab_size=16, d_model=16, num_layers=2, num_heads=2, num_kv_heads=1,
                             head_dim=8, mlp_dim=16, block_pattern=("attention", "lact"),
-                            lact_chunk_size=8, lact_window=8)  # fmt: skip
+                            lact=dict(chunk_size=8, window=8))  # fmt: skip
     with pytest.raises(ValueError, match=r"LaCT layers do not"):
         save_hf(Transformer(cfg, rngs=nnx.Rngs(0)), "/nonexistent/out")
 

@@ -49,7 +49,7 @@ def exported(tmp_path_factory):
 def test_export_mode_writes_a_directory_transformers_loads(exported, rng):
     import transformers
 
-    from lcx.generate.cli import restore_model
+    from lcx.train.restore import restore_model
 
     config, workdir, hf_dir = exported
     hf = json.load(open(os.path.join(hf_dir, "config.json")))

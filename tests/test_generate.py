@@ -287,7 +287,7 @@ prefix = generate(model, [prompts[0] + p for p in prompts], shared_prefix=True, 
 eight_prefix = generate(model, [prompts[0] + p for p in prompts], shared_prefix=True,
                         mesh=mesh, rules=rules, **settings)
 hybrid = tiny_model(seed=6, vocab_size=64, block_pattern=("attention", "lact"),
-                    lact_chunk_size=8, lact_window=12)
+                    lact=dict(chunk_size=8, window=12))
 lact = generate(hybrid, prompts, **settings)
 eight_lact = generate(hybrid, prompts, **settings, mesh=mesh, rules=rules)
 print("tokens", one == eight, prefix == eight_prefix, lact == eight_lact)
@@ -311,7 +311,7 @@ def test_eight_device_mesh_generates_the_tokens_of_one_device(rng):
 def test_lact_and_hybrid_engine_greedy_equals_recomputation(rng, pattern):
     """Fast weights update every 8 tokens of each sequence, in prompts and while decoding."""
     model = tiny_model(
-        seed=7, block_pattern=pattern, lact_chunk_size=8, lact_window=12, lact_fw_heads=2
+        seed=7, block_pattern=pattern, lact=dict(chunk_size=8, window=12, fw_heads=2)
     )  # fmt: skip
     prompts = random_prompts(rng, [13, 3, 21, 8, 30])
     outputs = generate(model, prompts, max_new_tokens=11, slots=2, token_budget=9)

@@ -34,9 +34,9 @@ def test_train_step_counts_tokens_at_a_trillion(smoke_config):
 
     c = smoke_config
     seq_len, batch = c.train.seq_len, c.train.batch_size
-    schedule = make_schedule(ScheduleConfig(**c.schedule), total_steps=STEPS + 10,
+    schedule = make_schedule(ScheduleConfig.of(c.schedule), total_steps=STEPS + 10,
                              batch_size=batch, seq_len=seq_len)  # fmt: skip
-    tx = make_optimizer(OptimizerConfig(**c.optimizer), schedule)
+    tx = make_optimizer(OptimizerConfig.of(c.optimizer), schedule)
     graphdef, abstract = steplib.abstract_model(TransformerConfig(**c.model))
     del graphdef
     params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
@@ -86,7 +86,8 @@ def test_data_iterator_resumes_ten_million_steps_in(smoke_config):
 
     def iterator():
         return iter(data_input.make_dataset(corpus, smoke_config.data, seq_len=64,
-                                            global_batch_size=4, seed=0, train=True))  # fmt: skip
+                                            global_batch_size=4, seed=0, train=True,
+                                            pad_id=258))  # fmt: skip
 
     it = iterator()
     next(it)

@@ -17,8 +17,8 @@ def _compiled_bytes(c):
     """XLA's argument + temporary bytes of the config's train step on this device."""
     cfg, rules = TransformerConfig(**c.model), tuple(tuple(r) for r in c.sharding_rules)
     b, t = c.train.batch_size, c.train.seq_len
-    schedule = make_schedule(ScheduleConfig(**c.schedule), total_steps=10, batch_size=b, seq_len=t)
-    tx = make_optimizer(OptimizerConfig(**c.optimizer), schedule)
+    schedule = make_schedule(ScheduleConfig.of(c.schedule), total_steps=10, batch_size=b, seq_len=t)
+    tx = make_optimizer(OptimizerConfig.of(c.optimizer), schedule)
     graphdef, _ = steplib.abstract_model(cfg)
     mesh = sh.make_mesh(sh.MeshShape(**c.mesh), jax.devices()[:1])
     shardings = steplib.state_shardings(cfg, tx, mesh, rules)

@@ -23,8 +23,8 @@ c = lm_tiny.get_config("smoke")
 c.model.dtype = "float32"  # same function on any mesh, checked to float32 precision
 rules = tuple(tuple(r) for r in c.sharding_rules)
 model_cfg = TransformerConfig(**c.model)
-schedule = make_schedule(ScheduleConfig(**c.schedule), total_steps=10, batch_size=8, seq_len=32)
-tx = make_optimizer(OptimizerConfig(**c.optimizer), schedule)
+schedule = make_schedule(ScheduleConfig.of(c.schedule), total_steps=10, batch_size=8, seq_len=32)
+tx = make_optimizer(OptimizerConfig.of(c.optimizer), schedule)
 graphdef, _ = steplib.abstract_model(model_cfg)
 
 rng = np.random.default_rng(int(os.environ["LCX_MESH_SEED"]))

@@ -22,7 +22,7 @@ POSITIONS = np.array([list(range(5)) + list(range(7)) + list(range(3)) + [0] * 3
 
 
 # The LaCT hybrid: fast weights updated every 4 tokens, so documents span chunks.
-LACT = dict(block_pattern=("lact", "attention"), lact_chunk_size=4, lact_window=4)
+LACT = dict(block_pattern=("lact", "attention"), lact=dict(chunk_size=4, window=4))
 
 
 @pytest.fixture(params=["attention", "lact_hybrid"])
@@ -107,7 +107,7 @@ def test_bad_model_config():
     with pytest.raises(ValueError, match="block_pattern"):
         TransformerConfig(block_pattern=("attention", "mamba"))
     with pytest.raises(ValueError, match="chunk_size"):
-        TransformerConfig(block_pattern=("lact",), lact_chunk_size=0)
+        TransformerConfig(block_pattern=("lact",), lact=dict(chunk_size=0))
     with pytest.raises(ValueError, match="num_kv_heads"):
         TransformerConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="model.dtype"):
@@ -239,7 +239,7 @@ def _loss_and_grads(rng_seed, **fields):
 )  # fmt: skip
 def test_scanned_layers_and_every_remat_policy_give_the_loop_gradients(rng, pattern, fields):
     layers = dict(num_layers=2) if pattern == ("attention",) else dict(
-        num_layers=4, lact_chunk_size=8, lact_window=8)  # fmt: skip
+        num_layers=4, lact=dict(chunk_size=8, window=8))  # fmt: skip
     seed = int(rng.integers(2**31))
     want_loss, want = _loss_and_grads(seed, block_pattern=pattern, **layers)
     loss, grads = _loss_and_grads(seed, block_pattern=pattern, **layers, **fields)

@@ -5,6 +5,7 @@ import pytest
 
 from lcx.data import ByteTokenizer, select_documents, tokenize_documents
 from lcx.packing import DocumentPieces, PipelineOptions, batch_stats, packed_dataset
+from tests.packing_options import options
 
 SEQ_LEN = 64
 
@@ -26,9 +27,7 @@ def _runs(segment_ids_row):
 @pytest.mark.parametrize("packing", ["first_fit", "best_fit", "padded"])
 def test_every_token_exactly_once(corpus, packing):
     assert corpus.lengths.max() > SEQ_LEN, "fixture must contain documents longer than a row"
-    opts = PipelineOptions(
-        seq_len=SEQ_LEN, batch_size=3, packing=packing, num_epochs=1, seed=7, pad_id=258
-    )
+    opts = options(packing, seq_len=SEQ_LEN, batch_size=3, num_epochs=1, seed=7, pad_id=258)
     pieces_seen = []
     for batch in packed_dataset(corpus, opts):
         for tokens, seg, pos in zip(
@@ -58,7 +57,7 @@ def test_pieces_are_consecutive(corpus):
 
 def test_packing_beats_padding(corpus):
     def padding(packing):
-        opts = PipelineOptions(seq_len=SEQ_LEN, batch_size=4, packing=packing, num_epochs=1)
+        opts = options(packing, seq_len=SEQ_LEN, batch_size=4, num_epochs=1)
         stats = [batch_stats(b) for b in packed_dataset(corpus, opts)]
         return 1 - sum(s["real_tokens"] for s in stats) / sum(
             len(b["tokens"]) * SEQ_LEN for b in packed_dataset(corpus, opts)
@@ -69,6 +68,6 @@ def test_packing_beats_padding(corpus):
 
 def test_bad_options():
     with pytest.raises(ValueError, match="data.packing"):
-        PipelineOptions(seq_len=8, batch_size=2, packing="zigzag")
+        PipelineOptions(seq_len=8, batch_size=2, pad_id=0, packing="zigzag")
     with pytest.raises(ValueError, match="seq_len"):
-        PipelineOptions(seq_len=0, batch_size=2)
+        options(seq_len=0, batch_size=2)

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from lcx.packing import PipelineOptions
 from lcx.packing import report as report_cli
 from lcx.packing.stats import attention_work, measure, run_lengths
+from tests.packing_options import options
 from tests.test_packing_strategies import _unique_corpus
 
 
@@ -17,9 +17,7 @@ def test_attention_work_is_sum_of_squares_over_t_squared():
 def test_measure_accounts_for_every_token():
     corpus = _unique_corpus(np.random.default_rng(0).integers(1, 300, 80))
     for packing in ("first_fit", "padded", "concat_chunk", "ffd", "dd"):
-        opts = PipelineOptions(
-            seq_len=128, batch_size=4, packing=packing, dd_min_log2=4, dd_max_log2=7
-        )
+        opts = options(packing, seq_len=128, batch_size=4, dd={"min_log2": 4, "max_log2": 7})
         s = measure(corpus, opts)
         assert s.tokens + s.tokens_dropped >= corpus.num_tokens  # a whole epoch
         assert 0 <= s.padding_fraction < 1 and 0 < s.attention_work_per_token <= 1

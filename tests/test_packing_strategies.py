@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from lcx.data.store import TokenizedCorpus
 from lcx.packing import PipelineOptions, binary_decomposition, first_fit_decreasing, packed_dataset
 from lcx.packing.decomposition import DecomposedDataset, DecompositionOptions
+from tests.packing_options import options
 
 SEQ_LEN = 64
 
@@ -122,7 +123,7 @@ def test_every_token_exactly_once_per_epoch(packing, rng):
     # Tokens are their global index: each must appear once, in runs inside one document.
     lengths = rng.integers(1, 3 * SEQ_LEN, 40)
     corpus = _unique_corpus(lengths)
-    opts = PipelineOptions(seq_len=SEQ_LEN, batch_size=3, packing=packing, num_epochs=1, seed=5)
+    opts = options(packing, seq_len=SEQ_LEN, batch_size=3, num_epochs=1, seed=5)
     runs = _token_runs(packed_dataset(corpus, opts))
     seen = np.sort(np.concatenate([np.asarray(r) for r in runs]))
     np.testing.assert_array_equal(seen, np.arange(corpus.num_tokens))
@@ -139,7 +140,9 @@ def test_every_token_exactly_once_per_epoch(packing, rng):
 
 def test_dataset_decomposition_chunks_cover_the_corpus_once(rng):
     corpus = _unique_corpus(rng.integers(1, 3000, 60))
-    opts = DecompositionOptions(tokens_per_step=1024, min_log2=4, max_log2=9, seed=3)
+    opts = DecompositionOptions(
+        1024, min_log2=4, max_log2=9, curriculum="grow_p2", cycles=1, seed=3
+    )
     ds = DecomposedDataset(corpus, opts)
     starts = np.concatenate(ds.buckets)
     sizes = np.concatenate([np.full(len(b), 1 << (4 + k)) for k, b in enumerate(ds.buckets)])
@@ -166,7 +169,7 @@ def test_curriculum_frequencies_match_the_weights():
     # Three buckets (16, 32, 64 tokens) holding 3000 steps each; grow_p2 weights 32:16:8.
     lengths = np.concatenate([np.full(12000, 16), np.full(6000, 32), np.full(3000, 64)])
     corpus = _unique_corpus(np.random.default_rng(0).permutation(lengths))
-    opts = DecompositionOptions(tokens_per_step=64, min_log2=4, max_log2=6, seed=11)
+    opts = DecompositionOptions(64, min_log2=4, max_log2=6, curriculum="grow_p2", cycles=1, seed=11)
     it = iter(DecomposedDataset(corpus, opts))
     expected, counts = np.zeros(3), np.zeros(3)
     n = 1500
@@ -198,9 +201,7 @@ def test_uniform_curriculum_and_cycles():
 )
 def test_iterator_state_resumes_exactly(packing):
     corpus = _unique_corpus(np.random.default_rng(2).integers(1, 300, 50))
-    opts = PipelineOptions(
-        seq_len=SEQ_LEN, batch_size=2, packing=packing, seed=3, dd_min_log2=3, dd_max_log2=6
-    )
+    opts = options(packing, seq_len=SEQ_LEN, batch_size=2, seed=3)
     ds = packed_dataset(corpus, opts)
     it = iter(ds)
     for _ in range(3):
@@ -220,10 +221,9 @@ def test_two_hosts_see_disjoint_data_and_the_same_buckets(packing):
     corpus = _unique_corpus(np.random.default_rng(1).integers(1, 500, 200))
     hosts = []
     for index in range(2):
-        opts = PipelineOptions(
-            seq_len=SEQ_LEN, batch_size=2, packing=packing, seed=4, shard_index=index,
-            shard_count=2, dd_min_log2=3, dd_max_log2=6,
-        )  # fmt: skip
+        opts = options(
+            packing, seq_len=SEQ_LEN, batch_size=2, seed=4, shard_index=index, shard_count=2
+        )
         it = iter(packed_dataset(corpus, opts))
         hosts.append([next(it) for _ in range(12)])
     for a, b in zip(*hosts, strict=True):
@@ -236,7 +236,7 @@ def test_two_hosts_see_disjoint_data_and_the_same_buckets(packing):
 def test_chunkflow_rows_carry_document_and_chunk_index():
     lengths = np.asarray([10, 200, 30, 64, 65])
     corpus = _unique_corpus(lengths)
-    opts = PipelineOptions(seq_len=64, batch_size=1, packing="chunkflow", num_epochs=1)
+    opts = options("chunkflow", seq_len=64, batch_size=1, num_epochs=1)
     rows = [b for b in packed_dataset(corpus, opts)]
     long_rows = [r for r in rows if r["chunk_document"][0, 0] >= 0]
     chunks = [(int(r["chunk_document"][0, 0]), int(r["chunk_index"][0, 0])) for r in long_rows]
@@ -252,7 +252,7 @@ def test_chunkflow_rows_carry_document_and_chunk_index():
 
 def test_chunkflow_keeps_a_document_in_one_batch():
     corpus = _unique_corpus(np.random.default_rng(3).integers(1, 4 * 64, 60))
-    opts = PipelineOptions(seq_len=64, batch_size=4, packing="chunkflow", num_epochs=1, seed=1)
+    opts = options("chunkflow", seq_len=64, batch_size=4, num_epochs=1, seed=1)
     batches = list(packed_dataset(corpus, opts))
     where = {}
     for b, batch in enumerate(batches):
@@ -262,11 +262,17 @@ def test_chunkflow_keeps_a_document_in_one_batch():
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="dd_min_log2"):
-        PipelineOptions(seq_len=64, batch_size=2, packing="dd", dd_min_log2=7, dd_max_log2=6)
+    with pytest.raises(ValueError, match=r"data.dd.min_log2"):
+        options("dd", seq_len=64, batch_size=2, dd={"min_log2": 7, "max_log2": 6})
     with pytest.raises(ValueError, match="tokens per step"):
-        PipelineOptions(seq_len=64, batch_size=2, packing="dd", dd_max_log2=8)
+        options("dd", seq_len=64, batch_size=2, dd={"max_log2": 8})
+    with pytest.raises(ValueError, match=r"data.dd is needed .*'min_log2'"):
+        PipelineOptions(seq_len=64, batch_size=2, pad_id=0, packing="dd")
+    with pytest.raises(ValueError, match=r"data.first_fit=.*needs exactly the keys \['num_bins'\]"):
+        PipelineOptions(seq_len=64, batch_size=2, pad_id=0, settings={"bins": 3})
+    with pytest.raises(ValueError, match=r"data.ffd: packing='ffd' takes no settings"):
+        PipelineOptions(seq_len=64, batch_size=2, pad_id=0, packing="ffd", settings={"x": 1})
     for packing in ("first_fit", "ffd", "chunkflow", "dd"):
-        opts = PipelineOptions(seq_len=64, batch_size=2, packing=packing, dd_max_log2=6)
+        opts = options(packing, seq_len=64, batch_size=2)
         with pytest.raises(ValueError, match="empty"):
             packed_dataset(_unique_corpus([]), opts)

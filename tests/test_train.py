@@ -44,6 +44,8 @@ def test_smoke_run_writes_checkpoints_and_metrics(smoke_config, tmp_path):
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
     assert steps[-1] == smoke_config.train.steps
     assert os.listdir(os.path.join(workdir, "cache"))  # the zarr token cache
+    with open(os.path.join(workdir, "loss.png"), "rb") as f:  # the loss curve
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # eval mode reads the latest checkpoint
     record = evaluate_checkpoint(smoke_config, workdir)
     assert record["step"] == smoke_config.train.steps and np.isfinite(record["eval_loss"])

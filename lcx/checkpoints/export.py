@@ -10,7 +10,7 @@ from lcx.checkpoints.hf import save_hf
 
 def export_from_workdir(config, workdir: str) -> dict:
     """Write the latest checkpoint's parameters to `config.export.dir`; a summary record."""
-    from lcx.generate.cli import restore_model
+    from lcx.train.restore import restore_model
 
     ec = config.get("export") or {}
     out = ec.get("dir", "")

@@ -90,3 +90,10 @@ def select_documents(
         (d for d in docs if split_of(d.relpath, eval_fraction) == split), key=lambda d: d.relpath
     )
     return docs[:max_documents] if max_documents > 0 else docs
+
+
+def corpus_paths(paths) -> tuple[str, ...]:
+    """`config.data.paths` as a tuple; a string is a comma-separated list."""
+    if isinstance(paths, str):
+        return tuple(p for p in paths.split(",") if p)
+    return tuple(paths or ())

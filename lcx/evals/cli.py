@@ -44,8 +44,8 @@ def parse_settings(ec) -> tuple[list[str], list[int]]:
 
 def evaluate_workdir(config, workdir: str, out=None) -> dict:
     """Score the latest checkpoint of `workdir`; a summary record."""
-    from lcx.generate.cli import restore_model
     from lcx.train.input import load_split
+    from lcx.train.restore import restore_model
 
     ec, out = config.evals, out or sys.stdout
     tasks, lengths = parse_settings(ec)

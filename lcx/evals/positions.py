@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from lcx import plots
+
 BUCKETS = (0, 512, 2048, 8192, 32768, 131072, 524288)
 
 
@@ -39,22 +41,4 @@ def loss_by_position(lm, documents, max_length: int, buckets=BUCKETS) -> list[di
 
 def plot_loss_by_position(curves: dict[str, list[dict]], path: str) -> str:
     """A PNG of loss against position (one line per curve name); returns `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, buckets in curves.items():
-        kept = [b for b in buckets if b["loss"] is not None]
-        middles = [max(1, (b["start"] + b["end"]) / 2) for b in kept]
-        axis.plot(middles, [b["loss"] for b in kept], marker="o", label=name)
-    axis.set_xscale("log")
-    axis.set_xlabel("token position in the document (bucket middle)")
-    axis.set_ylabel("mean loss (nats per token)")
-    axis.set_title("Loss by position")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return plots.save(plots.loss_by_position(curves), path)

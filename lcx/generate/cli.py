@@ -13,15 +13,9 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import logging
-from flax import nnx
-
 from lcx.data.tokenizer import prompt_ids
 from lcx.generate.api import generate
-from lcx.train import run_record
-from lcx.train import step as steplib
-from lcx.train.checkpoint import abstract_like
-from lcx.train.loop import Experiment
+from lcx.train.restore import restore_model  # noqa: F401 (also lcx.generate.cli's, as before)
 
 
 def read_prompts(gc) -> list[str]:
@@ -40,33 +34,6 @@ def read_prompts(gc) -> list[str]:
             "--config.generate.prompts_file=FILE (one per line)"
         )
     return prompts
-
-
-def restore_model(config, workdir: str, *, with_tokenizer: bool = False):
-    """The Transformer of the workdir's latest checkpoint (parameters only) and its step
-    (and the run's tokenizer)."""
-    missing = f"--workdir {workdir!r} has no checkpoint to generate from; train first"
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise ValueError(missing)
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)  # orbax's notes on opening a checkpoint read-only
-    try:
-        exp = Experiment(config, workdir, read_only=True)
-    finally:
-        logging.set_verbosity(verbosity)
-    try:
-        run_record.check_model(config, workdir)
-        step = exp.resume_step
-        if step is None:
-            raise ValueError(missing)
-        graphdef, abstract = steplib.abstract_model(exp.model_cfg)
-        shapes = nnx.to_pure_dict(abstract)
-        params = exp.checkpointer.restore_params(step, abstract_like(shapes, exp.shardings.params))
-    finally:
-        exp.checkpointer.close()
-    nnx.replace_by_pure_dict(abstract, params)
-    model = nnx.merge(graphdef, abstract)
-    return (model, step, exp.tokenizer) if with_tokenizer else (model, step)
 
 
 def generate_from_workdir(config, workdir: str, out=sys.stdout) -> dict:

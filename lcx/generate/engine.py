@@ -116,7 +116,7 @@ class Engine:
             )
         cfg = model.cfg
         # LaCT layers update per chunk of their sequence: prompt chunks end on that grid.
-        self._lact_chunk = cfg.lact_chunk_size if "lact" in cfg.block_pattern else 0
+        self._lact_chunk = cfg.lact.chunk_size if "lact" in cfg.block_pattern else 0
         if self._lact_chunk and shared_prefix is not None:
             raise ValueError("shared_prefix needs an attention-only model (LaCT state is per slot)")
         self.vocab_size = cfg.vocab_size
@@ -143,6 +143,7 @@ class Engine:
         self._next_id = 0
         self.results: dict[int, list[int]] = {}
         self.steps = 0
+        self.last_row: dict[str, np.ndarray] | None = None  # the last step's packed row
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -167,6 +168,12 @@ class Engine:
                     on_event(event)
         return self.results
 
+    @property
+    def cache(self):
+        """The per-slot cache (one entry per layer), for inspection: a LaCT layer's holds
+        each slot's fast weights."""
+        return self._cache
+
     # ---- one step ---------------------------------------------------------------------
 
     def step(self) -> list[Event]:
@@ -178,6 +185,7 @@ class Engine:
         row, last, samplers = plan
         tokens = self._run(row, last[None], np.arange(self.slots), attend_cache=True)
         self.steps += 1
+        self.last_row = row  # tokens, segment_ids (slot + 1), positions: [1, W] each
         return self._take(tokens, samplers)
 
     def prefill(self, requests: Sequence[Request], *, packing: str = "ffd") -> list[Event]:

@@ -89,3 +89,12 @@ def chunkflow_dataset(corpus, *, chunk, batch_size, pad_id, seed, shuffle, num_e
     )  # fmt: skip
     ds = grain.MapDataset.source(source).repeat(num_epochs).to_iter_dataset()
     return ds.batch(batch_size, drop_remainder=num_epochs is None)
+
+
+def chunkflow_rows(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
+    """The "chunkflow" strategy from PipelineOptions: chunks of seq_len tokens."""
+    return chunkflow_dataset(
+        corpus, chunk=opts.seq_len, batch_size=opts.batch_size, pad_id=opts.pad_id,
+        seed=opts.seed, shuffle=opts.shuffle, num_epochs=opts.num_epochs,
+        shard_index=opts.shard_index, shard_count=opts.shard_count,
+    )  # fmt: skip

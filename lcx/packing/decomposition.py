@@ -68,7 +68,27 @@ def curriculum_weights(name: str, num_buckets: int) -> np.ndarray:
         return np.ones(num_buckets)
     if name == "grow_p2":
         return 2.0 ** (5 - np.arange(num_buckets))  # 32:16:8:4:2:1 (and on, halving)
-    raise ValueError(f"data.dd_curriculum={name!r}; valid: {CURRICULA}")
+    raise ValueError(f"data.dd.curriculum={name!r}; valid: {CURRICULA}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecompositionSettings:
+    """`config.data.dd`: bucket lengths 2^min_log2 .. 2^max_log2, the curriculum, cycles."""
+
+    min_log2: int
+    max_log2: int
+    curriculum: str  # one of CURRICULA
+    cycles: int  # short-to-long sweeps per epoch
+
+    def __post_init__(self):
+        if self.min_log2 < 0 or self.max_log2 < self.min_log2:
+            raise ValueError(
+                f"data.dd.min_log2={self.min_log2}, data.dd.max_log2={self.max_log2}: "
+                "need 0 <= min_log2 <= max_log2"
+            )
+        if self.cycles <= 0:
+            raise ValueError(f"data.dd.cycles={self.cycles} must be positive")
+        curriculum_weights(self.curriculum, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,30 +96,23 @@ class DecompositionOptions:
     """Dataset Decomposition's knobs; tokens_per_step is global (all hosts)."""
 
     tokens_per_step: int
-    min_log2: int = 6
-    max_log2: int = 13
-    curriculum: str = "grow_p2"
-    cycles: int = 1
+    min_log2: int
+    max_log2: int
+    curriculum: str
+    cycles: int
     seed: int = 0
     shard_index: int = 0
     shard_count: int = 1
 
     def __post_init__(self):
-        if self.min_log2 < 0 or self.max_log2 < self.min_log2:
-            raise ValueError(
-                f"data.dd_min_log2={self.min_log2}, data.dd_max_log2={self.max_log2}: "
-                "need 0 <= min <= max"
-            )
+        DecompositionSettings(self.min_log2, self.max_log2, self.curriculum, self.cycles)
         rows = self.tokens_per_step >> self.max_log2
         if self.tokens_per_step % (1 << self.max_log2) or rows % self.shard_count:
             raise ValueError(
                 f"tokens per step {self.tokens_per_step} (train.batch_size * train.seq_len) "
-                f"must be a multiple of 2^dd_max_log2={1 << self.max_log2} times the "
+                f"must be a multiple of 2^data.dd.max_log2={1 << self.max_log2} times the "
                 f"{self.shard_count} hosts"
             )
-        if self.cycles <= 0:
-            raise ValueError(f"data.dd_cycles={self.cycles} must be positive")
-        curriculum_weights(self.curriculum, 1)
 
     @property
     def num_buckets(self) -> int:
@@ -134,7 +147,7 @@ class DecomposedIterator(grain.DatasetIterator):
         if self._steps_per_cycle.sum() == 0:
             raise ValueError(
                 f"no bucket holds tokens for one step of {opts.tokens_per_step} tokens "
-                f"over {opts.cycles} cycles; lower train.batch_size or data.dd_cycles"
+                f"over {opts.cycles} cycles; lower train.batch_size or data.dd.cycles"
             )
         self._orders: dict[int, tuple[int, np.ndarray]] = {}  # bucket -> (epoch, order)
         zeros = [0] * opts.num_buckets
@@ -225,3 +238,33 @@ class DecomposedDataset(grain.IterDataset):
         """Tokens of the corpus in no bucket (remainders shorter than 2^min_log2)."""
         kept = sum(len(b) << (self._opts.min_log2 + k) for k, b in enumerate(self.buckets))
         return self._corpus.num_tokens - kept
+
+
+def decomposition_options(opts) -> DecompositionOptions:
+    """From PipelineOptions: this host's tokens per step times the hosts, and data.dd."""
+    dd = opts.settings
+    return DecompositionOptions(
+        tokens_per_step=opts.batch_size * opts.seq_len * opts.shard_count,
+        min_log2=dd.min_log2,
+        max_log2=dd.max_log2,
+        curriculum=dd.curriculum,
+        cycles=dd.cycles,
+        seed=opts.seed,
+        shard_index=opts.shard_index,
+        shard_count=opts.shard_count,
+    )
+
+
+def decomposed_dataset(corpus: TokenizedCorpus, opts) -> DecomposedDataset:
+    """The "dd" strategy: one bucket per step, repeating forever whatever num_epochs."""
+    return DecomposedDataset(corpus, decomposition_options(opts))
+
+
+def check_longest_bucket(dd: DecompositionSettings, *, batch_size, seq_len, batch_shards):
+    """The longest bucket's rows per step must split over the mesh's batch shards."""
+    rows = (batch_size * seq_len) >> dd.max_log2
+    if rows % batch_shards:
+        raise ValueError(
+            f"data.dd.max_log2={dd.max_log2}: the longest bucket has {rows} rows per step, "
+            f"not a multiple of the {batch_shards} batch shards of config.mesh"
+        )

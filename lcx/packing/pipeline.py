@@ -1,17 +1,16 @@
-"""Input pipelines on grain, one per packing strategy, built by `packed_dataset`.
+"""Row builders on grain for the packing strategies of `lcx.packing.strategies`.
 
 Every document is split into consecutive pieces no longer than the row, never dropped,
 so each token of the corpus is seen exactly once per epoch. Strategies:
 - `first_fit`, `best_fit`: grain's online packers, which emit `*_segment_ids`
-  (0 = padding) and `*_positions` restarting at 0 per piece (README, "Conventions");
+  (0 = padding) and `*_positions` restarting at 0 per piece (docs/conventions.md);
 - `concat_chunk`: grain's concat-then-split: pieces back to back, cut every row; a
   piece cut in two continues its positions in the next row;
 - `ffd`: offline first-fit-decreasing over the whole epoch (`lcx.packing.ffd`);
-- `padded`: one piece per row, the baseline that packing is measured against;
-- `dd`: Dataset Decomposition (`lcx.packing.decomposition`): one bucket per step,
-  batches [tokens_per_step / 2^k, 2^k], one document chunk per row;
-- `chunkflow`: ChunkFlow (`lcx.packing.chunkflow`): short documents merged into rows,
-  long ones cut into consecutive dependent chunks with `chunk_document`/`chunk_index`.
+- `padded`: one piece per row, the baseline that packing is measured against.
+
+Each builder takes (corpus, PipelineOptions) and returns a grain IterDataset of batches;
+Dataset Decomposition and ChunkFlow build theirs in their own modules.
 """
 
 from __future__ import annotations
@@ -22,17 +21,8 @@ import grain
 import numpy as np
 
 from lcx.data.store import TokenizedCorpus
-from lcx.data.tokenizer import ByteTokenizer
-from lcx.packing.chunkflow import chunkflow_dataset
-from lcx.packing.decomposition import DecomposedDataset, DecompositionOptions
 from lcx.packing.ffd import first_fit_decreasing
 from lcx.packing.rows import packed_row
-
-PACKERS = {
-    "first_fit": grain.experimental.FirstFitPackIterDataset,
-    "best_fit": grain.experimental.BestFitPackIterDataset,
-}
-STRATEGIES = (*PACKERS, "concat_chunk", "ffd", "padded", "dd", "chunkflow")
 
 
 class DocumentPieces:
@@ -55,37 +45,6 @@ class DocumentPieces:
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"tokens": self._tokens[self.starts[index] : self.ends[index]].astype(np.int32)}
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineOptions:
-    """How rows are built from a tokenized corpus."""
-
-    seq_len: int
-    batch_size: int
-    packing: str = "first_fit"
-    num_packing_bins: int = 0  # 0: one bin per row of the batch
-    seed: int = 0
-    shuffle: bool = True
-    num_epochs: int | None = None  # None: repeat forever
-    pad_id: int = ByteTokenizer().pad_id  # a special id, never a real byte
-    shard_index: int = 0
-    shard_count: int = 1
-    # Dataset Decomposition ("dd"): bucket lengths 2^min_log2 .. 2^max_log2, curriculum.
-    dd_min_log2: int = 6
-    dd_max_log2: int = 13
-    dd_curriculum: str = "grow_p2"
-    dd_cycles: int = 1
-
-    def __post_init__(self):
-        if self.packing not in STRATEGIES:
-            raise ValueError(f"data.packing={self.packing!r}; valid: {STRATEGIES}")
-        if self.seq_len <= 1 or self.batch_size <= 0:
-            raise ValueError(
-                f"seq_len={self.seq_len} must be > 1 and batch_size={self.batch_size} > 0"
-            )
-        if self.packing == "dd":
-            decomposition_options(self)  # validates the dd_* fields
 
 
 def _pad_one_piece(seq_len, pad_id):
@@ -139,71 +98,73 @@ class FFDRows:
         return packed_row(pieces, self._seq_len, self._pad_id)
 
 
-def decomposition_options(opts: PipelineOptions) -> DecompositionOptions:
-    """Dataset Decomposition's options: this host's tokens per step times the hosts."""
-    return DecompositionOptions(
-        tokens_per_step=opts.batch_size * opts.seq_len * opts.shard_count,
-        min_log2=opts.dd_min_log2,
-        max_log2=opts.dd_max_log2,
-        curriculum=opts.dd_curriculum,
-        cycles=opts.dd_cycles,
-        seed=opts.seed,
-        shard_index=opts.shard_index,
-        shard_count=opts.shard_count,
-    )
-
-
-def packed_dataset(corpus: TokenizedCorpus, opts: PipelineOptions) -> grain.IterDataset:
-    """A grain IterDataset of batches {tokens, segment_ids, positions}, each int32 [B, T].
-
-    For "dd", B and T change between steps (one bucket's shape per step; B * T fixed),
-    and the dataset repeats forever whatever `num_epochs`.
-    """
-    if corpus.num_tokens == 0:
-        raise ValueError(
-            f"data.paths: the corpus is empty; data.packing={opts.packing!r} needs tokens"
-        )
-    if opts.packing == "dd":
-        return DecomposedDataset(corpus, decomposition_options(opts))
-    if opts.packing == "chunkflow":
-        return chunkflow_dataset(
-            corpus, chunk=opts.seq_len, batch_size=opts.batch_size, pad_id=opts.pad_id,
-            seed=opts.seed, shuffle=opts.shuffle, num_epochs=opts.num_epochs,
-            shard_index=opts.shard_index, shard_count=opts.shard_count,
-        )  # fmt: skip
-    if opts.packing == "ffd":
-        ds = grain.MapDataset.source(
-            FFDRows(DocumentPieces(corpus, opts.seq_len), opts.seq_len, opts.pad_id)
-        )
-        if opts.shard_count > 1:
-            ds = ds[opts.shard_index :: opts.shard_count]
-        if opts.shuffle:
-            ds = ds.shuffle(seed=opts.seed)
-        ds = ds.repeat(opts.num_epochs).to_iter_dataset()
-        return ds.batch(opts.batch_size, drop_remainder=opts.num_epochs is None)
+def _document_pieces(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
+    """This shard's document pieces of <= seq_len tokens, shuffled and repeated."""
     ds = grain.MapDataset.source(DocumentPieces(corpus, opts.seq_len))
     if opts.shard_count > 1:
         ds = ds[opts.shard_index :: opts.shard_count]
     if opts.shuffle:
         ds = ds.shuffle(seed=opts.seed)
-    ds = ds.repeat(opts.num_epochs)
-    rows = ds.to_iter_dataset()
-    if opts.packing == "padded":
-        rows = rows.map(_pad_one_piece(opts.seq_len, opts.pad_id))
-    elif opts.packing == "concat_chunk":
-        rows = grain.experimental.ConcatThenSplitIterDataset(
-            rows, length_struct={"tokens": opts.seq_len}
-        ).map(_pad_concat(opts.seq_len, opts.pad_id))
-    else:
-        rows = PACKERS[opts.packing](
-            rows,
+    return ds.repeat(opts.num_epochs).to_iter_dataset()
+
+
+def _batched(rows: grain.IterDataset, opts) -> grain.IterDataset:
+    """Rows into batches; a finite epoch keeps its last, smaller batch."""
+    return rows.batch(opts.batch_size, drop_remainder=opts.num_epochs is None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackerSettings:
+    """`config.data.first_fit` / `config.data.best_fit`: grain's online packers."""
+
+    num_bins: int  # rows packed at once; 0: one per row of the batch (packs poorly)
+
+    def __post_init__(self):
+        if self.num_bins < 0:
+            raise ValueError(f"num_bins={self.num_bins} must be >= 0 (0: one per batch row)")
+
+
+def grain_packer(packer):
+    """A strategy's `build` around one of grain's online packers."""
+
+    def build(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
+        rows = packer(
+            _document_pieces(corpus, opts),
             length_struct={"tokens": opts.seq_len},
-            num_packing_bins=opts.num_packing_bins or opts.batch_size,
+            num_packing_bins=opts.settings.num_bins or opts.batch_size,
             seed=opts.seed,
             shuffle_bins=opts.shuffle,
             padding_struct={"tokens": opts.pad_id},
         ).map(_rename_packed)
-    return rows.batch(opts.batch_size, drop_remainder=opts.num_epochs is None)
+        return _batched(rows, opts)
+
+    return build
+
+
+def concat_chunk_rows(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
+    """grain's concat-then-split: pieces back to back, cut every seq_len tokens."""
+    rows = grain.experimental.ConcatThenSplitIterDataset(
+        _document_pieces(corpus, opts), length_struct={"tokens": opts.seq_len}
+    ).map(_pad_concat(opts.seq_len, opts.pad_id))
+    return _batched(rows, opts)
+
+
+def padded_rows(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
+    """One document piece per row, then padding: the baseline packing is measured against."""
+    rows = _document_pieces(corpus, opts).map(_pad_one_piece(opts.seq_len, opts.pad_id))
+    return _batched(rows, opts)
+
+
+def ffd_rows(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
+    """Offline first-fit-decreasing bins over the whole epoch, one bin per row."""
+    ds = grain.MapDataset.source(
+        FFDRows(DocumentPieces(corpus, opts.seq_len), opts.seq_len, opts.pad_id)
+    )
+    if opts.shard_count > 1:
+        ds = ds[opts.shard_index :: opts.shard_count]
+    if opts.shuffle:
+        ds = ds.shuffle(seed=opts.seed)
+    return _batched(ds.repeat(opts.num_epochs).to_iter_dataset(), opts)
 
 
 def batch_stats(batch) -> dict[str, float]:

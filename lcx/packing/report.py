@@ -17,14 +17,27 @@ import sys
 
 import numpy as np
 
-from lcx.packing.pipeline import STRATEGIES, PipelineOptions
+from lcx.data.tokenizer import ByteTokenizer
 from lcx.packing.stats import markdown_table, measure
+from lcx.packing.strategies import REGISTRY, PipelineOptions
+
+BYTES = ByteTokenizer()  # the report tokenizes bytes
+# Without --config: the embedded corpus, and these settings for the strategies that take
+# them (the dd buckets are fit to each row length: up to the row, from 2^min_log2).
+REPORT_DATA = {
+    "paths": (),
+    "eval_fraction": 0.02,
+    "max_documents": 0,
+    "first_fit": {"num_bins": 128},
+    "best_fit": {"num_bins": 128},
+    "dd": {"min_log2": 6, "max_log2": 13, "curriculum": "grow_p2", "cycles": 1},
+}
 
 
 def _data_config(path: str | None):
-    """config.data of a config file (ml-collections), or the embedded corpus defaults."""
+    """config.data of a config file (ml-collections), or REPORT_DATA."""
     if path is None:
-        return {"paths": (), "eval_fraction": 0.02, "max_documents": 0, "num_packing_bins": 128}
+        return REPORT_DATA
     from lcx.config_loading import load_config
 
     return load_config(*path.split(":", 1)).data
@@ -32,8 +45,8 @@ def _data_config(path: str | None):
 
 def load_corpus(data) -> object:
     """The train split of config.data, tokenized (not cached)."""
-    from lcx.data import ByteTokenizer, load_or_tokenize, select_documents
-    from lcx.train.input import corpus_paths
+    from lcx.data import load_or_tokenize, select_documents
+    from lcx.data.corpus import corpus_paths
 
     docs = select_documents(
         corpus_paths(data["paths"]), "train", eval_fraction=data["eval_fraction"],
@@ -41,18 +54,26 @@ def load_corpus(data) -> object:
     )  # fmt: skip
     if not docs:
         raise ValueError("data.paths: no documents in the train split")
-    return load_or_tokenize(docs, ByteTokenizer(), None)
+    return load_or_tokenize(docs, BYTES, None)
 
 
-def run(corpus, *, row_lens, strategies, batch_size=8, max_tokens=0, bins=128, min_log2=6):
-    """PackingStats for every (strategy, row length)."""
+def settings_at(packing: str, row_len: int, data) -> dict | None:
+    """config.data.<packing> at one row length: dd's buckets reach up to the row."""
+    settings = data.get(packing)
+    if packing != "dd" or settings is None:
+        return settings
+    max_log2 = row_len.bit_length() - 1
+    return dict(settings, max_log2=max_log2, min_log2=min(settings["min_log2"], max_log2))
+
+
+def run(corpus, *, row_lens, strategies, data=REPORT_DATA, batch_size=8, max_tokens=0):
+    """PackingStats for every (strategy, row length), settings from `data`."""
     results = []
     for row_len in row_lens:
         for packing in strategies:
             opts = PipelineOptions(
-                seq_len=row_len, batch_size=batch_size, packing=packing, num_packing_bins=bins,
-                dd_min_log2=min(min_log2, row_len.bit_length() - 1),
-                dd_max_log2=row_len.bit_length() - 1, pad_id=258,
+                seq_len=row_len, batch_size=batch_size, packing=packing, pad_id=BYTES.pad_id,
+                settings=settings_at(packing, row_len, data),
             )  # fmt: skip
             results.append(measure(corpus, opts, max_tokens=max_tokens))
     return results
@@ -60,12 +81,10 @@ def run(corpus, *, row_lens, strategies, batch_size=8, max_tokens=0, bins=128, m
 
 def save_png(corpus, results, path: str) -> None:
     """Document length histogram and per-strategy row fill histograms."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: headless, and no backend switched
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_len, ax_fill) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    ax_len, ax_fill = fig.subplots(1, 2)
     lengths = corpus.lengths[corpus.lengths > 0]
     ax_len.hist(lengths, bins=np.logspace(0, np.log10(lengths.max() + 1), 40))
     ax_len.set_xscale("log")
@@ -78,14 +97,13 @@ def save_png(corpus, results, path: str) -> None:
     ax_fill.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="a config file[:arg]; default embedded")
     parser.add_argument("--row_lens", default="2048,8192,32768")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES))
+    parser.add_argument("--strategies", default=",".join(REGISTRY))
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_tokens", type=int, default=4_000_000, help="0: whole epoch")
     parser.add_argument("--png", default="packing_report.png")
@@ -95,12 +113,12 @@ def main(argv=None):
         corpus = load_corpus(data)
         row_lens = [int(x) for x in args.row_lens.split(",")]
         strategies = [s for s in args.strategies.split(",") if s]
-        unknown = set(strategies) - set(STRATEGIES)
+        unknown = set(strategies) - set(REGISTRY)
         if unknown:
-            raise ValueError(f"--strategies: unknown {sorted(unknown)}; valid: {STRATEGIES}")
+            raise ValueError(f"--strategies: unknown {sorted(unknown)}; valid: {tuple(REGISTRY)}")
         results = run(
-            corpus, row_lens=row_lens, strategies=strategies, batch_size=args.batch_size,
-            max_tokens=args.max_tokens, bins=data["num_packing_bins"] or 128,
+            corpus, row_lens=row_lens, strategies=strategies, data=data,
+            batch_size=args.batch_size, max_tokens=args.max_tokens,
         )  # fmt: skip
     except ValueError as e:
         print(f"lcx.packing.report: {e}", file=sys.stderr)

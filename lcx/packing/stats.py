@@ -17,7 +17,7 @@ import numpy as np
 
 from lcx.data.store import TokenizedCorpus
 from lcx.packing.decomposition import DecomposedDataset
-from lcx.packing.pipeline import PipelineOptions, decomposition_options, packed_dataset
+from lcx.packing.strategies import PipelineOptions, packed_dataset
 
 
 def run_lengths(segment_ids_row) -> np.ndarray:
@@ -70,19 +70,17 @@ def measure(corpus: TokenizedCorpus, opts: PipelineOptions, *, max_tokens: int =
     """Iterate one epoch (or `max_tokens` real tokens) of a strategy, timing the pipeline."""
     stats = PackingStats(opts.packing, opts.seq_len)
     lengths = corpus.lengths
-    if opts.packing == "dd":
-        ds = DecomposedDataset(corpus, decomposition_options(opts))
+    ds = packed_dataset(corpus, dataclasses.replace(opts, num_epochs=1))
+    if isinstance(ds, DecomposedDataset):  # chunks of documents; the remainders dropped
         stats.tokens_dropped = ds.dropped_tokens()
         chunks_per_doc = np.zeros(corpus.num_documents, np.int64)
         starts = np.concatenate(ds.buckets)
         np.add.at(chunks_per_doc, np.searchsorted(corpus.offsets, starts, "right") - 1, 1)
         stats.documents_split = int(np.sum(chunks_per_doc > 1))
-        epoch_tokens = corpus.num_tokens - stats.tokens_dropped
-        iterator = iter(ds)
     else:
         stats.documents_split = int(np.sum(lengths > opts.seq_len))
-        epoch_tokens = corpus.num_tokens
-        iterator = iter(packed_dataset(corpus, dataclasses.replace(opts, num_epochs=1)))
+    epoch_tokens = corpus.num_tokens - stats.tokens_dropped
+    iterator = iter(ds)
     budget = min(epoch_tokens, max_tokens) if max_tokens else epoch_tokens
     t0 = time.perf_counter()
     while stats.tokens < budget:

@@ -8,20 +8,13 @@ import grain
 import jax
 import numpy as np
 
-from lcx.data import ByteTokenizer, load_or_tokenize, make_tokenizer, select_documents, split_tail
-from lcx.data.corpus import user_documents
-from lcx.packing import PipelineOptions, packed_dataset
+from lcx.data import load_or_tokenize, make_tokenizer, select_documents, split_tail
+from lcx.data.corpus import corpus_paths, user_documents
+from lcx.packing import PipelineOptions, packed_dataset, strategy
 
 
 class EmptySplitError(ValueError):
     """A split of the corpus has no documents (too few files for the eval fraction)."""
-
-
-def corpus_paths(paths) -> tuple[str, ...]:
-    """`config.data.paths` as a tuple; a string is a comma-separated list."""
-    if isinstance(paths, str):
-        return tuple(p for p in paths.split(",") if p)
-    return tuple(paths or ())
 
 
 def load_split(data_cfg, split: str, workdir: str | None, tokenizer=None):
@@ -70,11 +63,8 @@ def _truncated(docs, data_cfg):
     return docs[: data_cfg.max_documents] if data_cfg.max_documents > 0 else docs
 
 
-DD_KEYS = ("dd_min_log2", "dd_max_log2", "dd_curriculum", "dd_cycles")
-
-
 def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: bool,
-                 pad_id: int = ByteTokenizer().pad_id):  # fmt: skip
+                 pad_id: int):  # fmt: skip
     """This process's share of the batches: shuffled and repeated for training.
 
     The documents are split into `data.shards` shards (0: one per process), each packed
@@ -89,18 +79,19 @@ def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: b
             f"data.shards={shards} must be a multiple of the {count} processes and divide "
             f"train.batch_size={global_batch_size}"
         )
-    # Dataset Decomposition and ChunkFlow shape training batches; evaluation packs rows.
+    # Whole-batch strategies (Dataset Decomposition, ChunkFlow) shape training batches;
+    # evaluation packs rows with their eval_packing.
     packing = data_cfg.packing
-    if packing in ("dd", "chunkflow") and not train:
-        packing = "first_fit"
-    dd = {k: data_cfg[k] for k in DD_KEYS if k in data_cfg}
+    if not train and strategy(packing).eval_packing:
+        packing = strategy(packing).eval_packing
+    settings = data_cfg.get(packing)
     mine = shards // count
     datasets = [
         packed_dataset(
             corpus,
             PipelineOptions(
                 seq_len=seq_len, batch_size=global_batch_size // shards, packing=packing,
-                **dd, num_packing_bins=data_cfg.num_packing_bins, seed=seed, shuffle=train,
+                settings=settings, seed=seed, shuffle=train,
                 num_epochs=None, pad_id=pad_id,
                 shard_index=jax.process_index() * mine + j, shard_count=shards,
             ),

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcx import optim
+from lcx import optim, plots
 from lcx.attention.ring import sequence_layout
 from lcx.model import TransformerConfig
-from lcx.packing import STRATEGIES
+from lcx.packing import strategy as packing_strategy
+from lcx.packing import strategy_settings
 from lcx.train import input as data_input
 from lcx.train import model_source, run_record
 from lcx.train import sharding as sh
@@ -30,6 +31,8 @@ from lcx.train.metrics import MetricsWindow, MetricsWriter, Progress, read_metri
 from lcx.train.optimizer import OptimizerConfig, ScheduleConfig, make_optimizer, make_schedule
 from lcx.train.preemption import Interrupted, StopSignals
 from lcx.train.runner import StepRunner
+
+LOSS_CURVE = "loss.png"  # written into the workdir at the end of every training run
 
 
 def ensure_workdir(workdir: str, *, writable: bool = True) -> str:
@@ -63,8 +66,8 @@ class Experiment:
 
     def __post_init__(self):
         c = self.config
-        if c.data.packing not in STRATEGIES:  # before any data work
-            raise ValueError(f"data.packing={c.data.packing!r}; valid: {STRATEGIES}")
+        self.packing = packing_strategy(c.data.packing)  # before any data work
+        packing_settings = strategy_settings(c.data.packing, c.data.get(c.data.packing))
         self.tokenizer = model_source.tokenizer_of(c)
         self.model_cfg: TransformerConfig = model_source.model_config(c, self.tokenizer)
         self.mesh = sh.make_mesh(sh.MeshShape(**c.mesh))
@@ -97,24 +100,23 @@ class Experiment:
                 "batch shards of config.mesh"
             )
         single_step = c.batch.adaptive or self.micro_batch_size != tc.batch_size
-        if c.data.packing in ("dd", "chunkflow") and single_step:
+        if self.packing.whole_batches and single_step:
             raise ValueError(
                 f"data.packing={c.data.packing!r} needs the whole batch in one step: "
                 "train.micro_batch_size=0 and batch.adaptive=False"
             )
-        longest_rows = (tc.batch_size * tc.seq_len) >> c.data.get("dd_max_log2", 0)
-        if c.data.packing == "dd" and longest_rows % divisor:
-            raise ValueError(
-                f"data.dd_max_log2={c.data.dd_max_log2}: the longest bucket has {longest_rows} "
-                f"rows per step, not a multiple of the {divisor} batch shards of config.mesh"
-            )
+        if self.packing.check_training is not None:
+            self.packing.check_training(
+                packing_settings, batch_size=tc.batch_size, seq_len=tc.seq_len,
+                batch_shards=divisor,
+            )  # fmt: skip
         self.sequence_shards = self.mesh.shape["sequence"]
         if self.sequence_shards > 1:
             check_sequence_parallel(c, self.model_cfg, self.sequence_shards)
-        if c.data.packing == "chunkflow" and "lact" in self.model_cfg.block_pattern:
+        if self.packing.dependent_rows and "lact" in self.model_cfg.block_pattern:
             raise ValueError(
-                "data.packing='chunkflow' runs dependent chunks through attention layers: "
-                "it needs no 'lact' in model.block_pattern"
+                f"data.packing={c.data.packing!r} runs dependent chunks through attention "
+                "layers: it needs no 'lact' in model.block_pattern"
             )
         self.adaptive = None
         if c.batch.adaptive:
@@ -123,12 +125,12 @@ class Experiment:
                 **{k: v for k, v in c.batch.items() if k != "adaptive"},
             )
         self.schedule = make_schedule(
-            ScheduleConfig(**c.schedule),
+            ScheduleConfig.of(c.schedule),
             total_steps=tc.steps,
             batch_size=self.plan.first_batch_size,  # step lengths of the run's first batch
             seq_len=tc.seq_len,
         )
-        self.tx = make_optimizer(OptimizerConfig(**c.optimizer), self.schedule)
+        self.tx = make_optimizer(OptimizerConfig.of(c.optimizer), self.schedule)
         self.graphdef, _ = steplib.abstract_model(self.model_cfg)
         self.shardings = steplib.state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
         self.batch_sharding = sh.batch_sharding(self.mesh, self.rules)
@@ -269,7 +271,7 @@ def check_sequence_parallel(c, model_cfg, shards: int):
             f"train.seq_len={c.train.seq_len} must be a multiple of 2 * mesh.sequence = "
             f"{2 * shards} to split rows over the sequence axis"
         )
-    if "lact" in model_cfg.block_pattern or c.data.packing in ("dd", "chunkflow"):
+    if "lact" in model_cfg.block_pattern or packing_strategy(c.data.packing).whole_batches:
         raise ValueError(
             f"mesh.sequence={shards} splits rows for ring attention: it needs attention-only "
             "layers (no 'lact' in model.block_pattern) and rows of train.seq_len (not "
@@ -350,9 +352,18 @@ def _train(exp, stop_after, signals):
     window.flush()
     progress.close()
     exp.checkpointer.close()  # waits for the last save
+    write_loss_curve(workdir)
     if stop:
         raise Interrupted(signals.signum, step)
     return window.last
+
+
+def write_loss_curve(workdir: str) -> str | None:
+    """WORKDIR/loss.png from its metrics.jsonl (process 0; the whole run, resumes too)."""
+    if jax.process_index() != 0:
+        return None
+    ax = plots.loss_curve(read_metrics(workdir), title=f"Loss of {os.path.basename(workdir)}")
+    return plots.save(ax, os.path.join(workdir, LOSS_CURVE))
 
 
 def _batch_size_to_run(exp, state):

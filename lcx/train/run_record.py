@@ -57,7 +57,37 @@ ADDED_KEYS = {
     "init.hf_checkpoint": "",
     "init.rope_theta": 0.0,
     "model.param_dtype": "float32",
+    "model.lact.grid": "document",
 }
+
+
+# Keys renamed when per-strategy, per-optimizer and LaCT settings were nested: an older
+# record's flat key counts as each of these keys.
+_LACT = ("fw_heads", "chunk_size", "window", "inter_multi", "momentum", "muon", "base_lr", "grid")
+RENAMED_KEYS = {
+    "data.num_packing_bins": ("data.first_fit.num_bins", "data.best_fit.num_bins"),
+    **{f"data.dd_{k}": (f"data.dd.{k}",) for k in ("min_log2", "max_log2", "curriculum", "cycles")},
+    "optimizer.b1": ("optimizer.adamw.b1", "optimizer.lamb.b1"),
+    "optimizer.b2": ("optimizer.adamw.b2", "optimizer.lamb.b2"),
+    "optimizer.eps": ("optimizer.adamw.eps", "optimizer.lamb.eps", "optimizer.adagrad.eps"),
+    "optimizer.weight_decay": ("optimizer.adamw.weight_decay", "optimizer.lamb.weight_decay"),
+    "optimizer.initial_accumulator_value": (
+        "optimizer.adagrad.initial_accumulator_value",
+        "optimizer.adagrad_norm.initial_accumulator_value",
+    ),
+    "schedule.power_a": ("schedule.power.a",),
+    "schedule.power_b": ("schedule.power.b",),
+    **{f"model.lact_{k}": (f"model.lact.{k}",) for k in _LACT},
+}
+
+
+def upgraded(recorded: dict) -> dict:
+    """An older record with its renamed keys under their current names."""
+    out = {}
+    for key, value in recorded.items():
+        for new in RENAMED_KEYS.get(key, (key,)):
+            out[new] = value
+    return out
 
 
 def resumable(key: str) -> bool:
@@ -111,7 +141,7 @@ def write_record(config, workdir: str) -> None:
 
 def differences(recorded: dict, config) -> dict:
     """{key: (recorded value, current value)} for every key that differs."""
-    current = flatten(config)
+    recorded, current = upgraded(recorded), flatten(config)
     keys = set(recorded) | set(current)
     missing = object()
     out = {}

@@ -45,7 +45,7 @@ class StepRunner:
         seq_len = exp.config.train.seq_len
         if self.adaptive is None and batch_size == self.micro:
             loss_sum = None
-            if exp.config.data.packing == "chunkflow":  # rows of one document depend
+            if exp.packing.dependent_rows:  # rows of one document depend (ChunkFlow)
                 loss_sum = chunkflow_loss_sum(exp.graphdef)
             self.fused = steplib.make_train_step(
                 exp.graphdef, exp.tx, exp.shardings, exp.batch_sharding, seq_len, loss_sum

@@ -7,11 +7,12 @@ from lcx.ttt.fast_weights import (
     lact_chunk_scan,
     newton_schulz,
 )
-from lcx.ttt.lact import LaCTConfig, LaCTLayer
+from lcx.ttt.lact import LaCTConfig, LaCTLayer, LaCTSettings
 
 __all__ = [
     "FastWeights",
     "LaCTConfig",
+    "LaCTSettings",
     "LaCTLayer",
     "apply_fast_weights",
     "descent_directions",

@@ -33,6 +33,34 @@ from lcx.ttt.state import LaCTCache, fast_weight_step
 
 
 @dataclasses.dataclass(frozen=True)
+class LaCTSettings:
+    """`config.model.lact`: the LaCT layers' own knobs (defaults: the reference's minimal
+    layer); the rest of a LaCTConfig comes from the model."""
+
+    fw_heads: int = 2  # fast-weight heads; fast-weight head dim = d_model // fw_heads
+    chunk_size: int = 2048
+    window: int = 2048  # sliding window of the attention branch
+    inter_multi: float = 1.0  # fast-weight hidden width = head dim * inter_multi
+    momentum: bool = True
+    muon: bool = True
+    base_lr: float = 1e-2
+    grid: str = "document"  # chunks counted from each document's start, or "row"
+
+    @classmethod
+    def of(cls, values) -> LaCTSettings:
+        """A LaCTSettings from itself or a mapping (config.model.lact), keys checked."""
+        if isinstance(values, cls):
+            return values
+        values = dict(values)
+        valid = {f.name for f in dataclasses.fields(cls)}
+        if set(values) - valid:
+            raise ValueError(
+                f"model.lact: unknown {sorted(set(values) - valid)}; valid: {sorted(valid)}"
+            )
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
 class LaCTConfig:
     """Hyper-parameters of one LaCT layer (defaults: the reference's minimal layer)."""
 
