@@ -55,7 +55,7 @@ def test_smoke_run_writes_checkpoints_and_metrics(smoke_config, tmp_path):
 def test_restart_reproduces_an_uninterrupted_run(name, tmp_path):
     smoke_config = _smoke(name)
     smoke_config.optimizer.name = "lamb" if name == "lm_tiny_adaptive" else "adamw"
-    smoke_config.batch.max_batch_size = 16
+    smoke_config.batch.max_batch_size = 8
     smoke_config.train.steps = 6
     smoke_config.train.checkpoint_every = 3
     smoke_config.train.eval_every = 0
