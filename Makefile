@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
-	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist worksteal --durations=10 tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --durations=10 tests
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
