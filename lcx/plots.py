@@ -42,11 +42,8 @@ def save(ax, path: str, *, dpi: int = 100) -> str:
 def _document_image(segment_ids) -> np.ma.MaskedArray:
     """Segment ids [R, T] as colour indices, padding masked (drawn in PADDING_COLOR)."""
     seg = np.asarray(segment_ids)
-    runs = np.zeros(seg.shape, np.int64)
-    for r, row in enumerate(seg):  # colour by the order of documents in the row
-        starts = np.flatnonzero(np.diff(row, prepend=-1) != 0)
-        run_index = np.cumsum(np.isin(np.arange(len(row)), starts)) - 1
-        runs[r] = run_index % DOCUMENT_COLORS.N
+    starts = np.diff(seg, axis=1, prepend=-1) != 0  # colour by the order of runs in the row
+    runs = (np.cumsum(starts, axis=1) - 1) % DOCUMENT_COLORS.N
     return np.ma.masked_where(seg == 0, runs)
 
 
