@@ -70,6 +70,23 @@ def chunk_against_earlier_chunks(rng, b, tk, chunk):
     return kwargs, chunk
 
 
+def few_queries_per_row(rng, b, tq, tk):
+    """(segment kwargs, Tq): rows of `tq` queries (a few tokens of one sequence each, as
+    in batched decoding) against `tk` packed keys: each row's queries continue one of its
+    documents from a random position inside it or just past its end; row 0's queries are
+    padding, row 1's id has no key."""
+    seg = random_layout(rng, b, tk)
+    pos = document_positions(seg)
+    q_seg, q_pos = np.zeros((b, tq), np.int32), np.zeros((b, tq), np.int32)
+    for row in range(b):
+        doc = int(rng.choice(seg[row][seg[row] > 0]))
+        q_seg[row] = doc
+        q_pos[row] = int(rng.integers(0, np.sum(seg[row] == doc) + 2)) + np.arange(tq)
+    q_seg[0], q_seg[1] = 0, 1000
+    kwargs = dict(segment_ids=q_seg, kv_segment_ids=seg, q_positions=q_pos, kv_positions=pos)
+    return kwargs, tq
+
+
 def decode_against_cache(rng, slots, cache_len):
     """(segment kwargs, Tq): one query per sequence slot at its next position against a
     cache of `slots` x `cache_len` entries (slot s holds id s + 1 up to its length, then

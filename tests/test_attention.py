@@ -156,16 +156,29 @@ def test_decoding_against_a_cache(impl, rng):
     check_against_reference(impl, q, k, v, rng, **call)
 
 
+@pytest.mark.parametrize("mask", [dict(), dict(window=4), dict(causal=False)],
+                         ids=["causal", "window", "bidirectional"])  # fmt: skip
+def test_rows_of_a_few_queries(impl, rng, mask):
+    # Several rows of three queries each (xla_chunked takes its rows-together path).
+    call, tq = cases.few_queries_per_row(rng, b=5, tq=3, tk=40)
+    q, k, v = cases.qkv(rng, 5, tq, hq=4, hkv=2, d=8, dtype=jnp.float32, tk=40)
+    check_against_reference(impl, q, k, v, rng, **call, **mask)
+
+
 def test_bfloat16(impl, rng):
     seg = cases.random_layout(rng, 2, 48)
     q, k, v = cases.qkv(rng, 2, 48, hq=2, hkv=2, d=16, dtype=jnp.bfloat16)
     check_against_reference(impl, q, k, v, rng, segment_ids=seg, window=21)
 
 
-def test_float64_to_the_last_digits(impl, rng):
+@pytest.mark.parametrize("layout", ["chunk", "few_queries"])
+def test_float64_to_the_last_digits(impl, rng, layout):
     # In float64 every implementation computes the reference's numbers (values, lse and
     # gradients through both) to ~1e-12: nothing is silently computed in lower precision.
-    call, tq = cases.chunk_against_earlier_chunks(rng, b=2, tk=40, chunk=24)
+    if layout == "chunk":
+        call, tq = cases.chunk_against_earlier_chunks(rng, b=2, tk=40, chunk=24)
+    else:
+        call, tq = cases.few_queries_per_row(rng, b=2, tq=3, tk=40)
     with jax.enable_x64(True):
         q, k, v = cases.qkv(rng, 2, tq, hq=4, hkv=2, d=8, dtype=jnp.float64, tk=40)
         w = [jnp.asarray(x, jnp.float64) for x in cases.weights(rng, q)]
@@ -289,6 +302,27 @@ def test_computes_exactly_the_scheduled_blocks(blocked_impl, rng, layout):
         if impl.grid_steps:  # one step per computed block, one for a group with none
             steps = np.asarray(counts[name + "_steps"])
             np.testing.assert_array_equal(steps, np.maximum(got, 1), name + " grid steps")
+
+
+def test_xla_chunked_rows_of_one_q_block_visit_the_blocks_any_row_sees(rng):
+    # Rows of a few queries go together, one loop over kv blocks for all rows: from the
+    # first block any row sees to the last (fewer scan steps, each a batched product).
+    # Keys: document 1 on [0, 20), document 2 on [20, 30), padding after, in every row.
+    kv_ids = np.zeros((5, 40), np.int32)
+    kv_ids[:, :20], kv_ids[:, 20:30] = 1, 2
+    kv_positions = cases.document_positions(kv_ids)
+    # Row 0 padding, row 1 an id with no key; rows 2-4 see blocks 0, 2-3 and 0.
+    q_ids = np.array([0, 7, 1, 2, 1], np.int32)[:, None].repeat(4, 1)
+    q_positions = np.array([0, 0, 2, 5, 0], np.int32)[:, None] + np.arange(4, dtype=np.int32)
+    segments = Segments(*map(jnp.asarray, (q_ids, kv_ids, q_positions, kv_positions)))
+    q, k, v = cases.qkv(rng, 5, 4, hq=2, hkv=1, d=8, dtype=jnp.float32, tk=40)
+    blocks = BlockSizes(block_q=16, block_kv=8)
+    got = xla_chunked.computed_blocks(q, k, v, segments, block_sizes=blocks)["forward"]
+    np.testing.assert_array_equal(np.asarray(got), np.full((5, 1, 1), 4))  # blocks 0-3 of 5
+    out = xla_chunked.xla_chunked_attention(q, k, v, segments, block_sizes=blocks)[0]
+    want = reference_attention(q, k, v, q_ids, kv_segment_ids=kv_ids, q_positions=q_positions,
+                               kv_positions=kv_positions)  # fmt: skip
+    assert cases.relative_error(out, want) < 1e-5
 
 
 def test_odd_head_dim_and_no_segment_ids(impl, rng):

@@ -108,8 +108,10 @@ def _forward(q, k, v, seg: Segments, *, scale, causal, window, blocks):
     g = hq // hkv
     bq, bk = blocks
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    sched = _schedule(seg, blocks, causal=causal, window=window)
     full = seg.filled()
+    if tq == bq and b > 1:  # rows of one q block each: decoding
+        return _forward_rows_together(q, k, v, full, scale, causal, window, bk)
+    sched = _schedule(seg, blocks, causal=causal, window=window)
     q5, k4, v4 = _heads_first(q, hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     def group(_, xs):
@@ -150,6 +152,59 @@ def _forward(q, k, v, seg: Segments, *, scale, causal, window, blocks):
     _, (out, lse, counts) = jax.lax.scan(group, None, xs)
     lse = lse.reshape(b, -1, hkv, g, bq).transpose(0, 1, 4, 2, 3).reshape(b, tq, hq)
     return _q_time_major(out, b), lse, counts.reshape(b, -1)
+
+
+def _forward_rows_together(q, k, v, full: Segments, scale, causal, window, bk):
+    """`_forward` for rows of one q block each, all rows at once per kv block.
+
+    A batch of short query rows (decoding: one row per sequence, a few queries each)
+    would pay the scan's fixed cost, and the schedule's sorts, once per row for a few
+    small tiles; instead one loop visits the kv blocks any row sees, every row's tile in
+    one batched product, masked per row. Which blocks any row sees is one fused
+    comparison of the few queries against every key (no block schedule). Keys stay
+    time-major, so a decode reads only the visited tiles of its cache. Each row is counted
+    as computing all the visited blocks.
+    """
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    q_BxQxKxGxD = q.reshape(b, tq, hkv, hq // hkv, d)
+    q_ids, q_pos = full.q_ids[:, :, None], full.q_positions[:, :, None]
+    seen_BxQxT = tile_mask(q_ids, full.kv_ids[:, None], q_pos, full.kv_positions[:, None],
+                           causal=causal, window=window)  # fmt: skip
+    seen_blocks = jnp.any(seen_BxQxT.reshape(b, tq, -1, bk), axis=(0, 1, 3))
+    index = jnp.arange(seen_blocks.shape[0], dtype=jnp.int32)
+    stop = jnp.max(jnp.where(seen_blocks, index + 1, 0))
+    start = jnp.minimum(jnp.min(jnp.where(seen_blocks, index, jnp.iinfo(jnp.int32).max)), stop)
+
+    def body(j, carry):
+        m, l, acc = carry
+        k_BxSxKxD, v_BxSxKxD, ids, pos = (
+            jax.lax.dynamic_slice_in_dim(x, j * bk, bk, 1)
+            for x in (k, v, full.kv_ids, full.kv_positions)
+        )
+        mask = tile_mask(q_ids, ids[:, None], q_pos, pos[:, None], causal=causal, window=window)
+        mask = mask[:, None, None]  # [B, 1, 1, Q, S]
+        s = jnp.einsum(
+            "bqkgd,bskd->bkgqs", q_BxQxKxGxD, k_BxSxKxD, preferred_element_type=acc_dtype
+        )
+        s = jnp.where(mask, s * scale, MASK_VALUE)
+        m_next = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.where(mask, jnp.exp(s - m_next[..., None]), 0.0)
+        alpha = jnp.exp(m - m_next)
+        pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_BxSxKxD,
+                        preferred_element_type=acc_dtype)  # fmt: skip
+        return m_next, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
+
+    shape = (b, hkv, hq // hkv, tq)
+    init = (jnp.full(shape, MASK_VALUE, acc_dtype), jnp.zeros(shape, acc_dtype),
+            jnp.zeros((*shape, d), acc_dtype))  # fmt: skip
+    m, l, acc = jax.lax.fori_loop(start, stop, body, init)
+    seen = l > 0
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    lse = natural_lse(m + jnp.log(jnp.where(seen, l, 1.0)), seen)
+    out = out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+    return out, lse.transpose(0, 3, 1, 2).reshape(b, tq, hq), jnp.full((b, 1), stop - start)
 
 
 def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, blocks):
@@ -245,18 +300,19 @@ def _attention_bwd(scale, causal, window, blocks, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _power_of_two_at_least(t: int) -> int:
-    """The smallest power of two >= max(t, 8)."""
-    return max(8, 1 << (t - 1).bit_length())
+def _power_of_two_at_least(t: int, floor: int = 8) -> int:
+    """The smallest power of two >= max(t, floor)."""
+    return max(floor, 1 << (t - 1).bit_length())
 
 
 def _tiles(block_sizes: BlockSizes | None, tq: int, tk: int) -> tuple[int, int]:
     """(block_q, block_kv), each at most its side rounded up to a power of two >= 8.
 
-    Short sides (decoding: Tq = number of sequences) get one small tile, not a padded one.
+    Short sides get one small tile, not a padded one; a query side of a few tokens
+    (decoding) is not padded at all.
     """
     block_sizes = block_sizes or DEFAULT_BLOCK_SIZES
-    return (min(block_sizes.block_q, _power_of_two_at_least(tq)),
+    return (min(block_sizes.block_q, _power_of_two_at_least(tq, floor=1)),
             min(block_sizes.block_kv, _power_of_two_at_least(tk)))  # fmt: skip
 
 
