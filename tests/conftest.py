@@ -15,6 +15,20 @@ sys.path.insert(0, ROOT)  # so `configs` imports like it does for the command li
 
 SEED_VARIABLE = "LCX_TEST_SEED"
 
+# JAX's persistent compilation cache, shared by every test of a run, the xdist workers and
+# the subprocesses the tests start (they inherit the environment): the smoke models'
+# programs compile once per run instead of once per test. Entries are keyed by the program,
+# the backend and JAX's version; a size limit turns on the cache's file lock, so workers
+# share the directory safely. Set before anything imports jax; the environment overrides.
+_COMPILATION_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": os.path.join(ROOT, ".pytest_cache", "jax"),
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+for _name, _value in _COMPILATION_CACHE.items():
+    os.environ.setdefault(_name, _value)
+
 
 @pytest.fixture
 def rng(request):
