@@ -163,7 +163,8 @@ def _forward_rows_together(q, k, v, full: Segments, scale, causal, window, bk):
     one batched product, masked per row. Which blocks any row sees is one fused
     comparison of the few queries against every key (no block schedule). Keys stay
     time-major, so a decode reads only the visited tiles of its cache. Each row is counted
-    as computing all the visited blocks.
+    as computing all the visited blocks: rows whose keys lie far apart pay for the span
+    between them (a cache's slots all start at entry 0, so decoding does not).
     """
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
