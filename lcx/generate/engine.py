@@ -374,12 +374,14 @@ class Engine:
         for running in self._running:
             counts.append(0 if running is None else len(running.generated))
             params.append(None if running is None else running.request.sampling)
+        # Host arrays: the jitted call moves them to the device in one go (faster per step
+        # than a jnp.asarray each).
         device_row = dict(
-            tokens=jnp.asarray(row["tokens"]), segment_ids=jnp.asarray(row["segment_ids"]),
-            positions=jnp.asarray(row["positions"]), logits_at=jnp.asarray(logits_at, jnp.int32),
-            logit_of_slot=jnp.asarray(logit_of_slot, jnp.int32),
-            count=jnp.asarray(counts, jnp.int32),
-            offset=jnp.full((self.slots,), self._prefix_length, jnp.int32),
+            tokens=row["tokens"], segment_ids=row["segment_ids"], positions=row["positions"],
+            logits_at=np.asarray(logits_at, np.int32),
+            logit_of_slot=np.asarray(logit_of_slot, np.int32),
+            count=np.asarray(counts, np.int32),
+            offset=np.full((self.slots,), self._prefix_length, np.int32),
         )  # fmt: skip
         return self._state, self._cache, self._prefixes, device_row, settings_arrays(params)
 

@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,23 +49,33 @@ def allowed_tokens(logits_SxV, top_k_S, top_p_S):
 
 
 def sample(logits_SxV, seed_S, count_S, temperature_S, top_k_S, top_p_S):
-    """int32 [S]: each row's next token under its own settings."""
+    """int32 [S]: each row's next token under its own settings.
+
+    When every row is greedy the sort, softmax and draws of sampling are skipped
+    (`lax.cond`), which on the CPU is most of a greedy decode step's sampling time.
+    """
     logits_SxV = logits_SxV.astype(jnp.float32)
     greedy = jnp.argmax(logits_SxV, axis=-1).astype(jnp.int32)
-    scaled = logits_SxV / jnp.where(temperature_S > 0, temperature_S, 1.0)[:, None]
-    masked = jnp.where(allowed_tokens(scaled, top_k_S, top_p_S), scaled, -jnp.inf)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seed_S, count_S)
-    drawn = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
-    return jnp.where(temperature_S > 0, drawn, greedy)
+
+    def drawn():
+        """Each row's draw from its tempered, top-k / top-p masked distribution."""
+        scaled = logits_SxV / jnp.where(temperature_S > 0, temperature_S, 1.0)[:, None]
+        masked = jnp.where(allowed_tokens(scaled, top_k_S, top_p_S), scaled, -jnp.inf)
+        fold = lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c)  # noqa: E731
+        keys = jax.vmap(fold)(seed_S, count_S)
+        tokens = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+        return jnp.where(temperature_S > 0, tokens, greedy)
+
+    return jax.lax.cond(jnp.any(temperature_S > 0), drawn, lambda: greedy)
 
 
 def settings_arrays(params: list[SamplingParams | None]):
-    """(temperature, top_k, top_p, seed) arrays for `sample`; None rows are greedy."""
+    """(temperature, top_k, top_p, seed) host arrays for `sample`; None rows are greedy."""
     params = [p or SamplingParams() for p in params]
     return (
-        jnp.asarray([p.temperature for p in params], jnp.float32),
-        jnp.asarray([p.top_k or 0 for p in params], jnp.int32),
+        np.asarray([p.temperature for p in params], np.float32),
+        np.asarray([p.top_k or 0 for p in params], np.int32),
         # None: 2, above any cumulative mass, so float rounding never drops a tail token.
-        jnp.asarray([2.0 if p.top_p is None else p.top_p for p in params], jnp.float32),
-        jnp.asarray([p.seed for p in params], jnp.uint32),
+        np.asarray([2.0 if p.top_p is None else p.top_p for p in params], np.float32),
+        np.asarray([p.seed for p in params], np.uint32),
     )
