@@ -307,7 +307,7 @@ def _power_of_two_at_least(t: int, floor: int = 8) -> int:
 
 
 def _tiles(block_sizes: BlockSizes | None, tq: int, tk: int) -> tuple[int, int]:
-    """(block_q, block_kv), each at most its side rounded up to a power of two >= 8.
+    """(block_q, block_kv), each at most its side rounded up to a power of two (>= 8 for keys).
 
     Short sides get one small tile, not a padded one; a query side of a few tokens
     (decoding) is not padded at all.
