@@ -101,6 +101,27 @@ def _schedule(seg: Segments, blocks, *, causal, window):
     )  # fmt: skip
 
 
+def _fold_tile(m, l, acc, s, mask, pv):
+    """One tile of masked scores `s` folded into the running max, sum and output.
+
+    `mask` None: the tile is fully visible; `pv(p)`: the tile's probabilities times its
+    values, in the accumulator's layout.
+    """
+    m_next = jnp.maximum(m, jnp.max(s, axis=-1))
+    p = jnp.exp(s - m_next[..., None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    alpha = jnp.exp(m - m_next)
+    return m_next, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv(p)
+
+
+def _finish(m, l, acc):
+    """(out, natural lse) from the running max, sum and output; 0 and -inf where unseen."""
+    seen = l > 0
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    return out, natural_lse(m + jnp.log(jnp.where(seen, l, 1.0)), seen)
+
+
 def _forward(q, k, v, seg: Segments, *, scale, causal, window, blocks):
     """Padded inputs -> (out [B, Tq, Hq, D], lse [B, Tq, Hq] natural, counts [B, nq])."""
     b, tq, hq, d = q.shape
@@ -123,17 +144,13 @@ def _forward(q, k, v, seg: Segments, *, scale, causal, window, blocks):
             k_KxSxD, v_KxSxD = _tile(k4, row, 2, j * bk, bk), _tile(v4, row, 2, j * bk, bk)
             s = jnp.einsum("kgqd,ksd->kgqs", q_KxGxQxD, k_KxSxD, preferred_element_type=acc_dtype)
             s = s * scale
+            mask = None
             if masked:
                 mask = _tile_mask(full, row, i * bq, j * bk, bq, bk, causal=causal, window=window)
                 s = jnp.where(mask, s, MASK_VALUE)
-            m_next = jnp.maximum(m, jnp.max(s, axis=-1))
-            p = jnp.exp(s - m_next[..., None])
-            if masked:
-                p = jnp.where(mask, p, 0.0)
-            alpha = jnp.exp(m - m_next)
-            pv = jnp.einsum("kgqs,ksd->kgqd", p.astype(v.dtype), v_KxSxD,
-                            preferred_element_type=acc_dtype)  # fmt: skip
-            return m_next, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv, visited + 1
+            pv = lambda p: jnp.einsum("kgqs,ksd->kgqd", p.astype(v.dtype), v_KxSxD,  # noqa: E731
+                                      preferred_element_type=acc_dtype)  # fmt: skip
+            return *_fold_tile(m, l, acc, s, mask, pv), visited + 1
 
         shape = (hkv, g, bq)
         init = (
@@ -143,9 +160,7 @@ def _forward(q, k, v, seg: Segments, *, scale, causal, window, blocks):
             jnp.int32(0),
         )
         m, l, acc, visited = visit_blocks(lo, hi, full_lo, full_hi, body, init)
-        seen = l > 0
-        out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-        lse = natural_lse(m + jnp.log(jnp.where(seen, l, 1.0)), seen)
+        out, lse = _finish(m, l, acc)
         return None, (out.astype(q.dtype), lse, visited)
 
     xs = _flat_groups(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi)
@@ -190,20 +205,14 @@ def _forward_rows_together(q, k, v, full: Segments, scale, causal, window, bk):
             "bqkgd,bskd->bkgqs", q_BxQxKxGxD, k_BxSxKxD, preferred_element_type=acc_dtype
         )
         s = jnp.where(mask, s * scale, MASK_VALUE)
-        m_next = jnp.maximum(m, jnp.max(s, axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_next[..., None]), 0.0)
-        alpha = jnp.exp(m - m_next)
-        pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_BxSxKxD,
-                        preferred_element_type=acc_dtype)  # fmt: skip
-        return m_next, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
+        pv = lambda p: jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_BxSxKxD,  # noqa: E731
+                                  preferred_element_type=acc_dtype)  # fmt: skip
+        return _fold_tile(m, l, acc, s, mask, pv)
 
     shape = (b, hkv, hq // hkv, tq)
     init = (jnp.full(shape, MASK_VALUE, acc_dtype), jnp.zeros(shape, acc_dtype),
             jnp.zeros((*shape, d), acc_dtype))  # fmt: skip
-    m, l, acc = jax.lax.fori_loop(start, stop, body, init)
-    seen = l > 0
-    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
-    lse = natural_lse(m + jnp.log(jnp.where(seen, l, 1.0)), seen)
+    out, lse = _finish(*jax.lax.fori_loop(start, stop, body, init))
     out = out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
     return out, lse.transpose(0, 3, 1, 2).reshape(b, tq, hq), jnp.full((b, 1), stop - start)
 
