@@ -1,8 +1,7 @@
-"""Packed attention: blocks visited per row, CPU time of xla_chunked, GPU kernel time.
+"""Packed attention: blocks visited per row and CPU time of xla_chunked (GPU: gpu_check.py).
 
     python benchmarks/attention.py blocks                  # any machine: the BENCHMARKS.md table
     python benchmarks/attention.py cpu                     # CPU: xla_chunked vs the reference
-    python benchmarks/attention.py time                    # on a GPU: Pallas vs cuDNN vs XLA
     python benchmarks/attention.py blocks --smoke          # seconds (also cpu --smoke)
 
 `blocks`: the embedded corpus's documents are split and packed by lcx's own grain
@@ -20,11 +19,7 @@ q block).
 temp buffer bytes of each compiled program (the reference is only compiled where its
 scores would not fit in memory).
 
-`time`: forward and forward+backward time of `packed_attention` (the Pallas kernel of
-the backend) against `jax.nn.dot_product_attention(implementation="cudnn")` on the same
-rows (dense causal: it cannot skip documents), with useful TFLOP/s counting only
-visible score entries (4 * D * H * entries forward; 2.5x that for the backward). On a
-CPU it runs the kernels in interpret mode at tiny size, only to keep the script alive.
+GPU timing (the kernels against cuDNN, on a lent GPU) is `benchmarks/gpu_check.py`.
 """
 
 from __future__ import annotations
@@ -41,9 +36,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from lcx.attention import BlockSizes, block_schedule, count_visited, packed_attention  # noqa: E402
+from lcx.attention import block_schedule, count_visited, packed_attention  # noqa: E402
 from lcx.attention.layout import dense_causal_blocks  # noqa: E402
 from lcx.attention.step_list import grid_steps  # noqa: E402
+from lcx.attention.testing import exponential_rows  # noqa: E402
 from lcx.data import ByteTokenizer, load_or_tokenize, select_documents  # noqa: E402
 from lcx.packing import PipelineOptions, packed_dataset  # noqa: E402
 
@@ -58,19 +54,6 @@ def packed_rows(row_len: int, num_rows: int, *, max_documents: int = 0, seed: in
         settings={"num_bins": 128}, seed=seed, shuffle=True,
     )  # fmt: skip
     return next(iter(packed_dataset(corpus, opts)))["segment_ids"]
-
-
-def exponential_rows(row_len: int, num_rows: int, mean: int, seed: int = 0) -> np.ndarray:
-    """Rows packed back to back with exponential document lengths of mean `mean`."""
-    rng = np.random.default_rng(seed)
-    seg = np.zeros((num_rows, row_len), np.int32)
-    for row in seg:
-        pos, doc = 0, 1
-        while pos < row_len:
-            n = max(1, int(rng.exponential(mean)))
-            row[pos : pos + n] = doc
-            pos, doc = pos + n, doc + 1
-    return seg
 
 
 def ideal_blocks(segment_ids_row, block_q: int, block_kv: int) -> float:
@@ -127,57 +110,6 @@ def blocks_markdown(records) -> str:
             f"{r['compacted'] / r['ours']:.3f}x |"
         )
     return "\n".join(lines)
-
-
-def _median_ms(fn, *args, repeats: int) -> float:
-    """Median wall time of `fn(*args)` in milliseconds, after one warm-up call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def time_kernels(row_len, *, heads=16, head_dim=128, rows=1, repeats=10, interpret=False):
-    """Forward and forward+backward ms of the backend's kernel, cuDNN (GPU) and XLA dense."""
-    rng = np.random.default_rng(0)
-    seg = jnp.asarray(packed_rows(row_len, rows, max_documents=200 if interpret else 0))
-    dtype = jnp.float32 if interpret else jnp.bfloat16
-    q, k, v = (jnp.asarray(rng.standard_normal((rows, row_len, heads, head_dim)), dtype)
-               for _ in range(3))  # fmt: skip
-    on_gpu = jax.default_backend() == "gpu"
-    kernel = "pallas_gpu" if on_gpu else "pallas_tpu"
-    small = BlockSizes(block_q=32, block_kv=32) if interpret else None
-    impls = {
-        "lcx " + kernel: lambda q, k, v: packed_attention(
-            q, k, v, seg, implementation=kernel, block_sizes=small, interpret=interpret
-        ),
-        "lcx xla_chunked": lambda q, k, v: packed_attention(
-            q, k, v, seg, implementation="xla_chunked"
-        ),
-        "dense causal (xla)": lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="xla"
-        ),
-    }
-    if on_gpu:
-        impls["dense causal (cudnn)"] = lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="cudnn"
-        )
-    visible = sum(float(np.sum(np.unique(r[r != 0], return_counts=True)[1] ** 2 / 2))
-                  for r in np.asarray(seg))  # fmt: skip
-    flops = 4 * head_dim * heads * visible
-    results = {}
-    for name, fn in impls.items():
-        fwd = jax.jit(fn)
-        grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum(),
-                                argnums=(0, 1, 2)))  # fmt: skip
-        f_ms = _median_ms(fwd, q, k, v, repeats=repeats)
-        b_ms = _median_ms(grad, q, k, v, repeats=repeats)
-        results[name] = {"fwd_ms": f_ms, "fwd_bwd_ms": b_ms,
-                         "useful_tflops_fwd": flops / (f_ms * 1e-3) / 1e12}  # fmt: skip
-    return results
 
 
 CPU_CASES = (
@@ -267,7 +199,7 @@ def cpu_markdown(records) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("blocks", "cpu", "time"))
+    parser.add_argument("mode", choices=("blocks", "cpu"))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5, help="cpu: timed repeats")
@@ -289,24 +221,11 @@ def main(argv=None):
         )  # fmt: skip
         print(blocks_markdown(records))
         return records
-    if args.mode == "cpu":
-        records = time_cpu(
-            SMOKE_CPU_CASES if args.smoke else CPU_CASES, repeats=1 if args.smoke else args.repeats
-        )
-        print(cpu_markdown(records))
-        return records
-    interpret = jax.default_backend() != "gpu"
-    lens = (128,) if interpret else (4096, 16384, 32768, 65536)
-    out = {}
-    for row_len in lens:
-        size = dict(heads=2, head_dim=16, repeats=1) if interpret else {}
-        out[row_len] = time_kernels(row_len, interpret=interpret, **size)
-        for name, r in out[row_len].items():
-            print(
-                f"T={row_len} {name}: fwd {r['fwd_ms']:.2f} ms, "
-                f"fwd+bwd {r['fwd_bwd_ms']:.2f} ms, useful {r['useful_tflops_fwd']:.1f} TFLOP/s"
-            )
-    return out
+    records = time_cpu(
+        SMOKE_CPU_CASES if args.smoke else CPU_CASES, repeats=1 if args.smoke else args.repeats
+    )
+    print(cpu_markdown(records))
+    return records
 
 
 if __name__ == "__main__":

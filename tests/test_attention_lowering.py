@@ -129,3 +129,74 @@ def test_tpu_kernel_runs_the_work_list_in_windows(rng):
         assert cases.relative_error(got, want) < 1e-5
     for a, b in zip([one[0], one[1], *one[2]], [many[0], many[1], *many[2]], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _triton_dots(fn, *args):
+    """The `tt.dot` lines of every Triton kernel that `fn` lowers to for CUDA."""
+    from jax._src.lib import triton
+    from jax._src.lib.mlir import ir
+
+    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    kernels = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    if "mhlo.backend_config" in inner.attributes and inner.name.endswith("call"):
+                        config = ir.DictAttr(inner.attributes["mhlo.backend_config"])
+                        kernels.append(ir.StringAttr(config["ir"]).value_bytes)
+                    walk(inner.operation)
+
+    walk(module.operation)
+    context = ir.Context()
+    triton.dialect.register_dialect(context)
+    lines = [line for ir_bytes in kernels
+             for line in str(ir.Module.parse(ir_bytes, context=context)).splitlines()]  # fmt: skip
+    return len(kernels), [line.strip() for line in lines if "tt.dot" in line]
+
+
+@pytest.mark.parametrize("dtype,operand", [(jnp.float32, "xf32"), (jnp.bfloat16, "xbf16")])
+def test_gpu_kernels_keep_float32_dots_in_float32(dtype, operand):
+    # Triton's default for a float32 dot is TF32 (about 3e-4 relative error): the kernels
+    # ask for IEEE float32 on float32 inputs, and keep 16-bit inputs on the tensor cores.
+    def forward_and_grads(q, k, v):
+        def loss(q, k, v):
+            return packed_attention(q, k, v, implementation="pallas_gpu").astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    q = _spec(1, 128, 4, 64, dtype=dtype)
+    kv = _spec(1, 128, 2, 64, dtype=dtype)
+    if pallas_gpu.plgpu is None:
+        with pytest.raises(NotImplementedError):
+            _triton_dots(forward_and_grads, q, kv, kv)
+        return
+    kernels, dots = _triton_dots(forward_and_grads, q, kv, kv)
+    # Forward, dq and dkv kernels with 2, 3 and 4 products, each loop body traced three
+    # times (masked blocks on either side, unmasked ones between).
+    assert kernels == 3 and len(dots) == 3 * (2 + 3 + 4)
+    for dot in dots:
+        operands = dot.split(":")[1].split("->")[0]
+        assert f"{operand}>" in operands, dot
+        # (TF32 is Triton's flag for float32 operands; 16-bit operands ignore it.)
+        assert operand != "xf32" or "tf32" not in dot, dot
+
+
+@pytest.mark.parametrize("implementation", ["xla", "xla_chunked"])
+def test_xla_implementations_keep_float32_products_in_float32(implementation):
+    # XLA on a GPU runs a default-precision float32 product in TF32 (on a TPU in bf16
+    # passes): float32 inputs ask for HIGHEST, 16-bit ones keep the backend's default.
+    def forward_and_grads(q, k, v):
+        def loss(q, k, v):
+            out = packed_attention(q, k, v, implementation=implementation)
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for dtype, highest in [(jnp.float32, True), (jnp.bfloat16, False)]:
+        q, kv = _spec(1, 256, 4, 64, dtype=dtype), _spec(1, 256, 2, 64, dtype=dtype)
+        lowered = jax.jit(forward_and_grads).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+        dots = [line for line in lowered.as_text().splitlines() if "stablehlo.dot_general" in line]
+        assert len(dots) >= 5  # two products forward, three or more backward
+        assert all(("precision = [HIGHEST, HIGHEST]" in d) == highest for d in dots), dots

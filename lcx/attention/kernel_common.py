@@ -85,6 +85,13 @@ def pad_to_blocks(q, k, v, segments: Segments, q_multiple: int, kv_multiple: int
     return pad_length(q, lq), pad_length(k, lk), pad_length(v, lk), segments
 
 
+def products_precision(dtype):
+    """Precision of the products of attention inputs of `dtype`: HIGHEST for float32, so
+    float32 stays float32 (GPUs run a default float32 product in TF32, TPUs in bf16
+    passes); the backend's default otherwise (16-bit inputs: the tensor cores)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def tile_mask(q_ids_Qx1, k_ids_1xS, q_pos_Qx1, k_pos_1xS, *, causal, window):
     """[Q, S] visibility of a (q block, kv block) tile: same document, causal, window."""
     mask = (q_ids_Qx1 == k_ids_1xS) & (q_ids_Qx1 != 0)

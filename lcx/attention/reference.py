@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lcx.attention.kernel_common import products_precision
 from lcx.attention.segments import Segments, check_attention_args, segments_of
 
 
@@ -62,7 +63,10 @@ def reference_attention(
     scale = d**-0.5 if scale is None else scale
     q_BxTxKxGxD = q.reshape(b, tq, hkv, hq // hkv, d)
     acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 for bf16, float64 under x64
-    logits = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k, preferred_element_type=acc)
+    prec = products_precision(q.dtype)
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts", q_BxTxKxGxD, k, preferred_element_type=acc, precision=prec
+    )
     logits = logits * scale
     mask_BxTxS = visibility_mask(
         seg.q_ids, kv_segment_ids=seg.kv_ids, q_positions=seg.q_positions,
@@ -75,7 +79,7 @@ def reference_attention(
     total = jnp.sum(e, axis=-1, keepdims=True)
     seen = total > 0
     probs = e / jnp.where(seen, total, 1.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, precision=prec)
     out = out.reshape(b, tq, hq, d).astype(q.dtype)
     if not return_lse:
         return out

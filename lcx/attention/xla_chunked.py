@@ -32,6 +32,7 @@ from lcx.attention.kernel_common import (
     finite_lse,
     natural_lse,
     pad_to_blocks,
+    products_precision,
     tile_mask,
     visit_blocks,
 )
@@ -101,6 +102,14 @@ def _schedule(seg: Segments, blocks, *, causal, window):
     )  # fmt: skip
 
 
+def _product(dtype):
+    """einsum accumulating in float32 (float64 for float64 inputs) at the inputs' precision."""
+    accumulator = jnp.promote_types(dtype, jnp.float32)
+    return functools.partial(
+        jnp.einsum, preferred_element_type=accumulator, precision=products_precision(dtype)
+    )
+
+
 def _fold_tile(m, l, acc, s, mask, pv):
     """One tile of masked scores `s` folded into the running max, sum and output.
 
@@ -129,6 +138,7 @@ def _forward(q, k, v, seg: Segments, *, scale, causal, window, blocks):
     g = hq // hkv
     bq, bk = blocks
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    product = _product(q.dtype)
     full = seg.filled()
     if tq == bq and b > 1:  # rows of one q block each: decoding
         return _forward_rows_together(q, k, v, full, scale, causal, window, bk)
@@ -142,14 +152,12 @@ def _forward(q, k, v, seg: Segments, *, scale, causal, window, blocks):
         def body(j, carry, masked):
             m, l, acc, visited = carry
             k_KxSxD, v_KxSxD = _tile(k4, row, 2, j * bk, bk), _tile(v4, row, 2, j * bk, bk)
-            s = jnp.einsum("kgqd,ksd->kgqs", q_KxGxQxD, k_KxSxD, preferred_element_type=acc_dtype)
-            s = s * scale
+            s = product("kgqd,ksd->kgqs", q_KxGxQxD, k_KxSxD) * scale
             mask = None
             if masked:
                 mask = _tile_mask(full, row, i * bq, j * bk, bq, bk, causal=causal, window=window)
                 s = jnp.where(mask, s, MASK_VALUE)
-            pv = lambda p: jnp.einsum("kgqs,ksd->kgqd", p.astype(v.dtype), v_KxSxD,  # noqa: E731
-                                      preferred_element_type=acc_dtype)  # fmt: skip
+            pv = lambda p: product("kgqs,ksd->kgqd", p.astype(v.dtype), v_KxSxD)  # noqa: E731
             return *_fold_tile(m, l, acc, s, mask, pv), visited + 1
 
         shape = (hkv, g, bq)
@@ -184,6 +192,7 @@ def _forward_rows_together(q, k, v, full: Segments, scale, causal, window, bk):
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    product = _product(q.dtype)
     q_BxQxKxGxD = q.reshape(b, tq, hkv, hq // hkv, d)
     q_ids, q_pos = full.q_ids[:, :, None], full.q_positions[:, :, None]
     seen_BxQxT = tile_mask(q_ids, full.kv_ids[:, None], q_pos, full.kv_positions[:, None],
@@ -201,12 +210,9 @@ def _forward_rows_together(q, k, v, full: Segments, scale, causal, window, bk):
         )
         mask = tile_mask(q_ids, ids[:, None], q_pos, pos[:, None], causal=causal, window=window)
         mask = mask[:, None, None]  # [B, 1, 1, Q, S]
-        s = jnp.einsum(
-            "bqkgd,bskd->bkgqs", q_BxQxKxGxD, k_BxSxKxD, preferred_element_type=acc_dtype
-        )
+        s = product("bqkgd,bskd->bkgqs", q_BxQxKxGxD, k_BxSxKxD)
         s = jnp.where(mask, s * scale, MASK_VALUE)
-        pv = lambda p: jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_BxSxKxD,  # noqa: E731
-                                  preferred_element_type=acc_dtype)  # fmt: skip
+        pv = lambda p: product("bkgqs,bskd->bkgqd", p.astype(v.dtype), v_BxSxKxD)  # noqa: E731
         return _fold_tile(m, l, acc, s, mask, pv)
 
     shape = (b, hkv, hq // hkv, tq)
@@ -227,6 +233,7 @@ def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, 
     g = hq // hkv
     bq, bk = blocks
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    product = _product(q.dtype)
     sched = _schedule(seg, blocks, causal=causal, window=window)
     full = seg.filled()
     q5, do5 = _heads_first(q, hkv), _heads_first(do, hkv)
@@ -241,7 +248,7 @@ def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, 
 
     def probabilities(q_t, k_t, lse_t, row, i, j, masked):
         """p [K, G, Q, S] of one tile, recomputed from the lse; 0 where masked."""
-        s = jnp.einsum("kgqd,ksd->kgqs", q_t, k_t, preferred_element_type=acc_dtype) * scale
+        s = product("kgqd,ksd->kgqs", q_t, k_t) * scale
         p = jnp.exp(s - lse_t[..., None])
         if masked:
             mask = _tile_mask(full, row, i * bq, j * bk, bq, bk, causal=causal, window=window)
@@ -257,12 +264,11 @@ def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, 
             dk, dv, dq_buf, visited = carry
             q_t, do_t, lse_t, delta_t = q_tiles(row, i)
             p = probabilities(q_t, k_t, lse_t, row, i, j, masked)
-            dv = dv + jnp.einsum("kgqs,kgqd->ksd", p.astype(do.dtype), do_t,
-                                 preferred_element_type=acc_dtype)  # fmt: skip
-            dp = jnp.einsum("kgqd,ksd->kgqs", do_t, v_t, preferred_element_type=acc_dtype)
+            dv = dv + product("kgqs,kgqd->ksd", p.astype(do.dtype), do_t)
+            dp = product("kgqd,ksd->kgqs", do_t, v_t)
             ds = (p * (dp - delta_t[..., None])).astype(q.dtype)
-            dk = dk + jnp.einsum("kgqs,kgqd->ksd", ds, q_t, preferred_element_type=acc_dtype)
-            dq_t = jnp.einsum("kgqs,ksd->kgqd", ds, k_t, preferred_element_type=acc_dtype)
+            dk = dk + product("kgqs,kgqd->ksd", ds, q_t)
+            dq_t = product("kgqs,ksd->kgqd", ds, k_t)
             zero = jnp.zeros((), jnp.int32)
             start = (row, zero, zero, jnp.asarray(i * bq, jnp.int32), zero)
             tile = jax.lax.dynamic_slice(dq_buf, start, (1, hkv, g, bq, d))
