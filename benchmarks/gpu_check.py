@@ -3,6 +3,11 @@
     python benchmarks/gpu_check.py --out "$OUT"    # the device run (a few minutes)
     python benchmarks/gpu_check.py --smoke         # any machine, interpret mode, tiny sizes
 
+On the device tool's lent GPU (JAX 0.11 with CUDA there; this script needs only jax and
+numpy): one `run` of `PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT`
+with timeout_s=540. The timing stops starting new cases after `--timing_budget_s`
+(240 s), so the whole run fits one call and leaves device time to rerun it once.
+
 One process in three parts; the tables come last, everything is in OUT/gpu_check.json.
 
 1. `correctness`: `pallas_gpu` and `xla_chunked` on the device against the float64

@@ -1,5 +1,7 @@
 """Production sizes without a TPU or GPU: lowering through jax.export, memory, block counts."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,16 @@ TARGETS = {
 
 def _spec(*shape, dtype=jnp.bfloat16):
     return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _target(platform):
+    """Where to lower: for CUDA an abstract H100, since this host has no GPU (JAX 0.11's
+    Triton lowering asks the device for its compute capability; 0.10 assumed 9.0)."""
+    if platform != "cuda":
+        return contextlib.nullcontext()
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=h100)
+    return jax.sharding.use_abstract_mesh(mesh)
 
 
 def _export(platform, *, b, tq, tk, hq=8, hkv=2, d=128):
@@ -42,10 +54,13 @@ def _export(platform, *, b, tq, tk, hq=8, hkv=2, d=128):
 
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    return [
-        export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
-        for f in (forward, backward)
-    ]
+    with _target(platform):
+        return [
+            export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)(
+                *args
+            ).mlir_module()
+            for f in (forward, backward)
+        ]
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
@@ -132,11 +147,13 @@ def test_tpu_kernel_runs_the_work_list_in_windows(rng):
 
 
 def _triton_dots(fn, *args):
-    """The `tt.dot` lines of every Triton kernel that `fn` lowers to for CUDA."""
+    """(kernels, their `tt.dot` lines, the XLA dots around them) of `fn` lowered for CUDA."""
     from jax._src.lib import triton
     from jax._src.lib.mlir import ir
 
-    module = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    with _target("cuda"):
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    module = lowered.compiler_ir("stablehlo")
     kernels = []
 
     def walk(op):
@@ -153,7 +170,9 @@ def _triton_dots(fn, *args):
     triton.dialect.register_dialect(context)
     lines = [line for ir_bytes in kernels
              for line in str(ir.Module.parse(ir_bytes, context=context)).splitlines()]  # fmt: skip
-    return len(kernels), [line.strip() for line in lines if "tt.dot" in line]
+    dots = [line.strip() for line in lines if "tt.dot" in line]
+    xla_dots = [line for line in lowered.as_text().splitlines() if "stablehlo.dot_general" in line]
+    return len(kernels), dots, xla_dots
 
 
 @pytest.mark.parametrize("dtype,operand", [(jnp.float32, "xf32"), (jnp.bfloat16, "xbf16")])
@@ -172,7 +191,10 @@ def test_gpu_kernels_keep_float32_dots_in_float32(dtype, operand):
         with pytest.raises(NotImplementedError):
             _triton_dots(forward_and_grads, q, kv, kv)
         return
-    kernels, dots = _triton_dots(forward_and_grads, q, kv, kv)
+    kernels, dots, xla_dots = _triton_dots(forward_and_grads, q, kv, kv)
+    # Around the kernels too: no float32 product at XLA's default precision (the
+    # backward's delta = rowsum(dO * O) once was one, in bf16 training as well).
+    assert not [d for d in xla_dots if "xf32>" in d and "HIGHEST" not in d], xla_dots
     # Forward, dq and dkv kernels with 2, 3 and 4 products, each loop body traced three
     # times (masked blocks on either side, unmasked ones between).
     assert kernels == 3 and len(dots) == 3 * (2 + 3 + 4)

@@ -490,7 +490,8 @@ def _attention_bwd(scale, causal, window, block_sizes, interpret, residuals, cot
     """custom_vjp backward: dq, dk, dv (none for the segments); dlse enters delta."""
     q, k, v, seg, o, lse2 = residuals
     do, dlse2 = cotangents
-    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+    # A sum of products, not an einsum: XLA would make that a dot, in TF32 on a GPU.
+    delta = jnp.swapaxes(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
     # lse2 = lse / ln 2, so d/ds of lse2 is p / ln 2: the natural delta shifts by dlse2 / ln 2.
     delta = delta - jnp.where(jnp.isfinite(lse2), dlse2, 0.0) / math.log(2.0)
     lse2 = finite_lse(lse2)
