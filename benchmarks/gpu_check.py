@@ -67,8 +67,8 @@ SIZES = {  # the device run, and the smoke run's (interpret mode on a CPU)
         blocks=None,
     ),
     "smoke": dict(
-        dtypes=("float32",), check_len=32, check_heads=(4, 2, 32), lengths=(256,),
-        means=(32, 0), heads=(4, 2, 32), chunked_up_to=256, matmul=256, copy_mib=1,
+        dtypes=("float32",), check_len=32, check_heads=(2, 1, 16), lengths=(128,),
+        means=(32, 0), heads=(2, 1, 16), chunked_up_to=128, matmul=256, copy_mib=1,
         budget_s=0.0, max_repeats=1, blocks=BlockSizes(block_q=16, block_kv=16),
     ),
 }  # fmt: skip

@@ -21,8 +21,8 @@ def test_gpu_check_runs_every_part_and_writes_its_json(tmp_path, capsys):
     assert results["ceilings"]["matmul_flops_per_s"] > 0 < results["ceilings"]["copy_bytes_per_s"]
     # Timing: every implementation on every case, both passes, with the floors.
     assert [(r["row_len"], r["layout"]) for r in results["timing"]] == [
-        (256, "mean 32"),
-        (256, "one document"),
+        (128, "mean 32"),
+        (128, "one document"),
     ]
     for record in results["timing"]:
         assert set(record["times"]) == {
@@ -34,7 +34,7 @@ def test_gpu_check_runs_every_part_and_writes_its_json(tmp_path, capsys):
         floors = record["floors"]
         assert floors["forward+backward"]["flops"] == 3.5 * floors["forward"]["flops"] > 0
     one = results["timing"][1]
-    assert one["visible"] == 256 * 257 / 2 and one["documents"] == 1
+    assert one["visible"] == 128 * 129 / 2 and one["documents"] == 1
     # The dense target is evaluated on the one-document row, for both passes.
     assert [t["pass_"] for t in results["targets"]] == ["forward", "forward+backward"]
     with open(tmp_path / "gpu_check.json") as f:
