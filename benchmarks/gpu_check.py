@@ -131,9 +131,8 @@ def check_correctness(size, interpret, seed):
             with jax.default_device(host):
                 want = checks.reference_values_and_grads(q, k, v, w, **call)
             for name in CHECKED:
-                extra = dict(interpret=interpret, block_sizes=size["blocks"])
-                if name != "pallas_gpu":
-                    extra = {}
+                kernel = dict(interpret=interpret, block_sizes=size["blocks"])
+                extra = kernel if name == "pallas_gpu" else {}
 
                 def fn(q, k, v, name=name, call=call, extra=extra):
                     return packed_attention(q, k, v, implementation=name, return_lse=True,
@@ -205,15 +204,16 @@ def visible_entries(seg) -> float:
     return float(np.sum(lengths.astype(np.float64) * (lengths + 1) / 2))
 
 
-def _kernels(seg, hq, hkv, size, interpret, on_gpu):
-    """name -> fn(q, k, v) -> out of every timed implementation on this row."""
-    ids = jnp.asarray(seg)
+def _kernels(hq, hkv, size, interpret, on_gpu):
+    """name -> fn(q, k, v, segment ids) -> out of every timed implementation."""
     blocks = size["blocks"]
     kernels = {
-        "pallas_gpu": lambda q, k, v: packed_attention(
+        "pallas_gpu": lambda q, k, v, ids: packed_attention(
             q, k, v, ids, implementation="pallas_gpu", interpret=interpret, block_sizes=blocks
         ),
-        "xla_chunked": lambda q, k, v: packed_attention(q, k, v, ids, implementation="xla_chunked"),
+        "xla_chunked": lambda q, k, v, ids: packed_attention(
+            q, k, v, ids, implementation="xla_chunked"
+        ),
     }
     try:
         from jax.experimental.pallas.ops.gpu.attention import mha
@@ -222,7 +222,7 @@ def _kernels(seg, hq, hkv, size, interpret, on_gpu):
     if mha is not None:
         group = hq // hkv
 
-        def bundled(q, k, v):
+        def bundled(q, k, v, ids):
             """JAX's Pallas GPU attention: no GQA, so the kv heads are repeated."""
             k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
             return mha(q, k, v, ids, sm_scale=q.shape[-1] ** -0.5, causal=True,
@@ -230,20 +230,24 @@ def _kernels(seg, hq, hkv, size, interpret, on_gpu):
 
         kernels["jax_pallas_mha"] = bundled
     dense = "cudnn" if on_gpu else "xla"  # on a CPU the same call path, without cuDNN
-    kernels[f"dense_causal_{dense}"] = lambda q, k, v: jax.nn.dot_product_attention(
+    kernels[f"dense_causal_{dense}"] = lambda q, k, v, ids: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation=dense
     )
     return kernels
 
 
 def _passes(fn):
-    """Jitted forward, and forward+backward (gradients of q, k, v against a cotangent)."""
+    """Jitted forward, and forward+backward (gradients of q, k, v against a cotangent).
 
-    def loss(q, k, v, w):
-        return jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+    The segment ids are an argument, so one compilation per length serves every layout.
+    """
+
+    def loss(q, k, v, ids, w):
+        return jnp.sum(fn(q, k, v, ids).astype(jnp.float32) * w)
 
     grads = jax.grad(loss, argnums=(0, 1, 2))
-    return {"forward": jax.jit(lambda q, k, v, w: fn(q, k, v)), "forward+backward": jax.jit(grads)}
+    forward = jax.jit(lambda q, k, v, ids, w: fn(q, k, v, ids))
+    return {"forward": forward, "forward+backward": jax.jit(grads)}
 
 
 def _floors(seg, row_len, hq, hkv, d, ceilings):
@@ -269,6 +273,8 @@ def time_cases(size, interpret, on_gpu, ceilings, rng, budget_s):
     hq, hkv, d = size["heads"]
     cases = [(t, m) for t in size["lengths"] for m in size["means"]]
     cases = [c for c in PRIORITY if c in cases] + [c for c in cases if c not in PRIORITY]
+    kernels = _kernels(hq, hkv, size, interpret, on_gpu)
+    jitted = {name: _passes(fn) for name, fn in kernels.items()}
     dense_times, records, start = {}, [], time.perf_counter()
     for row_len, mean in cases:
         seg = layout(row_len, mean, seed=row_len + mean)
@@ -279,12 +285,13 @@ def time_cases(size, interpret, on_gpu, ceilings, rng, budget_s):
         if time.perf_counter() - start > budget_s:
             record["not_run"] = f"the timing budget of {budget_s:.0f} s was spent"
             continue
-        inputs = [
-            [jnp.asarray(rng.standard_normal((1, row_len, h, d)), jnp.bfloat16)
-             for h in (hq, hkv, hkv, hq)]
-            for _ in range(2)
-        ]  # fmt: skip
-        for name, fn in _kernels(seg, hq, hkv, size, interpret, on_gpu).items():
+        ids = jnp.asarray(seg)
+        inputs = []
+        for _ in range(2):
+            q, k, v, w = (jnp.asarray(rng.standard_normal((1, row_len, h, d)), jnp.bfloat16)
+                          for h in (hq, hkv, hkv, hq))  # fmt: skip
+            inputs.append((q, k, v, ids, w))
+        for name in kernels:
             if name == "xla_chunked" and row_len > size["chunked_up_to"]:
                 record["times"][name] = {"not_run": f"above {size['chunked_up_to']} tokens"}
                 continue
@@ -292,8 +299,8 @@ def time_cases(size, interpret, on_gpu, ceilings, rng, budget_s):
                 record["times"][name] = dense_times[row_len]  # the layout does not matter
                 continue
             passes = {}
-            for pass_name, jitted in _passes(fn).items():
-                timed = functools.partial(_median_seconds, jitted, inputs, size["budget_s"],
+            for pass_name, program in jitted[name].items():
+                timed = functools.partial(_median_seconds, program, inputs, size["budget_s"],
                                           size["max_repeats"])  # fmt: skip
                 passes[pass_name] = _attempt(timed)
             record["times"][name] = passes
