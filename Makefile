@@ -1,5 +1,10 @@
 # Two commands: `make train` trains the default tiny model, `make test` runs lint and tests.
-# Both create .venv (if missing) and install lcx into it from setup.cfg.
+# Both create .venv (if missing) and install lcx into it from the lock for its Python
+# (requirements/py3XX.txt, refreshed by `make lock`).
+#
+# Environments: .venv is the default Python (3.11 here: JAX 0.10.2, torch for the
+# Hugging Face references); .venv-latest is Python 3.12 with the newest JAX, as Colab has
+# (`make venv-latest`, `make test-latest`; skipped with a message where no 3.12 exists).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,13 +13,28 @@ CONFIG ?= configs/lm_tiny.py
 WORKDIR ?= runs/$(basename $(notdir $(CONFIG)))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lcx-installed
+PYVER := $(shell $(PYTHON) -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
+# Python 3.12: `python3.12` if it runs, else the newest pyenv 3.12 (pyenv's shim for a
+# version that is not selected exists but fails, so each candidate is run once).
+PYTHON_LATEST ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -n 1); do $$p -c '' 2>/dev/null && { command -v $$p; break; }; done)
+VENV_LATEST ?= .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+STAMP_LATEST := $(VENV_LATEST)/.lcx-installed
+NO_LATEST := echo "make: no Python 3.12 found (python3.12, or pyenv's versions/3.12*); skipping the latest-JAX environment. Set PYTHON_LATEST=/path/to/python3.12 to use one."
 
-.PHONY: train processes test lint format bench clean
+PYTEST = JAX_PLATFORMS=cpu $(1) -m pytest -n 2 --durations=15
+# Tiers (markers in pyproject.toml): `slow` process-level tests (CI runs them: test-slow),
+# `notebook` the notebooks, `torch` the transformers references.
+FAST := not slow and not notebook
 
-$(STAMP): setup.cfg pyproject.toml
+.PHONY: train processes test test-fast test-slow test-latest venv-latest lint format lock bench clean
+
+$(STAMP): requirements/py$(PYVER).txt setup.cfg pyproject.toml
+	@test -f requirements/py$(PYVER).txt || { echo "make: no lock for Python $(PYVER) in requirements/; use Python 3.11 or 3.12, or PYTHON=python3.11"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -r requirements/py$(PYVER).txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -29,15 +49,49 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
+# Everything but the process-level tests (about 15 minutes on 2 cores).
 test: lint
-	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --durations=10 tests
+	$(call PYTEST,$(PY)) -m "not slow" tests
+
+# The iteration tier: no notebooks, no process-level tests (about 5 minutes).
+test-fast: $(STAMP)
+	$(call PYTEST,$(PY)) -m "$(FAST)" tests
+
+# The process-level tests: several processes, kills, restarts (CI runs them).
+test-slow: $(STAMP)
+	$(call PYTEST,$(PY)) -m slow tests
+
+venv-latest:
+	@if [ -z "$(PYTHON_LATEST)" ]; then $(NO_LATEST); else $(MAKE) --no-print-directory $(STAMP_LATEST); fi
+
+$(STAMP_LATEST): requirements/py312.txt setup.cfg pyproject.toml
+	test -x $(PY_LATEST) || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -m pip install --quiet --upgrade pip
+	$(PY_LATEST) -m pip install --quiet -r requirements/py312.txt
+	$(PY_LATEST) -m pip install --quiet --no-deps -e .
+	touch $(STAMP_LATEST)
+
+# The fast tier and the notebooks on Python 3.12 with the newest JAX (no torch there).
+test-latest: venv-latest
+	@if [ -n "$(PYTHON_LATEST)" ]; then $(call PYTEST,$(PY_LATEST)) -m "not slow and not torch" tests; fi
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Refresh both locks from setup.cfg's ranges with uv (pinned, in its own small venv).
+UV_VERSION := 0.13.9
+UV := .venv-lock/bin/uv
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+LOCK = $(UV) pip compile setup.cfg --quiet --upgrade --custom-compile-command "make lock" --python-version $(1) $(2) -o requirements/py$(subst .,,$(1)).txt
+lock:
+	test -x $(UV) || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv==$(UV_VERSION); }
+	# The reference extra (torch, transformers) only where torch's CPU build exists: 3.11.
+	$(call LOCK,3.11,--extra test --extra reference $(FIND_LINKS))
+	$(call LOCK,3.12,--extra test)
+
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV_LATEST) .venv-lock runs .pytest_cache .ruff_cache

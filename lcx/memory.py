@@ -5,11 +5,11 @@
 Parameters, optimizer state and gradients (float32, sharded over `fsdp` x `tensor`),
 and the activations the backward pass keeps under `model.remat`, for the local tokens
 (rows over `data` x `fsdp`, each row's tokens over `sequence`), plus the float32
-logits. An estimate by counting, checked at smoke size against XLA's compiled memory
-analysis (tests/test_memory.py: XLA's CPU step needs 1.4-2.4x the count there, its
-temporaries holding float32 copies of bfloat16 values and attention tiles the count
-leaves out), so read it as a lower bound; on a slice, the compiled step's own analysis
-is the final word.
+logits. An estimate by counting, not a bound: at smoke size XLA's compiled CPU step needs
+0.9-2.4x the count (tests/test_memory.py, BENCHMARKS.md: JAX 0.10 keeps float32 copies of
+bfloat16 values and attention tiles the count leaves out; JAX 0.11+ reuses buffers the
+count assumes live at once). On a slice, the compiled step's own analysis is the final
+word.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ def _params(model):
     return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_equal_transformers_whole_and_packed(variant, rng, tmp_path):
     torch_model = build(str(tmp_path), variant, int(rng.integers(1 << 30)))
@@ -54,6 +55,7 @@ def test_logits_equal_transformers_whole_and_packed(variant, rng, tmp_path):
         start += len(doc)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("variant", ["llama3.1", "qwen2", "qwen3", "mistral"])
 def test_round_trip_is_bit_identical_and_the_export_loads_in_transformers(variant, rng, tmp_path):
     import transformers
@@ -76,6 +78,7 @@ def test_round_trip_is_bit_identical_and_the_export_loads_in_transformers(varian
     assert error <= 1e-5, (variant, error)
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize(
     "stored, param_dtype",
     [("bfloat16", "bfloat16"), ("float16", "float32"), ("bfloat16", "float32")],
@@ -138,6 +141,7 @@ print("ok", error)
 """
 
 
+@pytest.mark.torch
 def test_sharded_checkpoint_on_eight_devices_gives_one_devices_logits(rng, tmp_path):
     build(str(tmp_path / "hf"), "llama3.1", int(rng.integers(1 << 30)))
     model = load_hf(str(tmp_path / "hf"))
@@ -161,6 +165,7 @@ def _rewrite(path, change):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+@pytest.mark.torch
 def test_bad_directories_fail_in_one_line_naming_the_file(rng, tmp_path):
     seed = int(rng.integers(1 << 30))
     with pytest.raises(ValueError, match=r"no config.json"):

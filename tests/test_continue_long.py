@@ -46,6 +46,7 @@ def exported(tmp_path_factory):
     return c, str(base / "run"), str(base / "hf")
 
 
+@pytest.mark.torch
 def test_export_mode_writes_a_directory_transformers_loads(exported, rng):
     import transformers
 

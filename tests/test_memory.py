@@ -31,10 +31,10 @@ def _compiled_bytes(c):
     return analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
 
 
-def test_estimate_orders_remat_policies_and_bounds_xla_from_below():
-    """At smoke size (4 layers of 128, 8 rows of 512): XLA's CPU step needs 1-3x the
-    estimate (its temporaries hold float32 copies and attention tiles the count omits),
-    and both order the policies none > dots > full."""
+def test_estimate_orders_remat_policies_and_is_within_xla_s_band():
+    """At smoke size (4 layers of 128, 8 rows of 512): XLA's CPU step needs 0.8-3x the
+    estimate (JAX 0.10: 1.4-2.4x, float32 copies and attention tiles the count omits;
+    JAX 0.12: 0.9-1.5x, buffers reused), and both order the policies none > dots > full."""
     got = {}
     for remat in ("none", "dots", "full"):
         c = load_config(POD, "smoke")
@@ -43,7 +43,7 @@ def test_estimate_orders_remat_policies_and_bounds_xla_from_below():
         c.train.update(seq_len=512, batch_size=8)
         got[remat] = (estimate(c, 1)["total"], _compiled_bytes(c))
     for remat, (est, xla) in got.items():
-        assert 1.0 <= xla / est <= 3.0, (remat, est, xla)
+        assert 0.8 <= xla / est <= 3.0, (remat, est, xla)
     for i in (0, 1):
         assert got["none"][i] > got["dots"][i] > got["full"][i]
 

@@ -25,6 +25,7 @@ def test_notebook_is_stored_without_outputs(path):
     assert "from lcx import colab" in code[0].source  # the Colab setup cell comes first
 
 
+@pytest.mark.notebook
 @pytest.mark.parametrize("path", PATHS, ids=os.path.basename)
 def test_notebook_runs_on_the_cpu(path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
