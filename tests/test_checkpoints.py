@@ -141,6 +141,7 @@ print("ok", error)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_sharded_checkpoint_on_eight_devices_gives_one_devices_logits(rng, tmp_path):
     build(str(tmp_path / "hf"), "llama3.1", int(rng.integers(1 << 30)))

@@ -54,6 +54,7 @@ def _losses(workdir):
     return {r["step"]: (r["loss"], r["tokens_seen"]) for r in records if "loss" in r}
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     two = _processes(tmp_path / "two", "--config.train.steps=3")
     assert two.returncode == 0, two.stderr[-3000:]
@@ -68,6 +69,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     assert two.stdout.count("lcx: trained to step 3") == 1  # process 0 speaks
 
 
+@pytest.mark.slow
 def test_a_killed_process_stops_the_other_and_both_resume_losing_no_tokens(tmp_path):
     workdir = tmp_path / "run"
     port = _free_port()
@@ -129,6 +131,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_written_on_one_mesh_continues_on_another(tmp_path):
     """fsdp=8 on 8 devices, then data=2, tensor=2 on 4: the losses of an unresharded run."""
     first = ["--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.train.steps=4"]
@@ -172,6 +175,7 @@ def test_bad_distributed_input_is_one_line(tmp_path, extra, message):
     assert time.time() - start < 60
 
 
+@pytest.mark.slow
 def test_a_checkpoint_cut_off_mid_write_is_set_aside_for_the_previous_one(tmp_path):
     from lcx.config_loading import load_config
     from lcx.train.loop import Experiment, train_and_evaluate

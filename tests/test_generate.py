@@ -294,6 +294,7 @@ print("tokens", one == eight, prefix == eight_prefix, lact == eight_lact)
 """
 
 
+@pytest.mark.slow
 def test_eight_device_mesh_generates_the_tokens_of_one_device(rng):
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SETUP = r"""
@@ -72,6 +74,7 @@ print("losses", one_losses, eight_losses)
 )
 
 
+@pytest.mark.slow
 def test_eight_device_mesh_matches_one_device(rng):
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
@@ -141,6 +144,7 @@ print("all meshes agree")
 )
 
 
+@pytest.mark.slow
 def test_loss_and_gradients_agree_on_every_mesh_axis(rng):
     """1 device vs data=8, fsdp x tensor, data x fsdp x sequence (ring), sequence=8; and
     AdAdaGrad's test statistics on data-parallel meshes."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from lcx.attention.ring import balanced_permutation, layout_permutation
 from tests.attention_cases import random_layout
@@ -80,6 +81,7 @@ print("skipped windowed", int(skipped8), "padding", int(skipped0))
 """
 
 
+@pytest.mark.slow
 def test_ring_attention_equals_packed_attention_and_skips_the_steps_a_hand_count_predicts(rng):
     env = dict(
         os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",

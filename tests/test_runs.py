@@ -150,6 +150,7 @@ def _run_cli(workdir, *extra, **popen):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_from_outside_stops_with_a_checkpoint_and_one_line(tmp_path, signum):
     workdir = str(tmp_path / "run")
