@@ -5,47 +5,20 @@ prefill, ChunkFlow), one query per sequence against a cache (decoding): all are 
 with segment ids and positions against keys with theirs (see `reference_attention` for
 the semantics). Every implementation takes the same `Segments` and returns
 (out, lse); `implementation=None` tries the best for the backend and falls back to the
-next on NotImplementedError. Under a mesh whose `sequence` axis is > 1 (`jax.set_mesh`),
+next on NotImplementedError (`lcx.attention.dispatch`, whose `IMPLEMENTATIONS` and
+`PREFERENCE` are these). Under a mesh whose `sequence` axis is > 1 (`jax.set_mesh`),
 self-attention runs as ring attention (`lcx.attention.ring`) over that axis.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from lcx.attention.pallas_gpu import gpu_implementation
-from lcx.attention.pallas_tpu import tpu_implementation
-from lcx.attention.reference import reference_attention
+from lcx.attention.dispatch import FALLBACK, IMPLEMENTATIONS, PREFERENCE, attend_segments
 from lcx.attention.ring import ring_attention, sequence_mesh
 from lcx.attention.segments import check_attention_args, segments_of, validate_segments
-from lcx.attention.xla_chunked import xla_chunked_implementation
 
-
-def _xla(q, k, v, segments, *, causal, window, scale, block_sizes, interpret):
-    """The XLA reference: the whole Tq x Tk score matrix."""
-    del block_sizes, interpret
-    return reference_attention(
-        q, k, v, segments.q_ids, kv_segment_ids=segments.kv_ids,
-        q_positions=segments.q_positions, kv_positions=segments.kv_positions, causal=causal,
-        window=window, scale=scale, return_lse=True,
-    )  # fmt: skip
-
-
-IMPLEMENTATIONS = {
-    "xla": _xla,
-    "xla_chunked": xla_chunked_implementation,
-    "pallas_tpu": tpu_implementation,
-    "pallas_gpu": gpu_implementation,
-}
-
-# Preference order per backend; names missing from IMPLEMENTATIONS are skipped.
-PREFERENCE = {
-    "tpu": ("pallas_tpu", "xla_chunked"),
-    "gpu": ("pallas_gpu", "xla_chunked"),
-    "cpu": ("xla_chunked",),
-}
-FALLBACK = "xla_chunked"
+__all__ = ["FALLBACK", "IMPLEMENTATIONS", "PREFERENCE", "packed_attention"]
 
 
 def packed_attention(
@@ -98,26 +71,8 @@ def packed_attention(
     segments = segments_of(q, k, segment_ids, kv_segment_ids, q_positions, kv_positions)
     if validate:
         validate_segments(segments)
-    kwargs = dict(
-        causal=causal, window=window, scale=scale, block_sizes=block_sizes, interpret=interpret
-    )
-    if implementation is not None:
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"implementation={implementation!r} is unknown; valid: {sorted(IMPLEMENTATIONS)}"
-            )
-        out, lse = IMPLEMENTATIONS[implementation](q, k, v, segments, **kwargs)
-    else:
-        out, lse = _first_that_serves(q, k, v, segments, kwargs)
+    out, lse = attend_segments(
+        q, k, v, segments, implementation=implementation, causal=causal, window=window,
+        scale=scale, block_sizes=block_sizes, interpret=interpret,
+    )  # fmt: skip
     return (out, lse) if return_lse else out
-
-
-def _first_that_serves(q, k, v, segments, kwargs):
-    """The backend's preferred implementations in order; the fallback when none serves."""
-    for name in PREFERENCE.get(jax.default_backend(), ()):
-        if name in IMPLEMENTATIONS:
-            try:
-                return IMPLEMENTATIONS[name](q, k, v, segments, **kwargs)
-            except NotImplementedError:
-                continue
-    return IMPLEMENTATIONS[FALLBACK](q, k, v, segments, **kwargs)

@@ -3,12 +3,13 @@
 Liu, Zaharia, Abbeel, "Ring Attention with Blockwise Transformers for Near-Infinite
 Context" (2023, arXiv 2310.01889): each device keeps its shard of the queries while the
 shards of keys and values (with their segment ids and positions) travel the ring by
-`lax.ppermute`; every step is one `packed_attention` call (so the Pallas kernels and
-`xla_chunked` serve here), merged by log-sum-exp (`merge_attention`). The backward pass
-is a custom VJP that sends the keys and values around the ring again with their dK/dV
-accumulators, recomputing each step: no step's activations are stored. A step whose
-arriving shard holds no key visible to the local queries (other documents, or all in
-the causal future) is skipped, compute and all (`lax.cond`), and counted.
+`lax.ppermute`; every step runs the implementation `packed_attention` would pick
+(`lcx.attention.dispatch`, so the Pallas kernels and `xla_chunked` serve here), merged
+by log-sum-exp (`merge_attention`). The backward pass is a custom VJP that sends the
+keys and values around the ring again with their dK/dV accumulators, recomputing each
+step: no step's activations are stored. A step whose arriving shard holds no key
+visible to the local queries (other documents, or all in the causal future) is
+skipped, compute and all (`lax.cond`), and counted.
 
 Causal load balance is a permutation of the row applied once in the input pipeline
 (`sequence_layout`), not per layer: with explicit positions, attention is the same
@@ -33,9 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from lcx.attention.dispatch import attend_segments
 from lcx.attention.layout import token_ranges
 from lcx.attention.merge import merge_attention
-from lcx.attention.segments import Segments
+from lcx.attention.segments import Segments, segments_of
 
 LAYOUTS = ("contiguous", "zigzag", "striped", "balanced")
 
@@ -247,13 +249,9 @@ def ring_attention(
 
 
 def _attend(q, k, v, q_ids, q_pos, kv_ids, kv_pos, **kwargs):
-    """One ring step: `packed_attention` of the local queries against an arriving shard."""
-    from lcx.attention.api import packed_attention  # api dispatches here: import late
-
-    return packed_attention(
-        q, k, v, q_ids, kv_segment_ids=kv_ids, q_positions=q_pos, kv_positions=kv_pos,
-        return_lse=True, **kwargs,
-    )  # fmt: skip
+    """One ring step: (out, lse) of the local queries against an arriving shard."""
+    segments = segments_of(q, k, q_ids, kv_ids, q_pos, kv_pos)
+    return attend_segments(q, k, v, segments, **kwargs)
 
 
 def _make_ring(attend, axis, n, causal, window):
