@@ -308,6 +308,35 @@ def test_eight_device_mesh_generates_the_tokens_of_one_device(rng):
     assert "tokens True True True" in result.stdout, result.stdout
 
 
+def test_engine_parameters_a_mesh_axis_cannot_split_are_replicated_with_a_warning():
+    """A vocabulary of 63 under tensor=2: the embedding's vocab dimension stays whole."""
+    import warnings
+
+    from configs import lm_tiny
+    from lcx.generate.engine import _param_shardings
+    from lcx.train import sharding as sh
+
+    rules = tuple(tuple(r) for r in lm_tiny.get_config("smoke").sharding_rules)
+    mesh = jax.sharding.AbstractMesh((4, 1, 2, 1), sh.MESH_AXES)  # no devices needed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 64 splits: nothing to say
+        _param_shardings(nnx.split(tiny_model(vocab_size=64))[1], mesh, rules)
+    _, state = nnx.split(tiny_model(vocab_size=63))
+    with pytest.warns(UserWarning) as caught:
+        shardings = _param_shardings(state, mesh, rules)
+    (warning,) = caught
+    message = str(warning.message)
+    assert "(63, 32)" in message and "'tensor' on dimension 0" in message, message
+    dropped = [
+        (jax.tree_util.keystr(path), x.shape)
+        for (path, sharding), x in zip(
+            jax.tree_util.tree_flatten_with_path(shardings)[0], jax.tree.leaves(state), strict=True
+        )
+        if 63 in x.shape and "tensor" not in sharding.spec
+    ]
+    assert dropped and all(f"{name} {tuple(shape)}" in message for name, shape in dropped)
+
+
 @pytest.mark.parametrize("pattern", [("lact",), ("attention", "lact")], ids=["lact", "hybrid"])
 def test_lact_and_hybrid_engine_greedy_equals_recomputation(rng, pattern):
     """Fast weights update every 8 tokens of each sequence, in prompts and while decoding."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -99,7 +100,8 @@ class Engine:
       cache_dtype: dtype of the cache (default the model's compute dtype).
       mesh, rules: shard the parameters by their logical axes under `rules` (as
         `config.sharding_rules`) and the cache's slots over `data`, its kv heads over
-        `tensor`; the step is jitted with these shardings.
+        `tensor`; the step is jitted with these shardings. A parameter dimension its
+        mesh axes do not divide is replicated instead, with a UserWarning naming it.
     """
 
     def __init__(self, model, *, slots: int, max_length: int, token_budget: int,
@@ -411,10 +413,32 @@ def _jitted_step(graphdef, attend_cache, out_shardings):
 
 
 def _param_shardings(state, mesh, rules):
-    """NamedShardings of the parameters from their logical axis names."""
+    """NamedShardings of the parameters from their logical axis names; a mesh axis that
+    does not divide its dimension is dropped there, with one warning naming each."""
     from lcx.train.sharding import logical_to_sharding
 
-    return logical_to_sharding(nnx.get_partition_spec(state), mesh, rules)
+    specs = nnx.get_partition_spec(state)
+    wanted = logical_to_sharding(specs, mesh, rules)
+    fitted = logical_to_sharding(specs, mesh, rules, state)
+    dropped = [
+        f"{jax.tree_util.keystr(path)} {tuple(x.shape)}: {want.spec[i]!r} on dimension {i}"
+        for (path, want), got, x in zip(
+            jax.tree_util.tree_flatten_with_path(wanted)[0],
+            jax.tree.leaves(fitted),
+            jax.tree.leaves(state),
+            strict=True,
+        )
+        for i in range(len(x.shape))
+        if i < len(want.spec) and want.spec[i] is not None and got.spec[i] is None
+    ]
+    if dropped:
+        warnings.warn(
+            f"serving engine: mesh {dict(mesh.shape)} does not divide these parameter "
+            f"dimensions; each is replicated over the mesh axes named: {'; '.join(dropped)}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return fitted
 
 
 def _cache_sharding(cache, mesh):
