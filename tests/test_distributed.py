@@ -69,14 +69,12 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
     assert two.stdout.count("lcx: trained to step 3") == 1  # process 0 speaks
 
 
-@pytest.mark.slow
-def test_a_killed_process_stops_the_other_and_both_resume_losing_no_tokens(tmp_path):
-    workdir = tmp_path / "run"
+def _two_processes(workdir, *extra):
+    """Two `python -m lcx.main` processes of four devices joined by jax.distributed."""
     port = _free_port()
-    args = [*COMMON, "--workdir", str(workdir), "--config.train.steps=200",
-            "--config.train.checkpoint_every=2", f"--coordinator_address=localhost:{port}",
-            "--num_processes=2", "--distributed_timeout=60"]  # fmt: skip
-    procs = [
+    args = [*COMMON, "--workdir", str(workdir), *extra, "--num_processes=2",
+            f"--coordinator_address=localhost:{port}", "--distributed_timeout=60"]  # fmt: skip
+    return [
         subprocess.Popen(
             [sys.executable, "-m", "lcx.main", *args, f"--process_id={i}"],
             cwd=ROOT,
@@ -87,12 +85,23 @@ def test_a_killed_process_stops_the_other_and_both_resume_losing_no_tokens(tmp_p
         )  # fmt: skip
         for i in range(2)
     ]
+
+
+def _wait_for_steps(workdir, procs, steps, timeout=300):
+    """Return once metrics.jsonl logs `steps` steps, both processes still running."""
+    metrics, deadline = workdir / "metrics.jsonl", time.time() + timeout
+    while not (metrics.exists() and len(_losses(workdir)) >= steps):
+        assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+        assert time.time() < deadline, f"no {steps} steps within {timeout} s"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_and_both_resume_losing_no_tokens(tmp_path):
+    workdir = tmp_path / "run"
+    procs = _two_processes(workdir, "--config.train.steps=200", "--config.train.checkpoint_every=2")
     try:
-        metrics = workdir / "metrics.jsonl"
-        deadline = time.time() + 300
-        while time.time() < deadline and not (metrics.exists() and len(_losses(workdir)) >= 5):
-            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
-            time.sleep(0.1)
+        _wait_for_steps(workdir, procs, 5)
         procs[1].send_signal(signal.SIGKILL)
         killed = time.time()
         procs[0].wait(timeout=BOUND_S)  # raises TimeoutExpired: a hang
@@ -116,6 +125,58 @@ def test_a_killed_process_stops_the_other_and_both_resume_losing_no_tokens(tmp_p
     for step in want:  # the same batches: same tokens counted, same losses
         assert got[step][1] == want[step][1]
         np.testing.assert_allclose(got[step][0], want[step][0], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(tmp_path):
+    """Both save the step reached and exit 143; resumed, the run equals an unbroken one."""
+    started = time.time()
+    workdir = tmp_path / "run"
+    sixteen = ["--config.train.steps=200", "--config.train.max_tokens=8192",
+               "--config.train.checkpoint_every=100"]  # 16 steps of 8 x 64 tokens  # fmt: skip
+    procs = _two_processes(workdir, *sixteen)
+    try:
+        _wait_for_steps(workdir, procs, 2)
+        procs[1].send_signal(signal.SIGTERM)  # one process only, as a scheduler might
+        stderrs = [p.communicate(timeout=BOUND_S)[1] for p in procs]  # TimeoutExpired: a hang
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [128 + 15] * 2, stderrs[0][-3000:] + stderrs[1][-3000:]
+    steps = [int(e.split("stopped by SIGTERM at step ")[1].split(";")[0]) for e in stderrs]
+    assert steps[0] == steps[1] < 16, steps
+    saved = [int(x) for x in os.listdir(workdir / "checkpoints") if x.isdigit()]
+    assert max(saved) == steps[0], saved  # (orbax also keeps the first step's)
+    resumed = _processes(workdir, *sixteen, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {steps[0]}" in resumed.stderr
+    straight = _processes(tmp_path / "straight", *sixteen, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    got, want = _losses(workdir), _losses(tmp_path / "straight")
+    assert got == want and sorted(want) == list(range(1, 17))  # bit for bit, every step
+    got_params, want_params = _final_params(workdir), _final_params(tmp_path / "straight")
+    assert got_params.keys() == want_params.keys()
+    for name, value in want_params.items():
+        np.testing.assert_array_equal(got_params[name], value, err_msg=name)
+    print(f"stopped at step {steps[0]}; the test took {time.time() - started:.0f} s")
+
+
+def _final_params(workdir):
+    """{path: array} of the parameters in the newest checkpoint, read as numpy."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    steps = sorted(int(x) for x in os.listdir(workdir / "checkpoints") if x.isdigit())
+    path = workdir / "checkpoints" / str(steps[-1]) / "state"
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path)
+        tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        state = checkpointer.restore(path, restore_args=restore_args)
+    leaves = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
 # The survivor learns of a dead peer through JAX's heartbeats (lcx.train.distributed's

@@ -4,9 +4,13 @@ A cluster scheduler or a TPU preemption sends SIGTERM; a person presses Ctrl-C (
 `StopSignals` turns the first of either into a request the training loop honours after
 the step in flight: it writes a checkpoint at that step, waits for it, prints one line
 and raises `Interrupted`, which the command line turns into exit status 128 + signal. A
-second signal exits at once. In a multi-process run (`jax.distributed`), JAX's
-preemption sync point (`multihost_utils.reached_preemption_sync_point`) makes every
-process stop at the same step when the coordination service saw a preemption notice.
+second signal exits at once. In a multi-process run (`jax.distributed`) every process
+must stop after the same step, or the ones still training wait forever on the others'
+collectives: each step the processes gather their signals (one small
+`multihost_utils.process_allgather`), so a signal to any one stops them all. JAX's own
+preemption notifier cannot serve here, as the Python handler replaces its SIGTERM
+handler; its sync point (`reached_preemption_sync_point`) still stops every process
+where a scheduler's notice reaches the coordination service another way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 import threading
 
 import jax
+import numpy as np
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -67,13 +72,30 @@ class StopSignals:
         )
 
     def requested(self, step: int) -> bool:
-        """Whether to stop after `step`: a signal here, or a preemption seen by any process."""
-        if self.signum is not None:
+        """Whether to stop after `step`: a signal to any process, or a preemption notice.
+
+        In a multi-process run every process must call this at every step: it is a
+        collective, and they all get the same answer.
+        """
+        if jax.process_count() == 1:
+            return self.signum is not None
+        # Decided from the gathered values alone: a signal that lands during the gather
+        # counts at the next step, on every process alike.
+        signums = _gather_signums(self.signum or 0)
+        if signums.any():
+            self.signum = self.signum or int(signums.max())
             return True
-        if jax.process_count() > 1 and _preemption_sync_point(step):
-            self.signum = signal.SIGTERM
+        if _preemption_sync_point(step):
+            self.signum = self.signum or signal.SIGTERM
             return True
         return False
+
+
+def _gather_signums(signum: int) -> np.ndarray:
+    """Every process's signal number (0: none), in process order."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int32(signum))).reshape(-1)
 
 
 def _preemption_sync_point(step: int) -> bool:
