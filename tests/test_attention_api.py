@@ -1,5 +1,7 @@
 """The attention contract: the reference against a loop, bad input, dispatch, merging, varlen."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,6 +151,7 @@ def test_gpu_kernel_without_pallas_triton_falls_back(monkeypatch, rng):
     # JAX 0.11 deprecated the Pallas Triton backend: where it is gone, pallas_gpu refuses
     # with NotImplementedError and the dispatcher moves on.
     monkeypatch.setattr(pallas_gpu, "plgpu", None)
+    monkeypatch.setattr(pallas_gpu, "_warned_unavailable", True)  # the warning: next test
     monkeypatch.setitem(api.PREFERENCE, "cpu", ("pallas_gpu", "xla_chunked"))
     seg = cases.random_layout(rng, 1, 24)
     q, k, v = cases.qkv(rng, 1, 24, hq=2, hkv=1, d=8, dtype=jnp.float32)
@@ -156,6 +159,24 @@ def test_gpu_kernel_without_pallas_triton_falls_back(monkeypatch, rng):
         packed_attention(q, k, v, seg, implementation="pallas_gpu")
     got = packed_attention(q, k, v, seg)
     assert cases.relative_error(got, reference_attention(q, k, v, seg)) < 1e-5
+
+
+def test_gpu_kernel_without_pallas_triton_warns_once(monkeypatch, rng):
+    # Falling back is never silent: the first refusal says why, later ones stay quiet.
+    monkeypatch.setattr(pallas_gpu, "plgpu", None)
+    monkeypatch.setattr(pallas_gpu, "_warned_unavailable", False)
+    monkeypatch.setitem(api.PREFERENCE, "cpu", ("pallas_gpu", "xla_chunked"))
+    seg = cases.random_layout(rng, 1, 24)
+    q, k, v = cases.qkv(rng, 1, 24, hq=2, hkv=1, d=8, dtype=jnp.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            packed_attention(q, k, v, seg)
+    unavailable = [w for w in caught if "pallas_gpu is unavailable" in str(w.message)]
+    assert len(unavailable) == 1, [str(w.message) for w in caught]
+    assert unavailable[0].category is UserWarning
+    assert "falls back to xla_chunked" in str(unavailable[0].message)
+    assert unavailable[0].filename.endswith("dispatch.py")  # the caller, not pallas_gpu
 
 
 def test_gpu_kernel_refuses_what_triton_cannot_compute(rng):

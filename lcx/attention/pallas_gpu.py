@@ -11,11 +11,10 @@ diagonal, inside the window) run without the element mask, the blocks on either 
 with it.
 
 Backward: a dq kernel (per q block, the same kv loop) and a dkv kernel (per kv block,
-a loop over the transposed schedule's q blocks), wired with `jax.custom_vjp` and the
-log-sum-exp saved by the forward pass; delta = rowsum(dO * O) - dlse in jnp (the lse
-cotangent: d lse / d s = p). Grouped-query
-heads: K/V are indexed by `head // group`; dk and dv are computed per query head and
-summed over the group in the wrapper.
+a loop over the transposed schedule's q blocks), wired by `lcx.attention.flash_vjp` with
+the log-sum-exp saved by the forward pass (the base-2 lse's cotangent enters delta divided
+by ln 2). Grouped-query heads: K/V are indexed by `head // group`; dk and dv are computed
+per query head and summed over the group in the wrapper.
 
 Queries and keys may differ in length and carry their own segment ids and positions
 (the `packed_attention` contract); the element mask compares positions, and the kv loop
@@ -25,23 +24,24 @@ Logits are kept in base 2 (`exp2`, scale folded with log2(e)), as Triton likes i
 saved log-sum-exp is base 2 inside this module and natural outside it.
 
 JAX 0.11 deprecated the Pallas Triton backend. Where `jax.experimental.pallas.triton`
-cannot be imported, this module still imports and `gpu_implementation` raises
-NotImplementedError, so the dispatcher falls back to `xla_chunked`.
+cannot be imported, this module still imports and `gpu_implementation` warns once per
+process and raises NotImplementedError, so the dispatcher falls back to `xla_chunked`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from lcx.attention.flash_vjp import flash_attention_vjp
 from lcx.attention.kernel_common import (
     MASK_VALUE,
     BlockSizes,
-    finite_lse,
     natural_lse,
     pad_length,
     pad_to_blocks,
@@ -52,12 +52,15 @@ from lcx.attention.kernel_common import (
 from lcx.attention.layout import block_schedule
 from lcx.attention.segments import Segments, segments_of
 
+_triton_missing = "jax.experimental.pallas.triton is not available"  # why plgpu is None
 try:  # deprecated in JAX 0.11; gone in some later release
     from jax.experimental.pallas import triton as plgpu
-except ImportError:  # pragma: no cover - depends on the installed JAX
-    plgpu = None
+except ImportError as error:  # pragma: no cover - depends on the installed JAX
+    plgpu, _triton_missing = None, f"{_triton_missing}: {error!r}"
 if plgpu is not None and not all(hasattr(plgpu, n) for n in ("dot", "CompilerParams")):
     plgpu = None  # pragma: no cover - a backend without what these kernels use
+    _triton_missing = "jax.experimental.pallas.triton lacks dot or CompilerParams"
+_warned_unavailable = False  # one warning per process, not one per traced layer
 
 # Forward tiles of 64 x 64; dq keeps 64 queries and streams 32 keys, dkv the transpose.
 # With head dim 128 in bf16 every tile fits the shared memory of an A100 / H100.
@@ -177,11 +180,11 @@ def _compiler_params(block_a, block_b, d):
     return plgpu.CompilerParams(num_warps=_num_warps(block_a, block_b, d), num_stages=_NUM_STAGES)
 
 
-def _forward(q, k, v, seg, *, scale, causal, window, blocks, interpret, count=False):
+def _forward(q, k, v, seg, *, scale, causal, window, block_sizes, interpret, count=False):
     """Pallas forward on padded [B, T, H, D]; returns (o, lse2 [B, Hq, Tq], counts?)."""
     b, tq, hq, d = q.shape
     tk, group = k.shape[1], hq // k.shape[2]
-    bq, bk = blocks
+    bq, bk = blocks = block_sizes.block_q, block_sizes.block_kv
     nq = tq // bq
     sched = _schedule(seg, blocks, causal=causal, window=window)
     filled = seg.filled()
@@ -372,6 +375,22 @@ def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpr
     return (dk, dv, outs[2]) if count else (dk, dv)
 
 
+def _backward(q, k, v, seg, lse2, delta, do, *, scale, causal, window, block_sizes, interpret):
+    """dq, dk, dv on padded [B, T, H, D] inputs; lse2 and delta [B, Hq, Tq], base 2."""
+    kwargs = dict(scale=scale, causal=causal, window=window, interpret=interpret)
+    dq = _dq(q, k, v, seg, lse2, delta, do, blocks=block_sizes.dq, **kwargs)
+    dk, dv = _dkv(q, k, v, seg, lse2, delta, do, blocks=block_sizes.dkv, **kwargs)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------- custom_vjp
+
+# (out, base-2 lse [B, Hq, Tq]) on padded inputs, differentiable in q, k, v.
+_attention = flash_attention_vjp(
+    _forward, _backward, rows_as_lse=lambda rows: jnp.swapaxes(rows, 1, 2), lse_base2=True
+)
+
+
 # ------------------------------------------------------------------------ public wrapper
 
 
@@ -402,7 +421,7 @@ def packed_attention_gpu(
       with `count_blocks`, (out, lse, counts).
     """
     if plgpu is None:
-        raise NotImplementedError("pallas_gpu: jax.experimental.pallas.triton is not available")
+        raise NotImplementedError(f"pallas_gpu: {_triton_missing}")
     if segments is None:
         segments = segments_of(q, k, None, None, None, None)
     block_sizes = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
@@ -415,14 +434,15 @@ def packed_attention_gpu(
     # Zero columns change no logit and give zero output columns, sliced off below.
     q, k, v = (pad_length(x, d_pad, axis=3) for x in (q, k, v))
     if count_blocks:
-        blocks = (block_sizes.block_q, block_sizes.block_kv)
         o, lse2, counts = _forward(
-            q, k, v, seg, scale=scale, causal=causal, window=window, blocks=blocks,
+            q, k, v, seg, scale=scale, causal=causal, window=window, block_sizes=block_sizes,
             interpret=interpret, count=True,
         )  # fmt: skip
-        counts = counts[:, :, :: blocks[0]][:, :, : -(-tq // blocks[0])]
+        bq = block_sizes.block_q
+        counts = counts[:, :, ::bq][:, :, : -(-tq // bq)]
         return o[:, :tq, :, :d], _public_lse(lse2)[:, :tq], counts
-    o, lse2 = _attention(q, k, v, seg, scale, bool(causal), window, block_sizes, interpret)
+    o, lse2 = _attention(q, k, v, seg, scale=scale, causal=bool(causal), window=window,
+                         block_sizes=block_sizes, interpret=interpret)  # fmt: skip
     return o[:, :tq, :, :d], _public_lse(lse2)[:, :tq]
 
 
@@ -453,6 +473,19 @@ def _public_lse(lse2_BxHxT):
     return natural_lse(jnp.swapaxes(lse2_BxHxT, 1, 2), True, base2=True)
 
 
+def _warn_unavailable():
+    """Say once per process that pallas_gpu cannot run, so a fallback is never silent."""
+    global _warned_unavailable
+    if not _warned_unavailable:
+        _warned_unavailable = True
+        warnings.warn(
+            f"pallas_gpu is unavailable ({_triton_missing}); packed_attention falls back to "
+            "xla_chunked",
+            UserWarning,
+            stacklevel=3,  # the caller of gpu_implementation
+        )
+
+
 def gpu_implementation(q, k, v, segments, *, causal, window, scale, block_sizes, interpret):
     """IMPLEMENTATIONS entry; named explicitly it lowers on any host (export for CUDA).
 
@@ -461,7 +494,8 @@ def gpu_implementation(q, k, v, segments, *, causal, window, scale, block_sizes,
     the Pallas Triton backend.
     """
     if plgpu is None:
-        raise NotImplementedError("pallas_gpu: jax.experimental.pallas.triton is not available")
+        _warn_unavailable()
+        raise NotImplementedError(f"pallas_gpu: {_triton_missing}")
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if not dtypes <= {jnp.dtype(t) for t in _TRITON_DTYPES}:  # float32 accumulators
         raise NotImplementedError(f"pallas_gpu: Triton kernels take {_TRITON_DTYPES}; got {dtypes}")
@@ -469,36 +503,3 @@ def gpu_implementation(q, k, v, segments, *, causal, window, scale, block_sizes,
         q, k, v, segments, causal=causal, window=window, scale=scale,
         block_sizes=block_sizes, interpret=interpret,
     )  # fmt: skip
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _attention(q, k, v, seg, scale, causal, window, block_sizes, interpret):
-    """(out, base-2 lse [B, Hq, Tq]) on padded inputs, differentiable in q, k, v."""
-    return _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret)[0]
-
-
-def _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret):
-    """custom_vjp forward: (out, lse2) and the residuals."""
-    o, lse2 = _forward(
-        q, k, v, seg, scale=scale, causal=causal, window=window,
-        blocks=(block_sizes.block_q, block_sizes.block_kv), interpret=interpret,
-    )  # fmt: skip
-    return (o, lse2), (q, k, v, seg, o, lse2)
-
-
-def _attention_bwd(scale, causal, window, block_sizes, interpret, residuals, cotangents):
-    """custom_vjp backward: dq, dk, dv (none for the segments); dlse enters delta."""
-    q, k, v, seg, o, lse2 = residuals
-    do, dlse2 = cotangents
-    # A sum of products, not an einsum: XLA would make that a dot, in TF32 on a GPU.
-    delta = jnp.swapaxes(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
-    # lse2 = lse / ln 2, so d/ds of lse2 is p / ln 2: the natural delta shifts by dlse2 / ln 2.
-    delta = delta - jnp.where(jnp.isfinite(lse2), dlse2, 0.0) / math.log(2.0)
-    lse2 = finite_lse(lse2)
-    kwargs = dict(scale=scale, causal=causal, window=window, interpret=interpret)
-    dq = _dq(q, k, v, seg, lse2, delta, do, blocks=block_sizes.dq, **kwargs)
-    dk, dv = _dkv(q, k, v, seg, lse2, delta, do, blocks=block_sizes.dkv, **kwargs)
-    return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)

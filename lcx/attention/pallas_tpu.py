@@ -11,8 +11,8 @@ outputs aliased through the windows. Tiles inside one document, below the diagon
 inside the window take a branch without the element mask.
 
 Backward: a dq kernel over the same list with the dq tiles, and a dkv kernel over the
-list of the transposed schedule (q blocks per kv block), wired with `jax.custom_vjp` and
-the log-sum-exp saved by the forward pass (its cotangent enters as delta - dlse).
+list of the transposed schedule (q blocks per kv block), wired by `lcx.attention.flash_vjp`
+with the log-sum-exp saved by the forward pass.
 Grouped-query heads: K/V blocks are indexed by `head // group`; dk and dv are computed
 per query head and summed over the group.
 
@@ -32,10 +32,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from lcx.attention.flash_vjp import flash_attention_vjp
 from lcx.attention.kernel_common import (
     MASK_VALUE,
     BlockSizes,
-    finite_lse,
     pad_to_blocks,
     saw_a_key,
     tile_mask,
@@ -264,11 +264,12 @@ def _schedule(seg: Segments, bq, bk, *, causal, window):
     )  # fmt: skip
 
 
-def _forward(q, k, v, seg, *, scale, causal, window, blocks, interpret, capacity, count=False):
+def _forward(q, k, v, seg, *, scale, causal, window, block_sizes, interpret, capacity,
+             count=False):  # fmt: skip
     """Pallas forward on [B, H, T, D] inputs: (o, lse [B, H, Tq, 1], blocks?, steps?)."""
     b, hq, tq, d = q.shape
     tk = k.shape[2]
-    bq, bk = blocks
+    bq, bk = block_sizes.block_q, block_sizes.block_kv
     nq, nk = tq // bq, tk // bk
     sched = _schedule(seg, bq, bk, causal=causal, window=window)
     groups = groups_of(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi)
@@ -373,7 +374,7 @@ def _dkv_kernel(
 
 def _backward(q, k, v, seg, lse, delta, do, *, scale, causal, window, block_sizes, interpret,
               capacity, count=False):  # fmt: skip
-    """dq, dk, dv on [B, H, T, D] inputs; lse and delta (rowsum(dO * O) - dlse) [B, H, Tq, 1].
+    """dq, dk, dv on [B, H, T, D] inputs; lse (finite) and delta [B, H, Tq, 1].
 
     With `count`, also (blocks, steps) of each kernel: dq's per q block [B, H, Tq / bq] and
     dkv's per kv block [B, H, Tk / bk].
@@ -381,7 +382,6 @@ def _backward(q, k, v, seg, lse, delta, do, *, scale, causal, window, block_size
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     group = hq // hkv
-    lse = finite_lse(lse)
     operands = (q, k, v, *_segment_operands(seg), lse, delta, do)
     mask = dict(scale=scale, causal=causal, window=window, count=count)
     n_counts = 2 if count else 0
@@ -422,41 +422,13 @@ def _backward(q, k, v, seg, lse, delta, do, *, scale, causal, window, block_size
     return dq, dk, dv
 
 
+# ------------------------------------------------------------------------- custom_vjp
+
+# (o, lse [B, H, Tq, 1]) on padded [B, H, T, D] inputs, differentiable in q, k, v.
+_attention_bhtd = flash_attention_vjp(_forward, _backward, rows_as_lse=lambda rows: rows[..., None])
+
+
 # ------------------------------------------------------------------------ public wrapper
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _attention_bhtd(q, k, v, seg, scale, causal, window, block_sizes, interpret, capacity):
-    """(o, lse [B, H, Tq, 1]) on padded [B, H, T, D] inputs, differentiable in q, k, v."""
-    return _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret,
-                          capacity)[0]  # fmt: skip
-
-
-def _attention_fwd(q, k, v, seg, scale, causal, window, block_sizes, interpret, capacity):
-    """custom_vjp forward: (o, lse) and the residuals."""
-    o, lse = _forward(
-        q, k, v, seg, scale=scale, causal=causal, window=window,
-        blocks=(block_sizes.block_q, block_sizes.block_kv), interpret=interpret,
-        capacity=capacity,
-    )  # fmt: skip
-    return (o, lse), (q, k, v, seg, o, lse)
-
-
-def _attention_bwd(scale, causal, window, block_sizes, interpret, capacity, residuals,
-                   cotangents):  # fmt: skip
-    """custom_vjp backward: dq, dk, dv (none for the segments); dlse enters delta."""
-    q, k, v, seg, o, lse = residuals
-    do, dlse = cotangents
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-    delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0)
-    dq, dk, dv = _backward(
-        q, k, v, seg, lse, delta, do, scale=scale, causal=causal, window=window,
-        block_sizes=block_sizes, interpret=interpret, capacity=capacity,
-    )  # fmt: skip
-    return dq, dk, dv, None
-
-
-_attention_bhtd.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _fit_queries(block_sizes: BlockSizes, tq: int, segments: Segments) -> BlockSizes:
@@ -513,14 +485,14 @@ def packed_attention_tpu(
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     if count_blocks:
         o, lse, blocks, steps = _forward(
-            q, k, v, seg, scale=scale, causal=causal, window=window,
-            blocks=(block_sizes.block_q, block_sizes.block_kv), interpret=interpret,
-            capacity=capacity, count=True,
+            q, k, v, seg, scale=scale, causal=causal, window=window, block_sizes=block_sizes,
+            interpret=interpret, capacity=capacity, count=True,
         )  # fmt: skip
         counts = [c[..., 0][:, :, : -(-tq // block_sizes.block_q)] for c in (blocks, steps)]
         return o.transpose(0, 2, 1, 3)[:, :tq], _public_lse(lse)[:, :tq], *counts
-    o, lse = _attention_bhtd(q, k, v, seg, scale, causal, window, block_sizes, interpret,
-                             capacity)  # fmt: skip
+    o, lse = _attention_bhtd(q, k, v, seg, scale=scale, causal=causal, window=window,
+                             block_sizes=block_sizes, interpret=interpret,
+                             capacity=capacity)  # fmt: skip
     return o.transpose(0, 2, 1, 3)[:, :tq], _public_lse(lse)[:, :tq]
 
 

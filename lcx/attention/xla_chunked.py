@@ -7,12 +7,11 @@ loop over only the kv blocks `block_schedule` assigns it (dynamic bounds, blocks
 documents never touched), split into masked edges and an unmasked middle. Nothing of
 size Tq x Tk exists; memory is linear in the row.
 
-Backward (`jax.custom_vjp`): recomputation from the saved log-sum-exp in one pass, a
-scan over kv blocks and for each a loop over the q blocks of the transposed schedule,
-accumulating dk, dv in the loop and adding each tile's dq into a carried [B, ..., Tq, D]
-buffer (one recomputation of the probabilities, not two). The lse cotangent enters as
-delta - dlse (d lse / d s = p). Grouped-query heads stay grouped ([.., Hkv, G, ..]
-einsums): K/V are never repeated.
+Backward (the `jax.custom_vjp` of `lcx.attention.flash_vjp`): recomputation from the
+saved log-sum-exp in one pass, a scan over kv blocks and for each a loop over the q blocks
+of the transposed schedule, accumulating dk, dv in the loop and adding each tile's dq into
+a carried [B, ..., Tq, D] buffer (one recomputation of the probabilities, not two).
+Grouped-query heads stay grouped ([.., Hkv, G, ..] einsums): K/V are never repeated.
 
 Inside, tensors are heads-first ([B, K, G, T, D] queries, [B, K, T, D] keys), so every
 tile's einsum is a batched matrix product over the kv heads without transposes.
@@ -26,10 +25,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lcx.attention.flash_vjp import flash_attention_vjp
 from lcx.attention.kernel_common import (
     MASK_VALUE,
     BlockSizes,
-    finite_lse,
     natural_lse,
     pad_to_blocks,
     products_precision,
@@ -224,7 +223,7 @@ def _forward_rows_together(q, k, v, full: Segments, scale, causal, window, bk):
 
 
 def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, blocks):
-    """dq, dk, dv on padded inputs; lse and delta (rowsum(dO * O) - dlse) [B, Tq, Hq].
+    """dq, dk, dv on padded inputs; lse (finite) and delta [B, Tq, Hq].
 
     Also returns the q blocks computed per kv block [B, nk].
     """
@@ -238,7 +237,7 @@ def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, 
     full = seg.filled()
     q5, do5 = _heads_first(q, hkv), _heads_first(do, hkv)
     k4, v4 = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    lse4 = _per_query_heads_first(finite_lse(lse), hkv)
+    lse4 = _per_query_heads_first(lse, hkv)
     delta4 = _per_query_heads_first(delta, hkv)
 
     def q_tiles(row, i):
@@ -287,33 +286,8 @@ def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, 
     return dq, _kv_time_major(dk, b), _kv_time_major(dv, b), counts.reshape(b, -1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _attention(q, k, v, seg, scale, causal, window, blocks):
-    """(out, lse) on padded inputs, differentiable in q, k, v (and through lse)."""
-    out, lse, _ = _forward(q, k, v, seg, scale=scale, causal=causal, window=window, blocks=blocks)
-    return out, lse
-
-
-def _attention_fwd(q, k, v, seg, scale, causal, window, blocks):
-    """custom_vjp forward: (out, lse) and the residuals."""
-    out, lse, _ = _forward(q, k, v, seg, scale=scale, causal=causal, window=window, blocks=blocks)
-    return (out, lse), (q, k, v, seg, out, lse)
-
-
-def _attention_bwd(scale, causal, window, blocks, residuals, cotangents):
-    """custom_vjp backward: dq, dk, dv; none for the segment layout."""
-    q, k, v, seg, out, lse = residuals
-    do, dlse = cotangents
-    acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    delta = jnp.sum(out.astype(acc_dtype) * do.astype(acc_dtype), axis=-1)
-    delta = delta - jnp.where(jnp.isfinite(lse), dlse, 0.0).astype(acc_dtype)
-    dq, dk, dv, _ = _backward(
-        q, k, v, seg, lse, delta, do, scale=scale, causal=causal, window=window, blocks=blocks
-    )
-    return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+# (out, lse) on padded inputs, differentiable in q, k, v (and through lse).
+_attention = flash_attention_vjp(_forward, _backward)
 
 
 def _power_of_two_at_least(t: int, floor: int = 8) -> int:
@@ -352,7 +326,7 @@ def xla_chunked_attention(
     if count_blocks:
         out, lse, counts = _forward(qp, kp, vp, seg, **mask)
         return out[:, :tq], lse[:, :tq], counts
-    out, lse = _attention(qp, kp, vp, seg, scale, causal, window, blocks)
+    out, lse = _attention(qp, kp, vp, seg, **mask)
     return out[:, :tq], lse[:, :tq]
 
 
@@ -375,6 +349,6 @@ def computed_blocks(q, k, v, segments: Segments, *, causal=True, window=None, bl
     qp, kp, vp, seg = pad_to_blocks(q, k, v, segments, *blocks)
     mask = dict(scale=1.0, causal=causal, window=window, blocks=blocks)
     _, lse, forward = _forward(qp, kp, vp, seg, **mask)
-    delta = jnp.zeros(lse.shape, lse.dtype)
-    *_, dkv = _backward(qp, kp, vp, seg, lse, delta, qp, **mask)
+    zeros = jnp.zeros(lse.shape, lse.dtype)
+    *_, dkv = _backward(qp, kp, vp, seg, zeros, zeros, qp, **mask)
     return {"forward": forward[:, None], "dkv": dkv[:, None]}
