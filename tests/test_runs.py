@@ -88,6 +88,7 @@ def test_resume_with_another_config_names_the_key(tmp_path, key, value):
     assert "\n" not in message and "new --workdir" in message and "allow_config_change" in message
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # orbax reads left
 def test_allowed_changes_continue_and_forced_ones_fail_in_one_line(tmp_path):
     workdir = str(tmp_path / "run")
     train_and_evaluate(_smoke(steps=2), workdir)
@@ -99,6 +100,7 @@ def test_allowed_changes_continue_and_forced_ones_fail_in_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # orbax reads left
 def test_stop_signal_checkpoints_the_step_reached(tmp_path, monkeypatch):
     # In-process: the run signals itself after step 3; it stops there with a checkpoint,
     # and resuming gives the same parameters as a run never interrupted.
@@ -195,6 +197,7 @@ def test_two_paths_in_one_flag_and_a_one_file_corpus(tmp_path):
     assert train.num_tokens + held_out.num_tokens == 32 * 200 + 2
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")  # orbax reads left
 def test_eval_reads_a_read_only_workdir(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
     train_and_evaluate(_smoke(steps=2), workdir)

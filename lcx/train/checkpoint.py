@@ -66,6 +66,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restore the state into `abstract_state`'s shardings; the iterator in place."""
+        self._check_shapes(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -74,11 +75,29 @@ class Checkpointer:
     def restore_params(self, step: int, abstract_params):
         """Only the parameters of a checkpoint's state: no optimizer state, no iterator."""
         item = {"params": abstract_params}
+        self._check_shapes(step, item)
         args = ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True,
         )  # fmt: skip
         return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+
+    def _check_shapes(self, step: int, abstract):
+        """ValueError where the checkpoint holds an array of another shape than `abstract`.
+
+        Checked before orbax reads: its restore abandons the other arrays' reads half-way
+        on the first mismatch ("coroutine ... was never awaited", "Event loop is closed").
+        """
+        path = os.path.join(self.directory, str(step), "state")
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(path)
+        saved = _shapes_by_path(getattr(getattr(metadata, "item_metadata", None), "tree", metadata))
+        for key, shape in _shapes_by_path(abstract).items():
+            if key in saved and saved[key] != shape:
+                raise ValueError(
+                    f"checkpoint of step {step}: {'/'.join(key)} has shape {saved[key]}, "
+                    f"this config's {shape}"
+                )
 
     def close(self):
         """Wait for pending saves and release orbax's resources (idempotent)."""
@@ -94,3 +113,16 @@ def abstract_like(shapes, shardings):
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
     )
+
+
+def _shapes_by_path(tree) -> dict:
+    """{(key, ...): shape} of a tree's array leaves, keys as strings whatever the containers."""
+
+    def name(k):
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(map(name, k)): tuple(x.shape) for k, x in leaves if hasattr(x, "shape")}
