@@ -3,6 +3,7 @@
 Every run here is a subprocess (`python -m lcx.main`), with its own host devices.
 """
 
+import gc
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -152,6 +154,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_the_resume_is_exact(t
     resumed = _processes(workdir, *sixteen, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {steps[0]}" in resumed.stderr
+    assert "never awaited" not in resumed.stderr and "loop is closed" not in resumed.stderr
     straight = _processes(tmp_path / "straight", *sixteen, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
     got, want = _losses(workdir), _losses(tmp_path / "straight")
@@ -237,7 +240,7 @@ def test_bad_distributed_input_is_one_line(tmp_path, extra, message):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_cut_off_mid_write_is_set_aside_for_the_previous_one(tmp_path):
+def test_a_checkpoint_cut_off_mid_write_is_set_aside_for_the_previous_one(tmp_path, monkeypatch):
     from lcx.config_loading import load_config
     from lcx.train.loop import Experiment, train_and_evaluate
 
@@ -251,13 +254,33 @@ def test_a_checkpoint_cut_off_mid_write_is_set_aside_for_the_previous_one(tmp_pa
         shutil.rmtree(cut / name)
     (cut / "commit_success.txt").unlink()
     config.train.steps = 6
-    exp = Experiment(config, str(workdir))
-    try:
-        state = exp.restore_or_init()
-        assert int(state.step) == 2 and exp.resume_step == 2
-        (warning,) = exp.warnings
-        assert "step 4 is incomplete" in warning and "resuming from step 2" in warning
-        assert (workdir / "checkpoints" / "4.incomplete").is_dir() and not cut.exists()
-    finally:
-        exp.checkpointer.close()
+    # Restores that fail leave no orbax reads behind: no coroutine left unawaited, no
+    # callback into a closed event loop (both reach sys.unraisablehook or warnings).
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exp = Experiment(config, str(workdir))
+        try:
+            state = exp.restore_or_init()
+            assert int(state.step) == 2 and exp.resume_step == 2
+            (warning,) = exp.warnings
+            assert "step 4 is incomplete" in warning and "resuming from step 2" in warning
+            assert (workdir / "checkpoints" / "4.incomplete").is_dir() and not cut.exists()
+        finally:
+            exp.checkpointer.close()
+        # A wider model: every restore fails on the first array, before any read starts.
+        wider = load_config(SMOKE, "smoke")
+        wider.model.mlp_dim = 96
+        wider.train.allow_config_change = True
+        exp = Experiment(wider, str(workdir))
+        try:
+            with pytest.raises(ValueError, match="does not fit this config's model"):
+                exp.restore_or_init()
+        finally:
+            exp.checkpointer.close()
+        gc.collect()  # an abandoned coroutine warns when it is collected
+    left = [str(u.exc_value) for u in unraisable]
+    left += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert not left, left[:3]
     assert train_and_evaluate(config, str(workdir))["step"] == 6

@@ -13,6 +13,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
@@ -43,10 +44,19 @@ class Checkpointer:
         return sorted(self.manager.all_steps(), reverse=True)
 
     def is_complete(self, step: int) -> bool:
-        """Whether the step's items and the state's metadata are there (a cut write may
-        still miss array files: restoring then fails, and the caller falls back)."""
+        """Whether the step's items, the state's metadata and its array stores are there.
+
+        Checked before orbax reads: a restore that fails on a missing file leaves orbax's
+        other reads running ("Event loop is closed"). A store cut off mid-file still
+        fails the restore, and the caller falls back.
+        """
         root = os.path.join(self.directory, str(step))
         needed = [os.path.join("state", "_METADATA"), "data"]
+        state = os.path.join(root, "state")
+        if os.path.exists(os.path.join(state, "manifest.ocdbt")):  # OCDBT: the merged store
+            needed.append(os.path.join("state", "d"))  # and the writers' stores below
+            if not any(name.startswith("ocdbt.process_") for name in os.listdir(state)):
+                return False
         return all(os.path.exists(os.path.join(root, name)) for name in needed)
 
     def set_aside(self, step: int):
@@ -88,10 +98,12 @@ class Checkpointer:
         Checked before orbax reads: its restore abandons the other arrays' reads half-way
         on the first mismatch ("coroutine ... was never awaited", "Event loop is closed").
         """
-        path = os.path.join(self.directory, str(step), "state")
-        with ocp.PyTreeCheckpointer() as checkpointer:
-            metadata = checkpointer.metadata(path)
-        saved = _shapes_by_path(getattr(getattr(metadata, "item_metadata", None), "tree", metadata))
+        handler = ocp.PyTreeCheckpointHandler()  # not a Checkpointer: no step metadata
+        try:
+            metadata = handler.metadata(epath.Path(self.directory) / str(step) / "state")
+        finally:
+            handler.close()
+        saved = _shapes_by_path(getattr(metadata, "tree", metadata))
         for key, shape in _shapes_by_path(abstract).items():
             if key in saved and saved[key] != shape:
                 raise ValueError(
