@@ -6,12 +6,14 @@
 Each process runs `python -m lcx.main ARGS --coordinator_address=localhost:PORT
 --num_processes=N --process_id=I` on the CPU with its own host devices (a free port is
 picked). If one process fails or dies, the others are stopped: nothing is left running,
-whatever happens. The exit status is the first failure's (0 when all succeed).
+whatever happens, even when this script is killed (on Linux each process is SIGKILLed
+when its parent dies). The exit status is the first failure's (0 when all succeed).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -20,6 +22,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def free_port() -> int:
@@ -42,8 +45,24 @@ def start(args, extra, port):
             f"--coordinator_address=localhost:{port}", f"--num_processes={args.processes}",
             f"--process_id={i}", f"--distributed_timeout={args.timeout}",
         ]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                                      preexec_fn=_die_with(os.getpid())))  # fmt: skip
     return procs
+
+
+def _die_with(parent: int):
+    """A preexec_fn: the child gets SIGKILL when `parent` dies (Linux), so a killed
+    launcher (a test's timeout sends SIGKILL) leaves no run waiting on its peers."""
+
+    def preexec():
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # not Linux: stop() covers the exits Python sees
+            return
+        if os.getppid() != parent:  # the parent died before prctl
+            os._exit(128 + signal.SIGKILL)
+
+    return preexec
 
 
 def stop(procs):
@@ -67,6 +86,7 @@ def main(argv=None) -> int:
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (
         argv, [])  # fmt: skip
     args = parser.parse_args(ours)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # to stop()
     procs = start(args, extra, free_port())
     try:
         while True:
