@@ -55,7 +55,7 @@ def pretrain_config(name, seed, smoke):
 
 def _evaluate(config, workdir, lengths, examples, loss_by_position, context):
     """mode=evaluate on `workdir`; its records."""
-    from lcx.main import run
+    from lcx.modes import run
 
     config.mode = "evaluate"
     config.evals.update(tasks="kv_retrieval", lengths=lengths, examples=examples, context=context,
@@ -72,7 +72,7 @@ def _evaluate(config, workdir, lengths, examples, loss_by_position, context):
 def one_model(root, name, seed, smoke, task_data):
     """Pretrain, export, fine-tune and evaluate one variant; its results."""
     from lcx.config_loading import load_config
-    from lcx.main import run
+    from lcx.modes import run
 
     base = os.path.join(root, f"{name}-s{seed}")
     done = os.path.join(base, "compare.json")

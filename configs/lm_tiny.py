@@ -9,7 +9,7 @@ about 8 minutes on a 2-core CPU (`make train`; BENCHMARKS.md has the timings).
 
 from ml_collections import config_dict
 
-from lcx.train.sharding import DEFAULT_RULES
+from lcx.runtime.sharding import DEFAULT_RULES
 
 
 def get_config(arg=None):
@@ -136,7 +136,7 @@ def get_config(arg=None):
     # zigzag, striped or whole documents whose ring visits the fewest blocks), or one of
     # those always.
     c.ring = dict(layout="balanced")
-    # Logical axis -> mesh axes: lcx.train.sharding.DEFAULT_RULES (batch over data and
+    # Logical axis -> mesh axes: lcx.runtime.sharding.DEFAULT_RULES (batch over data and
     # fsdp; parameters FSDP-sharded on their model dimension, tensor-parallel on heads
     # and the MLP width).
     c.sharding_rules = DEFAULT_RULES

@@ -21,7 +21,7 @@ ROPE_SCALINGS = ("linear", "llama3")
 def param(key, shape, stddev, names, dtype=jnp.float32):
     """A normally initialised parameter (float32 unless `dtype`) with logical axis names.
 
-    Sharding is applied by the caller's jit out_shardings (lcx.train.sharding), so
+    Sharding is applied by the caller's jit out_shardings (lcx.runtime.sharding), so
     eager sharding, which would need a mesh at construction time, is off.
     """
     value = nnx.initializers.normal(stddev)(key, shape, jnp.float32).astype(dtype)

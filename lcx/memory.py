@@ -48,9 +48,9 @@ def _no_remat(cfg):
 def estimate(config, devices: int) -> dict:
     """Bytes per device: params, optimizer, gradients, update temporaries, activations
     (kept, plus one layer's working set), logits, total."""
+    from lcx.runtime.params import abstract_model
+    from lcx.runtime.sharding import MESH_AXES, MeshShape
     from lcx.train.model_source import model_config
-    from lcx.train.sharding import MESH_AXES, MeshShape
-    from lcx.train.step import abstract_model
 
     cfg = model_config(config)  # the imported architecture with init.hf_checkpoint
     _, abstract = abstract_model(cfg)

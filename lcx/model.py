@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lcx.attention import merge_attention, packed_attention
+from lcx.attention import IMPLEMENTATIONS, merge_attention, packed_attention
 from lcx.attention.ring import sequence_mesh
 from lcx.attention.shared_prefix import prefix_attention
 from lcx.cache import AttentionCache, cache_attention
+from lcx.errors import UserError
 from lcx.layers import DTYPES, ROPE_SCALINGS, apply_rope, constant_param, param, rms_normalise
 from lcx.ttt import LaCTConfig, LaCTLayer, LaCTSettings
 
@@ -78,37 +79,42 @@ class TransformerConfig:
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}; valid: {sorted(DTYPES)}")
+                raise UserError(f"model.{name}={getattr(self, name)!r}; valid: {sorted(DTYPES)}")
         if self.rope_scaling is not None:
             # A mapping in configs; stored as sorted (key, value) pairs to stay hashable.
             items = dict(self.rope_scaling).items()
             object.__setattr__(self, "rope_scaling", tuple(sorted(items)))
             kind = dict(self.rope_scaling).get("rope_type")
             if kind not in ROPE_SCALINGS:
-                raise ValueError(
+                raise UserError(
                     f"model.rope_scaling rope_type={kind!r}; supported: {ROPE_SCALINGS}"
                 )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise UserError(
                 f"model.num_heads={self.num_heads} must be a multiple of "
                 f"model.num_kv_heads={self.num_kv_heads}"
             )
         if self.head_dim % 2:
-            raise ValueError(f"model.head_dim={self.head_dim} must be even for RoPE")
+            raise UserError(f"model.head_dim={self.head_dim} must be even for RoPE")
         object.__setattr__(self, "block_pattern", tuple(self.block_pattern))
         unknown = set(self.block_pattern) - set(MIXERS)
         if not self.block_pattern or unknown:
-            raise ValueError(
+            raise UserError(
                 f"model.block_pattern={self.block_pattern}: each entry one of {sorted(MIXERS)}"
             )
         object.__setattr__(self, "lact", LaCTSettings.of(self.lact))
         if "lact" in self.block_pattern:
             self.lact_config()  # validates model.lact
+        if self.attention_implementation not in (None, *IMPLEMENTATIONS):
+            raise UserError(
+                f"model.attention_implementation={self.attention_implementation!r}; valid: "
+                f"None (the best for the backend) or one of {sorted(IMPLEMENTATIONS)}"
+            )
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model.remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
+            raise UserError(f"model.remat={self.remat!r}; valid: {sorted(REMAT_POLICIES)}")
         for name in ("vocab_size", "d_model", "num_layers", "head_dim", "mlp_dim"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name}={getattr(self, name)} must be positive")
+                raise UserError(f"model.{name}={getattr(self, name)} must be positive")
 
     @property
     def compute_dtype(self):

@@ -15,8 +15,8 @@ from flax import nnx
 
 from lcx.checkpoints import load_hf
 from lcx.config_loading import load_config
-from lcx.main import run
 from lcx.model import Transformer
+from lcx.modes import run
 from lcx.train import step as steplib
 from lcx.train.loop import Experiment
 from tests.hf_fixtures import hf_logits, max_relative_error

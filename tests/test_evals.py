@@ -196,7 +196,7 @@ def test_loss_by_position_buckets_and_plot(tmp_path):
 
 
 def test_evaluate_mode_appends_results_and_prints_a_table(smoke_config, tmp_path, capsys):
-    from lcx.main import run
+    from lcx.modes import run
 
     c = smoke_config
     run(c, str(tmp_path))
@@ -221,7 +221,7 @@ def test_finetune_recipe_trains_on_short_task_examples(tmp_path):
     from lcx.config_loading import load_config
     from lcx.evals.finetune import write_task_corpus
     from lcx.evals.scoring import first_line
-    from lcx.main import run
+    from lcx.modes import run
 
     paths = write_task_corpus(str(tmp_path / "data"), 12, lengths=(256, 320))
     for path, task in zip(paths, list(TASKS) * 3, strict=False):

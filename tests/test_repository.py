@@ -16,16 +16,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # docs/architecture.md, "Layers": bottom to top; a module may import its own layer and
 # those below. A module belongs to the longest prefix listed.
 LAYERS = (
-    ("lcx.attention", "lcx.data", "lcx.optim", "lcx.config_loading", "lcx.layers"),
+    ("lcx.errors", "lcx.attention", "lcx.data", "lcx.optim", "lcx.config_loading", "lcx.layers"),
     ("lcx.cache", "lcx.packing", "lcx.plots", "lcx.colab"),
     ("lcx.ttt",),
     ("lcx.model",),
-    # the training library's pieces that model I/O and serving use
-    ("lcx.train.sharding", "lcx.train.step", "lcx.train.checkpoint", "lcx.train.metrics"),
+    ("lcx.runtime",),  # mesh, sharding rules, abstract parameters: what the layers above share
     ("lcx.checkpoints",),
     ("lcx.train",),
-    ("lcx.checkpoints.export", "lcx.generate"),
+    ("lcx.generate",),
     ("lcx.evals",),
+    ("lcx.modes",),
     ("lcx.main", "lcx.memory", "lcx"),
 )
 

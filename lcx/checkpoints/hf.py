@@ -26,9 +26,10 @@ from safetensors.numpy import save_file
 
 from lcx.checkpoints.hf_config import family_of, read_config, write_config_dict
 from lcx.checkpoints.hf_layout import tensor_layouts
+from lcx.errors import UserError
 from lcx.model import Transformer, TransformerConfig
-from lcx.train import sharding as sh
-from lcx.train.step import abstract_model
+from lcx.runtime.params import abstract_model, param_shardings
+from lcx.runtime.sharding import DEFAULT_RULES
 
 INDEX = "model.safetensors.index.json"
 DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -44,11 +45,11 @@ def _tensor_files(directory: str) -> dict[str, str]:
             weight_map = json.load(f).get("weight_map", {})
         for shard in sorted(set(weight_map.values())):
             if not os.path.isfile(os.path.join(directory, shard)):
-                raise ValueError(f"{index}: lists the shard {shard!r}, which is not in {directory}")
+                raise UserError(f"{index}: lists the shard {shard!r}, which is not in {directory}")
         return {name: os.path.join(directory, shard) for name, shard in weight_map.items()}
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
-        raise ValueError(f"{directory}: no *.safetensors file (and no {INDEX})")
+        raise UserError(f"{directory}: no *.safetensors file (and no {INDEX})")
     where = {}
     for name in files:
         path = os.path.join(directory, name)
@@ -62,7 +63,7 @@ def _check_tensors(directory, layouts, where) -> None:
     by_file = {}
     for layout in layouts.values():
         if layout.name not in where:
-            raise ValueError(
+            raise UserError(
                 f"{directory}: the tensor {layout.name!r} is missing (config.json implies "
                 f"shape {list(layout.hf_shape)})"
             )
@@ -73,12 +74,12 @@ def _check_tensors(directory, layouts, where) -> None:
                 tensor = f.get_slice(layout.name)
                 shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
                 if shape != layout.hf_shape:
-                    raise ValueError(
+                    raise UserError(
                         f"{path}: the tensor {layout.name!r} has shape {list(shape)}; "
                         f"config.json implies {list(layout.hf_shape)}"
                     )
                 if dtype not in DTYPES:
-                    raise ValueError(
+                    raise UserError(
                         f"{path}: the tensor {layout.name!r} is {dtype}; supported: "
                         f"{sorted(DTYPES)}"
                     )
@@ -86,12 +87,10 @@ def _check_tensors(directory, layouts, where) -> None:
 
 def _param_shardings(abstract, mesh, rules):
     """Each parameter's sharding: from its logical axes on `mesh`, else one device."""
-    shapes = nnx.to_pure_dict(abstract)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda _: device, shapes)
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
-    return sh.logical_to_sharding(specs, mesh, rules or sh.DEFAULT_RULES, shapes)
+        return jax.tree.map(lambda _: device, nnx.to_pure_dict(abstract))
+    return param_shardings(abstract, mesh, rules or DEFAULT_RULES)
 
 
 def hf_model_config(directory: str, **overrides) -> TransformerConfig:
@@ -137,13 +136,13 @@ def load_hf(directory: str, *, mesh=None, param_dtype=None, rules=None, **overri
     """An lcx Transformer holding a local Hugging Face checkpoint's weights.
 
     `mesh`: place each parameter sharded by `rules` (logical axis -> mesh axes, default
-    `lcx.train.sharding.DEFAULT_RULES`); None: on the first device. `param_dtype`:
+    `lcx.runtime.sharding.DEFAULT_RULES`); None: on the first device. `param_dtype`:
     "float32" (default) or "bfloat16" storage. `overrides`: other TransformerConfig
     fields that change how the model runs, not its parameters (dtype,
     attention_implementation, remat, scan_layers, rope_theta for continued training).
     """
     if not os.path.isdir(directory):
-        raise ValueError(f"{directory}: not a directory (a Hugging Face model directory)")
+        raise UserError(f"{directory}: not a directory (a Hugging Face model directory)")
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     cfg = hf_model_config(directory, **overrides)
@@ -176,7 +175,7 @@ def save_hf(model: Transformer, directory: str, *, architecture: str | None = No
     cfg = model.cfg
     architecture = architecture or family_of(cfg)
     if os.path.isdir(directory) and os.listdir(directory):
-        raise ValueError(f"export.dir={directory!r} is not empty; give a new directory")
+        raise UserError(f"export.dir={directory!r} is not empty; give a new directory")
     layouts = tensor_layouts(cfg)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     sizes = {p: _lookup(params, p).nbytes for p in layouts}

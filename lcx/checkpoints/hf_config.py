@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 
+from lcx.errors import UserError
 from lcx.model import TransformerConfig
 
 
@@ -40,7 +41,7 @@ def read_json(path: str) -> dict:
     """A JSON file, with a one-line error naming it when absent or unreadable."""
     if not os.path.isfile(path):
         directory = os.path.dirname(path) or "."
-        raise ValueError(
+        raise UserError(
             f"{directory}: no {os.path.basename(path)}; a Hugging Face model directory "
             "holds config.json and *.safetensors"
         )
@@ -48,7 +49,7 @@ def read_json(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from None
+        raise UserError(f"{path}: not readable JSON ({e})") from None
 
 
 def architecture_of(hf: dict, path: str) -> str:
@@ -56,7 +57,7 @@ def architecture_of(hf: dict, path: str) -> str:
     names = hf.get("architectures") or []
     name = names[0] if names else f"model_type={hf.get('model_type')!r}"
     if name not in FAMILIES:
-        raise ValueError(
+        raise UserError(
             f"{path}: architecture {name} is not supported; supported: {sorted(FAMILIES)}"
         )
     return name
@@ -76,7 +77,7 @@ def _rope(hf: dict, path: str):
     keys = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                                               "original_max_position_embeddings")}  # fmt: skip
     if kind not in keys:
-        raise ValueError(
+        raise UserError(
             f"{path}: RoPE scaling {kind!r} is not supported; supported: {sorted(keys)}"
         )
     return theta, {"rope_type": kind, **{k: scaling[k] for k in keys[kind]}}
@@ -89,16 +90,16 @@ def read_config(directory: str) -> tuple[dict, str]:
     architecture = architecture_of(hf, path)
     family = FAMILIES[architecture]
     if hf.get("hidden_act", "silu") not in ACTIVATIONS:
-        raise ValueError(f"{path}: hidden_act={hf['hidden_act']!r}; supported: {ACTIVATIONS}")
+        raise UserError(f"{path}: hidden_act={hf['hidden_act']!r}; supported: {ACTIVATIONS}")
     if hf.get("mlp_bias"):
-        raise ValueError(f"{path}: mlp_bias=true is not supported (no family here uses it)")
+        raise UserError(f"{path}: mlp_bias=true is not supported (no family here uses it)")
     if hf.get("attention_bias") and not family.attention_bias:
-        raise ValueError(
+        raise UserError(
             f"{path}: attention_bias=true for {architecture} (biases on o_proj too) is not "
             "supported"
         )
     if hf.get("use_sliding_window"):
-        raise ValueError(
+        raise UserError(
             f"{path}: use_sliding_window=true (a window on some layers only) is not supported"
         )
     try:
@@ -121,14 +122,14 @@ def read_config(directory: str) -> tuple[dict, str]:
             attention_window=(hf.get("sliding_window") if family.sliding_window else None),
         )
     except KeyError as e:
-        raise ValueError(f"{path}: missing the field {e.args[0]!r}") from None
+        raise UserError(f"{path}: missing the field {e.args[0]!r}") from None
     return fields, architecture
 
 
 def family_of(cfg: TransformerConfig) -> str:
     """The Hugging Face architecture that computes the same function as `cfg`."""
     if set(cfg.block_pattern) != {"attention"}:
-        raise ValueError(
+        raise UserError(
             f"model.block_pattern={cfg.block_pattern}: only attention layers have a Hugging "
             "Face architecture (LaCT layers do not)"
         )
@@ -139,7 +140,7 @@ def family_of(cfg: TransformerConfig) -> str:
     for name, family in FAMILIES.items():
         if dataclasses.replace(family, model_type="") == wanted:
             return name
-    raise ValueError(
+    raise UserError(
         "no supported Hugging Face architecture has this model's combination of "
         f"attention_bias={cfg.attention_bias}, qk_norm={cfg.qk_norm}, "
         f"attention_window={cfg.attention_window}; supported: {sorted(FAMILIES)}"

@@ -14,6 +14,8 @@ import os
 import sysconfig
 from collections.abc import Sequence
 
+from lcx.errors import UserError
+
 SPLITS = ("train", "eval")
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -64,9 +66,9 @@ def user_documents(paths: Sequence[str]) -> list[Document]:
         elif os.path.isfile(path):
             docs.append(_document(os.path.dirname(path), path))
         elif os.path.exists(path):
-            raise ValueError(f"data.paths: {path!r} is neither a regular file nor a directory")
+            raise UserError(f"data.paths: {path!r} is neither a regular file nor a directory")
         else:
-            raise ValueError(f"data.paths: {path!r} does not exist")
+            raise UserError(f"data.paths: {path!r} does not exist")
     return docs
 
 
@@ -84,7 +86,7 @@ def select_documents(
     if split not in SPLITS:
         raise ValueError(f"split={split!r}; valid: {SPLITS}")
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"data.eval_fraction={eval_fraction} must be in (0, 1)")
+        raise UserError(f"data.eval_fraction={eval_fraction} must be in (0, 1)")
     docs = user_documents(paths) if paths else stdlib_documents()
     docs = sorted(
         (d for d in docs if split_of(d.relpath, eval_fraction) == split), key=lambda d: d.relpath

@@ -22,6 +22,7 @@ import tensorstore as ts
 
 from lcx.data.corpus import Document
 from lcx.data.tokenizer import ByteTokenizer, token_dtype
+from lcx.errors import UserError
 
 _CHUNK = 1 << 20
 
@@ -91,7 +92,7 @@ def tokenize_documents(
             with open(doc.path, "rb") as f:
                 data = f.read()
         except OSError as e:
-            raise ValueError(f"data.paths: cannot read {doc.path!r}: {e.strerror}") from None
+            raise UserError(f"data.paths: cannot read {doc.path!r}: {e.strerror}") from None
         if not data:
             empty += 1
             continue
@@ -109,7 +110,7 @@ def tokenize_documents(
     pieces = [tokenizer.encode(bytes(text)) for text in texts]
     lengths = [0] + [len(ids) for ids in pieces]
     if not pieces:
-        raise ValueError(
+        raise UserError(
             f"the corpus has no documents to train on ({len(docs)} files: {empty} empty, "
             f"{binary} binary; data.keep_binary=True trains on binary files)"
         )
@@ -122,9 +123,7 @@ def split_tail(corpus: TokenizedCorpus, fraction: float, min_tokens: int = 2):
     n = corpus.num_tokens
     held_out = max(min_tokens, int(round(fraction * n)))
     if n - held_out < min_tokens:
-        raise ValueError(
-            f"data.paths: {n} tokens are too few to hold out {held_out} for evaluation"
-        )
+        raise UserError(f"data.paths: {n} tokens are too few to hold out {held_out} for evaluation")
     cut = n - held_out
     inner = corpus.offsets[(corpus.offsets > 0) & (corpus.offsets < n)]
     head = np.concatenate([[0], inner[inner < cut], [cut]]).astype(np.int64)

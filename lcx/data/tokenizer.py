@@ -17,6 +17,8 @@ import re
 
 import numpy as np
 
+from lcx.errors import UserError
+
 # config.data.tokenizer: "bytes", "checkpoint" (init.hf_checkpoint's tokenizer.json) or
 # a directory holding tokenizer.json.
 TOKENIZERS = ("bytes", "checkpoint", "<directory with tokenizer.json>")
@@ -98,16 +100,14 @@ class HFTokenizer:
 
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.isfile(path):
-            raise ValueError(f"data.tokenizer: {directory!r} holds no tokenizer.json")
+            raise UserError(f"data.tokenizer: {directory!r} holds no tokenizer.json")
         with open(path, "rb") as f:
             raw = f.read()
         self.path, self.add_bos, self.add_eos = path, add_bos, add_eos
         try:
             self._tokenizer = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:  # the Rust library raises its own exception types
-            raise ValueError(
-                f"{path}: not a tokenizer the tokenizers library reads ({e})"
-            ) from None
+            raise UserError(f"{path}: not a tokenizer the tokenizers library reads ({e})") from None
         # Document text is data: a literal "<s>" in a file is text, not a special token.
         self._tokenizer.encode_special_tokens = True
         self.name = "hf-" + hashlib.sha256(raw).hexdigest()[:16]
@@ -117,7 +117,7 @@ class HFTokenizer:
         self.pad_id = ids.get("pad", self.eos_id if self.eos_id is not None else 0)
         for flag, kind in ((add_bos, "bos"), (add_eos, "eos")):
             if flag and ids.get(kind) is None:
-                raise ValueError(
+                raise UserError(
                     f"data.add_{kind}=True but {directory} names no {kind}_token (in "
                     f"tokenizer_config.json or config.json); set data.add_{kind}=False"
                 )
@@ -229,10 +229,10 @@ def make_tokenizer(data_cfg, hf_checkpoint: str = ""):
         return ByteTokenizer(**flags)
     if choice == "checkpoint":
         if not hf_checkpoint:
-            raise ValueError("data.tokenizer='checkpoint' needs init.hf_checkpoint=DIR")
+            raise UserError("data.tokenizer='checkpoint' needs init.hf_checkpoint=DIR")
         choice = hf_checkpoint
     if not os.path.isdir(choice):
-        raise ValueError(f"data.tokenizer={choice!r}; valid: {TOKENIZERS}")
+        raise UserError(f"data.tokenizer={choice!r}; valid: {TOKENIZERS}")
     return HFTokenizer(choice, **flags)
 
 
@@ -240,7 +240,7 @@ def check_vocabulary(tokenizer, vocab_size: int) -> None:
     """One-line error when the tokenizer's ids do not fit the model's embedding."""
     if tokenizer.vocab_size > vocab_size:
         where = getattr(tokenizer, "path", tokenizer.name)
-        raise ValueError(
+        raise UserError(
             f"{where}: the tokenizer's vocabulary of {tokenizer.vocab_size} tokens exceeds "
             f"the model's vocab_size={vocab_size}"
         )

@@ -9,6 +9,7 @@ import sys
 
 import jax
 
+from lcx.errors import UserError
 from lcx.evals.positions import loss_by_position, plot_loss_by_position
 from lcx.evals.scoring import TransformerLM, score_examples
 from lcx.evals.tasks import TASKS, make_examples
@@ -27,15 +28,15 @@ def parse_settings(ec) -> tuple[list[str], list[int]]:
     tasks = _names(ec.tasks)
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
-        raise ValueError(f"evals.tasks={ec.tasks!r}: valid names are {sorted(TASKS)}")
+        raise UserError(f"evals.tasks={ec.tasks!r}: valid names are {sorted(TASKS)}")
     try:
         lengths = [int(x) for x in _names(ec.lengths)]
     except ValueError:
-        raise ValueError(f"evals.lengths={ec.lengths!r}: comma-separated token counts") from None
+        raise UserError(f"evals.lengths={ec.lengths!r}: comma-separated token counts") from None
     if not lengths or min(lengths) <= 0:
-        raise ValueError(f"evals.lengths={ec.lengths!r}: positive token counts")
+        raise UserError(f"evals.lengths={ec.lengths!r}: positive token counts")
     if max(lengths) > ec.context:
-        raise ValueError(
+        raise UserError(
             f"evals.lengths={ec.lengths!r}: {max(lengths)} tokens exceed evals.context="
             f"{ec.context} (prompts are never truncated)"
         )

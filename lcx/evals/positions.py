@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from lcx import plots
+from lcx.errors import UserError
 
 BUCKETS = (0, 512, 2048, 8192, 32768, 131072, 524288)
 
@@ -19,7 +20,7 @@ def loss_by_position(lm, documents, max_length: int, buckets=BUCKETS) -> list[di
     """Per bucket [lo, hi) of target positions: mean loss, tokens and documents counted."""
     sequences = [list(np.asarray(d[:max_length]).tolist()) for d in documents if len(d) > 1]
     if not sequences:
-        raise ValueError("evals: no held-out document has two tokens to score")
+        raise UserError("evals: no held-out document has two tokens to score")
     edges = [b for b in buckets if b < max_length] + [max_length]
     sums, counts, docs = (
         np.zeros(len(edges) - 1),

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from lcx.data.tokenizer import prompt_ids, text_ids
+from lcx.errors import UserError
 from lcx.evals.tasks import Example
 from lcx.packing import first_fit_decreasing
 from lcx.packing.rows import packed_row
@@ -64,7 +65,7 @@ def check_fits(examples_ids, new_tokens: int, context: int, what: str) -> None:
     """ValueError when a prompt plus its new tokens exceed the model's context."""
     longest = max(len(ids) for ids in examples_ids)
     if longest + new_tokens > context:
-        raise ValueError(
+        raise UserError(
             f"evals: {what}: a prompt of {longest} tokens plus {new_tokens} to generate exceeds "
             f"the model's context of {context} tokens (prompts are never truncated; raise "
             "evals.context or lower evals.lengths)"

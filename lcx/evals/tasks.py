@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lcx.errors import UserError
+
 WORDS = (
     "river stone cloud maple copper lantern orbit velvet harbor meadow quartz ember "
     "falcon willow canyon breeze marble summit pepper garnet thistle cobalt juniper "
@@ -159,7 +161,7 @@ def make_example(task: str, length: int, seed: int, tokenizer) -> Example:
     fills the rest, also by bisection.
     """
     if task not in TASKS:
-        raise ValueError(f"evals.tasks: {task!r} is not a task; valid: {sorted(TASKS)}")
+        raise UserError(f"evals.tasks: {task!r} is not a task; valid: {sorted(TASKS)}")
     build = TASKS[task]
 
     def example(n, filler=0):
@@ -170,7 +172,7 @@ def make_example(task: str, length: int, seed: int, tokenizer) -> Example:
         return prompt_length(tokenizer, example(n, filler).prompt)
 
     if size(0) > length:
-        raise ValueError(f"evals.lengths: {length} tokens cannot hold a {task} prompt ({size(0)})")
+        raise UserError(f"evals.lengths: {length} tokens cannot hold a {task} prompt ({size(0)})")
     low, high = 0, 1
     while size(high) <= length:
         low, high = high, high * 2

@@ -14,6 +14,7 @@ import os
 import sys
 
 from lcx.data.tokenizer import prompt_ids
+from lcx.errors import UserError
 from lcx.generate.api import generate
 from lcx.train.restore import restore_model  # noqa: F401 (also lcx.generate.cli's, as before)
 
@@ -22,14 +23,14 @@ def read_prompts(gc) -> list[str]:
     """The prompts of a `config.generate`: from the file if given, else the string."""
     if gc.prompts_file:
         if not os.path.isfile(gc.prompts_file):
-            raise ValueError(f"generate.prompts_file={gc.prompts_file!r} is not a file")
+            raise UserError(f"generate.prompts_file={gc.prompts_file!r} is not a file")
         with open(gc.prompts_file, encoding="utf-8") as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
     else:
         prompts = gc.prompts.replace("\\n", "\n").split("\n")
     prompts = [p for p in prompts if p]
     if not prompts:
-        raise ValueError(
+        raise UserError(
             "no prompts: set --config.generate.prompts='text' (several separated by \\n) or "
             "--config.generate.prompts_file=FILE (one per line)"
         )

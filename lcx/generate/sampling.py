@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcx.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -27,11 +29,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
+            raise UserError(f"temperature={self.temperature} must be >= 0 (0: greedy)")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1, or None for no limit")
+            raise UserError(f"top_k={self.top_k} must be >= 1, or None for no limit")
         if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1], or None for no limit")
+            raise UserError(f"top_p={self.top_p} must be in (0, 1], or None for no limit")
 
 
 def allowed_tokens(logits_SxV, top_k_S, top_p_S):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from lcx.errors import UserError
+
 TESTS = ("norm", "inner_product", "augmented_inner_product")
 
 
@@ -30,23 +32,23 @@ class AdaptiveBatchConfig:
 
     def __post_init__(self):
         if self.test not in TESTS:
-            raise ValueError(f"batch.test={self.test!r}; valid: {TESTS}")
+            raise UserError(f"batch.test={self.test!r}; valid: {TESTS}")
         for name in ("micro_batch_size", "max_batch_size", "test_interval"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"batch.{name}={getattr(self, name)} must be positive")
+                raise UserError(f"batch.{name}={getattr(self, name)} must be positive")
         if self.max_batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"batch.max_batch_size={self.max_batch_size} must be a multiple of "
                 f"micro_batch_size={self.micro_batch_size}"
             )
         if self.micro_batch_size % self.groups_per_micro_batch:
-            raise ValueError(
+            raise UserError(
                 f"batch.groups_per_micro_batch={self.groups_per_micro_batch} must divide "
                 f"micro_batch_size={self.micro_batch_size}"
             )
         for name in ("eta", "theta", "nu"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"batch.{name}={getattr(self, name)} must be positive")
+                raise UserError(f"batch.{name}={getattr(self, name)} must be positive")
 
     def is_test_step(self, step: int) -> bool:
         return step % self.test_interval == 0

@@ -22,6 +22,7 @@ import grain
 import numpy as np
 
 from lcx.data.store import TokenizedCorpus
+from lcx.errors import UserError
 from lcx.packing.ffd import first_fit_decreasing
 from lcx.packing.rows import packed_row
 
@@ -33,7 +34,7 @@ class ChunkFlowRows:
                  seed: int = 0, shuffle: bool = True, shard_index: int = 0,
                  shard_count: int = 1):  # fmt: skip
         if chunk <= 1:
-            raise ValueError(f"chunk size (train.seq_len)={chunk} must be > 1")
+            raise UserError(f"chunk size (train.seq_len)={chunk} must be > 1")
         self._corpus, self._chunk, self._pad_id = corpus, chunk, pad_id
         lengths = corpus.lengths
         short = np.flatnonzero((lengths <= chunk) & (lengths > 0))

@@ -31,6 +31,7 @@ import grain
 import numpy as np
 
 from lcx.data.store import TokenizedCorpus
+from lcx.errors import UserError
 
 CURRICULA = ("uniform", "grow_p2")
 
@@ -68,7 +69,7 @@ def curriculum_weights(name: str, num_buckets: int) -> np.ndarray:
         return np.ones(num_buckets)
     if name == "grow_p2":
         return 2.0 ** (5 - np.arange(num_buckets))  # 32:16:8:4:2:1 (and on, halving)
-    raise ValueError(f"data.dd.curriculum={name!r}; valid: {CURRICULA}")
+    raise UserError(f"data.dd.curriculum={name!r}; valid: {CURRICULA}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +83,12 @@ class DecompositionSettings:
 
     def __post_init__(self):
         if self.min_log2 < 0 or self.max_log2 < self.min_log2:
-            raise ValueError(
+            raise UserError(
                 f"data.dd.min_log2={self.min_log2}, data.dd.max_log2={self.max_log2}: "
                 "need 0 <= min_log2 <= max_log2"
             )
         if self.cycles <= 0:
-            raise ValueError(f"data.dd.cycles={self.cycles} must be positive")
+            raise UserError(f"data.dd.cycles={self.cycles} must be positive")
         curriculum_weights(self.curriculum, 1)
 
 
@@ -108,7 +109,7 @@ class DecompositionOptions:
         DecompositionSettings(self.min_log2, self.max_log2, self.curriculum, self.cycles)
         rows = self.tokens_per_step >> self.max_log2
         if self.tokens_per_step % (1 << self.max_log2) or rows % self.shard_count:
-            raise ValueError(
+            raise UserError(
                 f"tokens per step {self.tokens_per_step} (train.batch_size * train.seq_len) "
                 f"must be a multiple of 2^data.dd.max_log2={1 << self.max_log2} times the "
                 f"{self.shard_count} hosts"
@@ -145,7 +146,7 @@ class DecomposedIterator(grain.DatasetIterator):
         full_steps = np.asarray([len(b) for b in buckets]) // self._rows
         self._steps_per_cycle = np.maximum(full_steps // opts.cycles, 0)
         if self._steps_per_cycle.sum() == 0:
-            raise ValueError(
+            raise UserError(
                 f"no bucket holds tokens for one step of {opts.tokens_per_step} tokens "
                 f"over {opts.cycles} cycles; lower train.batch_size or data.dd.cycles"
             )
@@ -220,7 +221,7 @@ class DecomposedDataset(grain.IterDataset):
     def __init__(self, corpus: TokenizedCorpus, opts: DecompositionOptions):
         super().__init__()
         if corpus.num_documents == 0:
-            raise ValueError(
+            raise UserError(
                 "data.paths: the corpus is empty; Dataset Decomposition needs documents"
             )
         self._corpus, self._opts = corpus, opts
@@ -264,7 +265,7 @@ def check_longest_bucket(dd: DecompositionSettings, *, batch_size, seq_len, batc
     """The longest bucket's rows per step must split over the mesh's batch shards."""
     rows = (batch_size * seq_len) >> dd.max_log2
     if rows % batch_shards:
-        raise ValueError(
+        raise UserError(
             f"data.dd.max_log2={dd.max_log2}: the longest bucket has {rows} rows per step, "
             f"not a multiple of the {batch_shards} batch shards of config.mesh"
         )

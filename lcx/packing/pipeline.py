@@ -21,6 +21,7 @@ import grain
 import numpy as np
 
 from lcx.data.store import TokenizedCorpus
+from lcx.errors import UserError
 from lcx.packing.ffd import first_fit_decreasing
 from lcx.packing.rows import packed_row
 
@@ -121,7 +122,7 @@ class PackerSettings:
 
     def __post_init__(self):
         if self.num_bins < 0:
-            raise ValueError(f"num_bins={self.num_bins} must be >= 0 (0: one per batch row)")
+            raise UserError(f"num_bins={self.num_bins} must be >= 0 (0: one per batch row)")
 
 
 def grain_packer(packer):

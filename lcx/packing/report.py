@@ -18,6 +18,7 @@ import sys
 import numpy as np
 
 from lcx.data.tokenizer import ByteTokenizer
+from lcx.errors import UserError
 from lcx.packing.stats import markdown_table, measure
 from lcx.packing.strategies import REGISTRY, PipelineOptions
 
@@ -53,7 +54,7 @@ def load_corpus(data) -> object:
         max_documents=data["max_documents"],
     )  # fmt: skip
     if not docs:
-        raise ValueError("data.paths: no documents in the train split")
+        raise UserError("data.paths: no documents in the train split")
     return load_or_tokenize(docs, BYTES, None)
 
 
@@ -115,7 +116,7 @@ def main(argv=None):
         strategies = [s for s in args.strategies.split(",") if s]
         unknown = set(strategies) - set(REGISTRY)
         if unknown:
-            raise ValueError(f"--strategies: unknown {sorted(unknown)}; valid: {tuple(REGISTRY)}")
+            raise UserError(f"--strategies: unknown {sorted(unknown)}; valid: {tuple(REGISTRY)}")
         results = run(
             corpus, row_lens=row_lens, strategies=strategies, data=data,
             batch_size=args.batch_size, max_tokens=args.max_tokens,

@@ -20,6 +20,7 @@ from typing import Any
 import grain
 
 from lcx.data.store import TokenizedCorpus
+from lcx.errors import UserError
 from lcx.packing import chunkflow, decomposition, pipeline
 
 
@@ -78,7 +79,7 @@ STRATEGIES = tuple(REGISTRY)  # the names, in order
 def strategy(name: str) -> Strategy:
     """The registered strategy `name`, or a one-line error listing the valid names."""
     if name not in REGISTRY:
-        raise ValueError(f"data.packing={name!r}; valid: {tuple(REGISTRY)}")
+        raise UserError(f"data.packing={name!r}; valid: {tuple(REGISTRY)}")
     return REGISTRY[name]
 
 
@@ -88,17 +89,17 @@ def strategy_settings(name: str, values: Any):
     cls = strategy(name).settings
     if cls is None:
         if values:
-            raise ValueError(f"data.{name}: packing={name!r} takes no settings; got {values}")
+            raise UserError(f"data.{name}: packing={name!r} takes no settings; got {values}")
         return None
     if isinstance(values, cls):
         return values
     if values is None:
         fields = [f.name for f in dataclasses.fields(cls)]
-        raise ValueError(f"data.{name} is needed for packing={name!r}: a dict of {fields}")
+        raise UserError(f"data.{name} is needed for packing={name!r}: a dict of {fields}")
     values = dict(values)
     valid = {f.name for f in dataclasses.fields(cls)}
     if set(values) != valid:
-        raise ValueError(f"data.{name}={values}: needs exactly the keys {sorted(valid)}")
+        raise UserError(f"data.{name}={values}: needs exactly the keys {sorted(valid)}")
     return cls(**values)
 
 
@@ -121,7 +122,7 @@ class PipelineOptions:
     def __post_init__(self):
         object.__setattr__(self, "settings", strategy_settings(self.packing, self.settings))
         if self.seq_len <= 1 or self.batch_size <= 0:
-            raise ValueError(
+            raise UserError(
                 f"seq_len={self.seq_len} must be > 1 and batch_size={self.batch_size} > 0"
             )
         check = strategy(self.packing).check_options
@@ -136,7 +137,7 @@ def packed_dataset(corpus: TokenizedCorpus, opts: PipelineOptions) -> grain.Iter
     shape per step, B * T fixed, repeating forever whatever `num_epochs`).
     """
     if corpus.num_tokens == 0:
-        raise ValueError(
+        raise UserError(
             f"data.paths: the corpus is empty; data.packing={opts.packing!r} needs tokens"
         )
     return strategy(opts.packing).build(corpus, opts)

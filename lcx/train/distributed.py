@@ -16,6 +16,8 @@ import time
 
 import jax
 
+from lcx.errors import UserError
+
 # Environment variables that say JAX can find the other processes by itself.
 CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
@@ -36,17 +38,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize(initialization_timeout=timeout_s)
         return True
     if num_processes is None or process_id is None or coordinator_address is None:
-        raise ValueError(
+        raise UserError(
             "--coordinator_address, --num_processes and --process_id go together; got "
             f"coordinator_address={coordinator_address!r}, num_processes={num_processes}, "
             f"process_id={process_id}"
         )
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ValueError(
+        raise UserError(
             f"--process_id={process_id} must be in [0, --num_processes={num_processes})"
         )
     if ":" not in coordinator_address:
-        raise ValueError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT")
+        raise UserError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT")
     if process_id != 0:
         _wait_for_coordinator(coordinator_address, timeout_s, process_id, num_processes)
     try:
@@ -57,7 +59,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         )  # fmt: skip
     except Exception as e:  # XLA's runtime errors: deadline exceeded, refused, ...
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(
+        raise UserError(
             f"process {process_id} of {num_processes} could not join the coordinator at "
             f"{coordinator_address} within {timeout_s} s: {first}"
         ) from None
@@ -78,7 +80,7 @@ def _wait_for_coordinator(address: str, timeout_s: int, process_id: int, num_pro
                 return
         except OSError as e:
             if time.monotonic() >= deadline:
-                raise ValueError(
+                raise UserError(
                     f"process {process_id} of {num_processes} could not join the coordinator "
                     f"at {address} within {timeout_s} s: {e.strerror or e}"
                 ) from None

@@ -10,6 +10,7 @@ import numpy as np
 
 from lcx.data import load_or_tokenize, make_tokenizer, select_documents, split_tail
 from lcx.data.corpus import corpus_paths, user_documents
+from lcx.errors import UserError
 from lcx.packing import PipelineOptions, packed_dataset, strategy
 
 
@@ -75,7 +76,7 @@ def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: b
     count = jax.process_count()
     shards = data_cfg.get("shards", 0) or count
     if shards % count or global_batch_size % shards:
-        raise ValueError(
+        raise UserError(
             f"data.shards={shards} must be a multiple of the {count} processes and divide "
             f"train.batch_size={global_batch_size}"
         )

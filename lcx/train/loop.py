@@ -19,12 +19,13 @@ import numpy as np
 
 from lcx import optim, plots
 from lcx.attention.ring import sequence_layout
+from lcx.errors import UserError
 from lcx.model import TransformerConfig
 from lcx.packing import strategy as packing_strategy
 from lcx.packing import strategy_settings
+from lcx.runtime import sharding as sh
 from lcx.train import input as data_input
 from lcx.train import model_source, run_record
-from lcx.train import sharding as sh
 from lcx.train import step as steplib
 from lcx.train.checkpoint import Checkpointer, abstract_like
 from lcx.train.metrics import MetricsWindow, MetricsWriter, Progress, read_metrics
@@ -38,17 +39,17 @@ LOSS_CURVE = "loss.png"  # written into the workdir at the end of every training
 def ensure_workdir(workdir: str, *, writable: bool = True) -> str:
     """Create `workdir` if needed and check that it is writable (or, for reading, exists)."""
     if not workdir:
-        raise ValueError("--workdir is required: a directory for checkpoints and metrics")
+        raise UserError("--workdir is required: a directory for checkpoints and metrics")
     if not writable:
         if not os.path.isdir(workdir):
-            raise ValueError(f"--workdir {workdir!r} does not exist")
+            raise UserError(f"--workdir {workdir!r} does not exist")
         return os.path.abspath(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=workdir):
             pass
     except OSError as e:
-        raise ValueError(f"--workdir {workdir!r} is not writable: {e.strerror}") from None
+        raise UserError(f"--workdir {workdir!r} is not writable: {e.strerror}") from None
     return os.path.abspath(workdir)  # orbax needs absolute checkpoint paths
 
 
@@ -94,14 +95,14 @@ class Experiment:
         self.micro_batch_size = self.plan.micro_batch_size
         divisor = sh.batch_divisor(self.mesh, self.rules)
         if self.micro_batch_size % divisor or tc.batch_size % self.micro_batch_size:
-            raise ValueError(
+            raise UserError(
                 f"train.micro_batch_size={self.micro_batch_size} must divide "
                 f"train.batch_size={tc.batch_size} and be a multiple of the {divisor} "
                 "batch shards of config.mesh"
             )
         single_step = c.batch.adaptive or self.micro_batch_size != tc.batch_size
         if self.packing.whole_batches and single_step:
-            raise ValueError(
+            raise UserError(
                 f"data.packing={c.data.packing!r} needs the whole batch in one step: "
                 "train.micro_batch_size=0 and batch.adaptive=False"
             )
@@ -114,7 +115,7 @@ class Experiment:
         if self.sequence_shards > 1:
             check_sequence_parallel(c, self.model_cfg, self.sequence_shards)
         if self.packing.dependent_rows and "lact" in self.model_cfg.block_pattern:
-            raise ValueError(
+            raise UserError(
                 f"data.packing={c.data.packing!r} runs dependent chunks through attention "
                 "layers: it needs no 'lact' in model.block_pattern"
             )
@@ -217,7 +218,7 @@ class Experiment:
             self.resume_step = step
             return state
         step, e = failed[0]
-        raise ValueError(
+        raise UserError(
             f"--workdir {self.workdir}: the checkpoint of step {step} does not fit this "
             f"config's model, optimizer or data pipeline ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}); use a new --workdir"
@@ -265,14 +266,14 @@ def check_sequence_parallel(c, model_cfg, shards: int):
     from lcx.attention.ring import LAYOUTS
 
     if c.ring.layout not in LAYOUTS:
-        raise ValueError(f"ring.layout={c.ring.layout!r}; valid: {LAYOUTS}")
+        raise UserError(f"ring.layout={c.ring.layout!r}; valid: {LAYOUTS}")
     if c.train.seq_len % (2 * shards):
-        raise ValueError(
+        raise UserError(
             f"train.seq_len={c.train.seq_len} must be a multiple of 2 * mesh.sequence = "
             f"{2 * shards} to split rows over the sequence axis"
         )
     if "lact" in model_cfg.block_pattern or packing_strategy(c.data.packing).whole_batches:
-        raise ValueError(
+        raise UserError(
             f"mesh.sequence={shards} splits rows for ring attention: it needs attention-only "
             "layers (no 'lact' in model.block_pattern) and rows of train.seq_len (not "
             f"data.packing={c.data.packing!r})"
@@ -407,7 +408,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
         run_record.check_model(config, workdir)
         step = exp.resume_step
         if step is None:
-            raise ValueError(f"--workdir {workdir!r} has no checkpoint to evaluate; train first")
+            raise UserError(f"--workdir {workdir!r} has no checkpoint to evaluate; train first")
         state = exp.restore_or_init()
         record = {"step": step, "eval_loss": exp.evaluator()(state.params)}
     finally:

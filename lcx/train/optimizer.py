@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 import optax
 
 from lcx import optim
+from lcx.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ def _settings_of(section: str, name: str, cfg, accepted) -> dict:
     settings = dict(cfg.get(name) or {})
     unknown = set(settings) - set(accepted)
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{section}.{name}: unknown {sorted(unknown)}; {name} takes {sorted(accepted)}"
         )
     return settings
@@ -61,7 +62,7 @@ class OptimizerConfig:
         """From config.optimizer: name, grad_clip and the section under the name."""
         name = cfg["name"]
         if name not in OPTIMIZERS:
-            raise ValueError(f"optimizer.name={name!r}; valid: {sorted(OPTIMIZERS)}")
+            raise UserError(f"optimizer.name={name!r}; valid: {sorted(OPTIMIZERS)}")
         params = inspect.signature(OPTIMIZERS[name].factory).parameters
         accepted = [p for p in params if p not in ("learning_rate", "mask")]
         settings = _settings_of("optimizer", name, cfg, accepted)
@@ -85,7 +86,7 @@ class ScheduleConfig:
         """From config.schedule: the shared fields and the section under the name."""
         name = cfg["name"]
         if name not in SCHEDULES:
-            raise ValueError(f"schedule.name={name!r}; valid: {sorted(SCHEDULES)}")
+            raise UserError(f"schedule.name={name!r}; valid: {sorted(SCHEDULES)}")
         shared = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name != "settings"}
         params = inspect.signature(SCHEDULES[name]).parameters.values()
         accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
@@ -130,7 +131,12 @@ def make_schedule(cfg: ScheduleConfig, *, total_steps: int, batch_size: int, seq
         decay=cfg.decay,
         final_lr_fraction=cfg.final_lr_fraction,
     )
-    return SCHEDULES[cfg.name](cfg, phases, batch_size, **dict(cfg.settings))
+    try:
+        return SCHEDULES[cfg.name](cfg, phases, batch_size, **dict(cfg.settings))
+    except ValueError as e:  # lcx.optim names its arguments; say which config this is
+        raise UserError(
+            f"schedule.name={cfg.name!r}: {e} (tokens: steps * train.batch_size * train.seq_len)"
+        ) from e
 
 
 def make_optimizer(cfg: OptimizerConfig, schedule) -> optax.GradientTransformationExtraArgs:

@@ -8,6 +8,7 @@ import os
 from absl import logging
 from flax import nnx
 
+from lcx.errors import UserError
 from lcx.train import run_record
 from lcx.train import step as steplib
 from lcx.train.checkpoint import abstract_like
@@ -19,7 +20,7 @@ def restore_model(config, workdir: str, *, with_tokenizer: bool = False):
     (and the run's tokenizer)."""
     missing = f"--workdir {workdir!r} has no checkpoint to generate from; train first"
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise ValueError(missing)
+        raise UserError(missing)
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # orbax's notes on opening a checkpoint read-only
     try:
@@ -30,7 +31,7 @@ def restore_model(config, workdir: str, *, with_tokenizer: bool = False):
         run_record.check_model(config, workdir)
         step = exp.resume_step
         if step is None:
-            raise ValueError(missing)
+            raise UserError(missing)
         graphdef, abstract = steplib.abstract_model(exp.model_cfg)
         shapes = nnx.to_pure_dict(abstract)
         params = exp.checkpointer.restore_params(step, abstract_like(shapes, exp.shardings.params))

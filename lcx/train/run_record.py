@@ -17,6 +17,8 @@ import os
 
 import jax
 
+from lcx.errors import UserError
+
 RECORD = "config.json"
 
 # Keys that may change between the first start and a resume.
@@ -176,7 +178,7 @@ def plan_run(config, workdir: str, *, resuming: bool) -> RunPlan:
     diffs = differences(recorded, config)
     fixed = [k for k in diffs if not resumable(k)]
     if fixed and not tc.allow_config_change:
-        raise ValueError(
+        raise UserError(
             f"--workdir {workdir} holds a run started with another config: "
             f"{_describe(diffs, fixed)}. Use a new --workdir, or pass "
             "--config.train.allow_config_change=True to continue it anyway"
@@ -185,7 +187,7 @@ def plan_run(config, workdir: str, *, resuming: bool) -> RunPlan:
     if "train.micro_batch_size" not in diffs:
         micro = first_micro  # the checkpointed data iterator draws batches of this size
     if tc.batch_size % micro:
-        raise ValueError(
+        raise UserError(
             f"train.batch_size={tc.batch_size} cannot continue the run in {workdir}: it draws "
             f"micro-batches of {micro} sequences, so the batch size must be a multiple of "
             f"{micro} (or start a new --workdir)"
@@ -204,6 +206,6 @@ def check_model(config, workdir: str) -> None:
     diffs = differences(recorded, config)
     model = [k for k in diffs if k.startswith(("model.", "init.")) and k not in RESUMABLE]
     if model:
-        raise ValueError(
+        raise UserError(
             f"--workdir {workdir} holds a model of another config: {_describe(diffs, model)}"
         )

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from lcx import optim
+from lcx.errors import UserError
 from lcx.packing import batch_stats
 from lcx.train import step as steplib
 from lcx.train.chunkflow import chunkflow_loss_sum
@@ -36,7 +37,7 @@ class StepRunner:
         self.exp = exp
         self.micro = exp.micro_batch_size
         if batch_size < self.micro or batch_size % self.micro:
-            raise ValueError(
+            raise UserError(
                 f"train.batch_size={batch_size} must be a positive multiple of the "
                 f"micro-batch size {self.micro}"
             )

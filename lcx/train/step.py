@@ -21,8 +21,9 @@ import optax
 from flax import nnx
 
 from lcx import optim
-from lcx.model import Transformer, TransformerConfig
-from lcx.train import sharding as sh
+from lcx.model import Transformer
+from lcx.runtime import sharding as sh
+from lcx.runtime.params import abstract_model, param_shardings
 
 
 class TrainState(NamedTuple):
@@ -72,25 +73,16 @@ class Accumulator(NamedTuple):
     stats: optim.GradientStats | None
 
 
-def abstract_model(model_cfg: TransformerConfig):
-    """The model's graph definition and abstract parameters (no allocation)."""
-    model = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(model)
-
-
 def state_shardings(model_cfg, tx, mesh, rules):
     """NamedShardings for every leaf of TrainState, from the parameters' logical names."""
     _, abstract_params = abstract_model(model_cfg)
-    param_specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_params))
-    param_shardings = sh.logical_to_sharding(
-        param_specs, mesh, rules, nnx.to_pure_dict(abstract_params)
-    )
+    shardings = param_shardings(abstract_params, mesh, rules)
     abstract_opt = jax.eval_shape(tx.init, nnx.to_pure_dict(abstract_params))
     replicated = sh.replicated(mesh)
     opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated
+        tx, lambda _, s: s, abstract_opt, shardings, transform_non_params=lambda _: replicated
     )
-    return TrainState(replicated, param_shardings, opt_shardings, replicated, replicated)
+    return TrainState(replicated, shardings, opt_shardings, replicated, replicated)
 
 
 def _step_zero(params, tx, batch_size: int) -> TrainState:

@@ -27,6 +27,7 @@ from flax import nnx
 
 from lcx.attention import packed_attention
 from lcx.cache import AttentionCache, cache_attention
+from lcx.errors import UserError
 from lcx.layers import DTYPES, apply_rope, constant_param, param, rms_normalise
 from lcx.ttt.fast_weights import GRIDS, FastWeights, lact_chunk_scan, safe_norm
 from lcx.ttt.state import LaCTCache, fast_weight_step
@@ -54,7 +55,7 @@ class LaCTSettings:
         values = dict(values)
         valid = {f.name for f in dataclasses.fields(cls)}
         if set(values) - valid:
-            raise ValueError(
+            raise UserError(
                 f"model.lact: unknown {sorted(set(values) - valid)}; valid: {sorted(valid)}"
             )
         return cls(**values)
@@ -82,25 +83,25 @@ class LaCTConfig:
 
     def __post_init__(self):
         if self.chunk_size <= 0:
-            raise ValueError(f"lact chunk_size={self.chunk_size} must be positive")
+            raise UserError(f"lact chunk_size={self.chunk_size} must be positive")
         if self.window < 1:
-            raise ValueError(f"lact window={self.window} must be >= 1")
+            raise UserError(f"lact window={self.window} must be >= 1")
         for name in ("num_heads", "fw_heads"):
             heads = getattr(self, name)
             if heads <= 0 or self.d_model % heads:
-                raise ValueError(
+                raise UserError(
                     f"lact {name}={heads} must divide d_model={self.d_model} (head dim)"
                 )
         if (self.d_model // self.num_heads) % 2 or (self.d_model // self.fw_heads) % 2:
-            raise ValueError(f"lact head dims of d_model={self.d_model} must be even for RoPE")
+            raise UserError(f"lact head dims of d_model={self.d_model} must be even for RoPE")
         if not self.base_lr > 0:
-            raise ValueError(f"lact base_lr={self.base_lr} must be positive")
+            raise UserError(f"lact base_lr={self.base_lr} must be positive")
         if self.inter_multi <= 0:
-            raise ValueError(f"lact inter_multi={self.inter_multi} must be positive")
+            raise UserError(f"lact inter_multi={self.inter_multi} must be positive")
         if self.dtype not in DTYPES:
-            raise ValueError(f"lact dtype={self.dtype!r}; valid: {sorted(DTYPES)}")
+            raise UserError(f"lact dtype={self.dtype!r}; valid: {sorted(DTYPES)}")
         if self.grid not in GRIDS:
-            raise ValueError(f"lact grid={self.grid!r}; valid: {GRIDS}")
+            raise UserError(f"lact grid={self.grid!r}; valid: {GRIDS}")
 
     @property
     def fw_head_dim(self) -> int:

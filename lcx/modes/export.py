@@ -6,18 +6,18 @@ from __future__ import annotations
 import os
 
 from lcx.checkpoints.hf import save_hf
+from lcx.errors import UserError
+from lcx.train.restore import restore_model
 
 
-def export_from_workdir(config, workdir: str) -> dict:
+def run(config, workdir: str) -> dict:
     """Write the latest checkpoint's parameters to `config.export.dir`; a summary record."""
-    from lcx.train.restore import restore_model
-
     ec = config.get("export") or {}
     out = ec.get("dir", "")
     if not out:
-        raise ValueError("export.dir is empty: give --config.export.dir=OUT, a new directory")
+        raise UserError("export.dir is empty: give --config.export.dir=OUT, a new directory")
     if os.path.isdir(out) and os.listdir(out):
-        raise ValueError(f"export.dir={out!r} is not empty; give a new directory")
+        raise UserError(f"export.dir={out!r} is not empty; give a new directory")
     model, step, tokenizer = restore_model(config, workdir, with_tokenizer=True)
     path = getattr(tokenizer, "path", None)
     save_hf(
@@ -26,3 +26,9 @@ def export_from_workdir(config, workdir: str) -> dict:
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
     )  # fmt: skip
     return {"step": step, "dir": out}
+
+
+def summary(result: dict, workdir: str) -> str:
+    """The checkpoint's step and the directory it was written to."""
+    del workdir
+    return f"lcx: step {result['step']} written as a Hugging Face model to {result['dir']}"
