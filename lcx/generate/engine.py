@@ -415,7 +415,7 @@ def _jitted_step(graphdef, attend_cache, out_shardings):
 def _param_shardings(state, mesh, rules):
     """NamedShardings of the parameters from their logical axis names; a mesh axis that
     does not divide its dimension is dropped there, with one warning naming each."""
-    from lcx.train.sharding import logical_to_sharding
+    from lcx.runtime.sharding import logical_to_sharding
 
     specs = nnx.get_partition_spec(state)
     wanted = logical_to_sharding(specs, mesh, rules)

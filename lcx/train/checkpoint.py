@@ -15,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lcx.errors import UserError
+
 
 class Checkpointer:
     """A CheckpointManager holding items `state` (TrainState) and `data` (iterator)."""
@@ -22,7 +24,7 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int, save_every: int, async_save: bool = True,
                  read_only: bool = False):  # fmt: skip
         if keep <= 0 or save_every <= 0:
-            raise ValueError(
+            raise UserError(
                 f"train.keep_checkpoints={keep} and train.checkpoint_every={save_every} "
                 "must be positive"
             )
