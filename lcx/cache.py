@@ -67,8 +67,17 @@ class AttentionCache(NamedTuple):
         return flat(self.k), flat(self.v), ids, positions
 
 
-def cache_attention(q, segment_ids, positions, cache: AttentionCache, *, offset_S=None,
-                 decode_rows=0, window=None, implementation=None):  # fmt: skip
+def cache_attention(
+    q,
+    segment_ids,
+    positions,
+    cache: AttentionCache,
+    *,
+    offset_S=None,
+    decode_rows=0,
+    window=None,
+    implementation=None,
+):
     """(out, lse) of one row of queries [1, T, H, D] against the cache, causal.
 
     Without `decode_rows` the queries attend the whole cache as one packed row.
@@ -85,9 +94,15 @@ def cache_attention(q, segment_ids, positions, cache: AttentionCache, *, offset_
     if not decode_rows:
         k_row, v_row, ids, kv_positions = cache.as_row(offset_S)
         return packed_attention(
-            q, k_row, v_row, segment_ids, kv_segment_ids=ids, q_positions=positions,
-            kv_positions=kv_positions, **common,
-        )  # fmt: skip
+            q,
+            k_row,
+            v_row,
+            segment_ids,
+            kv_segment_ids=ids,
+            q_positions=positions,
+            kv_positions=kv_positions,
+            **common,
+        )
     s = cache.slots
     if decode_rows != s:
         raise ValueError(f"decode_rows={decode_rows} must equal the cache's {s} slots")
@@ -99,10 +114,15 @@ def cache_attention(q, segment_ids, positions, cache: AttentionCache, *, offset_
     offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
     parts = [
         _slot_attention(
-            q[0, :s, None], (segment_ids[0, :s] > 0)[:, None], positions[0, :s, None],
-            cache, None, offset_S, common,
+            q[0, :s, None],
+            (segment_ids[0, :s] > 0)[:, None],
+            positions[0, :s, None],
+            cache,
+            None,
+            offset_S,
+            common,
         )
-    ]  # fmt: skip
+    ]
     if q.shape[1] > s:
         blocks = lambda x: x[0, s:].reshape(-1, CHUNK_QUERY_BLOCK, *x.shape[2:])  # noqa: E731
         ids_NxC = blocks(segment_ids)
@@ -126,8 +146,13 @@ def _slot_attention(q_NxCxHxD, real_NxC, positions_NxC, cache, slot_N, offset_S,
     offset_N = offset_S if slot_N is None else offset_S[slot_N]
     kv_positions = jnp.arange(length, dtype=jnp.int32)[None] + offset_N[:, None]
     out, lse = packed_attention(
-        q_NxCxHxD, k, v, real_NxC.astype(jnp.int32),
-        kv_segment_ids=jnp.ones((n, length), jnp.int32), q_positions=positions_NxC,
-        kv_positions=kv_positions, **common,
-    )  # fmt: skip
+        q_NxCxHxD,
+        k,
+        v,
+        real_NxC.astype(jnp.int32),
+        kv_segment_ids=jnp.ones((n, length), jnp.int32),
+        q_positions=positions_NxC,
+        kv_positions=kv_positions,
+        **common,
+    )
     return out.reshape(n * c, *out.shape[2:]), lse.reshape(n * c, *lse.shape[2:])

@@ -40,12 +40,12 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     try:
         mode = modes.mode_of(config.mode)
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                               timeout_s=_TIMEOUT.value)  # fmt: skip
+        processes = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        distributed.initialize(*processes, timeout_s=_TIMEOUT.value)
         result = mode.run(config, workdir)
     except preemption.Interrupted as e:
-        print(f"lcx: {e}; checkpoint of step {e.step} written to {workdir}/checkpoints; run the "
-              "same command again to resume", file=sys.stderr)  # fmt: skip
+        where = f"checkpoint of step {e.step} written to {workdir}/checkpoints"
+        print(f"lcx: {e}; {where}; run the same command again to resume", file=sys.stderr)
         sys.exit(e.exit_status)
     except (errors.UserError, OSError) as e:
         errors.exit_with(errors.one_line(e), error=e)

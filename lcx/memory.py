@@ -101,10 +101,11 @@ def main(argv=None) -> int:
         return 2
     gib = 2**30
     billions = memory["parameter_count"] / 1e9
-    print(f"{args.config} on {args.slice} ({chips} chips of {hbm} GiB), {billions:.2f}B "
-          f"parameters, remat={config.model.remat}:")  # fmt: skip
-    for key in ("parameters", "optimizer", "gradients", "update", "activations", "logits",
-                "total"):  # fmt: skip
+    print(
+        f"{args.config} on {args.slice} ({chips} chips of {hbm} GiB), {billions:.2f}B "
+        f"parameters, remat={config.model.remat}:"
+    )
+    for key in ("parameters", "optimizer", "gradients", "update", "activations", "logits", "total"):
         print(f"  {key:12s} {memory[key] / gib:8.2f} GiB per device")
     fits = "fits" if memory["total"] < 0.9 * hbm * gib else "does NOT fit"
     print(f"  {fits} in {hbm} GiB (90% usable)")

@@ -207,12 +207,28 @@ class Attention(nnx.Module):
         """packed_attention with this layer's masking; (out, lse), or out."""
         cfg = self.cfg
         return packed_attention(
-            q, k, v, segment_ids, causal=True, window=cfg.attention_window,
-            implementation=cfg.attention_implementation, return_lse=return_lse, **keys,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            segment_ids,
+            causal=True,
+            window=cfg.attention_window,
+            implementation=cfg.attention_implementation,
+            return_lse=return_lse,
+            **keys,
+        )
 
-    def with_cache(self, x_BxCxE, segment_ids_BxC, positions_BxC, cache, *, cache_segment_ids,
-                   cache_positions, index):  # fmt: skip
+    def with_cache(
+        self,
+        x_BxCxE,
+        segment_ids_BxC,
+        positions_BxC,
+        cache,
+        *,
+        cache_segment_ids,
+        cache_positions,
+        index,
+    ):
         """A chunk's attention over a key/value buffer that first receives its keys/values.
 
         `cache`: (k, v) [B, S, K, D]; the chunk's keys/values are written at `index`, then
@@ -228,13 +244,28 @@ class Attention(nnx.Module):
         k_all = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 1)
         v_all = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 1)
         o_BxCxHxD, _ = self._attend(
-            q, k_all, v_all, segment_ids_BxC, kv_segment_ids=cache_segment_ids,
-            q_positions=positions_BxC, kv_positions=cache_positions,
-        )  # fmt: skip
+            q,
+            k_all,
+            v_all,
+            segment_ids_BxC,
+            kv_segment_ids=cache_segment_ids,
+            q_positions=positions_BxC,
+            kv_positions=cache_positions,
+        )
         return jnp.einsum("bthd,hde->bte", o_BxCxHxD, self.w_o[...].astype(dt)), (k, v)
 
-    def __call__(self, x_BxTxE, segment_ids_BxT, positions_BxT, cache=None, *,
-                 attend_cache=True, prefixes=(), offset_S=None, decode_rows=0):  # fmt: skip
+    def __call__(
+        self,
+        x_BxTxE,
+        segment_ids_BxT,
+        positions_BxT,
+        cache=None,
+        *,
+        attend_cache=True,
+        prefixes=(),
+        offset_S=None,
+        decode_rows=0,
+    ):
         """Self-attention over packed rows; with `cache`, (output, the updated cache).
 
         With a cache (lcx.cache: a token's slot is its segment id - 1) the tokens'
@@ -253,11 +284,16 @@ class Attention(nnx.Module):
         if cache is not None and attend_cache:
             parts = [
                 cache_attention(
-                    q, segment_ids_BxT, positions_BxT, cache, offset_S=offset_S,
-                    decode_rows=decode_rows, window=cfg.attention_window,
+                    q,
+                    segment_ids_BxT,
+                    positions_BxT,
+                    cache,
+                    offset_S=offset_S,
+                    decode_rows=decode_rows,
+                    window=cfg.attention_window,
                     implementation=cfg.attention_implementation,
                 )
-            ]  # fmt: skip
+            ]
         elif not prefixes:  # training and prepacked prefill: causal within the row's runs
             # Rows split over a `sequence` mesh axis may be permuted (ring layouts): the
             # ring then needs each token's position; otherwise the index in the row serves.
@@ -272,10 +308,14 @@ class Attention(nnx.Module):
             groups = jnp.where(segment_ids_BxT > 0, group_of_slot[slot], -1)
             parts.append(
                 prefix_attention(
-                    q, prefix, groups, positions_BxT, window=cfg.attention_window,
+                    q,
+                    prefix,
+                    groups,
+                    positions_BxT,
+                    window=cfg.attention_window,
                     implementation=cfg.attention_implementation,
                 )
-            )  # fmt: skip
+            )
         o_BxTxHxD = merge_attention(parts)[0] if len(parts) > 1 else parts[0][0]
         out = jnp.einsum("bthd,hde->bte", o_BxTxHxD, self.w_o[...].astype(dt))
         return out if cache is None else (out, cache)
@@ -355,8 +395,16 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.unembed = param(rngs.params(), (e, v), e**-0.5, ("embed", "vocab"), pd)
 
-    def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, *, cache=None,
-                 logits_at=None, **cache_args):  # fmt: skip
+    def __call__(
+        self,
+        tokens_BxT,
+        segment_ids_BxT=None,
+        positions_BxT=None,
+        *,
+        cache=None,
+        logits_at=None,
+        **cache_args,
+    ):
         """Logits [B, T, V] (float32); with `cache`, (logits, the updated cache).
 
         `cache`: from `init_cache`, one entry per layer (see lcx.cache: a token's slot is
@@ -379,9 +427,13 @@ class Transformer(nnx.Module):
         updated = []
         for block, layer_cache, layer_prefixes in zip(self.blocks, caches, prefixes, strict=True):
             x = block(
-                x, segment_ids_BxT, positions_BxT, layer_cache, prefixes=layer_prefixes,
+                x,
+                segment_ids_BxT,
+                positions_BxT,
+                layer_cache,
+                prefixes=layer_prefixes,
                 **cache_args,
-            )  # fmt: skip
+            )
             if layer_cache is not None:
                 x, layer_cache = x
             updated.append(layer_cache)
@@ -430,8 +482,9 @@ class Transformer(nnx.Module):
         period = len(self.cfg.block_pattern)
         scanned = (len(blocks) // period) * period if self.cfg.scan_layers else 0
         if scanned > period:
-            x_BxTxE = _scan_blocks(blocks[:scanned], period, run, x_BxTxE, segment_ids_BxT,
-                                   positions_BxT)  # fmt: skip
+            x_BxTxE = _scan_blocks(
+                blocks[:scanned], period, run, x_BxTxE, segment_ids_BxT, positions_BxT
+            )
             blocks = blocks[scanned:]
         for block in blocks:
             x_BxTxE = run(block, x_BxTxE, segment_ids_BxT, positions_BxT)

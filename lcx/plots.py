@@ -52,8 +52,14 @@ def packed_rows(segment_ids, *, ax=None, title="Packed rows: one colour per docu
     seg = np.atleast_2d(np.asarray(segment_ids))
     ax = _axes(ax, (8, 0.5 + 0.35 * len(seg)))
     cmap = DOCUMENT_COLORS.with_extremes(bad=PADDING_COLOR)
-    ax.imshow(_document_image(seg), aspect="auto", cmap=cmap, vmin=0, vmax=cmap.N - 1,
-              interpolation="nearest")  # fmt: skip
+    ax.imshow(
+        _document_image(seg),
+        aspect="auto",
+        cmap=cmap,
+        vmin=0,
+        vmax=cmap.N - 1,
+        interpolation="nearest",
+    )
     ax.set_xlabel("token index in the row")
     ax.set_ylabel("row")
     ax.set_yticks(range(len(seg)))
@@ -91,8 +97,13 @@ def block_schedule(segment_ids, *, block_q: int, block_kv: int, causal=True, ax=
     n_q, n_kv = visited.shape
     dense = np.tri(n_q, n_kv, dtype=bool) if causal else np.ones_like(visited)
     ax = _axes(ax, (4, 4))
-    ax.imshow(np.where(visited, 2, np.where(dense, 1, 0)), cmap="Blues", vmin=0, vmax=2,
-              interpolation="nearest")  # fmt: skip
+    ax.imshow(
+        np.where(visited, 2, np.where(dense, 1, 0)),
+        cmap="Blues",
+        vmin=0,
+        vmax=2,
+        interpolation="nearest",
+    )
     ax.set_xlabel(f"kv block ({block_kv} keys)")
     ax.set_ylabel(f"q block ({block_q} queries)")
     ax.set_title(f"Blocks visited: {visited.sum()} of {dense.sum()} dense causal")
@@ -127,8 +138,18 @@ def bars(values: Mapping[str, float], *, ylabel: str, ax=None, title=""):
     return ax
 
 
-def curves(x, ys: Mapping[str, Sequence[float]], *, xlabel: str, ylabel: str, ax=None,
-           title="", logx=False, logy=False, marker=None):  # fmt: skip
+def curves(
+    x,
+    ys: Mapping[str, Sequence[float]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    ax=None,
+    title="",
+    logx=False,
+    logy=False,
+    marker=None,
+):
     """One line per name over a shared x (schedules, batch sizes, throughput)."""
     ax = _axes(ax)
     for name, y in ys.items():

@@ -22,10 +22,23 @@ __all__ = ["FALLBACK", "IMPLEMENTATIONS", "PREFERENCE", "packed_attention"]
 
 
 def packed_attention(
-    q, k, v, segment_ids=None, *, kv_segment_ids=None, q_positions=None, kv_positions=None,
-    causal=True, window=None, scale=None, return_lse=False, implementation=None,
-    block_sizes=None, interpret=False, validate=False,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    causal=True,
+    window=None,
+    scale=None,
+    return_lse=False,
+    implementation=None,
+    block_sizes=None,
+    interpret=False,
+    validate=False,
+):
     """Attention within documents of packed rows, [B, T, H, D] layout.
 
     Query t sees key s iff `segment_ids[t] == kv_segment_ids[s] != 0`, when causal
@@ -53,26 +66,49 @@ def packed_attention(
       (out, lse).
     """
     check_attention_args(
-        q, k, v, segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-        kv_positions=kv_positions, window=window,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        window=window,
+    )
     mesh = sequence_mesh() if kv_segment_ids is None and kv_positions is None else None
     if mesh is not None:  # self-attention of rows split over the `sequence` axis
         b, t = q.shape[:2]
         ring = ring_attention(
-            q, k, v, jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids,
+            q,
+            k,
+            v,
+            jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids,
             jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            if q_positions is None else q_positions,
-            mesh=mesh, causal=causal, window=window, scale=scale,
-            implementation=implementation, block_sizes=block_sizes, interpret=interpret,
+            if q_positions is None
+            else q_positions,
+            mesh=mesh,
+            causal=causal,
+            window=window,
+            scale=scale,
+            implementation=implementation,
+            block_sizes=block_sizes,
+            interpret=interpret,
             return_lse=return_lse,
-        )  # fmt: skip
+        )
         return ring
     segments = segments_of(q, k, segment_ids, kv_segment_ids, q_positions, kv_positions)
     if validate:
         validate_segments(segments)
     out, lse = attend_segments(
-        q, k, v, segments, implementation=implementation, causal=causal, window=window,
-        scale=scale, block_sizes=block_sizes, interpret=interpret,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        segments,
+        implementation=implementation,
+        causal=causal,
+        window=window,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
     return (out, lse) if return_lse else out

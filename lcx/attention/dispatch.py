@@ -21,10 +21,18 @@ def _xla(q, k, v, segments, *, causal, window, scale, block_sizes, interpret):
     """The XLA reference: the whole Tq x Tk score matrix."""
     del block_sizes, interpret
     return reference_attention(
-        q, k, v, segments.q_ids, kv_segment_ids=segments.kv_ids,
-        q_positions=segments.q_positions, kv_positions=segments.kv_positions, causal=causal,
-        window=window, scale=scale, return_lse=True,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        segments.q_ids,
+        kv_segment_ids=segments.kv_ids,
+        q_positions=segments.q_positions,
+        kv_positions=segments.kv_positions,
+        causal=causal,
+        window=window,
+        scale=scale,
+        return_lse=True,
+    )
 
 
 IMPLEMENTATIONS = {

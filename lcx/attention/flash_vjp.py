@@ -21,9 +21,12 @@ from lcx.attention.kernel_common import finite_lse
 
 
 def flash_attention_vjp(
-    forward: Callable, backward: Callable, *, rows_as_lse: Callable | None = None,
+    forward: Callable,
+    backward: Callable,
+    *,
+    rows_as_lse: Callable | None = None,
     lse_base2: bool = False,
-):  # fmt: skip
+):
     """`attention(q, k, v, segments, **static) -> (out, lse)`, differentiable in q, k, v.
 
     Args:

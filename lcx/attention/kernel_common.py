@@ -79,9 +79,11 @@ def pad_to_blocks(q, k, v, segments: Segments, q_multiple: int, kv_multiple: int
         q_multiple = kv_multiple = int(np.lcm(q_multiple, kv_multiple))
     lq, lk = -(-tq // q_multiple) * q_multiple, -(-tk // kv_multiple) * kv_multiple
     segments = Segments(
-        _pad_or_none(segments.q_ids, lq), _pad_or_none(segments.kv_ids, lk),
-        _pad_or_none(segments.q_positions, lq), _pad_or_none(segments.kv_positions, lk),
-    )  # fmt: skip
+        _pad_or_none(segments.q_ids, lq),
+        _pad_or_none(segments.kv_ids, lk),
+        _pad_or_none(segments.q_positions, lq),
+        _pad_or_none(segments.kv_positions, lk),
+    )
     return pad_length(q, lq), pad_length(k, lk), pad_length(v, lk), segments
 
 

@@ -155,10 +155,12 @@ def token_ranges(segments: Segments, *, causal=True, window=None):
         return keys, _self_ranges(ids, causal=causal, window=window, keys=False)
     seg = segments.filled()
     mask = dict(causal=causal, window=window)
-    keys = _cross_ranges(seg.q_ids, seg.q_positions, seg.kv_ids, seg.kv_positions, **mask,
-                         keys=True)  # fmt: skip
-    queries = _cross_ranges(seg.kv_ids, seg.kv_positions, seg.q_ids, seg.q_positions, **mask,
-                            keys=False)  # fmt: skip
+    keys = _cross_ranges(
+        seg.q_ids, seg.q_positions, seg.kv_ids, seg.kv_positions, **mask, keys=True
+    )
+    queries = _cross_ranges(
+        seg.kv_ids, seg.kv_positions, seg.q_ids, seg.q_positions, **mask, keys=False
+    )
     return keys, queries
 
 
@@ -184,9 +186,16 @@ def _intervals(lo_t, hi_t, ids, block, other_block):
 
 
 def block_schedule(
-    segment_ids, *, block_q, block_kv, causal=True, window=None, kv_segment_ids=None,
-    q_positions=None, kv_positions=None,
-):  # fmt: skip
+    segment_ids,
+    *,
+    block_q,
+    block_kv,
+    causal=True,
+    window=None,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+):
     """Per row and q block the inclusive kv-block range to visit, and the transpose.
 
     Args:
@@ -200,9 +209,11 @@ def block_schedule(
       A BlockSchedule of int32 arrays.
     """
     segments = Segments(
-        *(None if x is None else jnp.asarray(x, jnp.int32)
-          for x in (segment_ids, kv_segment_ids, q_positions, kv_positions))
-    )  # fmt: skip
+        *(
+            None if x is None else jnp.asarray(x, jnp.int32)
+            for x in (segment_ids, kv_segment_ids, q_positions, kv_positions)
+        )
+    )
     q_ids, kv_ids = segments.q_ids, segments.kv_ids_or_q
     if q_ids.ndim != 2 or q_ids.shape[1] % block_q:
         raise ValueError(

@@ -104,21 +104,38 @@ def _dot(a, b, trans_a=False, trans_b=False):
 def _mask(q_ids, k_ids, q_pos, k_pos, *, causal, window):
     """Visibility of a (q block [Q], kv block [S]) tile."""
     return tile_mask(
-        q_ids[:, None], k_ids[None, :], q_pos[:, None], k_pos[None, :], causal=causal,
+        q_ids[:, None],
+        k_ids[None, :],
+        q_pos[:, None],
+        k_pos[None, :],
+        causal=causal,
         window=window,
-    )  # fmt: skip
+    )
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(
-    lo_ref, hi_ref, full_lo_ref, full_hi_ref,  # schedule row [nq]
-    q_ref, k_ref, v_ref,  # q block, full K/V row
-    q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref,  # q block's and whole row's segments
-    o_ref, lse_ref, *count_ref,  # outputs
-    scale, causal, window, block_kv,
-):  # fmt: skip
+    lo_ref,
+    hi_ref,
+    full_lo_ref,
+    full_hi_ref,  # schedule row [nq]
+    q_ref,
+    k_ref,
+    v_ref,  # q block, full K/V row
+    q_ids_ref,
+    q_pos_ref,
+    k_ids_ref,
+    k_pos_ref,  # q block's and whole row's segments
+    o_ref,
+    lse_ref,
+    *count_ref,  # outputs
+    scale,
+    causal,
+    window,
+    block_kv,
+):
     """Online softmax of one (q block, batch, head) over the row's live kv blocks."""
     i = pl.program_id(0)
     block_q, d = q_ref.shape
@@ -170,9 +187,15 @@ def _segment_specs(block_q, tk, q_block_index):
 def _schedule(seg: Segments, blocks, *, causal, window):
     """block_schedule of padded segments for (block_q, block_kv) tiles."""
     return block_schedule(
-        seg.q_ids, block_q=blocks[0], block_kv=blocks[1], causal=causal, window=window,
-        kv_segment_ids=seg.kv_ids, q_positions=seg.q_positions, kv_positions=seg.kv_positions,
-    )  # fmt: skip
+        seg.q_ids,
+        block_q=blocks[0],
+        block_kv=blocks[1],
+        causal=causal,
+        window=window,
+        kv_segment_ids=seg.kv_ids,
+        q_positions=seg.q_positions,
+        kv_positions=seg.kv_positions,
+    )
 
 
 def _compiler_params(block_a, block_b, d):
@@ -207,28 +230,52 @@ def _forward(q, k, v, seg, *, scale, causal, window, block_sizes, interpret, cou
             kv_row,
             kv_row,
             *_segment_specs(bq, tk, lambda i, b_, h: (b_, i)),
-        ],  # fmt: skip
+        ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_compiler_params(bq, bk, d),
         interpret=interpret,
         name="lcx_packed_attention_fwd",
     )(
-        sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi, q, k, v,
-        filled.q_ids, filled.q_positions, filled.kv_ids, filled.kv_positions,
-    )  # fmt: skip
+        sched.kv_lo,
+        sched.kv_hi,
+        sched.kv_full_lo,
+        sched.kv_full_hi,
+        q,
+        k,
+        v,
+        filled.q_ids,
+        filled.q_positions,
+        filled.kv_ids,
+        filled.kv_positions,
+    )
 
 
 # ---------------------------------------------------------------------------- backward
 
 
 def _dq_kernel(
-    lo_ref, hi_ref, full_lo_ref, full_hi_ref,
-    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref, lse_ref, delta_ref,
+    lo_ref,
+    hi_ref,
+    full_lo_ref,
+    full_hi_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_ids_ref,
+    q_pos_ref,
+    k_ids_ref,
+    k_pos_ref,
+    lse_ref,
+    delta_ref,
     do_ref,
-    dq_ref, *count_ref,
-    scale, causal, window, block_kv,
-):  # fmt: skip
+    dq_ref,
+    *count_ref,
+    scale,
+    causal,
+    window,
+    block_kv,
+):
     """dq of one (q block, batch, head), accumulated over the row's live kv blocks."""
     i = pl.program_id(0)
     block_q, d = q_ref.shape
@@ -256,12 +303,28 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    lo_ref, hi_ref, full_lo_ref, full_hi_ref,
-    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref, lse_ref, delta_ref,
+    lo_ref,
+    hi_ref,
+    full_lo_ref,
+    full_hi_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_ids_ref,
+    q_pos_ref,
+    k_ids_ref,
+    k_pos_ref,
+    lse_ref,
+    delta_ref,
     do_ref,
-    dk_ref, dv_ref, *count_ref,
-    scale, causal, window, block_q,
-):  # fmt: skip
+    dk_ref,
+    dv_ref,
+    *count_ref,
+    scale,
+    causal,
+    window,
+    block_q,
+):
     """dk, dv of one (kv block, batch, query head), accumulated over its live q blocks."""
     j = pl.program_id(0)
     block_kv, d = k_ref.shape
@@ -273,8 +336,9 @@ def _dkv_kernel(
         q, do = q_ref[rows, :], do_ref[rows, :]
         s = _dot(q, k, trans_b=True) * (scale * _LOG2E)
         if masked:
-            mask = _mask(q_ids_ref[rows], k_ids, q_pos_ref[rows], k_pos, causal=causal,
-                         window=window)  # fmt: skip
+            mask = _mask(
+                q_ids_ref[rows], k_ids, q_pos_ref[rows], k_pos, causal=causal, window=window
+            )
             s = jnp.where(mask, s, MASK_VALUE)
         p = jnp.exp2(s - lse_ref[rows][:, None])
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
@@ -306,10 +370,14 @@ def _dq(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpre
         grid=(nq, b, hq),
         in_specs=[
             *_schedule_specs(nq),
-            q_block, kv_row, kv_row,
+            q_block,
+            kv_row,
+            kv_row,
             *_segment_specs(bq, tk, lambda i, b_, h: (b_, i)),
-            row_block, row_block, q_block,
-        ],  # fmt: skip
+            row_block,
+            row_block,
+            q_block,
+        ],
         out_specs=[q_block, row_block] if count else q_block,
         out_shape=(
             [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, tq), jnp.int32)]
@@ -320,9 +388,21 @@ def _dq(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpre
         interpret=interpret,
         name="lcx_packed_attention_dq",
     )(
-        sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi, q, k, v,
-        filled.q_ids, filled.q_positions, filled.kv_ids, filled.kv_positions, lse, delta, do,
-    )  # fmt: skip
+        sched.kv_lo,
+        sched.kv_hi,
+        sched.kv_full_lo,
+        sched.kv_full_hi,
+        q,
+        k,
+        v,
+        filled.q_ids,
+        filled.q_positions,
+        filled.kv_ids,
+        filled.kv_positions,
+        lse,
+        delta,
+        do,
+    )
 
 
 def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpret, count=False):
@@ -355,19 +435,38 @@ def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpr
         grid=(nk, b, hq),
         in_specs=[
             *_schedule_specs(nk),
-            q_row, kv_block, kv_block,
-            q_seg_row, q_seg_row, k_seg_block, k_seg_block,
-            row, row, q_row,
-        ],  # fmt: skip
+            q_row,
+            kv_block,
+            kv_block,
+            q_seg_row,
+            q_seg_row,
+            k_seg_block,
+            k_seg_block,
+            row,
+            row,
+            q_row,
+        ],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=_compiler_params(bq, bk, d),
         interpret=interpret,
         name="lcx_packed_attention_dkv",
     )(
-        sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi, q, k, v,
-        filled.q_ids, filled.q_positions, filled.kv_ids, filled.kv_positions, lse, delta, do,
-    )  # fmt: skip
+        sched.q_lo,
+        sched.q_hi,
+        sched.q_full_lo,
+        sched.q_full_hi,
+        q,
+        k,
+        v,
+        filled.q_ids,
+        filled.q_positions,
+        filled.kv_ids,
+        filled.kv_positions,
+        lse,
+        delta,
+        do,
+    )
     dk, dv = outs[:2]
     if group > 1:
         dk = dk.reshape(b, tk, hkv, group, d).sum(axis=3).astype(k.dtype)
@@ -400,9 +499,18 @@ def _padded_head_dim(d: int) -> int:
 
 
 def packed_attention_gpu(
-    q, k, v, segments: Segments | None = None, *, causal=True, window=None, scale=None,
-    block_sizes=None, interpret=False, count_blocks=False,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    segments: Segments | None = None,
+    *,
+    causal=True,
+    window=None,
+    scale=None,
+    block_sizes=None,
+    interpret=False,
+    count_blocks=False,
+):
     """Packed attention through the Pallas Triton kernels; [B, T, H, D] in and out.
 
     Args:
@@ -428,44 +536,72 @@ def packed_attention_gpu(
     _check_block_sizes(block_sizes)
     tq, d = q.shape[1], q.shape[3]
     scale = d**-0.5 if scale is None else float(scale)
-    q, k, v, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple,
-                                 block_sizes.kv_multiple)  # fmt: skip
+    q, k, v, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple, block_sizes.kv_multiple)
     d_pad = _padded_head_dim(d)
     # Zero columns change no logit and give zero output columns, sliced off below.
     q, k, v = (pad_length(x, d_pad, axis=3) for x in (q, k, v))
     if count_blocks:
         o, lse2, counts = _forward(
-            q, k, v, seg, scale=scale, causal=causal, window=window, block_sizes=block_sizes,
-            interpret=interpret, count=True,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            seg,
+            scale=scale,
+            causal=causal,
+            window=window,
+            block_sizes=block_sizes,
+            interpret=interpret,
+            count=True,
+        )
         bq = block_sizes.block_q
         counts = counts[:, :, ::bq][:, :, : -(-tq // bq)]
         return o[:, :tq, :, :d], _public_lse(lse2)[:, :tq], counts
-    o, lse2 = _attention(q, k, v, seg, scale=scale, causal=bool(causal), window=window,
-                         block_sizes=block_sizes, interpret=interpret)  # fmt: skip
+    o, lse2 = _attention(
+        q,
+        k,
+        v,
+        seg,
+        scale=scale,
+        causal=bool(causal),
+        window=window,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
     return o[:, :tq, :, :d], _public_lse(lse2)[:, :tq]
 
 
-def computed_blocks(q, k, v, segments: Segments, *, causal=True, window=None, block_sizes=None,
-                    interpret=False):  # fmt: skip
+def computed_blocks(
+    q, k, v, segments: Segments, *, causal=True, window=None, block_sizes=None, interpret=False
+):
     """Blocks each kernel computes: int32 [B, H, n] per pass.
 
     "forward", "dq": kv blocks per q block; "dkv": q blocks per kv block.
     """
     block_sizes = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
     _, _, forward = packed_attention_gpu(
-        q, k, v, segments, causal=causal, window=window, block_sizes=block_sizes,
-        interpret=interpret, count_blocks=True,
-    )  # fmt: skip
-    qp, kp, vp, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple,
-                                    block_sizes.kv_multiple)  # fmt: skip
+        q,
+        k,
+        v,
+        segments,
+        causal=causal,
+        window=window,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        count_blocks=True,
+    )
+    qp, kp, vp, seg = pad_to_blocks(
+        q, k, v, segments, block_sizes.q_multiple, block_sizes.kv_multiple
+    )
     lse = jnp.zeros((qp.shape[0], qp.shape[2], qp.shape[1]), jnp.float32)
     kwargs = dict(scale=1.0, causal=causal, window=window, interpret=interpret, count=True)
     _, dq = _dq(qp, kp, vp, seg, lse, lse, qp, blocks=block_sizes.dq, **kwargs)
     *_, dkv = _dkv(qp, kp, vp, seg, lse, lse, qp, blocks=block_sizes.dkv, **kwargs)
     # The kernels write their count on every row of the block: one per block.
-    return {"forward": forward, "dq": dq[:, :, :: block_sizes.dq[0]],
-            "dkv": dkv[:, :, :: block_sizes.dkv[1]]}  # fmt: skip
+    return {
+        "forward": forward,
+        "dq": dq[:, :, :: block_sizes.dq[0]],
+        "dkv": dkv[:, :, :: block_sizes.dkv[1]],
+    }
 
 
 def _public_lse(lse2_BxHxT):
@@ -500,6 +636,13 @@ def gpu_implementation(q, k, v, segments, *, causal, window, scale, block_sizes,
     if not dtypes <= {jnp.dtype(t) for t in _TRITON_DTYPES}:  # float32 accumulators
         raise NotImplementedError(f"pallas_gpu: Triton kernels take {_TRITON_DTYPES}; got {dtypes}")
     return packed_attention_gpu(
-        q, k, v, segments, causal=causal, window=window, scale=scale,
-        block_sizes=block_sizes, interpret=interpret,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        segments,
+        causal=causal,
+        window=window,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )

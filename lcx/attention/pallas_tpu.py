@@ -108,10 +108,22 @@ def _run_entry(flags, step, count_refs):
 
 
 def _fwd_kernel(
-    group_ref, block_ref, flags_ref,  # scalar prefetch: this window's entries
-    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref,  # blocks
-    *refs, scale, causal, window, count,
-):  # fmt: skip
+    group_ref,
+    block_ref,
+    flags_ref,  # scalar prefetch: this window's entries
+    q_ref,
+    k_ref,
+    v_ref,
+    q_ids_ref,
+    q_pos_ref,
+    k_ids_ref,
+    k_pos_ref,  # blocks
+    *refs,
+    scale,
+    causal,
+    window,
+    count,
+):
     """One entry (one (q block, kv block) tile, or an empty group) of the online softmax."""
     del group_ref, block_ref
     n_out = 4 if count else 2
@@ -130,8 +142,14 @@ def _fwd_kernel(
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
         if masked:
-            mask = tile_mask(q_ids_ref[...], k_ids_ref[...], q_pos_ref[...], k_pos_ref[...],
-                             causal=causal, window=window)  # fmt: skip
+            mask = tile_mask(
+                q_ids_ref[...],
+                k_ids_ref[...],
+                q_pos_ref[...],
+                k_pos_ref[...],
+                causal=causal,
+                window=window,
+            )
             s = jnp.where(mask, s, MASK_VALUE)
         m_prev, l_prev = m_sc[...], l_sc[...]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -221,8 +239,12 @@ def _specs(heads_per_kv, bq, bk, d, *, n_per_row, kv_major=False):
 def _segment_operands(seg: Segments):
     """q ids, q positions as [B, Tq, 1] and kv ids, kv positions as [B, 1, Tk]."""
     filled = seg.filled()
-    return (filled.q_ids[:, :, None], filled.q_positions[:, :, None],
-            filled.kv_ids[:, None, :], filled.kv_positions[:, None, :])  # fmt: skip
+    return (
+        filled.q_ids[:, :, None],
+        filled.q_positions[:, :, None],
+        filled.kv_ids[:, None, :],
+        filled.kv_positions[:, None, :],
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,13 +281,18 @@ class _Pass:
 def _schedule(seg: Segments, bq, bk, *, causal, window):
     """block_schedule of padded segments for (bq, bk) tiles."""
     return block_schedule(
-        seg.q_ids, block_q=bq, block_kv=bk, causal=causal, window=window,
-        kv_segment_ids=seg.kv_ids, q_positions=seg.q_positions, kv_positions=seg.kv_positions,
-    )  # fmt: skip
+        seg.q_ids,
+        block_q=bq,
+        block_kv=bk,
+        causal=causal,
+        window=window,
+        kv_segment_ids=seg.kv_ids,
+        q_positions=seg.q_positions,
+        kv_positions=seg.kv_positions,
+    )
 
 
-def _forward(q, k, v, seg, *, scale, causal, window, block_sizes, interpret, capacity,
-             count=False):  # fmt: skip
+def _forward(q, k, v, seg, *, scale, causal, window, block_sizes, interpret, capacity, count=False):
     """Pallas forward on [B, H, T, D] inputs: (o, lse [B, H, Tq, 1], blocks?, steps?)."""
     b, hq, tq, d = q.shape
     tk = k.shape[2]
@@ -280,10 +307,20 @@ def _forward(q, k, v, seg, *, scale, causal, window, block_sizes, interpret, cap
         outs += [jnp.zeros((b, hq, nq, 1), jnp.int32)] * 2
         out_specs += [spec.count] * 2
     kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, window=window, count=count)
-    scratch = [pltpu.VMEM((bq, _LANES), jnp.float32), pltpu.VMEM((bq, _LANES), jnp.float32),
-               pltpu.VMEM((bq, d), jnp.float32)]  # fmt: skip
-    forward = _Pass(kernel, (q, k, v, *_segment_operands(seg)), spec.inputs(backward=False),
-                    out_specs, scratch, hq, interpret)  # fmt: skip
+    scratch = [
+        pltpu.VMEM((bq, _LANES), jnp.float32),
+        pltpu.VMEM((bq, _LANES), jnp.float32),
+        pltpu.VMEM((bq, d), jnp.float32),
+    ]
+    forward = _Pass(
+        kernel,
+        (q, k, v, *_segment_operands(seg)),
+        spec.inputs(backward=False),
+        out_specs,
+        scratch,
+        hq,
+        interpret,
+    )
     return run_windows(groups, capacity, forward, outs, longest_group=nk)
 
 
@@ -300,10 +337,25 @@ def _probabilities(q, k, q_ids, k_ids, q_pos, k_pos, lse, *, scale, causal, wind
 
 
 def _dq_kernel(
-    group_ref, block_ref, flags_ref,
-    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref, lse_ref, delta_ref, do_ref,
-    *refs, scale, causal, window, count,
-):  # fmt: skip
+    group_ref,
+    block_ref,
+    flags_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_ids_ref,
+    q_pos_ref,
+    k_ids_ref,
+    k_pos_ref,
+    lse_ref,
+    delta_ref,
+    do_ref,
+    *refs,
+    scale,
+    causal,
+    window,
+    count,
+):
     """One entry of dq: a q block accumulated over its kv blocks."""
     del group_ref, block_ref
     n_out = 3 if count else 1
@@ -318,9 +370,18 @@ def _dq_kernel(
     def step(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(
-            q, k, q_ids_ref[...], k_ids_ref[...], q_pos_ref[...], k_pos_ref[...], lse_ref[...],
-            scale=scale, causal=causal, window=window, masked=masked,
-        )  # fmt: skip
+            q,
+            k,
+            q_ids_ref[...],
+            k_ids_ref[...],
+            q_pos_ref[...],
+            k_pos_ref[...],
+            lse_ref[...],
+            scale=scale,
+            causal=causal,
+            window=window,
+            masked=masked,
+        )
         dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - _broadcast_lanes(delta_ref[...], dp.shape[1])) * scale
         dq_sc[...] += jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
@@ -333,10 +394,25 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    group_ref, block_ref, flags_ref,
-    q_ref, k_ref, v_ref, q_ids_ref, q_pos_ref, k_ids_ref, k_pos_ref, lse_ref, delta_ref, do_ref,
-    *refs, scale, causal, window, count,
-):  # fmt: skip
+    group_ref,
+    block_ref,
+    flags_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_ids_ref,
+    q_pos_ref,
+    k_ids_ref,
+    k_pos_ref,
+    lse_ref,
+    delta_ref,
+    do_ref,
+    *refs,
+    scale,
+    causal,
+    window,
+    count,
+):
     """One entry of dk, dv (per query head): a kv block accumulated over its q blocks."""
     del group_ref, block_ref
     n_out = 4 if count else 2
@@ -352,9 +428,18 @@ def _dkv_kernel(
     def step(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         p = _probabilities(
-            q, k, q_ids_ref[...], k_ids_ref[...], q_pos_ref[...], k_pos_ref[...], lse_ref[...],
-            scale=scale, causal=causal, window=window, masked=masked,
-        )  # fmt: skip
+            q,
+            k,
+            q_ids_ref[...],
+            k_ids_ref[...],
+            q_pos_ref[...],
+            k_pos_ref[...],
+            lse_ref[...],
+            scale=scale,
+            causal=causal,
+            window=window,
+            masked=masked,
+        )
         dv_sc[...] += jax.lax.dot_general(
             p.astype(do.dtype), do, _TN, preferred_element_type=jnp.float32
         )
@@ -372,8 +457,23 @@ def _dkv_kernel(
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, seg, lse, delta, do, *, scale, causal, window, block_sizes, interpret,
-              capacity, count=False):  # fmt: skip
+def _backward(
+    q,
+    k,
+    v,
+    seg,
+    lse,
+    delta,
+    do,
+    *,
+    scale,
+    causal,
+    window,
+    block_sizes,
+    interpret,
+    capacity,
+    count=False,
+):
     """dq, dk, dv on [B, H, T, D] inputs; lse (finite) and delta [B, H, Tq, 1].
 
     With `count`, also (blocks, steps) of each kernel: dq's per q block [B, H, Tq / bq] and
@@ -392,9 +492,14 @@ def _backward(q, k, v, seg, lse, delta, do, *, scale, causal, window, block_size
     spec = _specs(group, bq, bk, d, n_per_row=nq)
     outs = [jnp.zeros(q.shape, q.dtype)] + [jnp.zeros((b, hq, nq, 1), jnp.int32)] * n_counts
     dq_pass = _Pass(
-        functools.partial(_dq_kernel, **mask), operands, spec.inputs(backward=True),
-        [spec.q] + [spec.count] * n_counts, [pltpu.VMEM((bq, d), jnp.float32)], hq, interpret,
-    )  # fmt: skip
+        functools.partial(_dq_kernel, **mask),
+        operands,
+        spec.inputs(backward=True),
+        [spec.q] + [spec.count] * n_counts,
+        [pltpu.VMEM((bq, d), jnp.float32)],
+        hq,
+        interpret,
+    )
     groups = groups_of(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi)
     dq_outs = run_windows(groups, capacity, dq_pass, outs, longest_group=nk)
 
@@ -406,10 +511,14 @@ def _backward(q, k, v, seg, lse, delta, do, *, scale, causal, window, block_size
     outs = [jnp.zeros((b, hq, tk, d), grad_dtype)] * 2
     outs += [jnp.zeros((b, hq, nk, 1), jnp.int32)] * n_counts
     dkv_pass = _Pass(
-        functools.partial(_dkv_kernel, **mask), operands, spec.inputs(backward=True),
+        functools.partial(_dkv_kernel, **mask),
+        operands,
+        spec.inputs(backward=True),
         [spec.kv_out] * 2 + [spec.count] * n_counts,
-        [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)], hq, interpret,
-    )  # fmt: skip
+        [pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        hq,
+        interpret,
+    )
     groups = groups_of(sched.q_lo, sched.q_hi, sched.q_full_lo, sched.q_full_hi)
     dkv_outs = run_windows(groups, capacity, dkv_pass, outs, longest_group=nq)
     dq, (dk, dv) = dq_outs[0], dkv_outs[:2]
@@ -438,15 +547,20 @@ def _fit_queries(block_sizes: BlockSizes, tq: int, segments: Segments) -> BlockS
         return block_sizes
     fit = -(-tq // 8) * 8
     return dataclasses.replace(
-        block_sizes, block_q=min(block_sizes.block_q, fit),
-        block_q_dq=min(block_sizes.dq[0], fit), block_q_dkv=min(block_sizes.dkv[0], fit),
-    )  # fmt: skip
+        block_sizes,
+        block_q=min(block_sizes.block_q, fit),
+        block_q_dq=min(block_sizes.dq[0], fit),
+        block_q_dkv=min(block_sizes.dkv[0], fit),
+    )
 
 
 def _check_tpu_block_sizes(block_sizes: BlockSizes) -> None:
     """ValueError unless every kv block fills whole lanes (the key segment ids' blocks)."""
-    for name, size in [("block_kv", block_sizes.block_kv), ("block_kv_dq", block_sizes.dq[1]),
-                       ("block_kv_dkv", block_sizes.dkv[1])]:  # fmt: skip
+    for name, size in [
+        ("block_kv", block_sizes.block_kv),
+        ("block_kv_dq", block_sizes.dq[1]),
+        ("block_kv_dkv", block_sizes.dkv[1]),
+    ]:
         if size % _LANES:
             raise ValueError(
                 f"pallas_tpu: block_sizes.{name}={size} must be a multiple of {_LANES} on TPU"
@@ -454,9 +568,19 @@ def _check_tpu_block_sizes(block_sizes: BlockSizes) -> None:
 
 
 def packed_attention_tpu(
-    q, k, v, segments: Segments | None = None, *, causal=True, window=None, scale=None,
-    block_sizes=None, interpret=False, count_blocks=False, capacity=DEFAULT_CAPACITY,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    segments: Segments | None = None,
+    *,
+    causal=True,
+    window=None,
+    scale=None,
+    block_sizes=None,
+    interpret=False,
+    count_blocks=False,
+    capacity=DEFAULT_CAPACITY,
+):
     """Packed attention through the Pallas TPU kernels; [B, T, H, D] in and out.
 
     Args:
@@ -480,24 +604,51 @@ def packed_attention_tpu(
     if not interpret:
         _check_tpu_block_sizes(block_sizes)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple,
-                                 block_sizes.kv_multiple)  # fmt: skip
+    q, k, v, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple, block_sizes.kv_multiple)
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
     if count_blocks:
         o, lse, blocks, steps = _forward(
-            q, k, v, seg, scale=scale, causal=causal, window=window, block_sizes=block_sizes,
-            interpret=interpret, capacity=capacity, count=True,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            seg,
+            scale=scale,
+            causal=causal,
+            window=window,
+            block_sizes=block_sizes,
+            interpret=interpret,
+            capacity=capacity,
+            count=True,
+        )
         counts = [c[..., 0][:, :, : -(-tq // block_sizes.block_q)] for c in (blocks, steps)]
         return o.transpose(0, 2, 1, 3)[:, :tq], _public_lse(lse)[:, :tq], *counts
-    o, lse = _attention_bhtd(q, k, v, seg, scale=scale, causal=causal, window=window,
-                             block_sizes=block_sizes, interpret=interpret,
-                             capacity=capacity)  # fmt: skip
+    o, lse = _attention_bhtd(
+        q,
+        k,
+        v,
+        seg,
+        scale=scale,
+        causal=causal,
+        window=window,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        capacity=capacity,
+    )
     return o.transpose(0, 2, 1, 3)[:, :tq], _public_lse(lse)[:, :tq]
 
 
-def computed_blocks(q, k, v, segments: Segments, *, causal=True, window=None, block_sizes=None,
-                    interpret=False, capacity=DEFAULT_CAPACITY):  # fmt: skip
+def computed_blocks(
+    q,
+    k,
+    v,
+    segments: Segments,
+    *,
+    causal=True,
+    window=None,
+    block_sizes=None,
+    interpret=False,
+    capacity=DEFAULT_CAPACITY,
+):
     """Blocks computed and grid steps taken by each kernel: int32 [B, H, n] per pass.
 
     "forward", "dq": kv blocks per q block; "dkv": q blocks per kv block; each with a
@@ -505,19 +656,46 @@ def computed_blocks(q, k, v, segments: Segments, *, causal=True, window=None, bl
     """
     block_sizes = block_sizes or DEFAULT_BLOCK_SIZES
     _, _, blocks, steps = packed_attention_tpu(
-        q, k, v, segments, causal=causal, window=window, block_sizes=block_sizes,
-        interpret=interpret, count_blocks=True, capacity=capacity,
-    )  # fmt: skip
-    qp, kp, vp, seg = pad_to_blocks(q, k, v, segments, block_sizes.q_multiple,
-                                    block_sizes.kv_multiple)  # fmt: skip
+        q,
+        k,
+        v,
+        segments,
+        causal=causal,
+        window=window,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        count_blocks=True,
+        capacity=capacity,
+    )
+    qp, kp, vp, seg = pad_to_blocks(
+        q, k, v, segments, block_sizes.q_multiple, block_sizes.kv_multiple
+    )
     qp, kp, vp = (x.transpose(0, 2, 1, 3) for x in (qp, kp, vp))
     zeros = jnp.zeros((*qp.shape[:3], 1), jnp.float32)
     *_, (dq, dq_steps), (dkv, dkv_steps) = _backward(
-        qp, kp, vp, seg, zeros, zeros, qp, scale=1.0, causal=causal, window=window,
-        block_sizes=block_sizes, interpret=interpret, capacity=capacity, count=True,
-    )  # fmt: skip
-    return {"forward": blocks, "forward_steps": steps, "dq": dq, "dq_steps": dq_steps,
-            "dkv": dkv, "dkv_steps": dkv_steps}  # fmt: skip
+        qp,
+        kp,
+        vp,
+        seg,
+        zeros,
+        zeros,
+        qp,
+        scale=1.0,
+        causal=causal,
+        window=window,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        capacity=capacity,
+        count=True,
+    )
+    return {
+        "forward": blocks,
+        "forward_steps": steps,
+        "dq": dq,
+        "dq_steps": dq_steps,
+        "dkv": dkv,
+        "dkv_steps": dkv_steps,
+    }
 
 
 def _public_lse(lse_BxHxTx1):
@@ -535,6 +713,13 @@ def tpu_implementation(q, k, v, segments, *, causal, window, scale, block_sizes,
     if not dtypes <= {jnp.dtype(t) for t in _DTYPES}:
         raise NotImplementedError(f"pallas_tpu: the kernels take {_DTYPES}; got {dtypes}")
     return packed_attention_tpu(
-        q, k, v, segments, causal=causal, window=window, scale=scale,
-        block_sizes=block_sizes, interpret=interpret,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        segments,
+        causal=causal,
+        window=window,
+        scale=scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )

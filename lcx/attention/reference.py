@@ -17,9 +17,14 @@ from lcx.attention.segments import Segments, check_attention_args, segments_of
 
 
 def visibility_mask(
-    segment_ids_BxT, *, kv_segment_ids=None, q_positions=None, kv_positions=None, causal=True,
+    segment_ids_BxT,
+    *,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    causal=True,
     window=None,
-):  # fmt: skip
+):
     """Boolean [B, Tq, Tk] mask of which key each query may see."""
     seg = Segments(jnp.asarray(segment_ids_BxT), kv_segment_ids, q_positions, kv_positions).filled()
     q_pos, kv_pos = seg.q_positions[:, :, None], seg.kv_positions[:, None, :]
@@ -32,9 +37,19 @@ def visibility_mask(
 
 
 def reference_attention(
-    q, k, v, segment_ids=None, *, kv_segment_ids=None, q_positions=None, kv_positions=None,
-    causal=True, window=None, scale=None, return_lse=False,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    causal=True,
+    window=None,
+    scale=None,
+    return_lse=False,
+):
     """Packed attention in plain jnp; O(Tq * Tk) memory, for tests and small rows.
 
     Args:
@@ -54,9 +69,15 @@ def reference_attention(
       `return_lse`, the pair (out, lse).
     """
     check_attention_args(
-        q, k, v, segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-        kv_positions=kv_positions, window=window,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions,
+        kv_positions=kv_positions,
+        window=window,
+    )
     seg = segments_of(q, k, segment_ids, kv_segment_ids, q_positions, kv_positions)
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
@@ -69,9 +90,13 @@ def reference_attention(
     )
     logits = logits * scale
     mask_BxTxS = visibility_mask(
-        seg.q_ids, kv_segment_ids=seg.kv_ids, q_positions=seg.q_positions,
-        kv_positions=seg.kv_positions, causal=causal, window=window,
-    )[:, None, None]  # fmt: skip
+        seg.q_ids,
+        kv_segment_ids=seg.kv_ids,
+        q_positions=seg.q_positions,
+        kv_positions=seg.kv_positions,
+        causal=causal,
+        window=window,
+    )[:, None, None]
     # A finite fill keeps rows that see nothing free of NaN in both passes.
     logits = jnp.where(mask_BxTxS, logits, jnp.finfo(acc).min)
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))

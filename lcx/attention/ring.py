@@ -204,10 +204,23 @@ def sequence_mesh(axis="sequence"):
 
 
 def ring_attention(
-    q, k, v, segment_ids, positions, *, mesh, axis="sequence", causal=True, window=None,
-    scale=None, implementation=None, block_sizes=None, interpret=False, return_lse=False,
+    q,
+    k,
+    v,
+    segment_ids,
+    positions,
+    *,
+    mesh,
+    axis="sequence",
+    causal=True,
+    window=None,
+    scale=None,
+    implementation=None,
+    block_sizes=None,
+    interpret=False,
+    return_lse=False,
     return_skipped=False,
-):  # fmt: skip
+):
     """Self-attention of packed rows [B, T, H, D] whose T is sharded over `axis` of `mesh`.
 
     Same semantics as `packed_attention(q, k, v, segment_ids, q_positions=positions)` on
@@ -229,9 +242,14 @@ def ring_attention(
     tokens = PartitionSpec(batch_axes or None, axis, heads, None)
     ids = PartitionSpec(batch_axes or None, axis)
     attend = functools.partial(
-        _attend, causal=causal, window=window, scale=scale, implementation=implementation,
-        block_sizes=block_sizes, interpret=interpret,
-    )  # fmt: skip
+        _attend,
+        causal=causal,
+        window=window,
+        scale=scale,
+        implementation=implementation,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
     ring = _make_ring(attend, axis, n, causal, window)
 
     def local(q, k, v, seg, pos):
@@ -240,9 +258,12 @@ def ring_attention(
         return out, lse, jax.lax.psum(skipped, mesh.axis_names)
 
     out, lse, skipped = jax.shard_map(
-        local, mesh=mesh, in_specs=(tokens, tokens, tokens, ids, ids),
-        out_specs=(tokens, PartitionSpec(*tokens[:3]), PartitionSpec()), check_vma=False,
-    )(q, k, v, segment_ids, positions)  # fmt: skip
+        local,
+        mesh=mesh,
+        in_specs=(tokens, tokens, tokens, ids, ids),
+        out_specs=(tokens, PartitionSpec(*tokens[:3]), PartitionSpec()),
+        check_vma=False,
+    )(q, k, v, segment_ids, positions)
     result = (out, lse) if return_lse else (out,)
     result += (skipped,) if return_skipped else ()
     return result if len(result) > 1 else out

@@ -55,9 +55,16 @@ def _shape_error(name, value, want):
 
 
 def check_attention_args(
-    q, k, v, segment_ids=None, *, kv_segment_ids=None, q_positions=None, kv_positions=None,
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
     window=None,
-):  # fmt: skip
+):
     """ValueError, naming the argument and the shapes, for calls attention cannot serve."""
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got {q.shape=} {k.shape=} {v.shape=}")
@@ -95,8 +102,12 @@ def segments_of(q, k, segment_ids, kv_segment_ids, q_positions, kv_positions) ->
     """The call's Segments as int32 arrays; segment_ids=None is one document per row."""
     if segment_ids is None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    return Segments(*(None if x is None else jnp.asarray(x, jnp.int32) for x in (
-        segment_ids, kv_segment_ids, q_positions, kv_positions)))  # fmt: skip
+    return Segments(
+        *(
+            None if x is None else jnp.asarray(x, jnp.int32)
+            for x in (segment_ids, kv_segment_ids, q_positions, kv_positions)
+        )
+    )
 
 
 def validate_segments(segments: Segments) -> None:

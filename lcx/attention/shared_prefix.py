@@ -44,9 +44,19 @@ class SharedPrefix(NamedTuple):
         return flat(self.k), flat(self.v), ids.reshape(1, -1), positions.reshape(1, -1)
 
 
-def prefix_attention(q, prefix: SharedPrefix, groups, q_positions, *, causal=True,
-                     window=None, scale=None, implementation=None, block_sizes=None,
-                     interpret=False):  # fmt: skip
+def prefix_attention(
+    q,
+    prefix: SharedPrefix,
+    groups,
+    q_positions,
+    *,
+    causal=True,
+    window=None,
+    scale=None,
+    implementation=None,
+    block_sizes=None,
+    interpret=False,
+):
     """(out [B, Tq, Hq, D], lse [B, Tq, Hq]) of every query over its group's prefix.
 
     `groups` int [B, Tq]: each query's prefix (-1: none, out 0 and lse -inf). All B*Tq
@@ -56,18 +66,43 @@ def prefix_attention(q, prefix: SharedPrefix, groups, q_positions, *, causal=Tru
     k, v, kv_ids, kv_positions = prefix.as_row()
     q_ids = jnp.where(groups >= 0, groups + 1, 0).astype(jnp.int32).reshape(1, b * t)
     out, lse = packed_attention(
-        q.reshape(1, b * t, h, d), k, v, q_ids, kv_segment_ids=kv_ids,
-        q_positions=q_positions.reshape(1, b * t), kv_positions=kv_positions, causal=causal,
-        window=window, scale=scale, return_lse=True, implementation=implementation,
-        block_sizes=block_sizes, interpret=interpret,
-    )  # fmt: skip
+        q.reshape(1, b * t, h, d),
+        k,
+        v,
+        q_ids,
+        kv_segment_ids=kv_ids,
+        q_positions=q_positions.reshape(1, b * t),
+        kv_positions=kv_positions,
+        causal=causal,
+        window=window,
+        scale=scale,
+        return_lse=True,
+        implementation=implementation,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
     return out.reshape(b, t, h, d), lse.reshape(b, t, h)
 
 
-def shared_prefix_attention(q, k, v, segment_ids=None, *, prefixes, prefix_groups,
-                            kv_segment_ids=None, q_positions=None, kv_positions=None,
-                            causal=True, window=None, scale=None, return_lse=False,
-                            implementation=None, block_sizes=None, interpret=False):  # fmt: skip
+def shared_prefix_attention(
+    q,
+    k,
+    v,
+    segment_ids=None,
+    *,
+    prefixes,
+    prefix_groups,
+    kv_segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    causal=True,
+    window=None,
+    scale=None,
+    return_lse=False,
+    implementation=None,
+    block_sizes=None,
+    interpret=False,
+):
     """`packed_attention` of q over its own keys k, v and over its shared prefixes, merged.
 
     Args:
@@ -89,14 +124,27 @@ def shared_prefix_attention(q, k, v, segment_ids=None, *, prefixes, prefix_group
     b, t = q.shape[:2]
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    common = dict(causal=causal, window=window, scale=scale, implementation=implementation,
-                  block_sizes=block_sizes, interpret=interpret)  # fmt: skip
+    common = dict(
+        causal=causal,
+        window=window,
+        scale=scale,
+        implementation=implementation,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
     parts = [
         packed_attention(
-            q, k, v, segment_ids, kv_segment_ids=kv_segment_ids, q_positions=q_positions,
-            kv_positions=kv_positions, return_lse=True, **common,
+            q,
+            k,
+            v,
+            segment_ids,
+            kv_segment_ids=kv_segment_ids,
+            q_positions=q_positions,
+            kv_positions=kv_positions,
+            return_lse=True,
+            **common,
         )
-    ]  # fmt: skip
+    ]
     for prefix, groups in zip(prefixes, prefix_groups, strict=True):
         if segment_ids is not None:
             groups = jnp.where(segment_ids > 0, groups, -1)  # padding sees no prefix

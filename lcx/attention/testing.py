@@ -63,9 +63,11 @@ def chunk_against_earlier_chunks(rng, b, tk, chunk):
     seg = random_layout(rng, b, tk)
     pos = document_positions(seg)
     kwargs = dict(
-        segment_ids=seg[:, -chunk:], kv_segment_ids=seg, q_positions=pos[:, -chunk:],
+        segment_ids=seg[:, -chunk:],
+        kv_segment_ids=seg,
+        q_positions=pos[:, -chunk:],
         kv_positions=pos,
-    )  # fmt: skip
+    )
     return kwargs, chunk
 
 

@@ -96,9 +96,15 @@ def _kv_time_major(tiles, b):
 def _schedule(seg: Segments, blocks, *, causal, window):
     """block_schedule of padded segments for (block_q, block_kv) tiles."""
     return block_schedule(
-        seg.q_ids, block_q=blocks[0], block_kv=blocks[1], causal=causal, window=window,
-        kv_segment_ids=seg.kv_ids, q_positions=seg.q_positions, kv_positions=seg.kv_positions,
-    )  # fmt: skip
+        seg.q_ids,
+        block_q=blocks[0],
+        block_kv=blocks[1],
+        causal=causal,
+        window=window,
+        kv_segment_ids=seg.kv_ids,
+        q_positions=seg.q_positions,
+        kv_positions=seg.kv_positions,
+    )
 
 
 def _product(dtype):
@@ -194,8 +200,9 @@ def _forward_rows_together(q, k, v, full: Segments, scale, causal, window, bk):
     product = _product(q.dtype)
     q_BxQxKxGxD = q.reshape(b, tq, hkv, hq // hkv, d)
     q_ids, q_pos = full.q_ids[:, :, None], full.q_positions[:, :, None]
-    seen_BxQxT = tile_mask(q_ids, full.kv_ids[:, None], q_pos, full.kv_positions[:, None],
-                           causal=causal, window=window)  # fmt: skip
+    seen_BxQxT = tile_mask(
+        q_ids, full.kv_ids[:, None], q_pos, full.kv_positions[:, None], causal=causal, window=window
+    )
     seen_blocks = jnp.any(seen_BxQxT.reshape(b, tq, -1, bk), axis=(0, 1, 3))
     index = jnp.arange(seen_blocks.shape[0], dtype=jnp.int32)
     stop = jnp.max(jnp.where(seen_blocks, index + 1, 0))
@@ -215,8 +222,11 @@ def _forward_rows_together(q, k, v, full: Segments, scale, causal, window, bk):
         return _fold_tile(m, l, acc, s, mask, pv)
 
     shape = (b, hkv, hq // hkv, tq)
-    init = (jnp.full(shape, MASK_VALUE, acc_dtype), jnp.zeros(shape, acc_dtype),
-            jnp.zeros((*shape, d), acc_dtype))  # fmt: skip
+    init = (
+        jnp.full(shape, MASK_VALUE, acc_dtype),
+        jnp.zeros(shape, acc_dtype),
+        jnp.zeros((*shape, d), acc_dtype),
+    )
     out, lse = _finish(*jax.lax.fori_loop(start, stop, body, init))
     out = out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
     return out, lse.transpose(0, 3, 1, 2).reshape(b, tq, hq), jnp.full((b, 1), stop - start)
@@ -242,8 +252,12 @@ def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, 
 
     def q_tiles(row, i):
         """q, dO [K, G, Q, D] and lse, delta [K, G, Q] of one q block."""
-        return (_tile(q5, row, 3, i * bq, bq), _tile(do5, row, 3, i * bq, bq),
-                _tile(lse4, row, 3, i * bq, bq), _tile(delta4, row, 3, i * bq, bq))  # fmt: skip
+        return (
+            _tile(q5, row, 3, i * bq, bq),
+            _tile(do5, row, 3, i * bq, bq),
+            _tile(lse4, row, 3, i * bq, bq),
+            _tile(delta4, row, 3, i * bq, bq),
+        )
 
     def probabilities(q_t, k_t, lse_t, row, i, j, masked):
         """p [K, G, Q, S] of one tile, recomputed from the lse; 0 where masked."""
@@ -302,14 +316,24 @@ def _tiles(block_sizes: BlockSizes | None, tq: int, tk: int) -> tuple[int, int]:
     (decoding) is not padded at all.
     """
     block_sizes = block_sizes or DEFAULT_BLOCK_SIZES
-    return (min(block_sizes.block_q, _power_of_two_at_least(tq, floor=1)),
-            min(block_sizes.block_kv, _power_of_two_at_least(tk)))  # fmt: skip
+    return (
+        min(block_sizes.block_q, _power_of_two_at_least(tq, floor=1)),
+        min(block_sizes.block_kv, _power_of_two_at_least(tk)),
+    )
 
 
 def xla_chunked_attention(
-    q, k, v, segments: Segments, *, causal=True, window=None, scale=None, block_sizes=None,
+    q,
+    k,
+    v,
+    segments: Segments,
+    *,
+    causal=True,
+    window=None,
+    scale=None,
+    block_sizes=None,
     count_blocks=False,
-):  # fmt: skip
+):
     """(out [B, Tq, Hq, D], lse [B, Tq, Hq]) through the chunked XLA implementation.
 
     `block_sizes.block_q` / `block_kv` set the tiles of the forward and the (single)
@@ -330,8 +354,7 @@ def xla_chunked_attention(
     return out[:, :tq], lse[:, :tq]
 
 
-def xla_chunked_implementation(q, k, v, segments, *, causal, window, scale, block_sizes,
-                               interpret):  # fmt: skip
+def xla_chunked_implementation(q, k, v, segments, *, causal, window, scale, block_sizes, interpret):
     """IMPLEMENTATIONS entry (no kernel to interpret)."""
     del interpret
     return xla_chunked_attention(

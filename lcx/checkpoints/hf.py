@@ -159,9 +159,15 @@ def _host(array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def save_hf(model: Transformer, directory: str, *, architecture: str | None = None,
-            max_shard_bytes: int = 2 << 30, tokenizer_dir: str | None = None,
-            **special_ids) -> str:  # fmt: skip
+def save_hf(
+    model: Transformer,
+    directory: str,
+    *,
+    architecture: str | None = None,
+    max_shard_bytes: int = 2 << 30,
+    tokenizer_dir: str | None = None,
+    **special_ids,
+) -> str:
     """Write `model` as a Hugging Face directory; returns its path.
 
     The architecture is the one that computes the same function (Qwen3 with qk_norm,
@@ -202,8 +208,9 @@ def save_hf(model: Transformer, directory: str, *, architecture: str | None = No
             weight_map.update(dict.fromkeys(tensors, name))
             del tensors
         if writer:
-            _write_metadata(tmp, cfg, architecture, names, weight_map, sizes, tokenizer_dir,
-                            special_ids)  # fmt: skip
+            _write_metadata(
+                tmp, cfg, architecture, names, weight_map, sizes, tokenizer_dir, special_ids
+            )
             if os.path.isdir(directory):
                 os.rmdir(directory)  # empty (checked above)
             os.replace(tmp, directory)

@@ -74,8 +74,15 @@ def _rope(hf: dict, path: str):
     if not scaling and kind is None or kind == "default":
         return theta, None
     scaling["rope_type"] = kind
-    keys = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                              "original_max_position_embeddings")}  # fmt: skip
+    keys = {
+        "linear": ("factor",),
+        "llama3": (
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ),
+    }
     if kind not in keys:
         raise UserError(
             f"{path}: RoPE scaling {kind!r} is not supported; supported: {sorted(keys)}"
@@ -134,9 +141,11 @@ def family_of(cfg: TransformerConfig) -> str:
             "Face architecture (LaCT layers do not)"
         )
     wanted = Family(
-        "", attention_bias=cfg.attention_bias, qk_norm=cfg.qk_norm,
+        "",
+        attention_bias=cfg.attention_bias,
+        qk_norm=cfg.qk_norm,
         sliding_window=cfg.attention_window is not None,
-    )  # fmt: skip
+    )
     for name, family in FAMILIES.items():
         if dataclasses.replace(family, model_type="") == wanted:
             return name

@@ -84,8 +84,14 @@ def _linear(name, out_dims, in_dims):
 
 def tensor_layouts(cfg: TransformerConfig) -> dict[tuple, TensorLayout]:
     """lcx parameter path (as in `nnx.to_pure_dict`) -> its Hugging Face tensor."""
-    e, h, k, d, f, v = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.mlp_dim, cfg.vocab_size)  # fmt: skip
+    e, h, k, d, f, v = (
+        cfg.d_model,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.mlp_dim,
+        cfg.vocab_size,
+    )
     layouts = {("embed",): _plain("model.embed_tokens.weight", (v, e))}
     for i in range(cfg.num_layers):
         at, mlp, blk = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp.", ("blocks", i)

@@ -53,8 +53,9 @@ class TokenizedCorpus:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
-def fingerprint(docs: Sequence[Document], tokenizer: ByteTokenizer, keep_binary=False,
-                join_directories=False) -> str:  # fmt: skip
+def fingerprint(
+    docs: Sequence[Document], tokenizer: ByteTokenizer, keep_binary=False, join_directories=False
+) -> str:
     """A digest that changes whenever a file, the tokenizer or an option changes."""
     options = f"keep_binary={keep_binary}" + ("\0join" if join_directories else "")
     h = hashlib.sha256(f"{tokenizer.cache_key}\0{options}".encode())
@@ -75,9 +76,12 @@ def _directory_of(doc: Document) -> str | None:
 
 
 def tokenize_documents(
-    docs: Sequence[Document], tokenizer: ByteTokenizer, *, keep_binary: bool = False,
+    docs: Sequence[Document],
+    tokenizer: ByteTokenizer,
+    *,
+    keep_binary: bool = False,
     join_directories: bool = False,
-) -> TokenizedCorpus:  # fmt: skip
+) -> TokenizedCorpus:
     """Read and tokenize every document; empty (and, unless kept, binary) files are
     skipped and counted.
 
@@ -129,10 +133,11 @@ def split_tail(corpus: TokenizedCorpus, fraction: float, min_tokens: int = 2):
     head = np.concatenate([[0], inner[inner < cut], [cut]]).astype(np.int64)
     tail = np.concatenate([[0], inner[inner > cut] - cut, [held_out]]).astype(np.int64)
     return (
-        TokenizedCorpus(corpus.tokens[:cut], head, corpus.num_empty_skipped,
-                        corpus.num_binary_skipped),
+        TokenizedCorpus(
+            corpus.tokens[:cut], head, corpus.num_empty_skipped, corpus.num_binary_skipped
+        ),
         TokenizedCorpus(corpus.tokens[cut:], tail, 0, 0),
-    )  # fmt: skip
+    )
 
 
 def _zarr_spec(path, dtype, shape):
@@ -174,15 +179,21 @@ def _read(directory) -> TokenizedCorpus:
         }
         arrays[name] = ts.open(spec, open=True).result().read().result()
     return TokenizedCorpus(
-        arrays["tokens"], arrays["offsets"], manifest["num_empty_skipped"],
+        arrays["tokens"],
+        arrays["offsets"],
+        manifest["num_empty_skipped"],
         manifest.get("num_binary_skipped", 0),
-    )  # fmt: skip
+    )
 
 
 def load_or_tokenize(
-    docs: Sequence[Document], tokenizer: ByteTokenizer, cache_dir: str | None, *,
-    keep_binary: bool = False, join_directories: bool = False,
-) -> TokenizedCorpus:  # fmt: skip
+    docs: Sequence[Document],
+    tokenizer: ByteTokenizer,
+    cache_dir: str | None,
+    *,
+    keep_binary: bool = False,
+    join_directories: bool = False,
+) -> TokenizedCorpus:
     """Tokenized `docs`, from the zarr cache in `cache_dir` when present (None: no cache)."""
     options = dict(keep_binary=keep_binary, join_directories=join_directories)
     if cache_dir is None:

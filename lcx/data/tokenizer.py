@@ -123,8 +123,9 @@ class HFTokenizer:
                 )
         decoder = json.loads(raw).get("decoder") or {}
         self._byte_level = decoder.get("type") == "ByteLevel"
-        self._special = {t.content for t in self._tokenizer.get_added_tokens_decoder().values()
-                         if t.special}  # fmt: skip
+        self._special = {
+            t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special
+        }
         self._bytes_of_id = None
         if self._byte_level:
             self._byte_ids = [self._tokenizer.token_to_id(c) for c in _gpt2_byte_chars()]

@@ -70,8 +70,9 @@ def evaluate_workdir(config, workdir: str, out=None) -> dict:
             for record in records:
                 f.write(json.dumps(record) + "\n")
         if ec.loss_by_position:
-            plot_loss_by_position({f"step {step}": buckets},
-                                  os.path.join(workdir, "loss_by_position.png"))  # fmt: skip
+            plot_loss_by_position(
+                {f"step {step}": buckets}, os.path.join(workdir, "loss_by_position.png")
+            )
         out.write(table(records) + "\n")
     return {"step": step, "records": len(records), "results": path}
 

@@ -21,8 +21,14 @@ from lcx.evals.tasks import TASKS, make_example
 SEED = 7_777  # examples (SEED, i): never the evaluation's (evals.seed, i) for small seeds
 
 
-def write_task_corpus(directory: str, count: int, lengths=(256, 384, 512), tasks=None,
-                      tokenizer=None, seed: int = SEED) -> list[str]:  # fmt: skip
+def write_task_corpus(
+    directory: str,
+    count: int,
+    lengths=(256, 384, 512),
+    tasks=None,
+    tokenizer=None,
+    seed: int = SEED,
+) -> list[str]:
     """`count` examples cycling over tasks and lengths, one file each; their paths."""
     tasks, tokenizer = list(tasks or TASKS), tokenizer or ByteTokenizer()
     os.makedirs(directory, exist_ok=True)

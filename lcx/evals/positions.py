@@ -34,10 +34,15 @@ def loss_by_position(lm, documents, max_length: int, buckets=BUCKETS) -> list[di
         np.add.at(counts, which, 1)
         docs[np.unique(which)] += 1
     return [
-        {"start": int(lo), "end": int(hi), "loss": float(s / c) if c else None,
-         "tokens": int(c), "documents": int(d)}
+        {
+            "start": int(lo),
+            "end": int(hi),
+            "loss": float(s / c) if c else None,
+            "tokens": int(c),
+            "documents": int(d),
+        }
         for lo, hi, s, c, d in zip(edges[:-1], edges[1:], sums, counts, docs, strict=True)
-    ]  # fmt: skip
+    ]
 
 
 def plot_loss_by_position(curves: dict[str, list[dict]], path: str) -> str:

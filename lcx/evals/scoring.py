@@ -72,8 +72,9 @@ def check_fits(examples_ids, new_tokens: int, context: int, what: str) -> None:
         )
 
 
-def score_examples(lm: LanguageModel, tokenizer, examples: Sequence[Example], *,
-                   generate: bool = True) -> dict:  # fmt: skip
+def score_examples(
+    lm: LanguageModel, tokenizer, examples: Sequence[Example], *, generate: bool = True
+) -> dict:
     """Mean exact match (greedy generation), answer log-likelihood per token, teacher-
     forced token accuracy and, with label choices, the likelihood's choice accuracy."""
     pairs = [split_ids(tokenizer, ex.prompt, ex.answer) for ex in examples]
@@ -136,11 +137,17 @@ class TransformerLM:
         from lcx.generate import Engine, Request, SamplingParams
 
         if self._engine is None:  # one engine (one compilation) for every call
-            self._engine = Engine(self.model, slots=self.slots, max_length=self.context,
-                                  token_budget=self.token_budget)  # fmt: skip
+            self._engine = Engine(
+                self.model,
+                slots=self.slots,
+                max_length=self.context,
+                token_budget=self.token_budget,
+            )
         stop = () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)
-        ids = [self._engine.submit(Request(p, max_new_tokens, SamplingParams(0.0), stop))
-               for p in prompts]  # fmt: skip
+        ids = [
+            self._engine.submit(Request(p, max_new_tokens, SamplingParams(0.0), stop))
+            for p in prompts
+        ]
         results = self._engine.run()
         return [results.pop(i) for i in ids]
 

@@ -45,13 +45,19 @@ def generate_from_workdir(config, workdir: str, out=sys.stdout) -> dict:
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     printer = _OrderedPrinter(prompts, tokenizer, out)
     completions = generate(
-        model, ids, max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
-        top_k=gc.top_k or None, top_p=gc.top_p if gc.top_p < 1 else None, seed=gc.seed,
+        model,
+        ids,
+        max_new_tokens=gc.max_new_tokens,
+        temperature=gc.temperature,
+        top_k=gc.top_k or None,
+        top_p=gc.top_p if gc.top_p < 1 else None,
+        seed=gc.seed,
         shared_prefix=True if gc.share_prefix and len(ids) > 1 else None,
-        slots=gc.slots or None, token_budget=gc.token_budget,
+        slots=gc.slots or None,
+        token_budget=gc.token_budget,
         stop_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
         on_event=printer,
-    )  # fmt: skip
+    )
     return {"step": step, "prompts": len(prompts), "tokens": sum(map(len, completions))}
 
 

@@ -76,10 +76,16 @@ def _forward_and_sample(graphdef, attend_cache, state, cache, prefixes, row, set
     """One packed forward against the cache, then each slot's next token from its logits."""
     model = nnx.merge(graphdef, state)
     logits, cache = model(
-        row["tokens"], row["segment_ids"], row["positions"], cache=cache,
-        logits_at=row["logits_at"], attend_cache=attend_cache, prefixes=prefixes,
-        offset_S=row["offset"], decode_rows=cache[0].slots if attend_cache else 0,
-    )  # fmt: skip
+        row["tokens"],
+        row["segment_ids"],
+        row["positions"],
+        cache=cache,
+        logits_at=row["logits_at"],
+        attend_cache=attend_cache,
+        prefixes=prefixes,
+        offset_S=row["offset"],
+        decode_rows=cache[0].slots if attend_cache else 0,
+    )
     b, n, v = logits.shape
     chosen = logits.reshape(b * n, v)[row["logit_of_slot"]]
     temperature, top_k, top_p, seed = settings
@@ -104,9 +110,18 @@ class Engine:
         mesh axes do not divide is replicated instead, with a UserWarning naming it.
     """
 
-    def __init__(self, model, *, slots: int, max_length: int, token_budget: int,
-                 shared_prefix: Sequence[int] | None = None, cache_dtype=None, mesh=None,
-                 rules=()):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        *,
+        slots: int,
+        max_length: int,
+        token_budget: int,
+        shared_prefix: Sequence[int] | None = None,
+        cache_dtype=None,
+        mesh=None,
+        rules=(),
+    ):
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
         if max_length < 2:
@@ -379,12 +394,14 @@ class Engine:
         # Host arrays: the jitted call moves them to the device in one go (faster per step
         # than a jnp.asarray each).
         device_row = dict(
-            tokens=row["tokens"], segment_ids=row["segment_ids"], positions=row["positions"],
+            tokens=row["tokens"],
+            segment_ids=row["segment_ids"],
+            positions=row["positions"],
             logits_at=np.asarray(logits_at, np.int32),
             logit_of_slot=np.asarray(logit_of_slot, np.int32),
             count=np.asarray(counts, np.int32),
             offset=np.full((self.slots,), self._prefix_length, np.int32),
-        )  # fmt: skip
+        )
         return self._state, self._cache, self._prefixes, device_row, settings_arrays(params)
 
     def _take(self, tokens_S, samplers) -> list[Event]:
@@ -408,8 +425,9 @@ def _jitted_step(graphdef, attend_cache, out_shardings):
     """The jitted step of a model graph, shared by every engine of that graph."""
     return jax.jit(
         functools.partial(_forward_and_sample, graphdef, attend_cache),
-        donate_argnums=1, out_shardings=out_shardings,
-    )  # fmt: skip
+        donate_argnums=1,
+        out_shardings=out_shardings,
+    )
 
 
 def _param_shardings(state, mesh, rules):

@@ -21,10 +21,14 @@ def run(config, workdir: str) -> dict:
     model, step, tokenizer = restore_model(config, workdir, with_tokenizer=True)
     path = getattr(tokenizer, "path", None)
     save_hf(
-        model, out, max_shard_bytes=int(ec.get("max_shard_gb", 2.0) * (1 << 30)),
+        model,
+        out,
+        max_shard_bytes=int(ec.get("max_shard_gb", 2.0) * (1 << 30)),
         tokenizer_dir=os.path.dirname(path) if path else None,
-        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
-    )  # fmt: skip
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )
     return {"step": step, "dir": out}
 
 

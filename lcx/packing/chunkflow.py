@@ -30,9 +30,18 @@ from lcx.packing.rows import packed_row
 class ChunkFlowRows:
     """grain random-access source: row i of the ChunkFlow layout (units in `unit_order`)."""
 
-    def __init__(self, corpus: TokenizedCorpus, chunk: int, pad_id: int, *, batch_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, shard_index: int = 0,
-                 shard_count: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        corpus: TokenizedCorpus,
+        chunk: int,
+        pad_id: int,
+        *,
+        batch_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        shard_index: int = 0,
+        shard_count: int = 1,
+    ):
         if chunk <= 1:
             raise UserError(f"chunk size (train.seq_len)={chunk} must be > 1")
         self._corpus, self._chunk, self._pad_id = corpus, chunk, pad_id
@@ -81,13 +90,20 @@ class ChunkFlowRows:
         return row
 
 
-def chunkflow_dataset(corpus, *, chunk, batch_size, pad_id, seed, shuffle, num_epochs,
-                      shard_index=0, shard_count=1) -> grain.IterDataset:  # fmt: skip
+def chunkflow_dataset(
+    corpus, *, chunk, batch_size, pad_id, seed, shuffle, num_epochs, shard_index=0, shard_count=1
+) -> grain.IterDataset:
     """Batches of ChunkFlow rows, in order (a long document's chunks stay consecutive)."""
     source = ChunkFlowRows(
-        corpus, chunk, pad_id, batch_size=batch_size, seed=seed, shuffle=shuffle,
-        shard_index=shard_index, shard_count=shard_count,
-    )  # fmt: skip
+        corpus,
+        chunk,
+        pad_id,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
     ds = grain.MapDataset.source(source).repeat(num_epochs).to_iter_dataset()
     return ds.batch(batch_size, drop_remainder=num_epochs is None)
 
@@ -95,7 +111,13 @@ def chunkflow_dataset(corpus, *, chunk, batch_size, pad_id, seed, shuffle, num_e
 def chunkflow_rows(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
     """The "chunkflow" strategy from PipelineOptions: chunks of seq_len tokens."""
     return chunkflow_dataset(
-        corpus, chunk=opts.seq_len, batch_size=opts.batch_size, pad_id=opts.pad_id,
-        seed=opts.seed, shuffle=opts.shuffle, num_epochs=opts.num_epochs,
-        shard_index=opts.shard_index, shard_count=opts.shard_count,
-    )  # fmt: skip
+        corpus,
+        chunk=opts.seq_len,
+        batch_size=opts.batch_size,
+        pad_id=opts.pad_id,
+        seed=opts.seed,
+        shuffle=opts.shuffle,
+        num_epochs=opts.num_epochs,
+        shard_index=opts.shard_index,
+        shard_count=opts.shard_count,
+    )

@@ -50,9 +50,11 @@ def load_corpus(data) -> object:
     from lcx.data.corpus import corpus_paths
 
     docs = select_documents(
-        corpus_paths(data["paths"]), "train", eval_fraction=data["eval_fraction"],
+        corpus_paths(data["paths"]),
+        "train",
+        eval_fraction=data["eval_fraction"],
         max_documents=data["max_documents"],
-    )  # fmt: skip
+    )
     if not docs:
         raise UserError("data.paths: no documents in the train split")
     return load_or_tokenize(docs, BYTES, None)
@@ -73,9 +75,12 @@ def run(corpus, *, row_lens, strategies, data=REPORT_DATA, batch_size=8, max_tok
     for row_len in row_lens:
         for packing in strategies:
             opts = PipelineOptions(
-                seq_len=row_len, batch_size=batch_size, packing=packing, pad_id=BYTES.pad_id,
+                seq_len=row_len,
+                batch_size=batch_size,
+                packing=packing,
+                pad_id=BYTES.pad_id,
                 settings=settings_at(packing, row_len, data),
-            )  # fmt: skip
+            )
             results.append(measure(corpus, opts, max_tokens=max_tokens))
     return results
 
@@ -118,9 +123,13 @@ def main(argv=None):
         if unknown:
             raise UserError(f"--strategies: unknown {sorted(unknown)}; valid: {tuple(REGISTRY)}")
         results = run(
-            corpus, row_lens=row_lens, strategies=strategies, data=data,
-            batch_size=args.batch_size, max_tokens=args.max_tokens,
-        )  # fmt: skip
+            corpus,
+            row_lens=row_lens,
+            strategies=strategies,
+            data=data,
+            batch_size=args.batch_size,
+            max_tokens=args.max_tokens,
+        )
     except ValueError as e:
         print(f"lcx.packing.report: {e}", file=sys.stderr)
         return 2

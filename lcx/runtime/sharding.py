@@ -66,8 +66,9 @@ def make_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) -> 
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def logical_to_sharding(logical_specs, mesh: Mesh, rules: Sequence[tuple[str, object]],
-                        shapes=None):  # fmt: skip
+def logical_to_sharding(
+    logical_specs, mesh: Mesh, rules: Sequence[tuple[str, object]], shapes=None
+):
     """Map a tree of logical PartitionSpecs to NamedShardings on `mesh`.
 
     With `shapes` (a matching tree of arrays or ShapeDtypeStructs), a dimension the mesh

@@ -21,8 +21,15 @@ from lcx.errors import UserError
 class Checkpointer:
     """A CheckpointManager holding items `state` (TrainState) and `data` (iterator)."""
 
-    def __init__(self, directory: str, *, keep: int, save_every: int, async_save: bool = True,
-                 read_only: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        directory: str,
+        *,
+        keep: int,
+        save_every: int,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
         if keep <= 0 or save_every <= 0:
             raise UserError(
                 f"train.keep_checkpoints={keep} and train.checkpoint_every={save_every} "
@@ -89,9 +96,10 @@ class Checkpointer:
         item = {"params": abstract_params}
         self._check_shapes(step, item)
         args = ocp.args.PyTreeRestore(
-            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True,
-        )  # fmt: skip
+        )
         return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
 
     def _check_shapes(self, step: int, abstract):

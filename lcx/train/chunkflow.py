@@ -39,7 +39,7 @@ def target_mask(segment_ids_RxC, document_R):
 
 def dependent_rows_loss_sum(
     graphdef, params, tokens_RxC, segment_ids_RxC, positions_RxC, document_R
-):  # fmt: skip
+):
     """(summed next-token loss, target count) of rows run as dependent chunks, in order."""
     rows, c = tokens_RxC.shape
     cfg = nnx.merge(graphdef, params).cfg
@@ -60,9 +60,14 @@ def dependent_rows_loss_sum(
         cache_ids = jnp.where((key_row == r) | earlier, key_ids, 0)
         caches = [(buffer[layer, 0], buffer[layer, 1]) for layer in range(cfg.num_layers)]
         logits, kvs = nnx.merge(graphdef, params).chunk_logits(
-            tokens, seg, pos, caches, cache_segment_ids=cache_ids,
-            cache_positions=key_positions, index=r * c,
-        )  # fmt: skip
+            tokens,
+            seg,
+            pos,
+            caches,
+            cache_segment_ids=cache_ids,
+            cache_positions=key_positions,
+            index=r * c,
+        )
         inside = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], tokens[0, 1:])
         edge = optax.softmax_cross_entropy_with_integer_labels(logits[0, -1], next_first[r])
         total = jnp.sum(jnp.where(take(within)[0], inside, 0.0))
@@ -133,8 +138,12 @@ def chunkflow_loss_sum(graphdef):
 
     def loss_sum(params, batch):
         return dependent_rows_loss_sum(
-            graphdef, params, batch["tokens"], batch["segment_ids"], batch["positions"],
+            graphdef,
+            params,
+            batch["tokens"],
+            batch["segment_ids"],
+            batch["positions"],
             batch["chunk_document"][:, 0],
-        )  # fmt: skip
+        )
 
     return loss_sum

@@ -22,9 +22,14 @@ from lcx.errors import UserError
 CLUSTER_HINTS = ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, timeout_s: int = 60,
-               heartbeat_s: int = 20) -> bool:  # fmt: skip
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout_s: int = 60,
+    heartbeat_s: int = 20,
+) -> bool:
     """Start `jax.distributed` when this is one of several processes; whether it did.
 
     `timeout_s` bounds the wait for every process to connect (an unreachable
@@ -53,10 +58,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         _wait_for_coordinator(coordinator_address, timeout_s, process_id, num_processes)
     try:
         jax.distributed.initialize(
-            coordinator_address=coordinator_address, num_processes=num_processes,
-            process_id=process_id, initialization_timeout=timeout_s,
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout_s,
             heartbeat_timeout_seconds=heartbeat_s,
-        )  # fmt: skip
+        )
     except Exception as e:  # XLA's runtime errors: deadline exceeded, refused, ...
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(

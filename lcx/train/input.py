@@ -31,9 +31,12 @@ def load_split(data_cfg, split: str, workdir: str | None, tokenizer=None):
 
     def tokenized(docs):
         return load_or_tokenize(
-            docs, tokenizer, cache, keep_binary=data_cfg.get("keep_binary", False),
+            docs,
+            tokenizer,
+            cache,
+            keep_binary=data_cfg.get("keep_binary", False),
             join_directories=data_cfg.get("join_directories", False),
-        )  # fmt: skip
+        )
 
     paths = corpus_paths(data_cfg.paths)
     eval_paths = corpus_paths(data_cfg.get("eval_paths", ""))
@@ -64,8 +67,7 @@ def _truncated(docs, data_cfg):
     return docs[: data_cfg.max_documents] if data_cfg.max_documents > 0 else docs
 
 
-def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: bool,
-                 pad_id: int):  # fmt: skip
+def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: bool, pad_id: int):
     """This process's share of the batches: shuffled and repeated for training.
 
     The documents are split into `data.shards` shards (0: one per process), each packed
@@ -91,14 +93,20 @@ def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: b
         packed_dataset(
             corpus,
             PipelineOptions(
-                seq_len=seq_len, batch_size=global_batch_size // shards, packing=packing,
-                settings=settings, seed=seed, shuffle=train,
-                num_epochs=None, pad_id=pad_id,
-                shard_index=jax.process_index() * mine + j, shard_count=shards,
+                seq_len=seq_len,
+                batch_size=global_batch_size // shards,
+                packing=packing,
+                settings=settings,
+                seed=seed,
+                shuffle=train,
+                num_epochs=None,
+                pad_id=pad_id,
+                shard_index=jax.process_index() * mine + j,
+                shard_count=shards,
             ),
         )
         for j in range(mine)
-    ]  # fmt: skip
+    ]
     if mine == 1:
         return datasets[0]
     return grain.experimental.ZipIterDataset(datasets).map(_concatenate_rows)

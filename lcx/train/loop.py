@@ -108,9 +108,11 @@ class Experiment:
             )
         if self.packing.check_training is not None:
             self.packing.check_training(
-                packing_settings, batch_size=tc.batch_size, seq_len=tc.seq_len,
+                packing_settings,
+                batch_size=tc.batch_size,
+                seq_len=tc.seq_len,
                 batch_shards=divisor,
-            )  # fmt: skip
+            )
         self.sequence_shards = self.mesh.shape["sequence"]
         if self.sequence_shards > 1:
             check_sequence_parallel(c, self.model_cfg, self.sequence_shards)
@@ -233,8 +235,9 @@ class Experiment:
             sharding = abstract.rows_seen.sharding
             scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding)
             try:
-                old = self.checkpointer.restore(step, abstract._replace(rows_seen=scalar),
-                                                data_iterator)  # fmt: skip
+                old = self.checkpointer.restore(
+                    step, abstract._replace(rows_seen=scalar), data_iterator
+                )
             except (ValueError, KeyError, TypeError):
                 pass
             else:

@@ -193,9 +193,10 @@ def plan_run(config, workdir: str, *, resuming: bool) -> RunPlan:
             f"{micro} (or start a new --workdir)"
         )
     return RunPlan(
-        first_batch_size=recorded["train.batch_size"], micro_batch_size=micro,
+        first_batch_size=recorded["train.batch_size"],
+        micro_batch_size=micro,
         changed=tuple(diffs),
-    )  # fmt: skip
+    )
 
 
 def check_model(config, workdir: str) -> None:

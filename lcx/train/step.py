@@ -105,8 +105,11 @@ def init_state(model_cfg, tx, seed, shardings, batch_size: int) -> TrainState:
 
 def state_from_params(params, tx, shardings, batch_size: int) -> TrainState:
     """A TrainState at step 0 around given (already placed) parameters."""
-    init = jax.jit(lambda p: _step_zero(p, tx, batch_size),
-                   in_shardings=(shardings.params,), out_shardings=shardings)  # fmt: skip
+    init = jax.jit(
+        lambda p: _step_zero(p, tx, batch_size),
+        in_shardings=(shardings.params,),
+        out_shardings=shardings,
+    )
     return init(params)
 
 

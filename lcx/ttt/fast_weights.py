@@ -136,8 +136,20 @@ def document_start_index(segment_ids_BxT):
     return jax.lax.cummax(jnp.where(change, idx, 0), axis=1)
 
 
-def chunk_update(base: FastWeights, base_mom, k, v, lr, momentum, in_chunk, norms, *,
-                 chunk_size, use_muon, directions=descent_directions):  # fmt: skip
+def chunk_update(
+    base: FastWeights,
+    base_mom,
+    k,
+    v,
+    lr,
+    momentum,
+    in_chunk,
+    norms,
+    *,
+    chunk_size,
+    use_muon,
+    directions=descent_directions,
+):
     """(weights, momentum) after one chunk's update from `base` (and its momentum).
 
     k, v [B, H, C, D]; lr [B, H, C, 3]; momentum [B, H, C] or None; `in_chunk` [B, 1, C]:
@@ -177,9 +189,19 @@ GRIDS = ("document", "row")
 
 
 def lact_chunk_scan(
-    w_init: FastWeights, q, k, v, lr, momentum, segment_ids, *, chunk_size, use_muon,
-    inner_gradient="hand", grid="document",
-):  # fmt: skip
+    w_init: FastWeights,
+    q,
+    k,
+    v,
+    lr,
+    momentum,
+    segment_ids,
+    *,
+    chunk_size,
+    use_muon,
+    inner_gradient="hand",
+    grid="document",
+):
     """Apply-then-update over chunks of packed rows; returns outputs [B, H, T, D].
 
     Args:
@@ -261,9 +283,18 @@ def lact_chunk_scan(
         if mom is not None:
             base_mom = where_rows(continues, mom, jax.tree.map(jnp.zeros_like, mom))
         w, mom = chunk_update(
-            base, base_mom, x["k"], x["v"], x["lr"], x.get("momentum"), in_last, norms,
-            chunk_size=c, use_muon=use_muon, directions=directions,
-        )  # fmt: skip
+            base,
+            base_mom,
+            x["k"],
+            x["v"],
+            x["lr"],
+            x.get("momentum"),
+            in_last,
+            norms,
+            chunk_size=c,
+            use_muon=use_muon,
+            directions=directions,
+        )
         return (w, mom), out
 
     def document_step(carry, x):
@@ -281,17 +312,32 @@ def lact_chunk_scan(
         names = ["k", "v", "lr"] + (["momentum"] if mom is not None else [])
         chunk = {name: window(name) for name in names}
         w_next, mom_next = chunk_update(
-            w, mom, chunk["k"], chunk["v"], chunk["lr"], chunk.get("momentum"),
-            jnp.ones((b, 1, c), dt), norms, chunk_size=c, use_muon=use_muon,
+            w,
+            mom,
+            chunk["k"],
+            chunk["v"],
+            chunk["lr"],
+            chunk.get("momentum"),
+            jnp.ones((b, 1, c), dt),
+            norms,
+            chunk_size=c,
+            use_muon=use_muon,
             directions=directions,
-        )  # fmt: skip
+        )
         w_next = where_rows(has_boundary, w_next, w)
         after = jnp.arange(c)[None, :] >= at[:, None]  # [B, C]
-        out = jnp.where(
-            fresh[:, None, :, None], apply_fast_weights(w0, x["q"]),
-            jnp.where(after[:, None, :, None], apply_fast_weights(w_next, x["q"]),
-                      apply_fast_weights(w, x["q"])),
-        ) * real[:, None, :, None]  # fmt: skip
+        out = (
+            jnp.where(
+                fresh[:, None, :, None],
+                apply_fast_weights(w0, x["q"]),
+                jnp.where(
+                    after[:, None, :, None],
+                    apply_fast_weights(w_next, x["q"]),
+                    apply_fast_weights(w, x["q"]),
+                ),
+            )
+            * real[:, None, :, None]
+        )
         last_fresh = fresh[:, -1]  # the next chunk continues a document that began here
         w = where_rows(last_fresh, w0, w_next)
         if mom is not None:
@@ -303,7 +349,8 @@ def lact_chunk_scan(
     if grid == "row":
         _, out = jax.lax.scan(step, (w0, mom0), xs)
     else:
-        first = {name: jnp.zeros_like(xs[name][0]) for name in ("k", "v", "lr", "momentum")
-                 if name in xs}  # fmt: skip
+        first = {
+            name: jnp.zeros_like(xs[name][0]) for name in ("k", "v", "lr", "momentum") if name in xs
+        }
         _, out = jax.lax.scan(document_step, (w0, mom0, first), xs)
     return _from_chunks(out)[:, :, :t].astype(out_dtype)

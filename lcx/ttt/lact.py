@@ -147,8 +147,18 @@ class LaCTLayer(nnx.Module):
         out_std = e**-0.5 / (2 * cfg.num_layers) ** 0.5
         self.w_o = param(rngs.params(), (e, e), out_std, ("mlp", "embed"))
 
-    def __call__(self, x_BxTxE, segment_ids_BxT=None, positions_BxT=None, cache=None, *,
-                 attend_cache=True, prefixes=(), offset_S=None, decode_rows=0):  # fmt: skip
+    def __call__(
+        self,
+        x_BxTxE,
+        segment_ids_BxT=None,
+        positions_BxT=None,
+        cache=None,
+        *,
+        attend_cache=True,
+        prefixes=(),
+        offset_S=None,
+        decode_rows=0,
+    ):
         """[B, T, E]; with `cache` (one row, an engine step), (output, the updated cache)."""
         if prefixes:
             raise NotImplementedError("LaCT layers take no shared prefix: its state is per slot")
@@ -185,9 +195,13 @@ class LaCTLayer(nnx.Module):
             attention=AttentionCache.zeros(
                 slots, length, cfg.num_heads, head_dim, dtype or DTYPES[cfg.dtype]
             ),
-            w=w, momentum=jax.tree.map(jnp.zeros_like, w) if cfg.use_momentum else None,
-            k=zeros(d), v=zeros(d), lr=zeros(3), momentum_rates=zeros(),
-        )  # fmt: skip
+            w=w,
+            momentum=jax.tree.map(jnp.zeros_like, w) if cfg.use_momentum else None,
+            k=zeros(d),
+            v=zeros(d),
+            lr=zeros(3),
+            momentum_rates=zeros(),
+        )
 
     def _cached(self, x_BxTxE, segment_ids, positions, cache: LaCTCache, decode_rows):
         """One engine row: attention against the cache, fast weights per slot (see LaCTCache)."""
@@ -201,16 +215,29 @@ class LaCTLayer(nnx.Module):
         kh = apply_rope(heads(k), positions, cfg.rope_theta)
         attention = cache.attention.write(kh, heads(v), segment_ids, positions)
         o_swa, _ = cache_attention(
-            qh, segment_ids, positions, attention, decode_rows=decode_rows, window=cfg.window,
+            qh,
+            segment_ids,
+            positions,
+            attention,
+            decode_rows=decode_rows,
+            window=cfg.window,
             implementation=cfg.attention_implementation,
-        )  # fmt: skip
+        )
 
         qf, kf, vf, lr, momentum = self._fast_weight_inputs(x, q, k, v, positions)
         state, out_TxHxD = fast_weight_step(
-            cache, self._initial_weights(), qf[0], kf[0], vf[0], lr[0],
-            None if momentum is None else momentum[0], segment_ids[0], positions[0],
-            decode_rows=decode_rows, use_muon=cfg.use_muon,
-        )  # fmt: skip
+            cache,
+            self._initial_weights(),
+            qf[0],
+            kf[0],
+            vf[0],
+            lr[0],
+            None if momentum is None else momentum[0],
+            segment_ids[0],
+            positions[0],
+            decode_rows=decode_rows,
+            use_muon=cfg.use_muon,
+        )
         o_lact = self._fast_weight_output(x, out_TxHxD[None].astype(jnp.float32))
         out = (o_swa.reshape(b, t, e) + o_lact) @ self.w_o[...].astype(dt)
         return out, state._replace(attention=attention)
@@ -224,9 +251,14 @@ class LaCTLayer(nnx.Module):
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
         o = packed_attention(
-            q, k, v, segment_ids, causal=True, window=cfg.window,
+            q,
+            k,
+            v,
+            segment_ids,
+            causal=True,
+            window=cfg.window,
             implementation=cfg.attention_implementation,
-        )  # fmt: skip
+        )
         return o.reshape(b, t, e)
 
     def _fast_weight_inputs(self, x, q, k, v, positions):
@@ -270,7 +302,15 @@ class LaCTLayer(nnx.Module):
         cfg = self.cfg
         q, k, v, lr, momentum = self._fast_weight_inputs(x, q, k, v, positions)
         out = lact_chunk_scan(
-            self._initial_weights(), q, k, v, lr, momentum, segment_ids,
-            chunk_size=cfg.chunk_size, use_muon=cfg.use_muon, grid=cfg.grid,
-        )  # fmt: skip
+            self._initial_weights(),
+            q,
+            k,
+            v,
+            lr,
+            momentum,
+            segment_ids,
+            chunk_size=cfg.chunk_size,
+            use_muon=cfg.use_muon,
+            grid=cfg.grid,
+        )
         return self._fast_weight_output(x, jnp.swapaxes(out, 1, 2))

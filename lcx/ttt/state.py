@@ -47,8 +47,20 @@ def _any_per_slot(slots, slot_T, flag_T):
     return jnp.zeros((slots,), bool).at[slot_T].max(flag_T)
 
 
-def fast_weight_step(cache: LaCTCache, w_init: FastWeights, q, k, v, lr, momentum,
-                     segment_ids_T, positions_T, *, decode_rows, use_muon):  # fmt: skip
+def fast_weight_step(
+    cache: LaCTCache,
+    w_init: FastWeights,
+    q,
+    k,
+    v,
+    lr,
+    momentum,
+    segment_ids_T,
+    positions_T,
+    *,
+    decode_rows,
+    use_muon,
+):
     """(updated state, outputs [T, H, D]) of one row's tokens; q, k, v [H, T, D].
 
     Slots whose sequence starts in the row (a token at position 0) restart from
@@ -91,11 +103,17 @@ def fast_weight_step(cache: LaCTCache, w_init: FastWeights, q, k, v, lr, momentu
         """Every slot's chunk update, kept where its chunk completed."""
         w, mom = carry
         new_w, new_mom = chunk_update(
-            w, mom, buffers["k"], buffers["v"], buffers["lr"],
+            w,
+            mom,
+            buffers["k"],
+            buffers["v"],
+            buffers["lr"],
             None if mom is None else buffers["momentum_rates"],
-            jnp.ones((slots, 1, c), jnp.float32), row_norms(w0), chunk_size=c,
+            jnp.ones((slots, 1, c), jnp.float32),
+            row_norms(w0),
+            chunk_size=c,
             use_muon=use_muon,
-        )  # fmt: skip
+        )
         w = where_rows(complete, new_w, w)
         if mom is not None:
             mom = where_rows(complete, new_mom, mom)
