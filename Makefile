@@ -49,11 +49,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-# Everything but the process-level tests (about 15 minutes on 2 cores).
+# Everything but the process-level tests (durations in BENCHMARKS.md; the target is 15 minutes).
 test: lint
 	$(call PYTEST,$(PY)) -m "not slow" tests
 
-# The iteration tier: no notebooks, no process-level tests (about 5 minutes).
+# The iteration tier: no notebooks, no process-level tests (the target is 5 minutes).
 test-fast: $(STAMP)
 	$(call PYTEST,$(PY)) -m "$(FAST)" tests
 
