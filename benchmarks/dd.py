@@ -27,6 +27,7 @@ from lcx.config_loading import load_config  # noqa: E402
 from lcx.data import ByteTokenizer  # noqa: E402
 from lcx.packing import PipelineOptions  # noqa: E402
 from lcx.packing.stats import measure  # noqa: E402
+from lcx.settings import resolve  # noqa: E402
 from lcx.train import train_and_evaluate  # noqa: E402
 from lcx.train.input import load_split  # noqa: E402
 
@@ -52,7 +53,7 @@ def run(*, smoke=False, steps=60, max_log2=13) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for packing in STRATEGIES:
-            config = strategy_config(packing, smoke=smoke, steps=steps, max_log2=max_log2)
+            config = resolve(strategy_config(packing, smoke=smoke, steps=steps, max_log2=max_log2))
             workdir = os.path.join(tmp, packing)
             t0 = time.perf_counter()
             last = train_and_evaluate(config, workdir)
@@ -61,7 +62,7 @@ def run(*, smoke=False, steps=60, max_log2=13) -> dict:
             corpus, _ = load_split(config.data, "train", workdir)
             opts = PipelineOptions(
                 seq_len=config.train.seq_len, batch_size=config.train.batch_size,
-                packing=packing, settings=config.data.get(packing), seed=config.seed,
+                packing=packing, settings=config.data.packing_settings(), seed=config.seed,
                 pad_id=ByteTokenizer().pad_id,
             )  # fmt: skip
             stats = measure(corpus, opts, max_tokens=int(tokens))

@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 from lcx.config_loading import load_config  # noqa: E402
 from lcx.generate import Engine, Request  # noqa: E402
 from lcx.model import Transformer, TransformerConfig  # noqa: E402
+from lcx.settings import resolve  # noqa: E402
 from lcx.train.input import load_split  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def build_model(smoke: bool, implementation=None, dtype="float32"):
 
 def corpus_documents(config):
     """The embedded corpus's training documents, as token arrays."""
-    corpus, _ = load_split(config.data, "train", None)
+    corpus, _ = load_split(resolve(config).data, "train", None)
     return [corpus.document(i) for i in range(corpus.num_documents)]
 
 

@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from lcx.config_loading import load_config  # noqa: E402
 from lcx.model import Transformer, TransformerConfig  # noqa: E402
+from lcx.settings import resolve  # noqa: E402
 from lcx.train import train_and_evaluate  # noqa: E402
 from lcx.train.input import load_split  # noqa: E402
 from lcx.train.loop import Experiment  # noqa: E402
@@ -80,7 +81,7 @@ def variant_configs(*, smoke: bool, steps: int, seq_len: int, batch_size: int, w
 
 def eval_rows(config, workdir: str, *, long_len: int, max_docs: int):
     """(short rows, long rows): eval documents one per row, as token arrays."""
-    corpus, _ = load_split(config.data, "eval", workdir)
+    corpus, _ = load_split(resolve(config).data, "eval", workdir)
     docs = [corpus.document(i) for i in range(corpus.num_documents)]
     short = [d for d in docs if len(d) < SHORT][:max_docs]
     long = [d[:long_len] for d in docs if len(d) > LONG][:max_docs]

@@ -33,6 +33,7 @@ from lcx.attention import block_schedule, count_visited  # noqa: E402
 from lcx.attention.ring import LAYOUTS, balanced_permutation, layout_permutation  # noqa: E402
 from lcx.config_loading import load_config  # noqa: E402
 from lcx.packing import first_fit_decreasing  # noqa: E402
+from lcx.settings import resolve  # noqa: E402
 from lcx.train.input import load_split  # noqa: E402
 
 
@@ -55,7 +56,7 @@ def rows_of(lengths, length, count, rng):
 def row_kinds(args, rng):
     """{kind: (segment ids, positions)} of the rows measured."""
     config = load_config(os.path.join(ROOT, "configs", "lm_tiny.py"), None)
-    corpus, _ = load_split(config.data, "train", None)
+    corpus, _ = load_split(resolve(config).data, "train", None)
     lengths = [len(corpus.document(i)) for i in range(corpus.num_documents)]
     lengths = list(rng.permutation(lengths))
     exponential = 1 + rng.exponential(args.mean_document, args.rows * args.length // 100)

@@ -29,6 +29,7 @@ from configs import lm_tiny
 from lcx.attention.ring import sequence_layout
 from lcx.model import TransformerConfig
 from lcx.train import sharding as sh, step as steplib
+from lcx.settings import resolve
 from lcx.train.optimizer import OptimizerConfig, ScheduleConfig, make_optimizer, make_schedule
 
 args = json.loads(sys.argv[1])
@@ -37,8 +38,8 @@ c.model.dtype = "float32"
 rules = tuple(tuple(r) for r in c.sharding_rules)
 model_cfg = TransformerConfig(**c.model)
 b, t, n = args["rows"], args["length"], jax.device_count()
-tx = make_optimizer(OptimizerConfig.of(c.optimizer), make_schedule(
-    ScheduleConfig.of(c.schedule), total_steps=100, batch_size=b, seq_len=t))
+tx = make_optimizer(OptimizerConfig.of(resolve(c).optimizer), make_schedule(
+    ScheduleConfig.of(resolve(c).schedule), total_steps=100, batch_size=b, seq_len=t))
 graphdef, _ = steplib.abstract_model(model_cfg)
 rng = np.random.default_rng(0)
 seg = np.zeros((b, t), np.int32); pos = np.zeros_like(seg)

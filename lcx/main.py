@@ -34,11 +34,12 @@ def main(argv):
     if len(argv) > 1:
         errors.exit_with(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    from lcx import modes  # imported late so `--help` stays fast
+    from lcx import modes, settings  # imported late so `--help` stays fast
     from lcx.train import distributed, preemption
 
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    workdir = _WORKDIR.value
     try:
+        config = settings.resolve(_CONFIG.value)  # a missing or unknown key: one line
         mode = modes.mode_of(config.mode)
         processes = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         distributed.initialize(*processes, timeout_s=_TIMEOUT.value)

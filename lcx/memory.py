@@ -18,6 +18,8 @@ import argparse
 import math
 import sys
 
+from lcx.errors import UserError
+
 # Chips and HBM GiB per chip of the slices lcx plans for (v5p counts TensorCores: 2 per chip).
 SLICES = {
     "v5e-8": (8, 16), "v5e-64": (64, 16), "v5e-256": (256, 16),
@@ -49,21 +51,27 @@ def estimate(config, devices: int) -> dict:
     """Bytes per device: params, optimizer, gradients, update temporaries, activations
     (kept, plus one layer's working set), logits, total."""
     from lcx.runtime.params import abstract_model
-    from lcx.runtime.sharding import MESH_AXES, MeshShape
+    from lcx.runtime.sharding import MESH_AXES
+    from lcx.settings import resolve
     from lcx.train.model_source import model_config
 
+    config = resolve(config)
     cfg = model_config(config)  # the imported architecture with init.hf_checkpoint
     _, abstract = abstract_model(cfg)
     import jax
 
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
-    sizes = dict(zip(MESH_AXES, MeshShape(**config.mesh).resolve(devices), strict=True))
+    sizes = dict(zip(MESH_AXES, config.mesh.resolve(devices), strict=True))
     shards = sizes["fsdp"] * sizes["tensor"]
     rows = config.train.batch_size / (sizes["data"] * sizes["fsdp"])
     tokens = rows * config.train.seq_len / sizes["sequence"]
     width = 2 if cfg.dtype == "bfloat16" else 4
     per_token = activation_elements_per_token(cfg) * cfg.num_layers * width
-    copies = OPTIMIZER_COPIES.get(config.optimizer.name, 2)
+    if config.optimizer.name not in OPTIMIZER_COPIES:
+        raise UserError(
+            f"optimizer.name={config.optimizer.name!r}; valid: {list(OPTIMIZER_COPIES)}"
+        )
+    copies = OPTIMIZER_COPIES[config.optimizer.name]
     # The backward pass works on one layer at a time with everything of it live (the
     # layer recomputed under remat), and the update holds two parameter-sized temporaries.
     working = tokens * activation_elements_per_token(_no_remat(cfg)) * width

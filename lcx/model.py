@@ -42,7 +42,7 @@ REMAT_POLICIES = {
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Model hyper-parameters; built as `TransformerConfig(**config.model)`."""
+    """Model hyper-parameters; built from `config.model` (lcx.settings.ModelSettings.fields)."""
 
     vocab_size: int = 384
     d_model: int = 256

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from lcx.optim.schedules import cosine_schedule, power_schedule, wsd_schedule
+from lcx.settings import resolve
 from lcx.train import step as steplib
 
 TOKENS = 10**12
@@ -34,9 +35,9 @@ def test_train_step_counts_tokens_at_a_trillion(smoke_config):
 
     c = smoke_config
     seq_len, batch = c.train.seq_len, c.train.batch_size
-    schedule = make_schedule(ScheduleConfig.of(c.schedule), total_steps=STEPS + 10,
+    schedule = make_schedule(ScheduleConfig.of(resolve(c).schedule), total_steps=STEPS + 10,
                              batch_size=batch, seq_len=seq_len)  # fmt: skip
-    tx = make_optimizer(OptimizerConfig.of(c.optimizer), schedule)
+    tx = make_optimizer(OptimizerConfig.of(resolve(c).optimizer), schedule)
     graphdef, abstract = steplib.abstract_model(TransformerConfig(**c.model))
     del graphdef
     params = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
@@ -82,10 +83,11 @@ def test_data_iterator_resumes_ten_million_steps_in(smoke_config):
     """A packed iterator restored a billion documents in (ten million steps of ~100)."""
     from lcx.train import input as data_input
 
-    corpus, _ = data_input.load_split(smoke_config.data, "train", None)
+    data = resolve(smoke_config).data
+    corpus, _ = data_input.load_split(data, "train", None)
 
     def iterator():
-        return iter(data_input.make_dataset(corpus, smoke_config.data, seq_len=64,
+        return iter(data_input.make_dataset(corpus, data, seq_len=64,
                                             global_batch_size=4, seed=0, train=True,
                                             pad_id=258))  # fmt: skip
 

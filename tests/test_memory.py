@@ -6,6 +6,7 @@ import numpy as np
 from lcx.config_loading import load_config
 from lcx.memory import estimate, main
 from lcx.model import TransformerConfig
+from lcx.settings import resolve
 from lcx.train import sharding as sh
 from lcx.train import step as steplib
 from lcx.train.optimizer import OptimizerConfig, ScheduleConfig, make_optimizer, make_schedule
@@ -17,8 +18,11 @@ def _compiled_bytes(c):
     """XLA's argument + temporary bytes of the config's train step on this device."""
     cfg, rules = TransformerConfig(**c.model), tuple(tuple(r) for r in c.sharding_rules)
     b, t = c.train.batch_size, c.train.seq_len
-    schedule = make_schedule(ScheduleConfig.of(c.schedule), total_steps=10, batch_size=b, seq_len=t)
-    tx = make_optimizer(OptimizerConfig.of(c.optimizer), schedule)
+    settings = resolve(c)
+    schedule = make_schedule(
+        ScheduleConfig.of(settings.schedule), total_steps=10, batch_size=b, seq_len=t
+    )
+    tx = make_optimizer(OptimizerConfig.of(settings.optimizer), schedule)
     graphdef, _ = steplib.abstract_model(cfg)
     mesh = sh.make_mesh(sh.MeshShape(**c.mesh), jax.devices()[:1])
     shardings = steplib.state_shardings(cfg, tx, mesh, rules)

@@ -18,6 +18,7 @@ from lcx.attention.ring import sequence_layout
 from configs import lm_tiny
 from lcx.model import TransformerConfig
 from lcx.train import sharding as sh, step as steplib
+from lcx.settings import resolve
 from lcx.train.optimizer import OptimizerConfig, ScheduleConfig, make_optimizer, make_schedule
 
 assert jax.device_count() == 8, jax.devices()
@@ -25,8 +26,10 @@ c = lm_tiny.get_config("smoke")
 c.model.dtype = "float32"  # same function on any mesh, checked to float32 precision
 rules = tuple(tuple(r) for r in c.sharding_rules)
 model_cfg = TransformerConfig(**c.model)
-schedule = make_schedule(ScheduleConfig.of(c.schedule), total_steps=10, batch_size=8, seq_len=32)
-tx = make_optimizer(OptimizerConfig.of(c.optimizer), schedule)
+settings = resolve(c)
+schedule = make_schedule(ScheduleConfig.of(settings.schedule), total_steps=10, batch_size=8,
+                         seq_len=32)
+tx = make_optimizer(OptimizerConfig.of(settings.optimizer), schedule)
 graphdef, _ = steplib.abstract_model(model_cfg)
 
 rng = np.random.default_rng(int(os.environ["LCX_MESH_SEED"]))

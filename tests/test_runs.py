@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lcx.config_loading import load_config
+from lcx.settings import resolve
 from lcx.train import loop
 from lcx.train.input import load_split
 from lcx.train.loop import Experiment, train_and_evaluate
@@ -191,8 +192,9 @@ def test_two_paths_in_one_flag_and_a_one_file_corpus(tmp_path):
     assert "lcx: compiling the train step" in stderr and "lcx: trained to step 2" in stdout
     config = load_config(SMOKE, "smoke")
     config.data.paths = str(one / "book.txt")  # one file: an eval split by the tokens' tail
-    train, how = load_split(config.data, "train", None)
-    held_out, how_eval = load_split(config.data, "eval", None)
+    data = resolve(config).data
+    train, how = load_split(data, "train", None)
+    held_out, how_eval = load_split(data, "eval", None)
     assert "last" in how and how == how_eval and held_out.num_tokens > 0
     assert train.num_tokens + held_out.num_tokens == 32 * 200 + 2
 

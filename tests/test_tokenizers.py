@@ -9,6 +9,7 @@ import pytest
 
 from lcx.data import HFTokenizer, load_or_tokenize, stdlib_documents
 from lcx.data.store import tokenize_documents
+from lcx.settings import resolve
 from lcx.train.model_source import model_config
 
 
@@ -93,7 +94,7 @@ def test_training_with_a_tokenizer_json_runs_end_to_end(bpe_dir, smoke_config, t
     c.data.tokenizer = bpe_dir
     with pytest.raises(ValueError, match=r"tokenizer.json: the tokenizer's vocabulary of 1000 "
                        r"tokens exceeds the model's vocab_size=384"):  # fmt: skip
-        model_config(c)
+        model_config(resolve(c))
     c.model.vocab_size = 1024
     record = train_and_evaluate(c, str(tmp_path))
     assert record["step"] == c.train.steps and np.isfinite(record["loss"])
@@ -123,7 +124,7 @@ def test_bad_tokenizer_settings_fail_in_one_line(bpe_dir, tmp_path, smoke_config
         HFTokenizer(str(tmp_path / "nowhere"))
     smoke_config.data.tokenizer = str(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"data.tokenizer=.*missing'; valid: "):
-        model_config(smoke_config)
+        model_config(resolve(smoke_config))
 
 
 def test_joined_directories_make_long_documents(tmp_path):

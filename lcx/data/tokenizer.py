@@ -223,9 +223,10 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 
 
 def make_tokenizer(data_cfg, hf_checkpoint: str = ""):
-    """The tokenizer `config.data` names (`tokenizer`, `add_bos`, `add_eos`)."""
-    choice = data_cfg.get("tokenizer", "bytes") or "bytes"
-    flags = dict(add_bos=data_cfg.get("add_bos", True), add_eos=data_cfg.get("add_eos", True))
+    """The tokenizer `config.data` (lcx.settings.DataSettings) names: `tokenizer`,
+    `add_bos`, `add_eos`."""
+    choice = data_cfg.tokenizer
+    flags = dict(add_bos=data_cfg.add_bos, add_eos=data_cfg.add_eos)
     if choice == "bytes":
         return ByteTokenizer(**flags)
     if choice == "checkpoint":

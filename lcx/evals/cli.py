@@ -13,6 +13,7 @@ from lcx.errors import UserError
 from lcx.evals.positions import loss_by_position, plot_loss_by_position
 from lcx.evals.scoring import TransformerLM, score_examples
 from lcx.evals.tasks import TASKS, make_examples
+from lcx.settings import resolve
 
 RESULTS = "evals.jsonl"
 
@@ -48,6 +49,7 @@ def evaluate_workdir(config, workdir: str, out=None) -> dict:
     from lcx.train.input import load_split
     from lcx.train.restore import restore_model
 
+    config = resolve(config)
     ec, out = config.evals, out or sys.stdout
     tasks, lengths = parse_settings(ec)
     model, step, tokenizer = restore_model(config, workdir, with_tokenizer=True)

@@ -16,6 +16,7 @@ import sys
 from lcx.data.tokenizer import prompt_ids
 from lcx.errors import UserError
 from lcx.generate.api import generate
+from lcx.settings import resolve
 from lcx.train.restore import restore_model  # noqa: F401 (also lcx.generate.cli's, as before)
 
 
@@ -39,6 +40,7 @@ def read_prompts(gc) -> list[str]:
 
 def generate_from_workdir(config, workdir: str, out=sys.stdout) -> dict:
     """Complete `config.generate`'s prompts; a summary record."""
+    config = resolve(config)
     gc = config.generate
     prompts = read_prompts(gc)
     model, step, tokenizer = restore_model(config, workdir, with_tokenizer=True)

@@ -9,6 +9,7 @@ import types
 
 from lcx.errors import UserError
 from lcx.modes import eval, evaluate, export, generate, train
+from lcx.settings import resolve
 
 MODES = types.MappingProxyType(
     {
@@ -30,4 +31,5 @@ def mode_of(name: str):
 
 def run(config, workdir: str) -> dict:
     """Run `config.mode` as `python -m lcx.main` does; the mode's result record."""
+    config = resolve(config)
     return mode_of(config.mode).run(config, workdir)

@@ -7,13 +7,14 @@ import os
 
 from lcx.checkpoints.hf import save_hf
 from lcx.errors import UserError
+from lcx.settings import resolve
 from lcx.train.restore import restore_model
 
 
 def run(config, workdir: str) -> dict:
     """Write the latest checkpoint's parameters to `config.export.dir`; a summary record."""
-    ec = config.get("export") or {}
-    out = ec.get("dir", "")
+    config = resolve(config)
+    out = config.export.dir
     if not out:
         raise UserError("export.dir is empty: give --config.export.dir=OUT, a new directory")
     if os.path.isdir(out) and os.listdir(out):
@@ -23,7 +24,7 @@ def run(config, workdir: str) -> dict:
     save_hf(
         model,
         out,
-        max_shard_bytes=int(ec.get("max_shard_gb", 2.0) * (1 << 30)),
+        max_shard_bytes=int(config.export.max_shard_gb * (1 << 30)),
         tokenizer_dir=os.path.dirname(path) if path else None,
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,

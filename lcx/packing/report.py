@@ -35,13 +35,13 @@ REPORT_DATA = {
 }
 
 
-def _data_config(path: str | None):
+def _data_config(path: str | None) -> dict:
     """config.data of a config file (ml-collections), or REPORT_DATA."""
     if path is None:
         return REPORT_DATA
     from lcx.config_loading import load_config
 
-    return load_config(*path.split(":", 1)).data
+    return load_config(*path.split(":", 1)).data.to_dict()
 
 
 def load_corpus(data) -> object:
@@ -62,7 +62,7 @@ def load_corpus(data) -> object:
 
 def settings_at(packing: str, row_len: int, data) -> dict | None:
     """config.data.<packing> at one row length: dd's buckets reach up to the row."""
-    settings = data.get(packing)
+    settings = data[packing] if REGISTRY[packing].settings else None
     if packing != "dd" or settings is None:
         return settings
     max_log2 = row_len.bit_length() - 1

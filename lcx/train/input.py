@@ -1,4 +1,5 @@
-"""From `config.data` / `config.train` to grain datasets of packed batches."""
+"""From `config.data` / `config.train` (resolved: lcx.settings) to grain datasets of packed
+batches."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from lcx.data import load_or_tokenize, make_tokenizer, select_documents, split_t
 from lcx.data.corpus import corpus_paths, user_documents
 from lcx.errors import UserError
 from lcx.packing import PipelineOptions, packed_dataset, strategy
+from lcx.settings import DataSettings
 
 
 class EmptySplitError(ValueError):
     """A split of the corpus has no documents (too few files for the eval fraction)."""
 
 
-def load_split(data_cfg, split: str, workdir: str | None, tokenizer=None):
+def load_split(data_cfg: DataSettings, split: str, workdir: str | None, tokenizer=None):
     """(tokenized corpus of one split, how the split was made), cached under WORKDIR/cache.
 
     Eval documents come from `data.eval_paths` when given (train then uses every file of
@@ -34,12 +36,12 @@ def load_split(data_cfg, split: str, workdir: str | None, tokenizer=None):
             docs,
             tokenizer,
             cache,
-            keep_binary=data_cfg.get("keep_binary", False),
-            join_directories=data_cfg.get("join_directories", False),
+            keep_binary=data_cfg.keep_binary,
+            join_directories=data_cfg.join_directories,
         )
 
     paths = corpus_paths(data_cfg.paths)
-    eval_paths = corpus_paths(data_cfg.get("eval_paths", ""))
+    eval_paths = corpus_paths(data_cfg.eval_paths)
     if eval_paths:
         docs = user_documents(eval_paths if split == "eval" else paths)
         if not docs:
@@ -67,7 +69,9 @@ def _truncated(docs, data_cfg):
     return docs[: data_cfg.max_documents] if data_cfg.max_documents > 0 else docs
 
 
-def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: bool, pad_id: int):
+def make_dataset(
+    corpus, data_cfg: DataSettings, *, seq_len, global_batch_size, seed, train: bool, pad_id: int
+):
     """This process's share of the batches: shuffled and repeated for training.
 
     The documents are split into `data.shards` shards (0: one per process), each packed
@@ -76,7 +80,7 @@ def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: b
     processes read it.
     """
     count = jax.process_count()
-    shards = data_cfg.get("shards", 0) or count
+    shards = data_cfg.shards or count
     if shards % count or global_batch_size % shards:
         raise UserError(
             f"data.shards={shards} must be a multiple of the {count} processes and divide "
@@ -87,7 +91,7 @@ def make_dataset(corpus, data_cfg, *, seq_len, global_batch_size, seed, train: b
     packing = data_cfg.packing
     if not train and strategy(packing).eval_packing:
         packing = strategy(packing).eval_packing
-    settings = data_cfg.get(packing)
+    settings = data_cfg.packing_settings(packing)
     mine = shards // count
     datasets = [
         packed_dataset(

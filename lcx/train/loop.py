@@ -22,8 +22,8 @@ from lcx.attention.ring import sequence_layout
 from lcx.errors import UserError
 from lcx.model import TransformerConfig
 from lcx.packing import strategy as packing_strategy
-from lcx.packing import strategy_settings
 from lcx.runtime import sharding as sh
+from lcx.settings import Settings, as_dict, resolve
 from lcx.train import input as data_input
 from lcx.train import model_source, run_record
 from lcx.train import step as steplib
@@ -61,18 +61,18 @@ class Experiment:
     (evaluating a colleague's finished run).
     """
 
-    config: object
+    config: Settings  # or a config to resolve
     workdir: str
     read_only: bool = False
 
     def __post_init__(self):
-        c = self.config
+        c = self.config = resolve(self.config)
         self.packing = packing_strategy(c.data.packing)  # before any data work
-        packing_settings = strategy_settings(c.data.packing, c.data.get(c.data.packing))
+        packing_settings = c.data.packing_settings()
         self.tokenizer = model_source.tokenizer_of(c)
         self.model_cfg: TransformerConfig = model_source.model_config(c, self.tokenizer)
-        self.mesh = sh.make_mesh(sh.MeshShape(**c.mesh))
-        self.rules = tuple(tuple(r) for r in c.sharding_rules)
+        self.mesh = sh.make_mesh(c.mesh)
+        self.rules = c.sharding_rules
         tc = c.train
         self.checkpointer = Checkpointer(
             os.path.join(self.workdir, "checkpoints"),
@@ -125,7 +125,7 @@ class Experiment:
         if c.batch.adaptive:
             self.adaptive = optim.AdaptiveBatchConfig(
                 micro_batch_size=self.micro_batch_size,
-                **{k: v for k, v in c.batch.items() if k != "adaptive"},
+                **{k: v for k, v in as_dict(c.batch).items() if k != "adaptive"},
             )
         self.schedule = make_schedule(
             ScheduleConfig.of(c.schedule),
@@ -408,7 +408,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
     workdir = ensure_workdir(workdir, writable=not read_only)
     exp = Experiment(config, workdir, read_only=read_only)
     try:
-        run_record.check_model(config, workdir)
+        run_record.check_model(exp.config, workdir)
         step = exp.resume_step
         if step is None:
             raise UserError(f"--workdir {workdir!r} has no checkpoint to evaluate; train first")

@@ -12,36 +12,36 @@ from __future__ import annotations
 
 from lcx.data.tokenizer import check_vocabulary, make_tokenizer
 from lcx.model import TransformerConfig
+from lcx.settings import Settings
 
 # config.model fields applied on top of an imported architecture: how it runs, not what.
 HF_RUN_FIELDS = ("dtype", "param_dtype", "attention_implementation", "remat", "scan_layers")
 
 
-def hf_checkpoint(config) -> str:
-    """`init.hf_checkpoint`, or "" (configs without an `init` section start from scratch)."""
-    init = config.get("init") or {}
-    return init.get("hf_checkpoint", "") or ""
+def hf_checkpoint(config: Settings) -> str:
+    """`init.hf_checkpoint`, or "" for a model trained from scratch."""
+    return config.init.hf_checkpoint
 
 
-def tokenizer_of(config):
+def tokenizer_of(config: Settings):
     """The run's tokenizer (`data.tokenizer`; "checkpoint": the imported one's)."""
     return make_tokenizer(config.data, hf_checkpoint(config))
 
 
-def model_config(config, tokenizer=None) -> TransformerConfig:
+def model_config(config: Settings, tokenizer=None) -> TransformerConfig:
     """The run's TransformerConfig, checked against its tokenizer."""
     from lcx.checkpoints import hf_model_config
 
     tokenizer = tokenizer or tokenizer_of(config)
-    fields = dict(config.model)
+    fields = config.model.fields()
     directory = hf_checkpoint(config)
     if directory:
-        run = {k: fields[k] for k in HF_RUN_FIELDS if k in fields}
-        if config.init.get("rope_theta", 0):
+        run = {k: fields[k] for k in HF_RUN_FIELDS}
+        if config.init.rope_theta:
             run["rope_theta"] = float(config.init.rope_theta)
         cfg = hf_model_config(directory, **run)
     else:
-        if not fields.get("vocab_size"):
+        if not fields["vocab_size"]:
             fields["vocab_size"] = -(-tokenizer.vocab_size // 128) * 128
         cfg = TransformerConfig(**fields)
     check_vocabulary(tokenizer, cfg.vocab_size)

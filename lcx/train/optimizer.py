@@ -39,8 +39,19 @@ OPTIMIZERS: Mapping[str, Optimizer] = types.MappingProxyType(
 
 
 def _settings_of(section: str, name: str, cfg, accepted) -> dict:
-    """config.<section>.<name> as a dict, its keys checked against `accepted`."""
-    settings = dict(cfg.get(name) or {})
+    """config.<section>.<name> (`cfg`: lcx.settings' OptimizerSettings or ScheduleSettings)
+    as a dict, its keys checked against `accepted`; {} for an entry that takes no settings
+    of its own (and has no section)."""
+    registry = OPTIMIZERS if section == "optimizer" else SCHEDULES
+    unknown = sorted(set(cfg.by_name) - set(registry))
+    if unknown:
+        key = unknown[0]
+        raise UserError(f"{section}.{key}: unknown {section} {key!r}; valid: {sorted(registry)}")
+    if not accepted:
+        return {}
+    if name not in cfg.by_name:
+        raise UserError(f"{section}.{name} is needed: a dict of {sorted(accepted)}")
+    settings = dict(cfg.by_name[name])
     unknown = set(settings) - set(accepted)
     if unknown:
         raise UserError(
@@ -60,13 +71,13 @@ class OptimizerConfig:
     @classmethod
     def of(cls, cfg) -> OptimizerConfig:
         """From config.optimizer: name, grad_clip and the section under the name."""
-        name = cfg["name"]
+        name = cfg.name
         if name not in OPTIMIZERS:
             raise UserError(f"optimizer.name={name!r}; valid: {sorted(OPTIMIZERS)}")
         params = inspect.signature(OPTIMIZERS[name].factory).parameters
         accepted = [p for p in params if p not in ("learning_rate", "mask")]
         settings = _settings_of("optimizer", name, cfg, accepted)
-        return cls(name, cfg["grad_clip"], tuple(sorted(settings.items())))
+        return cls(name, cfg.grad_clip, tuple(sorted(settings.items())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +95,12 @@ class ScheduleConfig:
     @classmethod
     def of(cls, cfg) -> ScheduleConfig:
         """From config.schedule: the shared fields and the section under the name."""
-        name = cfg["name"]
+        name = cfg.name
         if name not in SCHEDULES:
             raise UserError(f"schedule.name={name!r}; valid: {sorted(SCHEDULES)}")
-        shared = {f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name != "settings"}
+        shared = {
+            f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name != "settings"
+        }
         params = inspect.signature(SCHEDULES[name]).parameters.values()
         accepted = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
         settings = _settings_of("schedule", name, cfg, accepted)

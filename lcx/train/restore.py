@@ -9,6 +9,7 @@ from absl import logging
 from flax import nnx
 
 from lcx.errors import UserError
+from lcx.settings import resolve
 from lcx.train import run_record
 from lcx.train import step as steplib
 from lcx.train.checkpoint import abstract_like
@@ -18,6 +19,7 @@ from lcx.train.loop import Experiment
 def restore_model(config, workdir: str, *, with_tokenizer: bool = False):
     """The Transformer of the workdir's latest checkpoint (parameters only) and its step
     (and the run's tokenizer)."""
+    config = resolve(config)
     missing = f"--workdir {workdir!r} has no checkpoint to generate from; train first"
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise UserError(missing)

@@ -18,6 +18,7 @@ import os
 import jax
 
 from lcx.errors import UserError
+from lcx.settings import as_dict, resolve
 
 RECORD = "config.json"
 
@@ -99,8 +100,12 @@ def resumable(key: str) -> bool:
 
 
 def flatten(config) -> dict:
-    """A config as {dotted key: JSON value} (tuples become lists)."""
-    plain = json.loads(json.dumps(config.to_dict(), default=_jsonable))
+    """A config (or its Settings) as {dotted key: JSON value} (tuples become lists)."""
+    return dotted(json.loads(json.dumps(as_dict(resolve(config)), default=_jsonable)))
+
+
+def dotted(plain: dict) -> dict:
+    """Nested dicts as {dotted key: leaf value}."""
     out = {}
 
     def walk(prefix, value):
