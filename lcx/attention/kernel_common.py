@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lcx.attention.layout import block_schedule
 from lcx.attention.segments import Segments
 
 # A large finite negative logit: masked entries vanish in exp() without inf - inf NaNs.
@@ -66,6 +67,21 @@ def pad_length(x, length: int, axis: int = 1, value=0):
 def _pad_or_none(x, length):
     """`x` padded along T to `length`; None stays None."""
     return None if x is None else pad_length(x, length)
+
+
+def tile_schedule(seg: Segments, block_q: int, block_kv: int, *, causal, window):
+    """`block_schedule` of padded segments for (block_q, block_kv) tiles: what each
+    kernel (XLA chunked, Pallas TPU, Pallas GPU) visits."""
+    return block_schedule(
+        seg.q_ids,
+        block_q=block_q,
+        block_kv=block_kv,
+        causal=causal,
+        window=window,
+        kv_segment_ids=seg.kv_ids,
+        q_positions=seg.q_positions,
+        kv_positions=seg.kv_positions,
+    )
 
 
 def pad_to_blocks(q, k, v, segments: Segments, q_multiple: int, kv_multiple: int):

@@ -47,9 +47,9 @@ from lcx.attention.kernel_common import (
     pad_to_blocks,
     saw_a_key,
     tile_mask,
+    tile_schedule,
     visit_blocks,
 )
-from lcx.attention.layout import block_schedule
 from lcx.attention.segments import Segments, segments_of
 
 _triton_missing = "jax.experimental.pallas.triton is not available"  # why plgpu is None
@@ -184,20 +184,6 @@ def _segment_specs(block_q, tk, q_block_index):
     return [q_block, q_block, row, row]
 
 
-def _schedule(seg: Segments, blocks, *, causal, window):
-    """block_schedule of padded segments for (block_q, block_kv) tiles."""
-    return block_schedule(
-        seg.q_ids,
-        block_q=blocks[0],
-        block_kv=blocks[1],
-        causal=causal,
-        window=window,
-        kv_segment_ids=seg.kv_ids,
-        q_positions=seg.q_positions,
-        kv_positions=seg.kv_positions,
-    )
-
-
 def _compiler_params(block_a, block_b, d):
     """Triton launch settings of one kernel."""
     return plgpu.CompilerParams(num_warps=_num_warps(block_a, block_b, d), num_stages=_NUM_STAGES)
@@ -209,7 +195,7 @@ def _forward(q, k, v, seg, *, scale, causal, window, block_sizes, interpret, cou
     tk, group = k.shape[1], hq // k.shape[2]
     bq, bk = blocks = block_sizes.block_q, block_sizes.block_kv
     nq = tq // bq
-    sched = _schedule(seg, blocks, causal=causal, window=window)
+    sched = tile_schedule(seg, *blocks, causal=causal, window=window)
     filled = seg.filled()
     row_block = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
     out_shape = [
@@ -360,7 +346,7 @@ def _dq(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpre
     tk, group = k.shape[1], hq // k.shape[2]
     bq, bk = blocks
     nq = tq // bq
-    sched = _schedule(seg, blocks, causal=causal, window=window)
+    sched = tile_schedule(seg, *blocks, causal=causal, window=window)
     filled = seg.filled()
     q_block = pl.BlockSpec((None, bq, None, d), lambda i, b_, h: (b_, i, h, 0))
     row_block = pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))
@@ -415,7 +401,7 @@ def _dkv(q, k, v, seg, lse, delta, do, *, scale, causal, window, blocks, interpr
     group = hq // hkv
     bq, bk = blocks
     nk = tk // bk
-    sched = _schedule(seg, blocks, causal=causal, window=window)
+    sched = tile_schedule(seg, *blocks, causal=causal, window=window)
     filled = seg.filled()
     q_row = pl.BlockSpec((None, tq, None, d), lambda j, b_, h: (b_, 0, h, 0))
     kv_block = pl.BlockSpec((None, bk, None, d), lambda j, b_, h: (b_, j, h // group, 0))

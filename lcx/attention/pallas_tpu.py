@@ -39,8 +39,8 @@ from lcx.attention.kernel_common import (
     pad_to_blocks,
     saw_a_key,
     tile_mask,
+    tile_schedule,
 )
-from lcx.attention.layout import block_schedule
 from lcx.attention.segments import Segments, segments_of
 from lcx.attention.step_list import (
     COMPUTE,
@@ -278,27 +278,13 @@ class _Pass:
         )(steps.group, steps.block, steps.flags, *self.operands, *outs)
 
 
-def _schedule(seg: Segments, bq, bk, *, causal, window):
-    """block_schedule of padded segments for (bq, bk) tiles."""
-    return block_schedule(
-        seg.q_ids,
-        block_q=bq,
-        block_kv=bk,
-        causal=causal,
-        window=window,
-        kv_segment_ids=seg.kv_ids,
-        q_positions=seg.q_positions,
-        kv_positions=seg.kv_positions,
-    )
-
-
 def _forward(q, k, v, seg, *, scale, causal, window, block_sizes, interpret, capacity, count=False):
     """Pallas forward on [B, H, T, D] inputs: (o, lse [B, H, Tq, 1], blocks?, steps?)."""
     b, hq, tq, d = q.shape
     tk = k.shape[2]
     bq, bk = block_sizes.block_q, block_sizes.block_kv
     nq, nk = tq // bq, tk // bk
-    sched = _schedule(seg, bq, bk, causal=causal, window=window)
+    sched = tile_schedule(seg, bq, bk, causal=causal, window=window)
     groups = groups_of(sched.kv_lo, sched.kv_hi, sched.kv_full_lo, sched.kv_full_hi)
     spec = _specs(hq // k.shape[1], bq, bk, d, n_per_row=nq)
     outs = [jnp.zeros(q.shape, q.dtype), jnp.zeros((b, hq, tq, 1), jnp.float32)]
@@ -488,7 +474,7 @@ def _backward(
 
     bq, bk = block_sizes.dq
     nq, nk = tq // bq, tk // bk
-    sched = _schedule(seg, bq, bk, causal=causal, window=window)
+    sched = tile_schedule(seg, bq, bk, causal=causal, window=window)
     spec = _specs(group, bq, bk, d, n_per_row=nq)
     outs = [jnp.zeros(q.shape, q.dtype)] + [jnp.zeros((b, hq, nq, 1), jnp.int32)] * n_counts
     dq_pass = _Pass(
@@ -505,7 +491,7 @@ def _backward(
 
     bq, bk = block_sizes.dkv
     nq, nk = tq // bq, tk // bk
-    sched = _schedule(seg, bq, bk, causal=causal, window=window)
+    sched = tile_schedule(seg, bq, bk, causal=causal, window=window)
     spec = _specs(group, bq, bk, d, n_per_row=nk, kv_major=True)
     grad_dtype = k.dtype if group == 1 else jnp.float32  # summed over the group below
     outs = [jnp.zeros((b, hq, tk, d), grad_dtype)] * 2

@@ -33,9 +33,9 @@ from lcx.attention.kernel_common import (
     pad_to_blocks,
     products_precision,
     tile_mask,
+    tile_schedule,
     visit_blocks,
 )
-from lcx.attention.layout import block_schedule
 from lcx.attention.segments import Segments
 
 # Tiles tuned on a 2-core CPU (benchmarks/attention.py cpu): 128 x 128 was fastest on short
@@ -93,20 +93,6 @@ def _kv_time_major(tiles, b):
     return tiles.reshape(b, -1, hkv, block, d).transpose(0, 1, 3, 2, 4).reshape(b, -1, hkv, d)
 
 
-def _schedule(seg: Segments, blocks, *, causal, window):
-    """block_schedule of padded segments for (block_q, block_kv) tiles."""
-    return block_schedule(
-        seg.q_ids,
-        block_q=blocks[0],
-        block_kv=blocks[1],
-        causal=causal,
-        window=window,
-        kv_segment_ids=seg.kv_ids,
-        q_positions=seg.q_positions,
-        kv_positions=seg.kv_positions,
-    )
-
-
 def _product(dtype):
     """einsum accumulating in float32 (float64 for float64 inputs) at the inputs' precision."""
     accumulator = jnp.promote_types(dtype, jnp.float32)
@@ -147,7 +133,7 @@ def _forward(q, k, v, seg: Segments, *, scale, causal, window, blocks):
     full = seg.filled()
     if tq == bq and b > 1:  # rows of one q block each: decoding
         return _forward_rows_together(q, k, v, full, scale, causal, window, bk)
-    sched = _schedule(seg, blocks, causal=causal, window=window)
+    sched = tile_schedule(seg, *blocks, causal=causal, window=window)
     q5, k4, v4 = _heads_first(q, hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
     def group(_, xs):
@@ -243,7 +229,7 @@ def _backward(q, k, v, seg: Segments, lse, delta, do, *, scale, causal, window, 
     bq, bk = blocks
     acc_dtype = jnp.promote_types(q.dtype, jnp.float32)
     product = _product(q.dtype)
-    sched = _schedule(seg, blocks, causal=causal, window=window)
+    sched = tile_schedule(seg, *blocks, causal=causal, window=window)
     full = seg.filled()
     q5, do5 = _heads_first(q, hkv), _heads_first(do, hkv)
     k4, v4 = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
