@@ -29,6 +29,19 @@ _COMPILATION_CACHE = {
 for _name, _value in _COMPILATION_CACHE.items():
     os.environ.setdefault(_name, _value)
 
+# The tests' programs are tiny: compiling them costs far more than running them. XLA's CPU
+# backend at optimisation level 0 skips LLVM's optimisation passes (the HLO, its fusions
+# and buffer assignment are the same, fast-math stays off), which cuts compile time by a
+# quarter (BENCHMARKS.md, "Test suite durations"). Subprocesses inherit it; benchmark
+# figures come from the scripts run outside the tests, at XLA's default level. A test that
+# sets XLA_FLAGS for a subprocess (the device count) replaces it; LCX_TEST_XLA_OPT=1 keeps
+# the default level everywhere.
+TEST_XLA_FLAG = "--xla_backend_optimization_level=0"
+if os.environ.get("LCX_TEST_XLA_OPT") != "1" and "optimization_level" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
+
 
 @pytest.fixture
 def rng(request):
