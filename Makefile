@@ -24,8 +24,9 @@ NO_LATEST := echo "make: no Python 3.12 found (python3.12, or pyenv's versions/3
 
 PYTEST = JAX_PLATFORMS=cpu $(1) -m pytest -n 2 --durations=15
 # Tiers (markers in pyproject.toml): `slow` process-level tests (CI runs them: test-slow),
-# `notebook` the notebooks, `torch` the transformers references.
-FAST := not slow and not notebook
+# `notebook` the notebooks, `integration` whole jobs (training runs, the command line, the
+# engine, benchmark smokes), `torch` the transformers references.
+FAST := not slow and not notebook and not integration
 
 .PHONY: train processes test test-fast test-slow test-latest venv-latest lint format lock bench clean
 
@@ -53,7 +54,7 @@ lint: $(STAMP)
 test: lint
 	$(call PYTEST,$(PY)) -m "not slow" tests
 
-# The iteration tier: no notebooks, no process-level tests (the target is 5 minutes).
+# The iteration tier: no notebooks, whole jobs or process-level tests (the target is 5 minutes).
 test-fast: $(STAMP)
 	$(call PYTEST,$(PY)) -m "$(FAST)" tests
 

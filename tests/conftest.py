@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import secrets
 import sys
@@ -41,6 +42,32 @@ if os.environ.get("LCX_TEST_XLA_OPT") != "1" and "optimization_level" not in os.
     "XLA_FLAGS", ""
 ):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAG}".strip()
+
+
+# Tests that run a whole job (a training run, the command line, the serving engine, a
+# benchmark script at smoke size) carry the `integration` marker: `make test-fast` leaves
+# them out, `make test` runs them. These files hold only such tests; elsewhere a test is
+# marked where it is defined.
+INTEGRATION_FILES = (
+    "test_benchmark*.py",
+    "test_checkpoints.py",
+    "test_continue_long.py",
+    "test_distributed.py",
+    "test_evals.py",
+    "test_generate.py",
+    "test_main.py",
+    "test_memory.py",
+    "test_packing_registry.py",
+    "test_runs.py",
+    "test_tokenizers.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(fnmatch.fnmatch(item.path.name, pattern) for pattern in INTEGRATION_FILES):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ LAYERS = (
     ("lcx.ttt",),
     ("lcx.model",),
     ("lcx.runtime",),  # mesh, sharding rules, abstract parameters: what the layers above share
+    ("lcx.settings",),  # the config resolved into frozen dataclasses, for every layer above
     ("lcx.checkpoints",),
     ("lcx.train",),
     ("lcx.generate",),
@@ -158,6 +159,7 @@ def test_the_documented_commands_are_found():
     assert tour[2:] == ["lcx.main", "--config", "configs/a.py:smoke", "--workdir", "/t/runs/x"]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("markdown", [m for m in MARKDOWN if shell_commands(m)])
 def test_every_documented_command_runs(markdown, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
