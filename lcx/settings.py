@@ -16,8 +16,7 @@ strategy_settings`, `lcx.train.optimizer`), so a new registry entry needs no fie
 and `as_dict` puts them back where the config had them. Packing strategies are known
 here (lcx.packing sits below this module); the optimizers and schedules are lcx.train's,
 above it, so there any key holding a dict is taken as one and lcx.train.optimizer checks
-the names. The sharding rules stay the tuples
-`lcx.runtime.sharding` reads.
+the names. The sharding rules stay the tuples `lcx.runtime.sharding` reads.
 """
 
 from __future__ import annotations

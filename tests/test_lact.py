@@ -203,6 +203,12 @@ def _layer(chunk_size, *, window=8, seed=0, **kwargs):
     return LaCTLayer(cfg, rngs=nnx.Rngs(seed))
 
 
+@nnx.jit
+def _apply(layer, x, seg, pos):
+    """The layer's output, compiled once per shape (not op by op)."""
+    return layer(x, seg, pos)
+
+
 def _positions(seg):
     """Positions restarting at 0 at every run start."""
     pos = np.zeros_like(seg)
@@ -239,10 +245,10 @@ def test_packed_row_equals_each_document_alone(layout, chunk_size, rng):
     pos = _positions(seg)
     layer = _layer(chunk_size, seed=int(rng.integers(1 << 16)), grid="row")
     x = jnp.asarray(rng.standard_normal((1, t, 32)), jnp.float32)
-    packed = np.asarray(layer(x, seg, pos))
+    packed = np.asarray(_apply(layer, x, seg, pos))
     for doc in np.unique(seg[seg != 0]):
         alone = np.where(seg == doc, seg, 0)  # the document in its own row, others padding
-        got = np.asarray(layer(x, alone, pos))
+        got = np.asarray(_apply(layer, x, alone, pos))
         mask = seg[0] == doc
         err = _relative_error(packed[0, mask], got[0, mask])
         assert err < 1e-5, f"doc {doc}, {layout=}, {chunk_size=}"
@@ -258,14 +264,14 @@ def test_document_grid_packed_equals_each_document_alone_at_the_row_start(chunk_
     pos = _positions(seg)
     layer = _layer(chunk_size, seed=int(rng.integers(1 << 16)))  # grid="document" default
     x = jnp.asarray(rng.standard_normal((1, t, 32)), jnp.float32)
-    packed = np.asarray(layer(x, seg, pos))
+    packed = np.asarray(_apply(layer, x, seg, pos))
     for doc in np.unique(seg[seg != 0]):
         where = np.flatnonzero(seg[0] == doc)
         n = len(where)
         alone_x = jnp.zeros_like(x).at[0, :n].set(x[0, where])
         alone_seg = np.zeros_like(seg)
         alone_seg[0, :n] = 1
-        got = np.asarray(layer(alone_x, alone_seg, _positions(alone_seg)))
+        got = np.asarray(_apply(layer, alone_x, alone_seg, _positions(alone_seg)))
         err = _relative_error(packed[0, where], got[0, :n])
         assert err < 1e-5, f"doc {doc} at {where[0]}, {chunk_size=}"
 
@@ -291,9 +297,10 @@ def test_padding_gives_no_nan_in_values_or_gradients(rng):
     def loss(params, x):
         return jnp.sum(nnx.merge(graphdef, params)(x, seg) ** 2)
 
-    grads = jax.grad(loss, argnums=(0, 1))(params, x)
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)  # one program, not op by op
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
-    assert np.all(np.asarray(layer(x, seg))[1] == 0)
+    out = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x, seg))(params, x)
+    assert np.all(np.asarray(out)[1] == 0)
 
 
 def test_bad_config():

@@ -31,12 +31,18 @@ def model(request, rng):
     return Transformer(cfg, rngs=nnx.Rngs(int(rng.integers(1 << 30))))
 
 
+@nnx.jit
+def _logits(model, tokens, segment_ids=None, positions=None):
+    """The model's logits, compiled once per shape (not op by op)."""
+    return model(tokens, segment_ids, positions)
+
+
 def _tokens(seed):
     return jnp.asarray(np.random.default_rng(seed).integers(0, 256, SEGMENTS.shape), jnp.int32)
 
 
 def test_logits_shape_and_finite(model):
-    logits = model(_tokens(0), SEGMENTS, POSITIONS)
+    logits = _logits(model, _tokens(0), SEGMENTS, POSITIONS)
     assert logits.shape == (1, SEGMENTS.shape[1], CFG.vocab_size)
     assert np.isfinite(np.asarray(logits)).all()
 
@@ -44,8 +50,8 @@ def test_logits_shape_and_finite(model):
 def test_changing_one_document_leaves_the_others(model):
     tokens = _tokens(1)
     changed = tokens.at[0, 5:12].set((tokens[0, 5:12] + 17) % 256)  # document 2 only
-    before = model(tokens, SEGMENTS, POSITIONS)
-    after = model(changed, SEGMENTS, POSITIONS)
+    before = _logits(model, tokens, SEGMENTS, POSITIONS)
+    after = _logits(model, changed, SEGMENTS, POSITIONS)
     others = SEGMENTS[0] != 2
     np.testing.assert_array_equal(np.asarray(before)[0, others], np.asarray(after)[0, others])
     assert not np.allclose(np.asarray(before)[0, 5:12], np.asarray(after)[0, 5:12])
@@ -53,14 +59,14 @@ def test_changing_one_document_leaves_the_others(model):
 
 def test_packed_row_equals_documents_alone(model):
     tokens = _tokens(2)
-    packed = np.asarray(model(tokens, SEGMENTS, POSITIONS))
+    packed = np.asarray(_logits(model, tokens, SEGMENTS, POSITIONS))
     for start, end in [(0, 5), (5, 12), (12, 15)]:
         # Alone at the same offset, the rest padding: LaCT's chunks are fixed in the row.
         seg = np.where(SEGMENTS == SEGMENTS[0, start], SEGMENTS, 0)
-        alone = np.asarray(model(tokens, seg, POSITIONS))
+        alone = np.asarray(_logits(model, tokens, seg, POSITIONS))
         np.testing.assert_allclose(packed[0, start:end], alone[0, start:end], rtol=2e-5, atol=2e-5)
         if model.cfg.block_pattern == ("attention",):  # attention alone at offset 0, too
-            alone = np.asarray(model(tokens[:, start:end]))
+            alone = np.asarray(_logits(model, tokens[:, start:end]))
             np.testing.assert_allclose(packed[0, start:end], alone[0], rtol=2e-5, atol=2e-5)
 
 
@@ -90,7 +96,7 @@ def test_causal_and_isolated_through_gradients(model):
 def test_bfloat16_compute_keeps_float32_params():
     cfg = TransformerConfig(**{**CFG.__dict__, "dtype": "bfloat16"})
     model = Transformer(cfg, rngs=nnx.Rngs(0))
-    logits = model(_tokens(4), SEGMENTS, POSITIONS)
+    logits = _logits(model, _tokens(4), SEGMENTS, POSITIONS)
     assert logits.dtype == jnp.float32
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)

@@ -91,10 +91,11 @@ def reference_values_and_grads(q, k, v, w, **call):
         w64 = [jnp.asarray(x, jnp.float64) for x in w]
 
         def loss(q, k, v):
-            return objective(*reference_attention(q, k, v, return_lse=True, **call), *w64)
+            out_lse = reference_attention(q, k, v, return_lse=True, **call)
+            return objective(*out_lse, *w64), out_lse
 
-        out, lse = reference_attention(q64, k64, v64, return_lse=True, **call)
-        grads = jax.grad(loss, argnums=(0, 1, 2))(q64, k64, v64)
+        # One compiled program (not op by op): values and gradients together.
+        grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q64, k64, v64)
         return np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads]
 
 
@@ -102,10 +103,10 @@ def values_and_grads(fn, q, k, v, w):
     """(out, lse, [dq, dk, dv]) as float32 numpy of `fn(q, k, v) -> (out, lse)`, jitted."""
 
     def loss(q, k, v):
-        return objective(*fn(q, k, v), *w)
+        out_lse = fn(q, k, v)
+        return objective(*out_lse, *w), out_lse
 
-    out, lse = jax.jit(fn)(q, k, v)
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    grads, (out, lse) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
     as32 = lambda x: np.asarray(x.astype(jnp.float32))  # noqa: E731
     return as32(out), as32(lse), [as32(g) for g in grads]
 
