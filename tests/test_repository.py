@@ -26,6 +26,7 @@ LAYERS = (
     ("lcx.train",),
     ("lcx.generate",),
     ("lcx.evals",),
+    ("lcx.posttrain",),  # fine-tuning recipes over training, generation and evaluation
     ("lcx.modes",),
     ("lcx.main", "lcx.memory", "lcx"),
 )
