@@ -38,8 +38,9 @@ c.model.dtype = "float32"
 rules = tuple(tuple(r) for r in c.sharding_rules)
 model_cfg = TransformerConfig(**c.model)
 b, t, n = args["rows"], args["length"], jax.device_count()
-tx = make_optimizer(OptimizerConfig.of(resolve(c).optimizer), make_schedule(
-    ScheduleConfig.of(resolve(c).schedule), total_steps=100, batch_size=b, seq_len=t))
+settings = resolve(c)
+tx = make_optimizer(OptimizerConfig.of(settings.optimizer), make_schedule(
+    ScheduleConfig.of(settings.schedule), total_steps=100, batch_size=b, seq_len=t))
 graphdef, _ = steplib.abstract_model(model_cfg)
 rng = np.random.default_rng(0)
 seg = np.zeros((b, t), np.int32); pos = np.zeros_like(seg)
