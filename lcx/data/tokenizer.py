@@ -5,11 +5,14 @@ explicitly (`add_bos`, `add_eos`), never by a tokenizer's own post-processor, so
 rows lcx packs look the same whatever the tokenizer file says. Bytes are bytes: the
 byte tokenizer takes any file without loss; a byte-level BPE `tokenizer.json` (GPT-2,
 Llama 3, Qwen) does too, invalid UTF-8 included, through its 256 byte tokens.
+Conversations are the exception: `apply_chat_template` renders them with a chat template
+(`lcx.data.chat_template`), which writes its own BOS and end-of-turn tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -17,6 +20,7 @@ import re
 
 import numpy as np
 
+from lcx.data.chat_template import BYTE_TEMPLATE, ChatTemplate, load_chat_template
 from lcx.errors import UserError
 
 # config.data.tokenizer: "bytes", "checkpoint" (init.hf_checkpoint's tokenizer.json) or
@@ -65,6 +69,38 @@ class ByteTokenizer:
         ids = np.asarray(ids)
         return ids[ids < 256].astype(np.uint8).tobytes()
 
+    def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
+        """`messages` in lcx's byte chat template (`lcx.data.chat_template.BYTE_TEMPLATE`):
+        "<s>", then per turn "<|role|>\\n" + content + "</s>"; the generation prompt is
+        "<|assistant|>\\n". "<s>" and "</s>" stand for the BOS and EOS ids.
+
+        Args:
+          messages: a list of {"role": str, "content": str} dicts.
+          add_generation_prompt: end with the assistant header, for a model to answer.
+        """
+        return _byte_chat_template().render(messages, add_generation_prompt)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> list[int]:
+        """The ids of `render_chat(messages, add_generation_prompt)`: the template's "<s>" and
+        "</s>" are BOS and EOS (whatever `add_bos` / `add_eos` say), every other character
+        its UTF-8 bytes, content included, even where it spells "</s>"."""
+        specials = {"<s>": self.bos_id, "</s>": self.eos_id, "<pad>": self.pad_id}
+        ids = []
+        for text, is_text in _byte_chat_template().pieces(messages, add_generation_prompt):
+            parts = [text] if is_text else _BYTE_SPECIALS.split(text)
+            for i, part in enumerate(parts):  # odd parts are the template's special tokens
+                ids += [specials[part]] if i % 2 else list(part.encode("utf-8"))
+        return ids
+
+
+_BYTE_SPECIALS = re.compile("(<s>|</s>|<pad>)")
+
+
+@functools.cache
+def _byte_chat_template() -> ChatTemplate:
+    tokens = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    return ChatTemplate(BYTE_TEMPLATE, "the byte tokenizer", tokens, tokens.values())
+
 
 def _gpt2_byte_chars() -> list[str]:
     """The character byte-level BPE uses for each byte value (GPT-2's table).
@@ -92,7 +128,9 @@ class HFTokenizer:
     """A Hugging Face `tokenizer.json` in a local directory, through the tokenizers library.
 
     BOS, EOS and PAD come from `tokenizer_config.json` (bos_token, eos_token, pad_token),
-    else from `config.json`'s ids; PAD falls back to EOS (padding is masked anyway).
+    else from `config.json`'s ids; PAD falls back to EOS (padding is masked anyway). The chat
+    template (`apply_chat_template`) comes from `chat_template.jinja` or
+    `tokenizer_config.json`, read on first use.
     """
 
     def __init__(self, directory: str, *, add_bos: bool = True, add_eos: bool = True):
@@ -104,6 +142,8 @@ class HFTokenizer:
         with open(path, "rb") as f:
             raw = f.read()
         self.path, self.add_bos, self.add_eos = path, add_bos, add_eos
+        self.directory = directory
+        self._chat, self._scaffold = None, None
         try:
             self._tokenizer = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:  # the Rust library raises its own exception types
@@ -192,6 +232,69 @@ class HFTokenizer:
             return self._tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8")
         table = self._id_bytes()
         return b"".join(table[i] for i in ids if 0 <= i < len(table))
+
+    def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
+        """The text of `messages` rendered by the directory's chat template, as
+        transformers' `apply_chat_template(messages, tokenize=False)` renders it.
+
+        Args:
+          messages: a list of {"role": str, "content": str} dicts.
+          add_generation_prompt: end with the template's assistant header.
+        """
+        return self._chat_template().render(messages, add_generation_prompt)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> list[int]:
+        """The token ids of `messages` in the directory's chat template.
+
+        The same ids as transformers' `apply_chat_template(messages, tokenize=True,
+        add_generation_prompt=...)`: the rendering is encoded without the tokenizer's own
+        BOS/EOS (the template writes them) and the special tokens the template writes are
+        special ids. One difference: a special token spelled inside a message (content or
+        role) is text, encoded as a document's text is, where transformers makes it the
+        special id unless given `sanitize_control_tokens=True` (lcx's ids equal those).
+        Tested for byte-level BPE (Llama 3, Qwen); a transformers tokenizer class that adds
+        its own Python-side encoding rules may differ.
+
+        Args:
+          messages: a list of {"role": str, "content": str} dicts.
+          add_generation_prompt: end with the template's assistant header.
+        """
+        pieces = self._chat_template().pieces(messages, add_generation_prompt)
+        ids = []
+        for i, (text, is_text) in enumerate(pieces):
+            encode = self._content_ids if is_text else self._template_ids
+            ids += encode(text) if i == 0 else self._continued(encode, text)
+        return ids
+
+    def _template_ids(self, text: str) -> list[int]:
+        """The ids of a template's own text, its special tokens as special ids."""
+        if self._scaffold is None:  # a twin of the tokenizer that parses special tokens
+            self._scaffold = type(self._tokenizer).from_str(self._tokenizer.to_str())
+            self._scaffold.encode_special_tokens = False
+        return self._scaffold.encode(text, add_special_tokens=False).ids
+
+    def _content_ids(self, text: str) -> list[int]:
+        """The ids of text from a message: special tokens spelled in it stay text."""
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _continued(self, encode, text: str) -> list[int]:
+        """`encode(text)` for text that continues a rendering: encoded after a newline that
+        is then cut, so a SentencePiece-style tokenizer adds no word-start space there
+        (transformers encodes the pieces of a sanitized chat the same way)."""
+        newline = self._template_ids("\n")
+        ids = encode("\n" + text)
+        return ids[len(newline) :] if ids[: len(newline)] == newline else encode(text)
+
+    def __getstate__(self):
+        """Picklable, for data-loading workers: the compiled chat template (jinja code
+        objects) and the special-token twin are rebuilt on first use."""
+        return {**self.__dict__, "_chat": None, "_scaffold": None}
+
+    def _chat_template(self) -> ChatTemplate:
+        """The directory's chat template, loaded on first use."""
+        if self._chat is None:
+            self._chat = load_chat_template(self.directory, self._special)
+        return self._chat
 
     def _id_bytes(self) -> list[bytes]:
         """Each id's bytes (special tokens: none), built on the first decode."""
