@@ -158,12 +158,12 @@ class _Trainer:
         self.exp.checkpointer.close()
 
 
-def _spread(values) -> dict:
+def spread(values) -> dict:
     """Median, min and max of a list of floats."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _time_variants(config, labelled: dict, *, steps, repeats, warmup, stat_batches):
+def time_variants(config, labelled: dict, *, steps, repeats, warmup, stat_batches):
     """Per label: the timed samples of each repeat, and the host-only pipeline statistics."""
     samples = {label: [] for label in labelled}
     with tempfile.TemporaryDirectory(prefix="lcx-bench-") as tmp:
@@ -214,23 +214,23 @@ def run(
         raise ValueError(f"labelled={sorted(labelled)} must include the {BASELINE!r} baseline")
     if min(steps, repeats, warmup, stat_batches) < 1:
         raise ValueError(f"{steps=}, {repeats=}, {warmup=} and {stat_batches=} must be >= 1")
-    samples, pipeline = _time_variants(
+    samples, pipeline = time_variants(
         config, labelled, steps=steps, repeats=repeats, warmup=warmup, stat_batches=stat_batches
     )
     base, base_tokens = samples[BASELINE], pipeline[BASELINE]["target_tokens_per_step"]
     results = {}
     for label, rows in samples.items():
-        results[label] = {k: _spread([r[k] for r in rows]) for k in TIMED}
+        results[label] = {k: spread([r[k] for r in rows]) for k in TIMED}
         paired = zip(rows, base, strict=True)
         ratios = [a["tokens_per_sec"] / b["tokens_per_sec"] for a, b in paired]
-        results[label]["ratio"] = _spread(ratios)
+        results[label]["ratio"] = spread(ratios)
         results[label]["pipeline_padding"] = pipeline[label]["padding_fraction"]
         results[label]["token_ratio"] = pipeline[label]["target_tokens_per_step"] / base_tokens
     timing = dict(steps=steps, repeats=repeats, warmup=warmup, stat_batches=stat_batches)
-    return {"settings": _settings(config, **timing), "results": results}
+    return {"settings": run_settings(config, **timing), "results": results}
 
 
-def _settings(config, **timing) -> dict:
+def run_settings(config, **timing) -> dict:
     """What the numbers depend on, for the report."""
     m = config.model
     return {
@@ -246,7 +246,7 @@ def _settings(config, **timing) -> dict:
     }
 
 
-def _cell(spread: dict, fmt: str) -> str:
+def cell(spread: dict, fmt: str) -> str:
     """'median (min–max)'."""
     return f"{spread['median']:{fmt}} ({spread['min']:{fmt}}–{spread['max']:{fmt}})"
 
@@ -262,11 +262,11 @@ def markdown_table(result: dict) -> str:
     for label, r in result["results"].items():
         cells = (
             label,
-            _cell(r["tokens_per_sec"], ",.0f"),
-            _cell(r["ratio"], ".3f"),
-            _cell(r["padding_fraction"], ".3f"),
-            _cell(r["step_ms"], ",.0f"),
-            _cell(r["pipeline_ms"], ".1f"),
+            cell(r["tokens_per_sec"], ",.0f"),
+            cell(r["ratio"], ".3f"),
+            cell(r["padding_fraction"], ".3f"),
+            cell(r["step_ms"], ",.0f"),
+            cell(r["pipeline_ms"], ".1f"),
             f"{r['pipeline_padding']:.3f}",
             f"{r['token_ratio']:.3f}",
         )

@@ -18,7 +18,7 @@ def get_config(arg=None):
         raise ValueError(f"configs/lm_tiny.py takes no argument or 'smoke'; got {arg!r}")
     smoke = arg == "smoke"
     c = config_dict.ConfigDict()
-    c.mode = "train"  # train | eval | generate | evaluate | export
+    c.mode = "train"  # train | eval | generate | evaluate | export | recipe | self_lengthen
     c.seed = 0
 
     # --config.mode=generate: complete prompts with the workdir's latest checkpoint.
@@ -48,6 +48,25 @@ def get_config(arg=None):
         loss_by_position=True,
         position_length=4096,  # held-out documents scored up to this many tokens
         documents=64,
+        # Length following (lcx.evals.length_following): `samples` sampled responses to
+        # each writing instruction that names a length in words, all in one engine run;
+        # mean LongBench-Write S_l, mean LonGen window score, repeated-13-gram rate and
+        # per instruction the spread of output lengths (mean, std, p90). Prompts go
+        # through the chat template when data.format is chat.
+        length=dict(
+            enabled=False,
+            # JSONL, one {"instruction", "required_words"[, "kind": about|above|below]} a
+            # line; "": the built-in set (every length of `words` asked about / at least /
+            # at most, topics drawn from evals.seed).
+            file="",
+            words="50,100,200,400,800",  # the built-in set's required lengths in words
+            samples=4,  # responses per instruction
+            temperature=0.8,  # sampling, seeded by evals.seed
+            # New tokens per response; 0: twice the longest requirement in the
+            # tokenizer's tokens, at most what evals.context leaves after the prompt.
+            max_new_tokens=0,
+            slots=0,  # responses generated at once (engine slots); 0: all of them
+        ),
     )
     # --config.mode=export: the latest checkpoint as a Hugging Face directory.
     c.export = dict(dir="", max_shard_gb=2.0)
@@ -60,6 +79,16 @@ def get_config(arg=None):
         # standard library sources).
         paths="",
         eval_paths="",  # comma-separated eval files; empty: split off data.paths
+        # A weighted mix instead of data.paths: ({"paths": ..., "weight": 0.6,
+        # "min_tokens": 0}, ...); each source is split, packed on its own and its rows
+        # drawn in proportion to its weight (grain's mix); documents shorter than
+        # min_tokens are left out (and counted).
+        sources=(),
+        # text: every file a document. chat: JSONL conversations ({"messages": [...]} or
+        # {"prompt", "completion"}) through the tokenizer's chat template, the loss on
+        # assistant turns only (lcx.posttrain.sft).
+        format="text",
+        skip_bad_lines=False,  # chat: skip (and count) malformed lines instead of stopping
         keep_binary=False,  # train on files with NUL bytes too (skipped and counted if not)
         # bytes | checkpoint (init.hf_checkpoint's tokenizer.json) | a directory holding a
         # Hugging Face tokenizer.json. Special ids come from the tokenizer.
@@ -97,6 +126,9 @@ def get_config(arg=None):
         progress=True,
         # Resume even though keys outside lcx.train.run_record.RESUMABLE changed.
         allow_config_change=False,
+        # token: the loss is the mean over the global batch's target tokens (weighted:
+        # sum(w * ce) / sum(w)); sequence: the mean over documents of each one's mean.
+        loss_average="token",
     )
     c.optimizer = dict(
         name="adamw",  # a key of lcx.train.optimizer.OPTIMIZERS
@@ -136,6 +168,32 @@ def get_config(arg=None):
     # zigzag, striped or whole documents whose ring visits the fewest blocks), or one of
     # those always.
     c.ring = dict(layout="balanced")
+    # --config.mode=recipe: stages run in order into WORKDIR/<k>-<name>, each starting
+    # from the one before (configs/prolong_tiny.py): ({"name": "long", "config": {nested
+    # overrides of this config}, "evaluate": True}, ...).
+    c.recipe = dict(stages=())
+    # --config.mode=self_lengthen (lcx.posttrain.self_lengthen; configs/self_lengthen_tiny.py):
+    # rounds of the Generator writing `samples` responses per instruction, the Extender
+    # lengthening them (`retries` tries to pass the filters: >= min_ratio x longer, a
+    # finished last sentence, no repeated 13-gram), both fine-tuned on the results.
+    c.self_lengthen = dict(
+        instructions="",  # JSONL of {"instruction"[, "required_words"]}
+        rounds=3,
+        samples=2,
+        retries=3,
+        max_new_tokens=1024,
+        temperature=0.8,
+        slots=64,  # sequences generated at once
+        min_ratio=1.2,
+        keep=2 / 3,  # the share of the Extender's rewrite it continues from
+        drop_lines=0.2,  # of the source, for the Extender's training prompt
+        rank_drop=True,  # drop the shortest accepted with probability 1 - 2 rank^3
+        seed=0,
+        epochs=4.0,  # each fine-tune's passes over its round's samples; 0: finetune's steps
+        # Each role's fine-tune: overrides of this config (data.format, paths and init
+        # are set by the round), e.g. {"train": {"steps": 100}}.
+        finetune={},
+    )
     # Logical axis -> mesh axes: lcx.runtime.sharding.DEFAULT_RULES (batch over data and
     # fsdp; parameters FSDP-sharded on their model dimension, tensor-parallel on heads
     # and the MLP width).
@@ -169,6 +227,11 @@ def get_config(arg=None):
         ),
         remat="none",  # none | full | dots (keep matmul outputs) | offload (to host memory)
         scan_layers=False,  # blocks under lax.scan: compile time flat in depth
+        # LoRA (lcx.lora): rank > 0 trains only low-rank adapters W + (alpha /
+        # rank) A B beside the targeted kernels (attention q, k, v, o; SwiGLU gate, up,
+        # down); the base (init.hf_checkpoint, else the seed's init) stays frozen and
+        # outside the checkpoints; exports and generation fold the adapters in.
+        lora=dict(rank=0, alpha=16.0, targets=("q", "k", "v", "o", "gate", "up", "down")),
     )
 
     if smoke:

@@ -19,6 +19,7 @@ SUBMODULES = (
     "evals",
     "generate",
     "layers",
+    "lora",
     "model",
     "modes",
     "optim",

@@ -49,7 +49,9 @@ def _no_remat(cfg):
 
 def estimate(config, devices: int) -> dict:
     """Bytes per device: params, optimizer, gradients, update temporaries, activations
-    (kept, plus one layer's working set), logits, total."""
+    (kept, plus one layer's working set), logits, total. With model.lora the optimizer
+    state, gradients and update cover the float32 adapters only."""
+    from lcx.lora import split
     from lcx.runtime.params import abstract_model
     from lcx.runtime.sharding import MESH_AXES
     from lcx.settings import resolve
@@ -61,6 +63,7 @@ def estimate(config, devices: int) -> dict:
     import jax
 
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+    adapters = jax.tree.leaves(split(abstract.to_pure_dict())[0]) if cfg.lora else ()
     sizes = dict(zip(MESH_AXES, config.mesh.resolve(devices), strict=True))
     shards = sizes["fsdp"] * sizes["tensor"]
     rows = config.train.batch_size / (sizes["data"] * sizes["fsdp"])
@@ -76,16 +79,19 @@ def estimate(config, devices: int) -> dict:
     # layer recomputed under remat), and the update holds two parameter-sized temporaries.
     working = tokens * activation_elements_per_token(_no_remat(cfg)) * width
     stored = 2 if cfg.param_dtype == "bfloat16" else 4  # optimizer state follows the params
+    trained = sum(math.prod(x.shape) for x in adapters) if adapters else params
+    trained_bytes = 4 * trained if adapters else stored * trained  # adapters: float32
     out = {
         "parameters": stored * params / shards,
-        "optimizer": stored * copies * params / shards,
-        "gradients": stored * params / shards,
-        "update": stored * 2 * params / shards,
+        "optimizer": copies * trained_bytes / shards,
+        "gradients": trained_bytes / shards,
+        "update": 2 * trained_bytes / shards,
         "activations": tokens * per_token + working,
         "logits": tokens * 4 * 3 * cfg.vocab_size / sizes["tensor"],  # logits, softmax, grad
     }
     out["total"] = sum(out.values())
     out["parameter_count"] = params
+    out["trained_parameter_count"] = trained
     return out
 
 

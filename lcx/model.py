@@ -29,6 +29,7 @@ from lcx.attention.shared_prefix import prefix_attention
 from lcx.cache import AttentionCache, cache_attention
 from lcx.errors import UserError
 from lcx.layers import DTYPES, ROPE_SCALINGS, apply_rope, constant_param, param, rms_normalise
+from lcx.lora import LoRASettings, adapted, add_adapters
 from lcx.ttt import LaCTConfig, LaCTLayer, LaCTSettings
 
 # model.remat -> the jax.checkpoint policy of each block (None: save nothing, recompute all).
@@ -75,6 +76,9 @@ class TransformerConfig:
     # memory), and the blocks under lax.scan (compile time flat in depth).
     remat: str = "none"
     scan_layers: bool = False
+    # LoRA adapters (lcx.lora): a LoRASettings or a mapping of its fields
+    # (config.model.lora); None or rank 0: none, the parameters are the plain model's.
+    lora: LoRASettings | None = None
 
     def __post_init__(self):
         for name in ("dtype", "param_dtype"):
@@ -103,6 +107,8 @@ class TransformerConfig:
                 f"model.block_pattern={self.block_pattern}: each entry one of {sorted(MIXERS)}"
             )
         object.__setattr__(self, "lact", LaCTSettings.of(self.lact))
+        lora = None if self.lora is None else LoRASettings.of(self.lora)
+        object.__setattr__(self, "lora", lora if lora and lora.rank else None)
         if "lact" in self.block_pattern:
             self.lact_config()  # validates model.lact
         if self.attention_implementation not in (None, *IMPLEMENTATIONS):
@@ -188,6 +194,7 @@ class Attention(nnx.Module):
         q = jnp.einsum("bte,ehd->bthd", x_BxTxE, self.w_q[...].astype(dt))
         k = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.w_k[...].astype(dt))
         v = jnp.einsum("bte,ekd->btkd", x_BxTxE, self.w_v[...].astype(dt))
+        q, k, v = (adapted(self, n, y, x_BxTxE) for n, y in (("q", q), ("k", k), ("v", v)))
         if cfg.attention_bias:
             q, k, v = (
                 x + b[...].astype(dt) for x, b in ((q, self.b_q), (k, self.b_k), (v, self.b_v))
@@ -196,6 +203,11 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions_BxT, cfg.rope_theta, cfg.rope_scaling)
         return q, apply_rope(k, positions_BxT, cfg.rope_theta, cfg.rope_scaling), v
+
+    def _out(self, o_BxTxHxD):
+        """The output projection [B, T, E] (and its adapter)."""
+        out = jnp.einsum("bthd,hde->bte", o_BxTxHxD, self.w_o[...].astype(self.cfg.compute_dtype))
+        return adapted(self, "o", out, o_BxTxHxD)
 
     def init_cache(self, slots: int, length: int, dtype=None) -> AttentionCache:
         """An empty cache of `slots` sequences of `length` tokens (default compute dtype)."""
@@ -239,7 +251,6 @@ class Attention(nnx.Module):
         [B, S] drive causality and the window. ChunkFlow passes its rows' buffer here.
         Returns (output [B, C, E], the chunk's (k, v)).
         """
-        dt = self.cfg.compute_dtype
         q, k, v = self._qkv(x_BxCxE, positions_BxC)
         k_all = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, 1)
         v_all = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, 1)
@@ -252,7 +263,7 @@ class Attention(nnx.Module):
             q_positions=positions_BxC,
             kv_positions=cache_positions,
         )
-        return jnp.einsum("bthd,hde->bte", o_BxCxHxD, self.w_o[...].astype(dt)), (k, v)
+        return self._out(o_BxCxHxD), (k, v)
 
     def __call__(
         self,
@@ -277,7 +288,7 @@ class Attention(nnx.Module):
         first `slots` queries are one decode token per slot (query i of slot i, or
         padding), attended slot by slot rather than against the whole cache.
         """
-        cfg, dt = self.cfg, self.cfg.compute_dtype
+        cfg = self.cfg
         q, k, v = self._qkv(x_BxTxE, positions_BxT)
         if cache is not None:
             cache = cache.write(k, v, segment_ids_BxT, positions_BxT, offset_S)
@@ -299,7 +310,7 @@ class Attention(nnx.Module):
             # ring then needs each token's position; otherwise the index in the row serves.
             where = {"q_positions": positions_BxT} if sequence_mesh() is not None else {}
             o_BxTxHxD = self._attend(q, k, v, segment_ids_BxT, return_lse=False, **where)
-            out = jnp.einsum("bthd,hde->bte", o_BxTxHxD, self.w_o[...].astype(dt))
+            out = self._out(o_BxTxHxD)
             return out if cache is None else (out, cache)
         else:
             parts = [self._attend(q, k, v, segment_ids_BxT)]
@@ -317,7 +328,7 @@ class Attention(nnx.Module):
                 )
             )
         o_BxTxHxD = merge_attention(parts)[0] if len(parts) > 1 else parts[0][0]
-        out = jnp.einsum("bthd,hde->bte", o_BxTxHxD, self.w_o[...].astype(dt))
+        out = self._out(o_BxTxHxD)
         return out if cache is None else (out, cache)
 
 
@@ -334,8 +345,9 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BxTxE):
         dt = self.dtype
-        gate = jax.nn.silu(x_BxTxE @ self.w_gate[...].astype(dt))
-        return (gate * (x_BxTxE @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+        gate = jax.nn.silu(adapted(self, "gate", x_BxTxE @ self.w_gate[...].astype(dt), x_BxTxE))
+        h_BxTxF = gate * adapted(self, "up", x_BxTxE @ self.w_up[...].astype(dt), x_BxTxE)
+        return adapted(self, "down", h_BxTxF @ self.w_down[...].astype(dt), h_BxTxF)
 
 
 # `model.block_pattern` entries -> the sequence mixer of a block, built from the model's
@@ -394,6 +406,10 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(e, eps=cfg.norm_eps, rngs=rngs, dtype=pd)
         if not cfg.tie_embeddings:
             self.unembed = param(rngs.params(), (e, v), e**-0.5, ("embed", "vocab"), pd)
+        for block in self.blocks:  # last: the base's random init is the same with LoRA
+            mixer = [block.attn] if isinstance(block.attn, Attention) else []  # not LaCT's
+            for module in [*mixer, block.mlp]:
+                add_adapters(module, cfg.lora, dtype=cfg.compute_dtype, rngs=rngs)
 
     def __call__(
         self,

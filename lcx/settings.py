@@ -21,6 +21,7 @@ the names. The sharding rules stay the tuples `lcx.runtime.sharding` reads.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -28,11 +29,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lcx.errors import UserError
+from lcx.lora import LoRASettings
 from lcx.packing import strategies
 from lcx.runtime.sharding import MeshShape
 from lcx.ttt import LaCTSettings
 
 ORIGIN = "configs/lm_tiny.py"  # the config every other one starts from
+DATA_FORMATS = ("text", "chat")  # config.data.format: files as documents, or conversations
+LOSS_AVERAGES = ("token", "sequence")  # config.train.loss_average
+# config.data.sources: each a corpus (paths as data.paths), its share of the rows, and the
+# shortest document it keeps (ProLong's long sources keep only long documents).
+SOURCE_KEYS = ("paths", "weight", "min_tokens")
+STAGE_KEYS = ("name", "config", "evaluate")  # config.recipe.stages[i]
 
 
 def _named(registry: Callable[[], Mapping] | None, what: str):
@@ -59,6 +67,20 @@ class GenerateSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class LengthEvalSettings:
+    """`config.evals.length`: `mode=evaluate`'s length-following report
+    (lcx.evals.length_following; configs/lm_tiny.py documents each key)."""
+
+    enabled: bool
+    file: str
+    words: str
+    samples: int
+    temperature: float
+    max_new_tokens: int
+    slots: int
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalsSettings:
     """`config.evals`: `mode=evaluate`."""
 
@@ -71,6 +93,7 @@ class EvalsSettings:
     loss_by_position: bool
     position_length: int
     documents: int
+    length: LengthEvalSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +118,9 @@ class DataSettings:
 
     paths: str
     eval_paths: str
+    sources: tuple  # ({"paths", "weight", "min_tokens"}, ...); empty: data.paths alone
+    format: str
+    skip_bad_lines: bool
     keep_binary: bool
     tokenizer: str
     add_bos: bool
@@ -109,6 +135,22 @@ class DataSettings:
     by_name: Mapping[str, Mapping[str, Any]] = _named(
         lambda: strategies.REGISTRY, "a packing strategy of lcx.packing.REGISTRY"
     )
+
+    def __post_init__(self):
+        if self.format not in DATA_FORMATS:
+            raise UserError(f"data.format={self.format!r}; valid: {DATA_FORMATS}")
+        sources = tuple(dict(s) if isinstance(s, Mapping) else s for s in self.sources or ())
+        for i, source in enumerate(sources):
+            if not isinstance(source, dict) or set(source) != set(SOURCE_KEYS):
+                raise UserError(
+                    f"data.sources[{i}]={source!r}: needs exactly the keys {SOURCE_KEYS}"
+                )
+            if not source["weight"] > 0 or source["min_tokens"] < 0:
+                raise UserError(
+                    f"data.sources[{i}]: weight={source['weight']} must be > 0 and "
+                    f"min_tokens={source['min_tokens']} >= 0"
+                )
+        object.__setattr__(self, "sources", sources)
 
     def packing_settings(self, name: str | None = None):
         """The settings object of strategy `name` (default: data.packing), or None for a
@@ -135,6 +177,11 @@ class TrainSettings:
     async_checkpoints: bool
     progress: bool
     allow_config_change: bool
+    loss_average: str
+
+    def __post_init__(self):
+        if self.loss_average not in LOSS_AVERAGES:
+            raise UserError(f"train.loss_average={self.loss_average!r}; valid: {LOSS_AVERAGES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +227,63 @@ class BatchSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class RecipeSettings:
+    """`config.recipe`: `mode=recipe`'s stages, run in order into one workdir
+    (lcx.posttrain.recipe): each {"name", "config": nested overrides of this config,
+    "evaluate": run mode=evaluate after it}."""
+
+    stages: tuple
+
+    def __post_init__(self):
+        stages = tuple(dict(s) if isinstance(s, Mapping) else s for s in self.stages or ())
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, dict) or set(stage) != set(STAGE_KEYS):
+                raise UserError(f"recipe.stages[{i}]: needs exactly the keys {STAGE_KEYS}")
+            if not isinstance(stage["name"], str) or not stage["name"].isidentifier():
+                raise UserError(f"recipe.stages[{i}].name={stage['name']!r}: a short identifier")
+        names = [s["name"] for s in stages]
+        if len(set(names)) != len(names):
+            raise UserError(f"recipe.stages: names {names} must differ")
+        object.__setattr__(self, "stages", stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfLengthenSettings:
+    """`config.self_lengthen`: `mode=self_lengthen`'s rounds (lcx.posttrain.self_lengthen)."""
+
+    instructions: str
+    rounds: int
+    samples: int
+    retries: int
+    max_new_tokens: int
+    temperature: float
+    slots: int
+    min_ratio: float
+    keep: float
+    drop_lines: float
+    rank_drop: bool
+    seed: int
+    epochs: float
+    finetune: dict  # nested overrides of the config for each role's fine-tune
+
+    def __post_init__(self):
+        positive = ("rounds", "samples", "retries", "max_new_tokens", "slots")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"self_lengthen.{name}={getattr(self, name)} must be >= 1")
+        if self.epochs < 0:
+            raise UserError(
+                f"self_lengthen.epochs={self.epochs} must be >= 0 (0: finetune's steps)"
+            )
+        if self.min_ratio <= 1 or not 0 < self.keep <= 1 or not 0 <= self.drop_lines < 1:
+            raise UserError(
+                f"self_lengthen: min_ratio={self.min_ratio} must be > 1, keep={self.keep} in "
+                f"(0, 1], drop_lines={self.drop_lines} in [0, 1)"
+            )
+        object.__setattr__(self, "finetune", dict(self.finetune or {}))
+
+
+@dataclasses.dataclass(frozen=True)
 class RingSettings:
     """`config.ring`: the sequence layout of ring attention's rows."""
 
@@ -208,6 +312,7 @@ class ModelSettings:
     lact: LaCTSettings
     remat: str
     scan_layers: bool
+    lora: LoRASettings
 
     def fields(self) -> dict:
         """{name: value}, as TransformerConfig takes them."""
@@ -231,6 +336,8 @@ class Settings:
     batch: BatchSettings
     mesh: MeshShape
     ring: RingSettings
+    recipe: RecipeSettings
+    self_lengthen: SelfLengthenSettings
     sharding_rules: tuple
     model: ModelSettings
 
@@ -269,6 +376,21 @@ def as_dict(value) -> Any:
     if isinstance(value, (tuple, list)):
         return [as_dict(v) for v in value]
     return value
+
+
+def merged(base: dict, overrides: Mapping, where: str = "config") -> dict:
+    """`base` (nested plain dicts: `as_dict`) with `overrides` put in, nested dicts merged
+    key by key: how a recipe stage or a fine-tune changes a config. An override of a key
+    the config does not have is a one-line error naming it."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if key not in out:
+            raise UserError(f"{where}.{key}: the config has no such key; valid: {sorted(out)}")
+        if isinstance(value, Mapping) and isinstance(out[key], dict):
+            out[key] = merged(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
 
 
 def _build(cls, values, where: str):

@@ -20,7 +20,13 @@ CONFIGS = sorted(
 @pytest.mark.parametrize("arg", [None, "smoke"])
 def test_config_loads(name, arg):
     config = importlib.import_module(f"configs.{name}").get_config(arg)
-    assert config.mode in ("train", "eval")
+    assert config.mode in ("train", "eval", "recipe")
+    if config.mode == "recipe":  # every stage's overrides name real keys and resolve
+        from lcx.settings import as_dict, merged, resolve
+
+        base = as_dict(resolve(config))
+        for i, stage in enumerate(config.recipe.stages):
+            resolve(merged(base, stage["config"], f"recipe.stages[{i}].config"))
     assert {"steps", "batch_size", "seq_len"} <= set(config.train)
     assert set(config.mesh) == {"data", "fsdp", "tensor", "sequence"}
     MeshShape(**config.mesh)

@@ -126,13 +126,16 @@ def test_blocked_cache_attention_equals_attention_over_the_whole_cache(rng, impl
             ids[0, at : at + n], positions[0, at : at + n] = slot, start + np.arange(n)
         offset = jnp.asarray([0, 2, 1], jnp.int32)
         common = dict(offset_S=offset, window=None, implementation=implementation)
-        blocked = cache_attention(q, ids, positions, cache, decode_rows=slots, **common)
-        flat = cache_attention(q, ids, positions, cache, **common)
+        attend = jax.jit(  # one compiled program per layout: faster than op by op
+            functools.partial(cache_attention, **common), static_argnames="decode_rows"
+        )
+        blocked = attend(q, ids, positions, cache, decode_rows=slots)
+        flat = attend(q, ids, positions, cache)
         for a, b in zip(blocked, flat, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-12)
         # A query of another slot inside a block attends nothing.
         ids[0, slots + block + 7] = 3
-        out, _ = cache_attention(q, ids, positions, cache, decode_rows=slots, **common)
+        out, _ = attend(q, ids, positions, cache, decode_rows=slots)
         assert not np.any(out[0, slots + block + 7])
         with pytest.raises(ValueError, match="CHUNK_QUERY_BLOCK"):
             cache_attention(q[:, :-1], ids[:, :-1], positions[:, :-1], cache, decode_rows=slots)
@@ -186,22 +189,33 @@ def test_shared_prefix_attention_equals_attention_over_the_concatenation(rng, im
         suffix_start = np.asarray(child.lengths)[group] + 11
         positions = jnp.asarray(suffix_start[:, None] + np.arange(t))
         groups = [jnp.zeros((b, t), jnp.int32), jnp.asarray(np.repeat(group[:, None], t, 1))]
-        got = shared_prefix_attention(
+        # Both sides compiled, one program each: the same arithmetic as op by op, faster.
+        got = jax.jit(functools.partial(shared_prefix_attention, implementation=implementation))(
             q, sk, sv, prefixes=[root, child], prefix_groups=groups,
-            q_positions=positions, kv_positions=positions, implementation=implementation,
+            q_positions=positions, kv_positions=positions,
         )  # fmt: skip
+        lengths = [int(n) for n in np.asarray(child.lengths)]
+
+        @jax.jit
+        def reference(q, sk, sv, root, child, positions):
+            out = []
+            for row in range(b):
+                n = lengths[group[row]]
+                keys = [
+                    jnp.concatenate([root.k[0], child.k[group[row], :n], sk[row]])[None],
+                    jnp.concatenate([root.v[0], child.v[group[row], :n], sv[row]])[None],
+                ]
+                pos = jnp.arange(11 + n + t)[None]
+                out.append(packed_attention(
+                    q[row : row + 1], *keys, jnp.ones((1, t), jnp.int32),
+                    kv_segment_ids=jnp.ones((1, 11 + n + t), jnp.int32),
+                    q_positions=positions[row : row + 1], kv_positions=pos, implementation="xla",
+                )[0])  # fmt: skip
+            return out
+
+        wants = reference(q, sk, sv, root, child, positions)
         for row in range(b):
-            n = int(child.lengths[group[row]])
-            keys = [
-                jnp.concatenate([root.k[0], child.k[group[row], :n], sk[row]])[None],
-                jnp.concatenate([root.v[0], child.v[group[row], :n], sv[row]])[None],
-            ]
-            pos = jnp.arange(11 + n + t)[None]
-            want = packed_attention(
-                q[row : row + 1], *keys, jnp.ones((1, t), jnp.int32),
-                kv_segment_ids=jnp.ones((1, 11 + n + t), jnp.int32),
-                q_positions=positions[row : row + 1], kv_positions=pos, implementation="xla",
-            )  # fmt: skip
+            want = wants[row][None]
             np.testing.assert_allclose(got[row], want[0], atol=1e-10)
 
 

@@ -16,7 +16,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # docs/architecture.md, "Layers": bottom to top; a module may import its own layer and
 # those below. A module belongs to the longest prefix listed.
 LAYERS = (
-    ("lcx.errors", "lcx.attention", "lcx.data", "lcx.optim", "lcx.config_loading", "lcx.layers"),
+    (
+        "lcx.errors",
+        "lcx.attention",
+        "lcx.data",
+        "lcx.optim",
+        "lcx.config_loading",
+        "lcx.layers",
+        "lcx.lora",  # LoRA adapters and their settings, below the model that holds them
+    ),
     ("lcx.cache", "lcx.packing", "lcx.plots", "lcx.colab"),
     ("lcx.ttt",),
     ("lcx.model",),

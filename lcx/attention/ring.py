@@ -69,7 +69,8 @@ def sequence_layout(batch: dict, shards: int, layout: str) -> dict:
     """A batch of [B, T] arrays in ring layout, next-token targets computed first.
 
     Adds `targets` (the next token) and `target_mask` (a target exists: the next token
-    continues the same real document) in the original order, then permutes every array
+    continues the same real document), and `target_weights` (the next token's loss
+    weight) when the batch has `weights`, in the original order, then permutes every array
     along T; `lm_loss` reads them, so the loss needs no un-permuting.
     """
     tokens, seg = batch["tokens"], batch["segment_ids"]
@@ -78,6 +79,10 @@ def sequence_layout(batch: dict, shards: int, layout: str) -> dict:
         out["targets"] = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], axis=1)
         same = (seg[:, :-1] == seg[:, 1:]) & (seg[:, :-1] != 0)
         out["target_mask"] = np.concatenate([same, np.zeros_like(same[:, :1])], axis=1)
+        if "weights" in out:  # a target's weight is its token's (lcx.posttrain.sft)
+            w = np.asarray(out["weights"])
+            nxt = np.concatenate([w[:, 1:], np.zeros_like(w[:, :1])], axis=1)
+            out["target_weights"] = np.where(out["target_mask"], nxt, 0).astype(w.dtype)
     if layout == "balanced":
         rows = np.stack([balanced_permutation(row, shards) for row in np.asarray(seg)])
         return {k: np.take_along_axis(np.asarray(v), rows, axis=1) for k, v in out.items()}

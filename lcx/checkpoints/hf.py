@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 from lcx.checkpoints.hf_config import family_of, read_config, write_config_dict
 from lcx.checkpoints.hf_layout import tensor_layouts
 from lcx.errors import UserError
+from lcx.lora import merge_adapters
 from lcx.model import Transformer, TransformerConfig
 from lcx.runtime.params import abstract_model, param_shardings
 from lcx.runtime.sharding import DEFAULT_RULES
@@ -146,6 +147,11 @@ def load_hf(directory: str, *, mesh=None, param_dtype=None, rules=None, **overri
     if param_dtype is not None:
         overrides["param_dtype"] = param_dtype
     cfg = hf_model_config(directory, **overrides)
+    if cfg.lora is not None:
+        raise UserError(
+            "load_hf(lora=...): a Hugging Face directory holds no adapters; train them with "
+            "config.model.lora and init.hf_checkpoint"
+        )
     graphdef, abstract = abstract_model(cfg)
     params = load_params(directory, cfg, _param_shardings(abstract, mesh, rules))
     nnx.replace_by_pure_dict(abstract, params)
@@ -170,7 +176,8 @@ def save_hf(
 ) -> str:
     """Write `model` as a Hugging Face directory; returns its path.
 
-    The architecture is the one that computes the same function (Qwen3 with qk_norm,
+    A model with LoRA adapters is written merged, W + (alpha / rank) A B in the base
+    layout. The architecture is the one that computes the same function (Qwen3 with qk_norm,
     Qwen2 with attention biases, Mistral with a window, else Llama) unless given.
     Tensors go in the parameters' dtype into shards of at most `max_shard_bytes`, one
     tensor at a time on the host. `tokenizer_dir`: its tokenizer files are copied beside
@@ -184,6 +191,8 @@ def save_hf(
         raise UserError(f"export.dir={directory!r} is not empty; give a new directory")
     layouts = tensor_layouts(cfg)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if cfg.lora is not None:  # adapters folded in: a Hugging Face loader sees a plain model
+        params = merge_adapters(params, cfg.lora)
     sizes = {p: _lookup(params, p).nbytes for p in layouts}
     shards, current, used = [], [], 0
     for path in layouts:

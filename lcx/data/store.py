@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorstore as ts
@@ -30,12 +30,21 @@ _CHUNK = 1 << 20
 @dataclasses.dataclass(frozen=True)
 class TokenizedCorpus:
     """Documents as one flat token array (uint16 or uint32) plus offsets (document i is
-    [o[i], o[i+1]))."""
+    [o[i], o[i+1])).
+
+    `weights` (uint8, one per token, or None) is how much each token counts as a
+    next-token target: 1 where a model should learn to produce the token, 0 where it
+    is only context (a conversation's system and user turns: `lcx.posttrain.sft`).
+    None means every token counts, as in pre-training. `skipped` counts the examples
+    left out while reading, by reason (conversations: bad lines, no assistant turn).
+    """
 
     tokens: np.ndarray
     offsets: np.ndarray
     num_empty_skipped: int = 0
     num_binary_skipped: int = 0
+    weights: np.ndarray | None = None
+    skipped: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def num_documents(self) -> int:
@@ -51,6 +60,40 @@ class TokenizedCorpus:
 
     def document(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+    def document_weights(self, i: int) -> np.ndarray | None:
+        """Document i's token weights (None: an unweighted corpus)."""
+        if self.weights is None:
+            return None
+        return self.weights[self.offsets[i] : self.offsets[i + 1]]
+
+    def without_longer_than(self, max_len: int) -> TokenizedCorpus:
+        """The corpus minus its documents of more than `max_len` tokens, counted in
+        `skipped` ("longer than seq_len"): a conversation is trained whole or not at all,
+        never cut inside a turn."""
+        return self.keep_documents(self.lengths <= max_len, "longer than seq_len")
+
+    def keep_documents(self, keep: np.ndarray, reason: str) -> TokenizedCorpus:
+        """The documents where `keep` (bool [documents]) holds; the others are counted in
+        `skipped[reason]`."""
+        keep = np.flatnonzero(keep)
+        lengths = self.lengths
+        dropped = len(lengths) - len(keep)
+        if not dropped:
+            return self
+        index = np.concatenate(
+            [np.arange(self.offsets[i], self.offsets[i + 1]) for i in keep] or [[]]
+        ).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64)
+        skipped = dict(self.skipped)
+        skipped[reason] = skipped.get(reason, 0) + dropped
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens[index],
+            offsets=offsets,
+            weights=None if self.weights is None else self.weights[index],
+            skipped=skipped,
+        )
 
 
 def fingerprint(
@@ -132,11 +175,17 @@ def split_tail(corpus: TokenizedCorpus, fraction: float, min_tokens: int = 2):
     inner = corpus.offsets[(corpus.offsets > 0) & (corpus.offsets < n)]
     head = np.concatenate([[0], inner[inner < cut], [cut]]).astype(np.int64)
     tail = np.concatenate([[0], inner[inner > cut] - cut, [held_out]]).astype(np.int64)
+    weights = corpus.weights
     return (
-        TokenizedCorpus(
-            corpus.tokens[:cut], head, corpus.num_empty_skipped, corpus.num_binary_skipped
+        dataclasses.replace(
+            corpus,
+            tokens=corpus.tokens[:cut],
+            offsets=head,
+            weights=None if weights is None else weights[:cut],
         ),
-        TokenizedCorpus(corpus.tokens[cut:], tail, 0, 0),
+        TokenizedCorpus(
+            corpus.tokens[cut:], tail, 0, 0, None if weights is None else weights[cut:]
+        ),
     )
 
 
@@ -151,16 +200,21 @@ def _zarr_spec(path, dtype, shape):
 
 def _write(directory, corpus):
     """Write `corpus` as zarr arrays plus a manifest into `directory`."""
-    for name, dtype, array in (
+    arrays = [
         ("tokens", corpus.tokens.dtype.newbyteorder("<").str, corpus.tokens),
         ("offsets", "<i8", corpus.offsets),
-    ):
+    ]
+    if corpus.weights is not None:
+        arrays.append(("weights", "|u1", corpus.weights))
+    for name, dtype, array in arrays:
         spec = _zarr_spec(os.path.join(directory, name), dtype, array.shape)
         store = ts.open(spec, create=True).result()
         store.write(array).result()
     manifest = {
         "num_empty_skipped": corpus.num_empty_skipped,
         "num_binary_skipped": corpus.num_binary_skipped,
+        "weighted": corpus.weights is not None,
+        "skipped": dict(corpus.skipped),
         "version": 2,
     }
     with open(os.path.join(directory, "manifest.json"), "w") as f:
@@ -172,7 +226,7 @@ def _read(directory) -> TokenizedCorpus:
     with open(os.path.join(directory, "manifest.json")) as f:
         manifest = json.load(f)
     arrays = {}
-    for name in ("tokens", "offsets"):
+    for name in ("tokens", "offsets") + (("weights",) if manifest.get("weighted") else ()):
         spec = {
             "driver": "zarr",
             "kvstore": {"driver": "file", "path": os.path.join(directory, name)},
@@ -183,6 +237,8 @@ def _read(directory) -> TokenizedCorpus:
         arrays["offsets"],
         manifest["num_empty_skipped"],
         manifest.get("num_binary_skipped", 0),
+        arrays.get("weights"),
+        manifest.get("skipped", {}),
     )
 
 
@@ -196,12 +252,22 @@ def load_or_tokenize(
 ) -> TokenizedCorpus:
     """Tokenized `docs`, from the zarr cache in `cache_dir` when present (None: no cache)."""
     options = dict(keep_binary=keep_binary, join_directories=join_directories)
+    return cached_corpus(
+        cache_dir,
+        fingerprint(docs, tokenizer, **options),
+        lambda: tokenize_documents(docs, tokenizer, **options),
+    )
+
+
+def cached_corpus(cache_dir: str | None, key: str, build) -> TokenizedCorpus:
+    """The corpus cached as `cache_dir/corpus-<key>`, else `build()`'s, written there
+    (under a temporary name, renamed into place); `cache_dir` None: no cache."""
     if cache_dir is None:
-        return tokenize_documents(docs, tokenizer, **options)
-    final = os.path.join(cache_dir, f"corpus-{fingerprint(docs, tokenizer, **options)}")
+        return build()
+    final = os.path.join(cache_dir, f"corpus-{key}")
     if os.path.exists(os.path.join(final, "manifest.json")):
         return _read(final)
-    corpus = tokenize_documents(docs, tokenizer, **options)
+    corpus = build()
     tmp = None
     try:
         os.makedirs(cache_dir, exist_ok=True)

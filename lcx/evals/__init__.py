@@ -3,7 +3,8 @@
 `make_examples(task, length, count, seed, tokenizer)` builds prompts (`TASKS`);
 `score_examples(lm, tokenizer, examples)` scores a `LanguageModel` (`TransformerLM` wraps
 an lcx Transformer); `loss_by_position` buckets held-out losses by token position;
-`--config.mode=evaluate` runs `config.evals` on a workdir (lcx.evals.cli).
+`--config.mode=evaluate` runs `config.evals` on a workdir (lcx.evals.cli), with
+`evals.length` the length-following report (lcx.evals.length_following).
 """
 
 from lcx.evals.positions import BUCKETS, loss_by_position, plot_loss_by_position

@@ -1,5 +1,6 @@
-"""`--config.mode=evaluate`: the long-context tasks and loss by position on a workdir's
-latest checkpoint; results appended to WORKDIR/evals.jsonl and printed as a table."""
+"""`--config.mode=evaluate`: the long-context tasks, loss by position and length
+following (`evals.length.enabled`) on a workdir's latest checkpoint; results appended to
+WORKDIR/evals.jsonl and printed as a table."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import jax
 
 from lcx.errors import UserError
+from lcx.evals import length_following
 from lcx.evals.positions import loss_by_position, plot_loss_by_position
 from lcx.evals.scoring import TransformerLM, score_examples
 from lcx.evals.tasks import TASKS, make_examples
@@ -28,8 +30,15 @@ def parse_settings(ec) -> tuple[list[str], list[int]]:
     """(tasks, lengths) of `config.evals`, checked in one line each."""
     tasks = _names(ec.tasks)
     unknown = [t for t in tasks if t not in TASKS]
-    if unknown or not tasks:
+    if unknown:
         raise UserError(f"evals.tasks={ec.tasks!r}: valid names are {sorted(TASKS)}")
+    if not tasks:  # the lengths are the tasks' prompt lengths
+        if not (ec.loss_by_position or ec.length.enabled):
+            raise UserError(
+                f"evals.tasks={ec.tasks!r}: nothing to evaluate; name tasks (valid names are "
+                f"{sorted(TASKS)}) or set evals.loss_by_position or evals.length.enabled"
+            )
+        return tasks, []
     try:
         lengths = [int(x) for x in _names(ec.lengths)]
     except ValueError:
@@ -52,13 +61,17 @@ def evaluate_workdir(config, workdir: str, out=None) -> dict:
     config = resolve(config)
     ec, out = config.evals, out or sys.stdout
     tasks, lengths = parse_settings(ec)
+    chat = config.data.format == "chat"
+    instructions = (
+        length_following.load_instructions(ec.length, ec.seed) if ec.length.enabled else None
+    )
     model, step, tokenizer = restore_model(config, workdir, with_tokenizer=True)
     lm = TransformerLM(model, tokenizer, ec.context)
     records = []
     for task in tasks:
         for length in lengths:
             examples = make_examples(task, length, ec.examples, ec.seed, tokenizer)
-            scores = score_examples(lm, tokenizer, examples, generate=ec.generate)
+            scores = score_examples(lm, tokenizer, examples, generate=ec.generate, chat=chat)
             records.append({"step": step, "task": task, "length": length, **scores})
     if ec.loss_by_position:
         corpus, _ = load_split(config.data, "eval", None, tokenizer)
@@ -66,6 +79,9 @@ def evaluate_workdir(config, workdir: str, out=None) -> dict:
         documents = [corpus.document(i) for i in range(count)]
         buckets = loss_by_position(lm, documents, min(ec.position_length, ec.context))
         records.append({"step": step, "task": "loss_by_position", "buckets": buckets})
+    if instructions is not None:
+        report = length_following.length_following(model, tokenizer, ec, instructions, chat=chat)
+        records.append({"step": step, **report})
     path = os.path.join(workdir, RESULTS)
     if jax.process_index() == 0:
         with open(path, "a") as f:
@@ -81,9 +97,9 @@ def evaluate_workdir(config, workdir: str, out=None) -> dict:
 
 def table(records) -> str:
     """Task x length: exact match / teacher-forced answer token accuracy (and choices)."""
-    tasks = [r for r in records if r["task"] != "loss_by_position"]
+    tasks = [r for r in records if r["task"] in TASKS]
     lengths = sorted({r["length"] for r in tasks})
-    lines = ["task".ljust(20) + "".join(f"{n:>18}" for n in lengths)]
+    lines = ["task".ljust(20) + "".join(f"{n:>18}" for n in lengths)] if tasks else []
     for task in dict.fromkeys(r["task"] for r in tasks):
         cells = []
         for n in lengths:
@@ -97,10 +113,15 @@ def table(records) -> str:
                 cell += f"/{r['choice_accuracy']:.2f}"
             cells.append(f"{cell:>18}")
         lines.append(task.ljust(20) + "".join(cells))
-    lines.append("cells: exact match / answer token accuracy (teacher-forced) [/ choice accuracy]")
+    if tasks:
+        lines.append(
+            "cells: exact match / answer token accuracy (teacher-forced) [/ choice accuracy]"
+        )
     for r in records:
         if r["task"] == "loss_by_position":
             kept = [b for b in r["buckets"] if b["loss"] is not None]
             parts = [f"{b['start']}-{b['end']}: {b['loss']:.3f}" for b in kept]
             lines.append("loss by position: " + ", ".join(parts))
+        elif r["task"] == length_following.TASK:
+            lines.extend(length_following.summary_lines(r))
     return "\n".join(lines)

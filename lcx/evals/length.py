@@ -11,8 +11,10 @@
 - `word_count(text)`: Self-Lengthen's length unit: words, each CJK character one word.
 - `length_spread(lengths)`: mean, standard deviation and 90th percentile of one
   prompt's sampled output lengths (CASTILLO, arXiv 2505.16881: one sample says little).
+- `repeats_ngram(text)`: whether a 13-gram of words occurs twice, Self-Lengthen's
+  repetition filter (and the repetition rate `mode=evaluate` reports).
 
-Issue 28 item 7 builds `mode=evaluate`'s length-following report on these.
+`lcx.evals.length_following` builds `mode=evaluate`'s length-following report on these.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _WORD = re.compile(rf"[{_CJK}]|[^\s{_CJK}\W]+(?:['’][^\s{_CJK}\W]+)*")
 
 # LonGen's target windows as fractions of the length x the instruction names.
 LONGEN_WINDOWS = {"about": (0.8, 1.2), "above": (1.0, 1.5), "below": (0.5, 1.0)}
+NGRAM = 13  # Self-Lengthen's repetition filter: no repeated n-gram of this many words
+_TOKENS = re.compile(r"\S+")
 
 
 def sl_score(required: float, produced: float) -> float:
@@ -81,3 +85,15 @@ def length_spread(lengths) -> dict:
         "p90": float(np.percentile(values, 90)),
         "n": int(values.size),
     }
+
+
+def repeats_ngram(text: str, n: int = NGRAM) -> bool:
+    """Whether some n-gram of whitespace-separated words occurs twice in `text`."""
+    words = _TOKENS.findall(text)
+    seen = set()
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        if gram in seen:
+            return True
+        seen.add(gram)
+    return False

@@ -56,6 +56,21 @@ def split_ids(tokenizer, prompt: str, answer: str, head=None) -> tuple[list[int]
     return head, text_ids(tokenizer, continuation(answer))
 
 
+def chat_split_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt tokens, answer tokens) of a model fine-tuned on conversations: the prompt
+    as one user turn through the tokenizer's chat template with the generation prompt,
+    the answer as the assistant turn that follows (its end of turn included)."""
+    user = [{"role": "user", "content": prompt}]
+    head = list(tokenizer.apply_chat_template(user, add_generation_prompt=True))
+    whole = list(tokenizer.apply_chat_template([*user, {"role": "assistant", "content": answer}]))
+    if whole[: len(head)] != head:
+        raise UserError(
+            "evals: the chat template renders a user turn with the generation prompt "
+            "differently from the same turn followed by the answer; cannot score it"
+        )
+    return head, whole[len(head) :]
+
+
 def first_line(text: str) -> str:
     """A completion's first line, stripped: what exact match compares."""
     return text.split("\n", 1)[0].strip()
@@ -73,11 +88,19 @@ def check_fits(examples_ids, new_tokens: int, context: int, what: str) -> None:
 
 
 def score_examples(
-    lm: LanguageModel, tokenizer, examples: Sequence[Example], *, generate: bool = True
+    lm: LanguageModel,
+    tokenizer,
+    examples: Sequence[Example],
+    *,
+    generate: bool = True,
+    chat: bool = False,
 ) -> dict:
     """Mean exact match (greedy generation), answer log-likelihood per token, teacher-
-    forced token accuracy and, with label choices, the likelihood's choice accuracy."""
-    pairs = [split_ids(tokenizer, ex.prompt, ex.answer) for ex in examples]
+    forced token accuracy and, with label choices, the likelihood's choice accuracy.
+    `chat`: prompts and answers as conversation turns (`chat_split_ids`), for a model
+    fine-tuned on conversations (`data.format = "chat"`)."""
+    split = chat_split_ids if chat else split_ids
+    pairs = [split(tokenizer, ex.prompt, ex.answer) for ex in examples]
     what = f"{examples[0].task} at {len(pairs[0][0])} tokens"
     new = max(len(a) for _, a in pairs) + 4
     check_fits([p + a for p, a in pairs], 0, lm.context, what)
@@ -96,17 +119,20 @@ def score_examples(
     out["answer_logprob"] = float(np.mean(logprob))
     out["answer_token_accuracy"] = float(np.mean(accuracy))
     if examples[0].choices:
-        out["choice_accuracy"] = _choice_accuracy(lm, tokenizer, examples)
+        out["choice_accuracy"] = _choice_accuracy(lm, tokenizer, examples, chat)
     return out
 
 
-def _choice_accuracy(lm, tokenizer, examples) -> float:
+def _choice_accuracy(lm, tokenizer, examples, chat: bool = False) -> float:
     """How often the answer is the most likely of the example's choices."""
     sequences, spans = [], []
     for ex in examples:
-        prompt = prompt_ids(tokenizer, ex.prompt)  # once per example, not per choice
+        prompt = None if chat else prompt_ids(tokenizer, ex.prompt)  # once per example
         for choice in ex.choices:
-            head, tail = split_ids(tokenizer, ex.prompt, choice, head=prompt)
+            if chat:
+                head, tail = chat_split_ids(tokenizer, ex.prompt, choice)
+            else:
+                head, tail = split_ids(tokenizer, ex.prompt, choice, head=prompt)
             sequences.append(head + tail)
             spans.append(len(head) - 1)
     totals = [

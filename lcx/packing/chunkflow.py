@@ -75,8 +75,10 @@ class ChunkFlowRows:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         c = self._chunk
         entry = self.rows[index]
-        merged = [self._corpus.document(d) for d in entry[1]] if entry[0] == "merged" else []
-        row = packed_row(merged, c, self._pad_id)
+        corpus = self._corpus
+        docs = entry[1] if entry[0] == "merged" else []
+        weights = None if corpus.weights is None else [corpus.document_weights(d) for d in docs]
+        row = packed_row([corpus.document(d) for d in docs], c, self._pad_id, weights)
         row["chunk_document"] = np.full(1, -1, np.int32)  # [1] per row: batches are [B, 1]
         row["chunk_index"] = np.zeros(1, np.int32)
         if entry[0] == "long":
@@ -86,6 +88,8 @@ class ChunkFlowRows:
             row["tokens"][:n] = tokens
             row["segment_ids"][:n] = 1
             row["positions"][:n] = i * c + np.arange(n)
+            if weights is not None:
+                row["weights"][:n] = corpus.document_weights(doc)[i * c : (i + 1) * c]
             row["chunk_document"][0], row["chunk_index"][0] = doc, i
         return row
 

@@ -139,6 +139,7 @@ class DecomposedIterator(grain.DatasetIterator):
     def __init__(self, corpus: TokenizedCorpus, buckets: list[np.ndarray], opts):
         super().__init__()
         self._tokens, self._buckets, self._opts = corpus.tokens, buckets, opts
+        self._token_weights = corpus.weights  # loss weights of conversations, or None
         self._weights = curriculum_weights(opts.curriculum, opts.num_buckets)
         lengths = 1 << (opts.min_log2 + np.arange(opts.num_buckets))
         self._rows = opts.tokens_per_step // lengths  # global rows per step, per bucket
@@ -198,7 +199,10 @@ class DecomposedIterator(grain.DatasetIterator):
         self._state["step"] += 1
         tokens = self._tokens[index].astype(np.int32)
         positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
-        return {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": positions}
+        batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": positions}
+        if self._token_weights is not None:
+            batch["weights"] = self._token_weights[index].astype(np.float32)
+        return batch
 
     def get_state(self) -> dict:
         return {

@@ -10,7 +10,10 @@ so each token of the corpus is seen exactly once per epoch. Strategies:
 - `padded`: one piece per row, the baseline that packing is measured against.
 
 Each builder takes (corpus, PipelineOptions) and returns a grain IterDataset of batches;
-Dataset Decomposition and ChunkFlow build theirs in their own modules.
+Dataset Decomposition and ChunkFlow build theirs in their own modules. A weighted corpus
+(`TokenizedCorpus.weights`: conversations) adds `weights` (float32 [B, T], 0 on padding)
+beside `segment_ids` in every strategy's batches: grain's packers and concat-then-split
+carry it as one more feature.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class DocumentPieces:
     def __init__(self, corpus: TokenizedCorpus, max_len: int):
         if max_len <= 0:
             raise ValueError(f"max_len={max_len} must be positive")
-        self._tokens = corpus.tokens
+        self._tokens, self._weights = corpus.tokens, corpus.weights
         lengths = corpus.lengths
         pieces_per_doc = -(-lengths // max_len)
         doc_of_piece = np.repeat(np.arange(len(lengths)), pieces_per_doc)
@@ -45,25 +48,42 @@ class DocumentPieces:
         return len(self.starts)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"tokens": self._tokens[self.starts[index] : self.ends[index]].astype(np.int32)}
+        span = slice(self.starts[index], self.ends[index])
+        piece = {"tokens": self._tokens[span].astype(np.int32)}
+        if self._weights is not None:
+            piece["weights"] = self._weights[span].astype(np.float32)
+        return piece
 
 
 def _pad_one_piece(seq_len, pad_id):
     """Map a piece to a full row: the piece, then padding (segment id 0)."""
 
     def pad(example):
-        return packed_row([example["tokens"]], seq_len, pad_id)
+        weights = [example["weights"]] if "weights" in example else None
+        return packed_row([example["tokens"]], seq_len, pad_id, weights)
 
     return pad
 
 
 def _rename_packed(example):
-    """grain's packed feature names -> lcx's batch keys."""
-    return {
+    """grain's packed feature names -> lcx's batch keys (weights: the packed feature
+    itself; grain's segment ids and positions of it repeat the tokens')."""
+    row = {
         "tokens": example["tokens"],
         "segment_ids": example["tokens_segment_ids"],
         "positions": example["tokens_positions"],
     }
+    if "weights" in example:
+        row["weights"] = example["weights"]
+    return row
+
+
+def _lengths_and_padding(opts, weighted: bool):
+    """grain's length_struct and padding_struct for the features of a piece."""
+    lengths, padding = {"tokens": opts.seq_len}, {"tokens": opts.pad_id}
+    if weighted:
+        lengths["weights"], padding["weights"] = opts.seq_len, 0.0
+    return lengths, padding
 
 
 def _pad_concat(seq_len, pad_id):
@@ -74,7 +94,7 @@ def _pad_concat(seq_len, pad_id):
         n = len(row["tokens"])
         if n == seq_len:
             return row
-        out = {k: np.zeros(seq_len, np.int32) for k in row}
+        out = {k: np.zeros(seq_len, v.dtype) for k, v in row.items()}
         out["tokens"][:] = pad_id
         for k, v in row.items():
             out[k][:n] = v
@@ -95,8 +115,9 @@ class FFDRows:
         return len(self.bins)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        pieces = [self._pieces[p]["tokens"] for p in self.bins[index]]
-        return packed_row(pieces, self._seq_len, self._pad_id)
+        pieces = [self._pieces[p] for p in self.bins[index]]
+        weights = [p["weights"] for p in pieces] if pieces and "weights" in pieces[0] else None
+        return packed_row([p["tokens"] for p in pieces], self._seq_len, self._pad_id, weights)
 
 
 def _document_pieces(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
@@ -129,13 +150,14 @@ def grain_packer(packer):
     """A strategy's `build` around one of grain's online packers."""
 
     def build(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
+        lengths, padding = _lengths_and_padding(opts, corpus.weights is not None)
         rows = packer(
             _document_pieces(corpus, opts),
-            length_struct={"tokens": opts.seq_len},
+            length_struct=lengths,
             num_packing_bins=opts.settings.num_bins or opts.batch_size,
             seed=opts.seed,
             shuffle_bins=opts.shuffle,
-            padding_struct={"tokens": opts.pad_id},
+            padding_struct=padding,
         ).map(_rename_packed)
         return _batched(rows, opts)
 
@@ -144,8 +166,9 @@ def grain_packer(packer):
 
 def concat_chunk_rows(corpus: TokenizedCorpus, opts) -> grain.IterDataset:
     """grain's concat-then-split: pieces back to back, cut every seq_len tokens."""
+    lengths, _ = _lengths_and_padding(opts, corpus.weights is not None)
     rows = grain.experimental.ConcatThenSplitIterDataset(
-        _document_pieces(corpus, opts), length_struct={"tokens": opts.seq_len}
+        _document_pieces(corpus, opts), length_struct=lengths
     ).map(_pad_concat(opts.seq_len, opts.pad_id))
     return _batched(rows, opts)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -141,3 +141,35 @@ def packed_dataset(corpus: TokenizedCorpus, opts: PipelineOptions) -> grain.Iter
             f"data.paths: the corpus is empty; data.packing={opts.packing!r} needs tokens"
         )
     return strategy(opts.packing).build(corpus, opts)
+
+
+def mixed_dataset(
+    sources: Sequence[tuple[TokenizedCorpus, float]], opts: PipelineOptions
+) -> grain.IterDataset:
+    """Batches whose rows come from several corpora in proportion to their weights.
+
+    Each corpus is packed on its own by `opts.packing` (a row never mixes sources, as
+    ProLong mixes its long and short data by sequence: Gao et al., arXiv 2410.02660);
+    grain's `IterDataset.mix` interleaves the rows by weight, deterministically and with
+    its position in the iterator's checkpointed state, then rows are batched.
+    """
+    if strategy(opts.packing).whole_batches:
+        raise UserError(
+            f"data.sources: data.packing={opts.packing!r} builds whole batches, which cannot be "
+            "mixed row by row; use a row packer (first_fit, best_fit, ffd, concat_chunk, padded)"
+        )
+    weights = [float(w) for _, w in sources]
+    if not sources or min(weights) <= 0:
+        raise UserError(f"data.sources: weights {weights} must be positive, one per source")
+    one_row = dataclasses.replace(opts, batch_size=1)
+    rows = [
+        packed_dataset(corpus, dataclasses.replace(one_row, seed=opts.seed + i)).map(_only_row)
+        for i, (corpus, _) in enumerate(sources)
+    ]
+    mixed = grain.IterDataset.mix(rows, weights)
+    return mixed.batch(opts.batch_size, drop_remainder=opts.num_epochs is None)
+
+
+def _only_row(batch):
+    """A batch of one row -> the row."""
+    return {k: v[0] for k, v in batch.items()}

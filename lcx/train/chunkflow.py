@@ -38,13 +38,21 @@ def target_mask(segment_ids_RxC, document_R):
 
 
 def dependent_rows_loss_sum(
-    graphdef, params, tokens_RxC, segment_ids_RxC, positions_RxC, document_R
+    graphdef, params, tokens_RxC, segment_ids_RxC, positions_RxC, document_R, weights_RxC=None
 ):
-    """(summed next-token loss, target count) of rows run as dependent chunks, in order."""
+    """(summed next-token loss, target count) of rows run as dependent chunks, in order;
+    with `weights_RxC` (conversations: lcx.posttrain.sft) each target counts by its
+    token's weight: (Σ w·ce, Σ w)."""
     rows, c = tokens_RxC.shape
     cfg = nnx.merge(graphdef, params).cfg
     within, across = target_mask(segment_ids_RxC, document_R)
-    count = jnp.sum(within) + jnp.sum(across)
+    if weights_RxC is None:
+        count = jnp.sum(within) + jnp.sum(across)
+    else:
+        next_weight = jnp.concatenate([weights_RxC[1:, 0], jnp.zeros((1,), weights_RxC.dtype)])
+        within = jnp.where(within, weights_RxC[:, 1:], 0.0)
+        across = jnp.where(across, next_weight, 0.0)
+        count = jnp.sum(within) + jnp.sum(across)
     key_row = jnp.arange(rows * c) // c
     key_ids, key_positions = segment_ids_RxC.reshape(1, -1), positions_RxC.reshape(1, -1)
     next_first = jnp.concatenate([tokens_RxC[1:, 0], jnp.zeros((1,), tokens_RxC.dtype)])
@@ -70,8 +78,13 @@ def dependent_rows_loss_sum(
         )
         inside = optax.softmax_cross_entropy_with_integer_labels(logits[0, :-1], tokens[0, 1:])
         edge = optax.softmax_cross_entropy_with_integer_labels(logits[0, -1], next_first[r])
-        total = jnp.sum(jnp.where(take(within)[0], inside, 0.0))
-        total += jnp.where(across[r], edge, 0.0)
+        if weights_RxC is None:
+            total = jnp.sum(jnp.where(take(within)[0], inside, 0.0))
+            total += jnp.where(across[r], edge, 0.0)
+        else:  # a weight-0 target adds nothing, not even 0 * a non-finite loss
+            w_in, w_edge = take(within)[0], across[r]
+            total = jnp.sum(jnp.where(w_in != 0, inside * w_in, 0.0))
+            total += jnp.where(w_edge != 0, edge * w_edge, 0.0)
         return total, jnp.stack([jnp.stack(kv) for kv in kvs])
 
     def forward(params):
@@ -144,6 +157,7 @@ def chunkflow_loss_sum(graphdef):
             batch["segment_ids"],
             batch["positions"],
             batch["chunk_document"][:, 0],
+            batch.get("weights"),
         )
 
     return loss_sum

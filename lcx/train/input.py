@@ -3,6 +3,7 @@ batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import grain
@@ -11,8 +12,9 @@ import numpy as np
 
 from lcx.data import load_or_tokenize, make_tokenizer, select_documents, split_tail
 from lcx.data.corpus import corpus_paths, user_documents
+from lcx.data.sft import load_chat_split
 from lcx.errors import UserError
-from lcx.packing import PipelineOptions, packed_dataset, strategy
+from lcx.packing import PipelineOptions, mixed_dataset, packed_dataset, strategy
 from lcx.settings import DataSettings
 
 
@@ -26,10 +28,13 @@ def load_split(data_cfg: DataSettings, split: str, workdir: str | None, tokenize
     Eval documents come from `data.eval_paths` when given (train then uses every file of
     `data.paths`); else documents are split by a hash of their path; when that leaves a
     split empty (one file, or a few), the last `data.eval_fraction` of the tokens is held
-    out instead. `tokenizer`: default `make_tokenizer(data_cfg)`.
+    out instead. `tokenizer`: default `make_tokenizer(data_cfg)`. With `data.format =
+    "chat"` the files are JSONL conversations (`lcx.data.sft.load_chat_split`).
     """
-    cache = os.path.join(workdir, "cache") if (workdir and data_cfg.cache) else None
     tokenizer = tokenizer or make_tokenizer(data_cfg)
+    if data_cfg.format == "chat":
+        return load_chat_split(data_cfg, split, workdir, tokenizer)
+    cache = os.path.join(workdir, "cache") if (workdir and data_cfg.cache) else None
 
     def tokenized(docs):
         return load_or_tokenize(
@@ -64,6 +69,57 @@ def load_split(data_cfg: DataSettings, split: str, workdir: str | None, tokenize
     return (held_out if split == "eval" else train), how
 
 
+def load_corpus(data_cfg: DataSettings, split: str, workdir, tokenizer, seq_len: int):
+    """(what `make_dataset` packs, a line for the run summary): one split's corpus, or
+    with `data.sources` a list of (corpus, weight), one per source. Conversations longer
+    than `seq_len` are left out (trained whole or not at all), and with `min_tokens`
+    documents shorter than it; both are counted in the summary."""
+
+    def one(cfg, min_tokens=0):
+        corpus, how = load_split(cfg, split, workdir, tokenizer)
+        if corpus.weights is not None:
+            corpus = corpus.without_longer_than(seq_len)
+        if min_tokens:
+            corpus = corpus.keep_documents(corpus.lengths >= min_tokens, "shorter than min_tokens")
+        return corpus, how
+
+    if not data_cfg.sources:
+        corpus, how = one(data_cfg)
+        return corpus, corpus_summary(corpus, split, how)
+    mixed, lines = [], []
+    for i, source in enumerate(data_cfg.sources):
+        cfg = dataclasses.replace(data_cfg, paths=source["paths"], sources=())
+        corpus, how = one(cfg, source["min_tokens"])
+        if corpus.num_tokens == 0:
+            raise UserError(
+                f"data.sources[{i}]: no documents left (min_tokens={source['min_tokens']})"
+            )
+        mixed.append((corpus, source["weight"]))
+        lines.append(
+            f"[source {i}, weight {source['weight']}] " + corpus_summary(corpus, split, how)
+        )
+    return mixed, "; ".join(lines)
+
+
+def corpus_summary(corpus, split: str, how: str) -> str:
+    """One line for the run summary: what a split holds and what was skipped, by reason."""
+    if corpus.weights is None:
+        skipped = f"{corpus.num_empty_skipped} empty"
+        if corpus.num_binary_skipped:
+            skipped += f" and {corpus.num_binary_skipped} binary"
+        dropped = "".join(f", {n} documents {why}" for why, n in corpus.skipped.items() if n)
+        return (
+            f"{split}: {corpus.num_documents} documents, {corpus.num_tokens} tokens "
+            f"({how}), {skipped} files skipped{dropped}"
+        )
+    trained = int(corpus.weights.sum())
+    skipped = ", ".join(f"{n} {reason}" for reason, n in corpus.skipped.items() if n) or "none"
+    return (
+        f"{split}: {corpus.num_documents} conversations, {corpus.num_tokens} tokens of which "
+        f"{trained} are trained on ({how}); skipped: {skipped}"
+    )
+
+
 def _truncated(docs, data_cfg):
     """The first `data.max_documents` documents (all when 0)."""
     return docs[: data_cfg.max_documents] if data_cfg.max_documents > 0 else docs
@@ -73,6 +129,7 @@ def make_dataset(
     corpus, data_cfg: DataSettings, *, seq_len, global_batch_size, seed, train: bool, pad_id: int
 ):
     """This process's share of the batches: shuffled and repeated for training.
+    `corpus`: a TokenizedCorpus, or [(corpus, weight), ...] mixed row by row.
 
     The documents are split into `data.shards` shards (0: one per process), each packed
     and batched on its own; a process reads its consecutive shards and concatenates
@@ -93,8 +150,9 @@ def make_dataset(
         packing = strategy(packing).eval_packing
     settings = data_cfg.packing_settings(packing)
     mine = shards // count
+    build = mixed_dataset if isinstance(corpus, list) else packed_dataset
     datasets = [
-        packed_dataset(
+        build(
             corpus,
             PipelineOptions(
                 seq_len=seq_len,

@@ -67,6 +67,7 @@ class Experiment:
 
     def __post_init__(self):
         c = self.config = resolve(self.config)
+        self.workdir = os.path.abspath(self.workdir)  # orbax needs absolute checkpoint paths
         self.packing = packing_strategy(c.data.packing)  # before any data work
         packing_settings = c.data.packing_settings()
         self.tokenizer = model_source.tokenizer_of(c)
@@ -136,6 +137,7 @@ class Experiment:
         self.tx = make_optimizer(OptimizerConfig.of(c.optimizer), self.schedule)
         self.graphdef, _ = steplib.abstract_model(self.model_cfg)
         self.shardings = steplib.state_shardings(self.model_cfg, self.tx, self.mesh, self.rules)
+        self._frozen = None  # model.lora's base, loaded by frozen_params()
         self.batch_sharding = sh.batch_sharding(self.mesh, self.rules)
         self.corpus_summary = {}
         self.warnings = []
@@ -159,13 +161,8 @@ class Experiment:
         """The grain dataset of one split."""
         c = self.config
         workdir = None if self.read_only else self.workdir
-        corpus, how = data_input.load_split(c.data, split, workdir, self.tokenizer)
-        skipped = f"{corpus.num_empty_skipped} empty"
-        if corpus.num_binary_skipped:
-            skipped += f" and {corpus.num_binary_skipped} binary"
-        self.corpus_summary[split] = (
-            f"{split}: {corpus.num_documents} documents, {corpus.num_tokens} tokens "
-            f"({how}), {skipped} files skipped"
+        corpus, self.corpus_summary[split] = data_input.load_corpus(
+            c.data, split, workdir, self.tokenizer, c.train.seq_len
         )
         return data_input.make_dataset(
             corpus,
@@ -177,11 +174,28 @@ class Experiment:
             pad_id=self.tokenizer.pad_id,
         )
 
+    def frozen_params(self):
+        """model.lora's frozen base, loaded once: `init.hf_checkpoint`'s weights, else the
+        random init of `seed` (a resume reloads it the same way; checkpoints hold only
+        the adapters). None without LoRA."""
+        if self.model_cfg.lora is None or self._frozen is not None:
+            return self._frozen
+        shardings = steplib.frozen_shardings(self.model_cfg, self.mesh, self.rules)
+        directory = model_source.hf_checkpoint(self.config)
+        if directory:
+            from lcx.checkpoints import load_params
+
+            self._frozen = load_params(directory, self.model_cfg, shardings)
+        else:
+            self._frozen = steplib.init_frozen(self.model_cfg, self.config.seed, shardings)
+        return self._frozen
+
     def init_state(self):
-        """A fresh TrainState: `init.hf_checkpoint`'s weights, else a random init."""
+        """A fresh TrainState: `init.hf_checkpoint`'s weights, else a random init (with
+        model.lora: the adapters' init; the base is `frozen_params`)."""
         c = self.config
         directory = model_source.hf_checkpoint(c)
-        if directory:
+        if directory and self.model_cfg.lora is None:
             from lcx.checkpoints import load_params
 
             params = load_params(directory, self.model_cfg, self.shardings.params)
@@ -249,7 +263,7 @@ class Experiment:
         """A function params -> mean eval loss over `train.eval_batches` fixed batches."""
         eval_ds = self.dataset("eval")
         eval_step = steplib.make_eval_step(
-            self.graphdef, self.shardings.params, self.batch_sharding
+            self.graphdef, self.shardings.params, self.batch_sharding, self.frozen_params()
         )
         num_batches = self.config.train.eval_batches
 
@@ -258,7 +272,7 @@ class Experiment:
             for batch in itertools.islice(iter(eval_ds), num_batches):
                 with self.mesh_context():
                     loss_sum, n = eval_step(params, self.device_batch(batch))
-                total, count = total + float(loss_sum), count + int(n)
+                total, count = total + float(loss_sum), count + float(n)
             return total / max(count, 1)
 
         return evaluate

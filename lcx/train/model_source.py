@@ -14,8 +14,16 @@ from lcx.data.tokenizer import check_vocabulary, make_tokenizer
 from lcx.model import TransformerConfig
 from lcx.settings import Settings
 
-# config.model fields applied on top of an imported architecture: how it runs, not what.
-HF_RUN_FIELDS = ("dtype", "param_dtype", "attention_implementation", "remat", "scan_layers")
+# config.model fields applied on top of an imported architecture: how it runs and what
+# trains (LoRA adapters beside its frozen weights), not what it is.
+HF_RUN_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "attention_implementation",
+    "remat",
+    "scan_layers",
+    "lora",
+)
 
 
 def hf_checkpoint(config: Settings) -> str:

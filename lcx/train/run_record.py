@@ -61,6 +61,21 @@ ADDED_KEYS = {
     "init.rope_theta": 0.0,
     "model.param_dtype": "float32",
     "model.lact.grid": "document",
+    "data.format": "text",
+    "data.sources": [],
+    "recipe.stages": [],
+    "data.skip_bad_lines": False,
+    "train.loss_average": "token",
+    "model.lora.rank": 0,
+    "model.lora.alpha": 16.0,
+    "model.lora.targets": ["q", "k", "v", "o", "gate", "up", "down"],
+    "evals.length.enabled": False,
+    "evals.length.file": "",
+    "evals.length.words": "50,100,200,400,800",
+    "evals.length.samples": 4,
+    "evals.length.temperature": 0.8,
+    "evals.length.max_new_tokens": 0,
+    "evals.length.slots": 0,
 }
 
 
@@ -96,7 +111,9 @@ def upgraded(recorded: dict) -> dict:
 def resumable(key: str) -> bool:
     """Whether a config key may differ on resume (generation, export and evaluation
     settings never matter)."""
-    return key in RESUMABLE or key.startswith(("generate.", "export.", "evals."))
+    return key in RESUMABLE or key.startswith(
+        ("generate.", "export.", "evals.", "recipe.", "self_lengthen.")
+    )
 
 
 def flatten(config) -> dict:

@@ -43,22 +43,30 @@ class StepRunner:
             )
         self.adaptive = exp.adaptive
         self.batch_size = batch_size
-        seq_len = exp.config.train.seq_len
+        seq_len, average = exp.config.train.seq_len, exp.config.train.loss_average
+        frozen = exp.frozen_params()  # model.lora's base; None without LoRA
         if self.adaptive is None and batch_size == self.micro:
-            loss_sum = None
+            loss_sum = steplib.model_loss_sum(exp.graphdef, average)
             if exp.packing.dependent_rows:  # rows of one document depend (ChunkFlow)
+                if average != "token":
+                    raise UserError(
+                        f"train.loss_average={average!r}: data.packing={exp.config.data.packing!r}"
+                        " trains documents across rows; only 'token' is supported there"
+                    )
                 loss_sum = chunkflow_loss_sum(exp.graphdef)
             self.fused = steplib.make_train_step(
-                exp.graphdef, exp.tx, exp.shardings, exp.batch_sharding, seq_len, loss_sum
+                exp.graphdef, exp.tx, exp.shardings, exp.batch_sharding, seq_len, loss_sum, frozen
             )
             return
         self.fused = None
         groups = self.adaptive.groups_per_micro_batch if self.adaptive else 0
         self.empty = jax.jit(functools.partial(steplib.empty_accumulator, with_stats=groups > 0))
-        self.accumulate = steplib.make_accumulate_step(exp.graphdef, exp.batch_sharding, groups)
+        self.accumulate = steplib.make_accumulate_step(
+            exp.graphdef, exp.batch_sharding, groups, average, frozen
+        )
         self.apply = steplib.make_apply_step(exp.tx, exp.shardings, seq_len)
         if groups:
-            self.project = steplib.make_projection_step(exp.graphdef, groups)
+            self.project = steplib.make_projection_step(exp.graphdef, groups, average, frozen)
 
     def _next(self, data_iter):
         """The next micro-batch on device, and its host statistics."""
