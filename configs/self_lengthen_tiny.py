@@ -45,12 +45,13 @@ def get_config(arg=None):
         rounds=3,
         samples=4,
         retries=3,
-        max_new_tokens=768,
+        max_new_tokens=1536,  # bytes: room for about 250 words
         temperature=0.8,
         epochs=8.0,  # the paper's 4 passes over 5,000 instructions; 48 need more
     )
     c.self_lengthen.finetune = {  # each role, each round: from its last model
-        "train": {"eval_every": 1000, "checkpoint_every": 1000},
+        # Rows hold the Extender's prompt (a whole source) and its longer rewrite.
+        "train": {"seq_len": 4096, "batch_size": 2, "eval_every": 1000, "checkpoint_every": 1000},
         "schedule": {"peak_lr": 5e-4, "warmup_steps": 2},
     }
     if smoke:

@@ -78,7 +78,12 @@ def load_corpus(data_cfg: DataSettings, split: str, workdir, tokenizer, seq_len:
     def one(cfg, min_tokens=0):
         corpus, how = load_split(cfg, split, workdir, tokenizer)
         if corpus.weights is not None:
-            corpus = corpus.without_longer_than(seq_len)
+            count, corpus = corpus.num_documents, corpus.without_longer_than(seq_len)
+            if corpus.num_documents == 0:
+                raise UserError(
+                    f"data.paths: all {count} {split} conversations are longer than "
+                    f"train.seq_len={seq_len} (they are never cut); raise train.seq_len"
+                )
         if min_tokens:
             corpus = corpus.keep_documents(corpus.lengths >= min_tokens, "shorter than min_tokens")
         return corpus, how
