@@ -114,13 +114,15 @@ def run(args) -> dict:
         for m in c["messages"]
         if m["role"] == "assistant"
     )
-    total = sum(len(ByteTokenizer().apply_chat_template(c["messages"])) for c in conversations)
+    lengths = [len(ByteTokenizer().apply_chat_template(c["messages"])) for c in conversations]
+    total = sum(lengths)
     settings = {
         "seq_len": args.seq_len,
         "batch_size": args.batch_size,
         "packing": args.packing,
         "conversations": args.conversations,
-        "median_tokens": float(np.median([len(json.dumps(c)) for c in conversations])),
+        "median_tokens": float(np.median(lengths)),
+        "p99_tokens": float(np.percentile(lengths, 99)),
         "trained_share": trained / total,
         "steps": args.steps,
         "repeats": args.repeats,

@@ -402,3 +402,27 @@ def test_the_sandbox_refuses_python_internals():
         "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
     )
     assert ChatTemplate(tracked, "tracked", {}).render([_assistant("x")]) == "x"
+
+
+@pytest.mark.parametrize("which", ["llama3", "qwen25"])
+def test_sft_weights_cover_the_replies_and_stops_end_the_turn(directories, which):
+    """lcx.posttrain.sft on real templates: the weighted tokens decode to the replies
+    (and the end of turn), even a reply starting with a newline, which BPE may merge
+    with the header's; generation stops at the template's end of turn."""
+    from lcx.posttrain.sft import encode, turn_stop_ids
+
+    tokenizer = _lcx(directories[which])
+    for reply in ("Paris is the capital.", "\nA reply after a newline."):
+        messages = [
+            _user("Capital of France?"),
+            _assistant(reply),
+            _user("Sure?"),
+            _assistant("Yes."),
+        ]
+        ids, weights = encode(tokenizer, messages)
+        trained = tokenizer.decode(ids[weights == 1]).decode()
+        assert reply.strip() in trained and "Yes." in trained
+        assert "Capital" not in trained and "Sure" not in trained
+    stops = turn_stop_ids(tokenizer)
+    end = {"llama3": "<|eot_id|>", "qwen25": "<|im_end|>"}[which]
+    assert tokenizer._tokenizer.token_to_id(end) in stops

@@ -118,7 +118,7 @@ def test_rounds_write_their_files_and_fine_tune_both_roles(scripted, tmp_path):
         summary = json.loads((out / f"round_{k}.summary.json").read_text())
         samples = [json.loads(x) for x in (out / f"round_{k}.jsonl").read_text().splitlines()]
         assert summary["sources"] == 12 and summary["kept"] == len(samples) > 0
-        assert summary["accepted"] + summary["gave_up"] == 12
+        assert summary["accepted"] + summary["gave_up"] + summary["empty_sources"] == 12
         assert summary["rejected"]["unfinished"] >= 1  # the scripted unfinished first tries
         assert summary["kept"] + summary["dropped_by_rank"] == summary["accepted"]
         assert set(summary["generator"]) >= {"mean_words", "p90_words", "repeated_13gram_rate"}

@@ -282,3 +282,17 @@ def test_chat_data_is_split_cached_and_counted(tmp_path):
     np.testing.assert_array_equal(again.tokens, train.tokens)
     np.testing.assert_array_equal(again.weights, train.weights)
     assert again.skipped == train.skipped
+
+
+@pytest.mark.parametrize("packing", ["concat_chunk", "dd"])
+def test_chat_data_refuses_strategies_that_cut_documents(tmp_path, packing):
+    from configs.lm_tiny import get_config
+    from lcx.data import ByteTokenizer
+    from lcx.settings import resolve
+    from lcx.train.input import load_corpus
+
+    config = get_config("smoke")
+    config.data.update(format="chat", paths=write_jsonl(tmp_path / "c.jsonl", [CHAT] * 4))
+    config.data.packing = packing
+    with pytest.raises(UserError, match=f"data.packing='{packing}' cuts documents.*best_fit"):
+        load_corpus(resolve(config).data, "train", None, ByteTokenizer(), 64)

@@ -34,37 +34,63 @@ from lcx.data.store import TokenizedCorpus, cached_corpus
 from lcx.data.tokenizer import token_dtype
 from lcx.errors import UserError
 
-_PROBE = [
-    {"role": "system", "content": "s"},
-    {"role": "user", "content": "u"},
-    {"role": "assistant", "content": "a"},
-]
-
 
 def encode(tokenizer, messages) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [L], weights uint8 [L]) of one conversation; weight 1 on the tokens of
-    assistant turns (content and the end of turn that closes it), else 0."""
+    assistant turns (content and the end of turn that closes it), else 0.
+
+    Assistant turn i spans from where the rendering of messages[:i] with the generation
+    prompt stops agreeing with the whole conversation's tokens to where the rendering of
+    messages[:i + 1] does: a BPE merge across the turn's edge (a reply starting with a
+    newline after ChatML's header) moves the edge by a token, never loses the turn."""
     ids = list(tokenizer.apply_chat_template(messages))
     weights = np.zeros(len(ids), np.uint8)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = list(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True))
-        through = list(tokenizer.apply_chat_template(messages[: i + 1]))
-        if through[: len(before)] != before or ids[: len(through)] != through:
+        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1])
+        start, end = _agreeing(before, ids), _agreeing(through, ids)
+        if end <= start or end < len(through) - 1:
             raise UserError(
                 f"messages[{i}]: the chat template renders this conversation's prefixes "
                 "differently from the whole (it re-renders earlier turns), so the assistant "
                 "turn's tokens cannot be found; lcx.posttrain.sft needs a template whose "
                 "prefixes render as prefixes"
             )
-        weights[len(before) : len(through)] = 1
+        weights[start:end] = 1
     return np.asarray(ids, np.int32), weights
 
 
+def turn_stop_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end an assistant turn in generation: EOS, and the special tokens the
+    chat template writes right after a reply (Llama 3's <|eot_id|>, ChatML's <|im_end|>,
+    which a base tokenizer's EOS is not)."""
+    user = [{"role": "user", "content": "x"}]
+    before = tokenizer.apply_chat_template(user, add_generation_prompt=True)
+    through = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": "y"}])
+    tail = list(through[_agreeing(before, through) :])
+    ends = [i for i in tail if not tokenizer.decode([i])]  # special tokens decode to nothing
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    return tuple(dict.fromkeys(eos + ends))
+
+
+def _agreeing(prefix, ids) -> int:
+    """How many leading tokens `prefix` shares with `ids`."""
+    n = min(len(prefix), len(ids))
+    differ = np.flatnonzero(np.asarray(prefix[:n]) != np.asarray(ids[:n]))
+    return int(differ[0]) if differ.size else n
+
+
 def tokenize_conversations(conversations: Conversations, tokenizer) -> TokenizedCorpus:
-    """Every conversation encoded, one document each, weights beside the tokens."""
-    pieces = [encode(tokenizer, messages) for messages in conversations.examples]
+    """Every conversation encoded, one document each, weights beside the tokens; one
+    the template refuses is an error naming its file:line."""
+    pieces = []
+    for source, messages in zip(conversations.sources, conversations.examples, strict=True):
+        try:
+            pieces.append(encode(tokenizer, messages))
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
     if not pieces:
         raise UserError(
             f"data.paths: no conversation to train on (skipped: {conversations.skipped})"
@@ -139,7 +165,7 @@ def load_chat_split(data_cfg, split: str, workdir: str | None, tokenizer):
     if data_cfg.max_documents > 0:
         count = min(data_cfg.max_documents, len(conversations.examples))
         conversations = _subset(conversations, range(count))
-    digest = hashlib.sha256(f"{tokenizer.cache_key}\0{tokenizer.render_chat(_PROBE)}".encode())
+    digest = hashlib.sha256(f"{tokenizer.cache_key}\0{tokenizer.chat_template_key}".encode())
     digest.update(json.dumps([conversations.examples, conversations.skipped]).encode())
     cache = os.path.join(workdir, "cache") if (workdir and data_cfg.cache) else None
     corpus = cached_corpus(

@@ -69,6 +69,11 @@ class ByteTokenizer:
         ids = np.asarray(ids)
         return ids[ids < 256].astype(np.uint8).tobytes()
 
+    @property
+    def chat_template_key(self) -> str:
+        """What a cache of rendered conversations must know of the template: its source."""
+        return BYTE_TEMPLATE
+
     def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
         """`messages` in lcx's byte chat template (`lcx.data.chat_template.BYTE_TEMPLATE`):
         "<s>", then per turn "<|role|>\\n" + content + "</s>"; the generation prompt is
@@ -289,6 +294,13 @@ class HFTokenizer:
         """Picklable, for data-loading workers: the compiled chat template (jinja code
         objects) and the special-token twin are rebuilt on first use."""
         return {**self.__dict__, "_chat": None, "_scaffold": None}
+
+    @property
+    def chat_template_key(self) -> str:
+        """What a cache of rendered conversations must know of the template: its source
+        and variables (no rendering, so a template refusing some turns still has one)."""
+        template = self._chat_template()
+        return template.source + "\0" + repr(sorted(template.variables.items()))
 
     def _chat_template(self) -> ChatTemplate:
         """The directory's chat template, loaded on first use."""

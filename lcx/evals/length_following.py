@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from lcx.data.sft import turn_stop_ids
 from lcx.data.tokenizer import prompt_ids, text_ids
 from lcx.errors import UserError
 from lcx.evals.length import length_spread, range_score, repeats_ngram, sl_score, word_count
@@ -221,7 +222,10 @@ def length_following(model, tokenizer, ec, instructions=None, *, chat: bool = Fa
     Transformer; `instructions`: `load_instructions(ec.length, ec.seed)` when None."""
     ls = ec.length
     instructions = load_instructions(ls, ec.seed) if instructions is None else instructions
-    stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    if chat:  # a template's end of turn (Llama 3's <|eot_id|>) may not be its EOS
+        stop = turn_stop_ids(tokenizer)
+    else:
+        stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
     sampler = engine_sampler(
         model, temperature=ls.temperature, seed=ec.seed, slots=ls.slots, stop_ids=stop
     )

@@ -38,6 +38,9 @@ class Strategy:
     # Rows of one document follow each other and depend on the earlier ones (ChunkFlow):
     # attention-only models, and the step runs them in order.
     dependent_rows: bool = False
+    # Every document piece lands whole in one row (or, ChunkFlow, in consecutive rows
+    # that see each other): what conversations need, never cut inside a turn.
+    keeps_documents_whole: bool = True
     # check_options(PipelineOptions) and check_training(settings, *, batch_size, seq_len,
     # batch_shards) raise a one-line ValueError for what the strategy cannot build.
     check_options: Callable[[PipelineOptions], Any] | None = None
@@ -54,7 +57,7 @@ REGISTRY: Mapping[str, Strategy] = types.MappingProxyType(
             pipeline.grain_packer(grain.experimental.BestFitPackIterDataset),
             pipeline.PackerSettings,
         ),
-        "concat_chunk": Strategy(pipeline.concat_chunk_rows),
+        "concat_chunk": Strategy(pipeline.concat_chunk_rows, keeps_documents_whole=False),
         "ffd": Strategy(pipeline.ffd_rows),
         "padded": Strategy(pipeline.padded_rows),
         "dd": Strategy(
@@ -62,6 +65,7 @@ REGISTRY: Mapping[str, Strategy] = types.MappingProxyType(
             decomposition.DecompositionSettings,
             whole_batches=True,
             eval_packing="first_fit",
+            keeps_documents_whole=False,
             check_options=decomposition.decomposition_options,
             check_training=decomposition.check_longest_bucket,
         ),

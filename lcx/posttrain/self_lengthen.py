@@ -185,12 +185,13 @@ class Writer:
 
     def chat(self, prompts: list[str], prefills: list[str] | None = None, *, seed: int):
         """Sampled assistant turns (text) for user `prompts`, after `prefills` if given."""
+        from lcx.data.sft import turn_stop_ids
         from lcx.data.tokenizer import text_ids
         from lcx.generate import Request, SamplingParams
         from lcx.generate.api import request_seed
 
         sl, tok = self.settings, self.tokenizer
-        stop = () if tok.eos_id is None else (tok.eos_id,)
+        stop = turn_stop_ids(tok)  # EOS and the template's end of turn
         ids = []
         for i, prompt in enumerate(prompts):
             user = [{"role": "user", "content": prompt}]
@@ -240,7 +241,9 @@ def lengthen_round(settings, generator_dir: str, extender_dir: str, instructions
     summary = {"round": k, "generator": generator_statistics(sources, required)}
     extender = _writer(settings, extender_dir) if extender_dir != generator_dir else writer
     rejected = dict.fromkeys(FILTERS, 0)
-    accepted, waiting = {}, list(range(len(sources)))
+    # An empty response has no first half to extend (and any extension is 1.2x of 0).
+    waiting = [i for i, text in enumerate(sources) if word_count(text)]
+    accepted, empty = {}, len(sources) - len(waiting)
     for attempt in range(sl.retries):
         if not waiting:
             break
@@ -279,6 +282,7 @@ def lengthen_round(settings, generator_dir: str, extender_dir: str, instructions
     ]
     summary.update(
         sources=len(sources),
+        empty_sources=empty,
         accepted=len(accepted),
         gave_up=len(waiting),
         rejected=rejected,
@@ -414,6 +418,7 @@ def run_self_lengthen(config, workdir: str) -> dict:
         wanted = [i for i in instructions for _ in range(sl.samples)]
         texts = writer.chat([i["instruction"] for i in wanted], seed=sl.seed * 1000 + 999)
         final = {"generator": generator_statistics(texts, [i["required_words"] for i in wanted])}
-        with open(final_path, "w") as f:
+        with open(final_path + ".tmp", "w") as f:
             json.dump(final, f, indent=1)
+        os.replace(final_path + ".tmp", final_path)
     return {"rounds": summaries, "final": final, "generator": generator, "extender": extender}

@@ -9,6 +9,6 @@ pipeline reads them from below this package; this module is where post-training 
 and users find them.
 """
 
-from lcx.data.sft import encode, load_chat_split, tokenize_conversations
+from lcx.data.sft import encode, load_chat_split, tokenize_conversations, turn_stop_ids
 
-__all__ = ["encode", "load_chat_split", "tokenize_conversations"]
+__all__ = ["encode", "load_chat_split", "tokenize_conversations", "turn_stop_ids"]

@@ -14,7 +14,7 @@ from lcx.data import load_or_tokenize, make_tokenizer, select_documents, split_t
 from lcx.data.corpus import corpus_paths, user_documents
 from lcx.data.sft import load_chat_split
 from lcx.errors import UserError
-from lcx.packing import PipelineOptions, mixed_dataset, packed_dataset, strategy
+from lcx.packing import REGISTRY, PipelineOptions, mixed_dataset, packed_dataset, strategy
 from lcx.settings import DataSettings
 
 
@@ -74,6 +74,13 @@ def load_corpus(data_cfg: DataSettings, split: str, workdir, tokenizer, seq_len:
     with `data.sources` a list of (corpus, weight), one per source. Conversations longer
     than `seq_len` are left out (trained whole or not at all), and with `min_tokens`
     documents shorter than it; both are counted in the summary."""
+
+    if data_cfg.format == "chat" and not strategy(data_cfg.packing).keeps_documents_whole:
+        whole = [name for name, s in REGISTRY.items() if s.keeps_documents_whole]
+        raise UserError(
+            f"data.packing={data_cfg.packing!r} cuts documents across rows, and a "
+            f'conversation must stay whole (data.format="chat"); use one of {whole}'
+        )
 
     def one(cfg, min_tokens=0):
         corpus, how = load_split(cfg, split, workdir, tokenizer)
