@@ -7,7 +7,7 @@ Self-Lengthen (Quan et al., arXiv 2410.23933) grows a model's output length with
 outside data. A byte-level model trained on Python's standard library cannot write the
 prose the paper lengthens, so this runs on a synthetic instruction family where
 lengthening is learnable (scripts/make_lengthen_data.py: "Write about the <topic>."
-answered in paragraphs of simple sentences), as a recipe (`mode=recipe`):
+answered in a paragraph of simple sentences), as a recipe (`mode=recipe`):
 0. `seed`: a small model fine-tuned from scratch on the seed conversations (short
    responses, and the Extender's "enrich" task), the instruction-following model both
    roles start from;
@@ -43,10 +43,10 @@ def get_config(arg=None):
     c.self_lengthen.update(
         instructions=INSTRUCTIONS,
         rounds=3,
-        samples=4,
+        samples=2,  # the paper's k
         retries=3,
         max_new_tokens=1536,  # bytes: room for about 250 words
-        temperature=0.8,
+        temperature=1.0,  # the model's own distribution: lower overshoots its lengths
         epochs=8.0,  # the paper's 4 passes over 5,000 instructions; 48 need more
     )
     c.self_lengthen.finetune = {  # each role, each round: from its last model

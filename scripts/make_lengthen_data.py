@@ -5,12 +5,14 @@
 A model trained from scratch on Python's standard library cannot write prose, so the
 long-output experiment of configs/self_lengthen_tiny.py runs on a family where
 lengthening is learnable by a tiny byte-level model: "Write about the <topic>." answered
-in short paragraphs of simple sentences about the topic, built from small word lists
+in a paragraph of simple sentences about the topic, built from small word lists
 (verbs, adjectives, nouns), so a good response is any number of well-formed sentences,
 every sentence ends in a period, and a repeated 13-gram would only come from looping.
 - `lengthen_seed.jsonl`: the seed conversations the starting model is fine-tuned on,
-  with short responses (2 to 4 sentences, one or two paragraphs): what the Generator
-  writes before any round; and, one in three, the Extender's task
+  with short responses (2 to 4 sentences in one paragraph: a response's end is then
+  learnable from its sentences alone, where a second paragraph taught the first seed
+  model to stop inside it, and the one-paragraph extensions never ended); what the
+  Generator writes before any round; and, one in three, the Extender's task
   (`lcx.posttrain.self_lengthen.ENRICH_PROMPT` over the start of a response, answered by
   that start with a new sentence after each of its sentences), which the paper's
   starting point, an instruction-tuned model, can already do;
@@ -67,12 +69,8 @@ def sentence(rng, topic: str) -> str:
 
 
 def response(rng, topic: str, sentences: int) -> str:
-    """`sentences` sentences about `topic` in one paragraph, or two when there are 3+."""
-    said = [sentence(rng, topic) for _ in range(sentences)]
-    if sentences < 3:
-        return " ".join(said)
-    cut = sentences // 2
-    return " ".join(said[:cut]) + "\n\n" + " ".join(said[cut:])
+    """`sentences` sentences about `topic` in one paragraph."""
+    return " ".join(sentence(rng, topic) for _ in range(sentences))
 
 
 def seed_conversations(count: int = 900, seed: int = 0) -> list[dict]:
@@ -92,7 +90,7 @@ def seed_conversations(count: int = 900, seed: int = 0) -> list[dict]:
     return out
 
 
-def instructions(count: int = 48, seed: int = 1) -> list[dict]:
+def instructions(count: int = 96, seed: int = 1) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
