@@ -68,6 +68,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(fnmatch.fnmatch(item.path.name, pattern) for pattern in INTEGRATION_FILES):
             item.add_marker(pytest.mark.integration)
+    # Longest first: whole jobs and notebooks lead (stable within each group), so xdist's
+    # two workers end on short unit tests rather than one idling through the other's
+    # last notebook or documented command.
+    heavy = ("integration", "notebook")
+    items.sort(key=lambda item: not any(m.name in heavy for m in item.iter_markers()))
 
 
 @pytest.fixture
