@@ -47,7 +47,7 @@ def get_config(arg=None):
         retries=3,
         max_new_tokens=1536,  # bytes: room for about 250 words
         temperature=1.0,  # the model's own distribution: lower overshoots its lengths
-        epochs=8.0,  # the paper's 4 passes over 5,000 instructions; 48 need more
+        epochs=8.0,  # the paper's 4 passes over 5,000 instructions; 96 need more
     )
     c.self_lengthen.finetune = {  # each role, each round: from its last model
         # Rows hold the Extender's prompt (a whole source) and its longer rewrite.
