@@ -362,3 +362,51 @@ def test_lact_and_hybrid_engine_greedy_equals_recomputation(rng, pattern):
     assert_same_greedy(model, prompts, outputs, 11)
     with pytest.raises(ValueError, match="attention-only"):
         Engine(model, slots=2, max_length=48, token_budget=9).prefill([Request([1, 2], 2)])
+
+
+def test_cancel_frees_the_slot_mid_prefill_and_mid_decode_and_the_rest_are_unchanged(rng):
+    """A cancelled request leaves no trace: the requests that take its slot (LaCT fast
+    weights and attention cache both) generate what they would alone."""
+    model = tiny_model(
+        seed=7, block_pattern=("attention", "lact"), lact=dict(chunk_size=8, window=12, fw_heads=2)
+    )  # fmt: skip
+    prompts = random_prompts(rng, [21, 13, 8, 30])
+    engine = Engine(model, slots=2, max_length=48, token_budget=9)  # the LaCT test's shapes
+    ids = [engine.submit(Request(p, 11)) for p in prompts]
+    queued = engine.submit(Request(prompts[2], 4))
+    assert engine.cancel(queued) and engine.results[queued] == []
+    engine.step()  # both slots prefill 7 tokens between them: the first is mid-prompt
+    assert (engine.running, engine.waiting) == (2, 2)
+    assert engine.cancel(ids[0]) and engine.results[ids[0]] == []
+    assert (engine.running, engine.waiting) == (1, 2)
+    second = []
+    while len(second) < 2:
+        second += [e.token for e in engine.step() if e.request_id == ids[1]]
+    assert engine.cancel(ids[1])  # mid-decode, two tokens in
+    assert len(engine.results[ids[1]]) == 2 and not engine.cancel(ids[1])
+    results = engine.run()
+    assert_same_greedy(model, prompts[2:], [results[i] for i in ids[2:]], 11)
+
+
+def test_events_carry_the_model_s_log_probabilities(rng):
+    model = tiny_model(seed=3)
+    prompt = random_prompts(rng, [9])[0]
+    engine = Engine(model, slots=2, max_length=24, token_budget=12)
+    events = []
+    engine.submit(Request(prompt, 4, top_logprobs=3))
+    engine.submit(Request(prompt, 4))
+    engine.run(events.append)
+    graphdef, state = nnx.split(model)
+    tokens = list(prompt)
+    for event in [e for e in events if e.request_id == 0]:
+        padded = jnp.asarray(tokens + [0] * (128 - len(tokens)))
+        logits = _last_logits(state, padded, len(tokens), graphdef=graphdef)
+        logprobs = np.asarray(jax.nn.log_softmax(logits))
+        np.testing.assert_allclose(event.logprob, logprobs[event.token], atol=1e-5)
+        best = np.argsort(-logprobs)[:3]
+        assert [t for t, _ in event.top_logprobs] == best.tolist()
+        np.testing.assert_allclose([p for _, p in event.top_logprobs], logprobs[best], atol=1e-5)
+        tokens.append(event.token)
+    assert all(e.top_logprobs == () for e in events if e.request_id == 1)
+    with pytest.raises(ValueError, match=r"top_logprobs=21 must be in \[0, 20\]"):
+        engine.submit(Request(prompt, 4, top_logprobs=21))

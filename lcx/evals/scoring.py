@@ -13,16 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lcx.data.tokenizer import prompt_ids, text_ids
 from lcx.errors import UserError
 from lcx.evals.tasks import Example
-from lcx.packing import first_fit_decreasing
-from lcx.packing.rows import packed_row
+from lcx.generate.scoring import PackedScorer
 
 
 class LanguageModel(Protocol):
@@ -153,11 +149,7 @@ class TransformerLM:
         self.model, self.tokenizer, self.context = model, tokenizer, context
         self.slots, self.token_budget = slots, token_budget
         self._engine = None
-        graphdef, state = nnx.split(model)
-        self._state = state
-        self._forward = jax.jit(
-            lambda state, *row: _next_token_scores(nnx.merge(graphdef, state), *row)
-        )
+        self._scorer = PackedScorer(model, context, tokenizer.pad_id, top=1)
 
     def generate(self, prompts, max_new_tokens):
         from lcx.generate import Engine, Request, SamplingParams
@@ -179,28 +171,4 @@ class TransformerLM:
 
     def score_tokens(self, sequences):
         check_fits(sequences, 0, self.context, "score_tokens")
-        bins = first_fit_decreasing([len(s) for s in sequences], self.context)
-        out = [None] * len(sequences)
-        pad = self.tokenizer.pad_id
-        for members in bins:
-            row = packed_row([sequences[i] for i in members], self.context, pad)
-            logprob, top = self._forward(
-                self._state,
-                *(jnp.asarray(row[k])[None] for k in ("tokens", "segment_ids", "positions")),
-            )
-            logprob, top = np.asarray(logprob[0]), np.asarray(top[0])
-            start = 0
-            for i in members:
-                n = len(sequences[i])
-                out[i] = (logprob[start : start + n - 1], top[start : start + n - 1])
-                start += n
-        return out
-
-
-def _next_token_scores(model, tokens, segment_ids, positions):
-    """log p(next token) and whether it is the argmax, at every position but the last."""
-    logits = model(tokens, segment_ids, positions)[:, :-1]
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    target = tokens[:, 1:]
-    chosen = jnp.take_along_axis(logprobs, target[..., None], axis=-1)[..., 0]
-    return chosen, jnp.argmax(logits, axis=-1) == target
+        return [(s.logprob, s.is_greedy) for s in self._scorer.score(sequences)]

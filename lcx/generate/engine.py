@@ -38,6 +38,8 @@ from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
 from lcx.generate.sampling import SamplingParams, sample, settings_arrays
 from lcx.packing import first_fit_decreasing
 
+TOP_LOGPROBS = 20  # the most alternatives an event reports (OpenAI's chat API allows 20)
+
 
 @dataclasses.dataclass(frozen=True)
 class Request:
@@ -47,15 +49,23 @@ class Request:
     max_new_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop_ids: tuple[int, ...] = ()
+    top_logprobs: int = 0  # alternatives per token in its events (at most TOP_LOGPROBS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """One generated token of a request; `done` on its last."""
+    """One generated token of a request; `done` on its last.
+
+    `logprob` is the token's log-probability under the model (its raw distribution,
+    before temperature, top-k and top-p, as OpenAI's API reports it); `top_logprobs` the
+    request's `top_logprobs` most likely tokens as (id, log-probability), best first.
+    """
 
     request_id: int
     token: int
     done: bool
+    logprob: float = float("nan")
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass
@@ -89,7 +99,11 @@ def _forward_and_sample(graphdef, attend_cache, state, cache, prefixes, row, set
     b, n, v = logits.shape
     chosen = logits.reshape(b * n, v)[row["logit_of_slot"]]
     temperature, top_k, top_p, seed = settings
-    return sample(chosen, seed, row["count"], temperature, top_k, top_p), cache
+    tokens = sample(chosen, seed, row["count"], temperature, top_k, top_p)
+    logprobs = jax.nn.log_softmax(chosen.astype(jnp.float32), axis=-1)
+    token_logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    top_logprob, top_id = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, v))
+    return (tokens, token_logprob, top_id, top_logprob), cache
 
 
 class Engine:
@@ -166,11 +180,36 @@ class Engine:
 
     def submit(self, request: Request) -> int:
         """Queue a request; its id. ValueError (one line, nothing queued) if it cannot run."""
-        self._check_request(request)
+        self.check_request(request)
         request_id = self._next_id
         self._next_id += 1
         self._queue.append((request_id, request))
         return request_id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a queued or running request, freeing its slot for the next step; what it
+        generated so far goes to `results`. False if it is not queued or running."""
+        for i, (queued_id, _) in enumerate(self._queue):
+            if queued_id == request_id:
+                del self._queue[i]
+                self.results[request_id] = []
+                return True
+        for slot, running in enumerate(self._running):
+            if running is not None and running.request_id == request_id:
+                self.results[request_id] = running.generated
+                self._running[slot] = None
+                return True
+        return False
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        """Requests in a slot (prefilling or decoding)."""
+        return sum(r is not None for r in self._running)
 
     @property
     def idle(self) -> bool:
@@ -242,7 +281,7 @@ class Engine:
         if not requests:
             raise ValueError("prefill needs at least one request")
         for request in requests:
-            self._check_request(request)
+            self.check_request(request)
         free = [s for s, r in enumerate(self._running) if r is None]
         if len(requests) > len(free):
             raise ValueError(
@@ -287,11 +326,13 @@ class Engine:
                 f"{name} holds token ids outside the vocabulary [0, {self.vocab_size})"
             )
 
-    def _check_request(self, request: Request):
+    def check_request(self, request: Request):
         """One-line ValueError for a request the engine cannot serve."""
         self._check_tokens(request.prompt, "prompt")
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={request.max_new_tokens} must be >= 1")
+        if not 0 <= request.top_logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs={request.top_logprobs} must be in [0, {TOP_LOGPROBS}]")
         need = len(request.prompt) + request.max_new_tokens - 1  # the last token is not cached
         if need > self.max_length:
             raise ValueError(
@@ -382,8 +423,8 @@ class Engine:
         each slot's entry among them, flattened (meaningless for slots not sampled).
         """
         args = self._device_args(row, logits_at, logit_of_slot)
-        tokens, self._cache = self._steps[attend_cache](*args)
-        return np.asarray(tokens)
+        sampled, self._cache = self._steps[attend_cache](*args)
+        return tuple(np.asarray(x) for x in sampled)
 
     def _device_args(self, row, logits_at, logit_of_slot):
         """The jitted step's arguments: state, cache, prefixes, row arrays, sampling."""
@@ -404,8 +445,9 @@ class Engine:
         )
         return self._state, self._cache, self._prefixes, device_row, settings_arrays(params)
 
-    def _take(self, tokens_S, samplers) -> list[Event]:
+    def _take(self, sampled, samplers) -> list[Event]:
         """Append each sampled token to its sequence; retire finished ones."""
+        tokens_S, logprob_S, top_id_SxN, top_logprob_SxN = sampled
         events = []
         for slot in samplers:
             running = self._running[slot]
@@ -413,7 +455,10 @@ class Engine:
             running.generated.append(token)
             request = running.request
             done = len(running.generated) >= request.max_new_tokens or token in request.stop_ids
-            events.append(Event(running.request_id, token, done))
+            k = request.top_logprobs
+            ids, logprobs = top_id_SxN[slot, :k].tolist(), top_logprob_SxN[slot, :k].tolist()
+            top = tuple(zip(ids, logprobs, strict=True))
+            events.append(Event(running.request_id, token, done, float(logprob_S[slot]), top))
             if done:
                 self.results[running.request_id] = running.generated
                 self._running[slot] = None
