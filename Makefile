@@ -88,8 +88,8 @@ LOCK = $(UV) pip compile setup.cfg --quiet --upgrade --custom-compile-command "m
 lock:
 	test -x $(UV) || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv==$(UV_VERSION); }
 	# The reference extra (torch, transformers) only where torch's CPU build exists: 3.11.
-	$(call LOCK,3.11,--extra test --extra reference $(FIND_LINKS))
-	$(call LOCK,3.12,--extra test)
+	$(call LOCK,3.11,--extra test --extra harness --extra reference $(FIND_LINKS))
+	$(call LOCK,3.12,--extra test --extra harness)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -18,7 +18,7 @@ def get_config(arg=None):
         raise ValueError(f"configs/lm_tiny.py takes no argument or 'smoke'; got {arg!r}")
     smoke = arg == "smoke"
     c = config_dict.ConfigDict()
-    c.mode = "train"  # train | eval | generate | evaluate | export | recipe | self_lengthen
+    c.mode = "train"  # train | eval | generate | evaluate | export | recipe | self_lengthen | serve
     c.seed = 0
 
     # --config.mode=generate: complete prompts with the workdir's latest checkpoint.
@@ -70,6 +70,19 @@ def get_config(arg=None):
     )
     # --config.mode=export: the latest checkpoint as a Hugging Face directory.
     c.export = dict(dir="", max_shard_gb=2.0)
+    # --config.mode=serve: an OpenAI-compatible HTTP server (lcx.serve) on the workdir's
+    # latest checkpoint, or on init.hf_checkpoint when the workdir has none.
+    c.serve = dict(
+        host="127.0.0.1",  # loopback only unless told otherwise ("0.0.0.0": every interface)
+        port=8000,
+        model_name="",  # the id clients name; "": the workdir's name
+        max_context=0,  # prompt + max_tokens per request; 0: train.seq_len
+        max_queue=64,  # requests waiting for a slot before new ones get 429
+        api_key="",  # "": the LCX_API_KEY environment variable, else no key
+        drain_seconds=30.0,  # on SIGTERM: how long in-flight requests may finish
+        slots=8,  # sequences decoded at once
+        token_budget=256,  # query tokens per engine step
+    )
     # Start from a Hugging Face checkpoint (lcx.checkpoints): its config.json sets the
     # architecture, config.model how it runs; rope_theta > 0 replaces its RoPE base.
     c.init = dict(hf_checkpoint="", rope_theta=0.0)

@@ -105,6 +105,21 @@ class ExportSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """`config.serve`: `mode=serve` (configs/lm_tiny.py documents each key)."""
+
+    host: str
+    port: int
+    model_name: str
+    max_context: int
+    max_queue: int
+    api_key: str
+    drain_seconds: float
+    slots: int
+    token_budget: int
+
+
+@dataclasses.dataclass(frozen=True)
 class InitSettings:
     """`config.init`: a Hugging Face checkpoint to start from ("" for none)."""
 
@@ -340,6 +355,7 @@ class Settings:
     self_lengthen: SelfLengthenSettings
     sharding_rules: tuple
     model: ModelSettings
+    serve: ServeSettings
 
     def replace(self, **sections) -> Settings:
         """A copy with whole sections, or fields of them as {section: {field: value}},

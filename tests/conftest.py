@@ -112,3 +112,23 @@ def text_corpus(tmp_path):
         data = bytes(rng.integers(32, 127, size=n, dtype=np.uint8))
         (root / f"doc{i:03d}.txt").write_bytes(data)
     return str(root)
+
+
+def tiny_byte_model(seed: int = 0):
+    """A random float32 Transformer over the byte tokenizer's 384 ids: the server's and
+    the harness's tests run it."""
+    from flax import nnx
+
+    from lcx.model import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(
+        vocab_size=384,
+        d_model=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=16,
+        mlp_dim=64,
+        attention_implementation="xla_chunked",
+    )
+    return Transformer(cfg, rngs=nnx.Rngs(seed))

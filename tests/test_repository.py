@@ -33,6 +33,7 @@ LAYERS = (
     ("lcx.checkpoints",),
     ("lcx.train",),
     ("lcx.generate",),
+    ("lcx.serve",),  # the HTTP layer on the engine (lcx.generate)
     ("lcx.evals",),
     ("lcx.posttrain",),  # fine-tuning recipes over training, generation and evaluation
     ("lcx.modes",),

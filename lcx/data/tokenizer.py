@@ -74,6 +74,14 @@ class ByteTokenizer:
         """What a cache of rendered conversations must know of the template: its source."""
         return BYTE_TEMPLATE
 
+    def token_name(self, token: int) -> str:
+        """A token's name: "<s>", "</s>", "<pad>" for the special ids, a byte as the character
+        of that code point, "<unusedN>" for the ids that pad the vocabulary."""
+        names = {self.bos_id: "<s>", self.eos_id: "</s>", self.pad_id: "<pad>"}
+        if token in names:
+            return names[token]
+        return bytes([token]).decode("latin-1") if token < 256 else f"<unused{token}>"
+
     def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
         """`messages` in lcx's byte chat template (`lcx.data.chat_template.BYTE_TEMPLATE`):
         "<s>", then per turn "<|role|>\\n" + content + "</s>"; the generation prompt is
@@ -237,6 +245,10 @@ class HFTokenizer:
             return self._tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8")
         table = self._id_bytes()
         return b"".join(table[i] for i in ids if 0 <= i < len(table))
+
+    def token_name(self, token: int) -> str:
+        """The token's string in the vocabulary ("<|eot_id|>", "Ġthe", ...)."""
+        return self._tokenizer.id_to_token(token)
 
     def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
         """The text of `messages` rendered by the directory's chat template, as

@@ -8,7 +8,7 @@ A new mode is its module plus one line in MODES.
 import types
 
 from lcx.errors import UserError
-from lcx.modes import eval, evaluate, export, generate, recipe, self_lengthen, train
+from lcx.modes import eval, evaluate, export, generate, recipe, self_lengthen, serve, train
 from lcx.settings import resolve
 
 MODES = types.MappingProxyType(
@@ -20,6 +20,7 @@ MODES = types.MappingProxyType(
         "export": export,
         "recipe": recipe,
         "self_lengthen": self_lengthen,
+        "serve": serve,
     }
 )
 

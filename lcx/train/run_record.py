@@ -109,10 +109,10 @@ def upgraded(recorded: dict) -> dict:
 
 
 def resumable(key: str) -> bool:
-    """Whether a config key may differ on resume (generation, export and evaluation
-    settings never matter)."""
+    """Whether a config key may differ on resume (generation, export, evaluation and
+    serving settings never matter)."""
     return key in RESUMABLE or key.startswith(
-        ("generate.", "export.", "evals.", "recipe.", "self_lengthen.")
+        ("generate.", "export.", "evals.", "recipe.", "self_lengthen.", "serve.")
     )
 
 
@@ -150,6 +150,29 @@ def read_record(workdir: str) -> dict | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def recorded_config(workdir: str) -> dict:
+    """The config a workdir's run was started with, as nested dicts: its record over
+    configs/lm_tiny.py's values (for keys added since); for tools given only a workdir."""
+    from lcx.config_loading import load_config
+    from lcx.settings import ORIGIN
+
+    record = read_record(workdir)
+    if record is None:
+        raise UserError(f"--workdir {workdir!r} has no {RECORD}: not a run's directory")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    plain = as_dict(resolve(load_config(os.path.join(root, ORIGIN))))
+    known = flatten(plain)
+    for key, value in upgraded(record).items():
+        if key not in known:
+            continue  # a key since removed
+        *path, leaf = key.split(".")
+        node = plain
+        for name in path:
+            node = node[name]
+        node[leaf] = value
+    return plain
 
 
 def write_record(config, workdir: str) -> None:
