@@ -3,11 +3,15 @@ design documents outside docs/, and every shell command in the README and docs/ 
 
 import ast
 import glob
+import json
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -137,9 +141,19 @@ def shell_commands(markdown: str) -> list[list[str]]:
     return commands
 
 
-def runnable(words: list[str], tmp: str) -> list[str]:
+DOCUMENTED_PORT = "8000"  # mode=serve's port in the docs; the test serves on a free one
+
+
+def runnable(words: list[str], tmp: str, port: str = DOCUMENTED_PORT) -> list[str]:
     """A documented command as the test runs it: configs at `:smoke`, workdirs under `tmp`
-    (the same documented workdir maps to the same directory), a step count left to smoke."""
+    (the same documented workdir maps to the same directory), a step count left to smoke,
+    the server's port `port`."""
+    if words[0] == "curl":
+        return [w.replace(f":{DOCUMENTED_PORT}/", f":{port}/") for w in words]
+    if words[-1] == "&":  # a server, left running while the commands after it run
+        # :smoke trains 64-token rows; the documented requests are for the full config's 256.
+        serving = [f"--config.serve.port={port}", "--config.serve.max_context=256"]
+        return [*runnable(words[:-1], tmp, port), *serving]
     if words[:2] == ["make", "test"] or (words[0] == "make" and words[1].startswith("test-")):
         return ["make", "-n", *words[1:]]  # the suite cannot run itself: check the recipe only
     if words[:2] == ["make", "train"]:
@@ -169,23 +183,69 @@ def test_the_documented_commands_are_found():
     assert tour[2:] == ["lcx.main", "--config", "configs/a.py:smoke", "--workdir", "/t/runs/x"]
 
 
+def python_blocks(markdown: str) -> list[str]:
+    text = open(os.path.join(ROOT, markdown)).read()
+    return re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("markdown", [m for m in MARKDOWN if shell_commands(m)])
 def test_every_documented_command_runs(markdown, tmp_path):
+    """Each command in order; a server (`... &`) stays up for the commands after it and
+    the file's OpenAI client snippets, then stops on SIGTERM with exit status 0."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for words in shell_commands(markdown):
-        command = runnable(words, str(tmp_path))
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
-        assert done.returncode == 0, f"{markdown}: {' '.join(words)}\n{done.stderr[-3000:]}"
-        if command[:2] == ["make", "-n"]:
-            assert "pytest" in done.stdout
+    port, server = str(_free_port()), None
+    try:
+        for words in shell_commands(markdown):
+            command = runnable(words, str(tmp_path), port)
+            if words[-1] == "&":
+                server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True)  # fmt: skip
+                _wait_for_health(server, port)
+                continue
+            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=600)  # fmt: skip
+            assert done.returncode == 0, f"{markdown}: {' '.join(words)}\n{done.stderr[-3000:]}"
+            if command[:2] == ["make", "-n"]:
+                assert "pytest" in done.stdout
+            if words[0] == "curl":
+                assert json.loads(done.stdout)["choices"][0]["finish_reason"] in ("stop", "length")
+        for snippet in [b for b in python_blocks(markdown) if "OpenAI(" in b]:
+            assert server is not None, f"{markdown}: an OpenAI client snippet and no server"
+            exec(snippet.replace(f":{DOCUMENTED_PORT}/", f":{port}/"), {})
+        if server is not None:
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(60) == 0, server.stderr.read()[-3000:]
+    finally:
+        if server is not None and server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_health(server, port, seconds=120):
+    """Until the server answers /health (or exits: then its error)."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert server.poll() is None, server.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the documented server did not come up"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
 
 
 def test_the_readme_tour_runs():
     """The README's Python tour, as written."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    (tour,) = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+    (tour,) = [b for b in python_blocks("README.md") if "packed_attention" in b]
     namespace = {}
     cwd = os.getcwd()
     try:

@@ -20,37 +20,17 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 
 from lcx.data import ByteTokenizer
 from lcx.data.tokenizer import prompt_ids
 from lcx.generate import generate
 from lcx.generate.scoring import PackedScorer
 from lcx.serve import Service, make_app
+from lcx.serve.server import BackgroundServer
 from tests.conftest import ROOT, tiny_byte_model
 
 KEY = "test-key"
 CONTEXT = 96
-
-
-class LiveServer:
-    """An app on uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, app):
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def make_service(model, **kw):
@@ -68,7 +48,7 @@ def model():
 @pytest.fixture(scope="module")
 def server(model):
     service = make_service(model)
-    live = LiveServer(make_app(service, api_key=KEY))
+    live = BackgroundServer(make_app(service, api_key=KEY))
     live.service = service
     yield live
     live.stop()
@@ -300,7 +280,7 @@ def test_a_failure_inside_one_request_is_a_500_with_its_id_and_the_others_comple
 
 def test_a_full_queue_answers_429_with_retry_after(model):
     service = make_service(model, max_waiting=0)  # the fixture's engine shapes: no new compile
-    live = LiveServer(make_app(service))
+    live = BackgroundServer(make_app(service))
     try:
         body = {"model": "tiny", "prompt": "x", "max_tokens": 90, "temperature": 0, "stream": True}
         with httpx.Client(timeout=30) as http:

@@ -66,3 +66,27 @@ def run_server(app, service, *, host: str, port: int, drain_seconds: float) -> d
     finally:
         service.close()
     return server.drained or {}
+
+
+class BackgroundServer:
+    """`app` on uvicorn in a daemon thread (a notebook's, a test's): `url` once listening
+    (port 0: a free port), `stop()` to end it. No signal handling: the caller stops it."""
+
+    def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0, timeout: float = 30):
+        import threading
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="lcx-http", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            time.sleep(0.02)
+        bound = self.server.servers[0].sockets[0].getsockname()
+        self.url = f"http://{bound[0]}:{bound[1]}"
+
+    def stop(self, timeout: float = 10) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
