@@ -229,6 +229,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(model, serv
     _error(post("/v1/completions", json={**ok, "temperature": -1}), 400)
     _error(post("/v1/completions", json={**ok, "frequency_penalty": 0.5}), 400)
     _error(post("/v1/chat/completions", json={"model": "tiny", "messages": []}), 400)
+    long_chat = {"model": "tiny", "messages": [{"role": "user", "content": "y" * 100}]}
+    assert _error(post("/v1/chat/completions", json=long_chat), 400)["code"] == (
+        "context_length_exceeded"
+    )
     assert _error(post("/v1/completions", json={**ok, "model": "gpt-9"}), 404)["code"] == (
         "model_not_found"
     )

@@ -201,7 +201,8 @@ def make_app(service: Service, *, api_key: str = "") -> FastAPI:
             for m in body.messages
         ]
         prompt = service.chat_tokens(messages)
-        max_tokens = body.token_limit or service.max_context - len(prompt)
+        # Without a limit: what the context leaves, at least one token (else the 400 below).
+        max_tokens = body.token_limit or max(service.max_context - len(prompt), 1)
         service.check_fits(prompt, max_tokens, "messages")
         metrics.prompt_tokens.inc(len(prompt))
         top = (body.top_logprobs or 0) if body.logprobs else None

@@ -1,0 +1,245 @@
+"""The HTTP server against the in-process engine on one request trace, side by side.
+
+    python benchmarks/serve.py            # the BENCHMARKS.md run
+    python benchmarks/serve.py --smoke    # seconds
+
+The trace is benchmarks/generate.py's: Poisson arrivals (100/s), prompts cut from the
+embedded corpus's documents (long-tailed, up to 512 tokens), long-tailed output lengths,
+lm_tiny's shape with random weights, greedy, stopping at `max_tokens` or EOS.
+- `engine`: the requests submitted to an `Engine` in this process as they arrive.
+- `server`: `mode=serve`'s app (`lcx.serve`, same engine sizes) in a process of its own,
+  the requests sent as they arrive by an asyncio httpx client in this one, each a
+  streamed `/v1/completions` with token-id prompts; a token's time is its SSE chunk's
+  arrival at the client.
+Each side runs the trace once to compile, then `--repeats` times; the table has the
+median of each figure and the spread of throughput: requests/s, output tokens/s, time to
+first token (from the request's arrival) and between tokens (p50, p99), errors (must be
+0), and the server's throughput overhead against the engine. The client runs on the
+same 2 CPU cores as the server, so the overhead includes what a client costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.generate import build_model, corpus_documents, make_trace  # noqa: E402
+from lcx.data import ByteTokenizer  # noqa: E402
+from lcx.generate import Engine  # noqa: E402
+
+
+def trace_of(args):
+    """benchmarks/generate.py's trace at these settings, every request stopping at EOS."""
+    model, config = build_model(args.smoke)
+    documents = corpus_documents(config)
+    rng = np.random.default_rng(args.seed + 2)  # generate.py's trace seed
+    trace = make_trace(documents, rng, args.requests, args.rate, args.prompt_cap,
+                       args.output_mean, 4 * args.output_mean)  # fmt: skip
+    stop = (ByteTokenizer.eos_id,)
+    trace = [(a, dataclasses.replace(r, stop_ids=stop)) for a, r in trace]
+    longest = max(len(r.prompt) + r.max_new_tokens for _, r in trace)
+    return model, trace, -(-longest // 8) * 8
+
+
+def stats(arrivals, token_times, start, finish, errors) -> dict:
+    """The figures of one run from each request's arrival and token timestamps."""
+    ttft = [times[0] - arrivals[i] for i, times in token_times.items() if times]
+    gaps = [b - a for times in token_times.values() for a, b in zip(times, times[1:], strict=False)]
+    tokens, total = sum(map(len, token_times.values())), finish - start
+    ms = lambda xs, q: 1e3 * float(np.percentile(xs, q)) if xs else 0.0  # noqa: E731
+    return {
+        "seconds": total,
+        "requests_per_sec": len(token_times) / total,
+        "tokens_per_sec": tokens / total,
+        "tokens": tokens,
+        "ttft_p50_ms": ms(ttft, 50),
+        "ttft_p99_ms": ms(ttft, 99),
+        "itl_p50_ms": ms(gaps, 50),
+        "itl_p99_ms": ms(gaps, 99),
+        "errors": errors,
+    }
+
+
+# ---- the engine in this process ---------------------------------------------------------
+
+
+def run_engine(model, trace, *, slots, max_length, token_budget) -> dict:
+    """The engine fed as requests arrive."""
+    engine = Engine(model, slots=slots, max_length=max_length, token_budget=token_budget)
+    pending, arrivals, token_times, ids = list(enumerate(trace)), {}, {}, {}
+    start = time.perf_counter()
+    while pending or not engine.idle:
+        now = time.perf_counter()
+        while pending and pending[0][1][0] <= now - start:
+            index, (arrival, request) = pending.pop(0)
+            ids[engine.submit(request)] = index
+            arrivals[index], token_times[index] = start + arrival, []
+        if engine.idle:
+            time.sleep(max(0.0, pending[0][1][0] - (now - start)))
+            continue
+        for event in engine.step():
+            token_times[ids[event.request_id]].append(time.perf_counter())
+    return stats(arrivals, token_times, start, time.perf_counter(), 0)
+
+
+# ---- the server in another process, the client in this one ------------------------------
+
+
+def serve_forever(args):
+    """The server process: the same model behind the app until SIGTERM."""
+    from lcx.serve import Service, make_app
+    from lcx.serve.server import run_server
+
+    model, _, max_length = trace_of(args)
+    service = Service(model, ByteTokenizer(), model_name="bench", max_context=max_length,
+                      slots=args.slots, token_budget=args.token_budget,
+                      max_waiting=args.requests)  # fmt: skip
+    run_server(make_app(service), service, host="127.0.0.1", port=args.port, drain_seconds=5)
+
+
+async def run_client(url, trace) -> dict:
+    """Each request sent at its arrival time, streamed; token times as chunks arrive."""
+    import httpx
+
+    arrivals, token_times, errors = {}, {}, 0
+    limits = httpx.Limits(max_connections=len(trace), max_keepalive_connections=len(trace))
+
+    async def one(client, index, arrival, request, start):
+        nonlocal errors
+        await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
+        arrivals[index], times = time.perf_counter(), []
+        token_times[index] = times
+        body = {"model": "bench", "prompt": list(request.prompt), "temperature": 0,
+                "max_tokens": request.max_new_tokens, "stream": True}  # fmt: skip
+        try:
+            async with client.stream("POST", url + "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    errors += 1
+                    return
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+        except httpx.HTTPError:
+            errors += 1
+
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one(client, i, a, r, start) for i, (a, r) in enumerate(trace)))
+        finish = time.perf_counter()
+    return stats(arrivals, token_times, start, finish, errors)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(argv) -> tuple[subprocess.Popen, str]:
+    """This script as the server process; (process, url) once it answers /health."""
+    import httpx
+
+    port = _free_port()
+    command = [sys.executable, os.path.abspath(__file__), *argv, "--serve", f"--port={port}"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server process exited: {process.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError("the server process did not come up")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+# ---- driver -----------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=100.0, help="arrivals per second")
+    parser.add_argument("--prompt_cap", type=int, default=512)
+    parser.add_argument("--output_mean", type=float, default=32)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--token_budget", type=int, default=128)
+    parser.add_argument("--json", default="")
+    parser.add_argument("--serve", action="store_true", help="(internal) be the server")
+    parser.add_argument("--port", type=int, default=0, help="(internal) the server's port")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.requests, args.prompt_cap, args.output_mean = 10, 32, 4
+        args.slots, args.token_budget, args.rate = 3, 16, 200.0
+        args.repeats = min(args.repeats, 2)
+    if args.serve:
+        serve_forever(args)
+        return {}
+    model, trace, max_length = trace_of(args)
+    sizes = dict(slots=args.slots, max_length=max_length, token_budget=args.token_budget)
+    runs = {"engine": [], "server": []}
+    for i in range(args.repeats + 1):  # the first run of each side compiles
+        result = run_engine(model, trace, **sizes)
+        if i:
+            runs["engine"].append(result)
+    process, url = start_server(argv)
+    try:
+        for i in range(args.repeats + 1):
+            result = asyncio.run(run_client(url, trace))
+            if i:
+                runs["server"].append(result)
+    finally:
+        process.terminate()
+        process.wait(60)
+    results = {"settings": vars(args), "runs": runs}
+    for side, rows in runs.items():
+        results[side] = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        tps = [r["tokens_per_sec"] for r in rows]
+        results[side]["tokens_per_sec_spread"] = (min(tps), max(tps))
+        results[side]["errors"] = sum(r["errors"] for r in rows)
+    results["overhead"] = (
+        1 - results["server"]["tokens_per_sec"] / results["engine"]["tokens_per_sec"]
+    )
+    report(results, argv)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def report(results, argv):
+    """The side-by-side table, with the command and the machine."""
+    print(f"\n`python benchmarks/serve.py {' '.join(argv)}` on {os.cpu_count()} CPU cores\n")
+    print("| side | requests/s | output tokens/s (min-max) | TTFT p50 / p99 ms | "
+          "inter-token p50 / p99 ms | errors |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for side in ("engine", "server"):
+        r = results[side]
+        low, high = r["tokens_per_sec_spread"]
+        print(f"| {side} | {r['requests_per_sec']:.1f} | {r['tokens_per_sec']:.0f} "
+              f"({low:.0f}-{high:.0f}) | {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | "
+              f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['errors']} |")  # fmt: skip
+    print(f"server throughput overhead against the engine: {100 * results['overhead']:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
