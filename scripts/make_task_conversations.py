@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lcx.data import ByteTokenizer  # noqa: E402
-from lcx.evals.tasks import TASKS, make_examples  # noqa: E402
+from lcx.evals.tasks import TAUGHT_TASKS, make_examples  # noqa: E402
 
 LENGTHS = (240, 320, 400)
 PER_TASK_AND_LENGTH = 40
@@ -34,7 +34,7 @@ def conversations(per_task_and_length: int = PER_TASK_AND_LENGTH) -> list[dict]:
     """Every task at every length, in a fixed order; every third with a system turn."""
     tokenizer = ByteTokenizer()
     out = []
-    for task in sorted(TASKS):
+    for task in sorted(TAUGHT_TASKS):
         for length in LENGTHS:
             for i, ex in enumerate(
                 make_examples(task, length, per_task_and_length, SEED, tokenizer)

@@ -15,12 +15,21 @@ from lcx.evals.scoring import (
     prompt_ids,
     score_examples,
     split_ids,
+    string_match_all,
 )
-from lcx.evals.tasks import TASKS, Example, make_example, make_examples, prompt_length
+from lcx.evals.tasks import (
+    TASKS,
+    TAUGHT_TASKS,
+    Example,
+    make_example,
+    make_examples,
+    prompt_length,
+)
 
 __all__ = [
     "BUCKETS",
     "TASKS",
+    "TAUGHT_TASKS",
     "Example",
     "LanguageModel",
     "TransformerLM",
@@ -33,4 +42,5 @@ __all__ = [
     "prompt_length",
     "score_examples",
     "split_ids",
+    "string_match_all",
 ]

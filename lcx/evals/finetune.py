@@ -16,7 +16,7 @@ import os
 
 from lcx.data.tokenizer import ByteTokenizer
 from lcx.evals.scoring import continuation
-from lcx.evals.tasks import TASKS, make_example
+from lcx.evals.tasks import TAUGHT_TASKS, make_example
 
 SEED = 7_777  # examples (SEED, i): never the evaluation's (evals.seed, i) for small seeds
 
@@ -30,7 +30,7 @@ def write_task_corpus(
     seed: int = SEED,
 ) -> list[str]:
     """`count` examples cycling over tasks and lengths, one file each; their paths."""
-    tasks, tokenizer = list(tasks or TASKS), tokenizer or ByteTokenizer()
+    tasks, tokenizer = list(tasks or TAUGHT_TASKS), tokenizer or ByteTokenizer()
     os.makedirs(directory, exist_ok=True)
     paths = []
     for i in range(count):

@@ -1,11 +1,14 @@
-"""Scoring: exact match of greedy generations and the likelihood of the answer.
+"""Scoring: exact match and RULER's string_match_all of generations, answer likelihood.
 
 A model is anything with `context` (tokens), `generate(prompts, max_new_tokens)` and
 `score_tokens(sequences)`; `TransformerLM` is an lcx Transformer through the serving
 engine (generation) and packed rows (likelihood: many sequences per row, attention kept
 within each). Generation-based exact match needs a model able to follow the format;
 the answer's log-likelihood and its teacher-forced token accuracy grade a model too small
-to generate it. A prompt that does not fit the context is an error, never truncated.
+to generate it. string_match_all (RULER, Hsieh et al., arXiv 2404.06654) gives partial
+credit: the fraction of an example's expected strings (each needle's number, each
+variable's name, each common word) found in the generation's first line, ignoring case.
+A prompt that does not fit the context is an error, never truncated.
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ def first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
+def string_match_all(output: str, expected: Sequence[str]) -> float:
+    """RULER's string_match_all: the fraction of `expected` found in `output`, ignoring case."""
+    text = output.lower()
+    return sum(s.lower() in text for s in expected) / len(expected)
+
+
 def check_fits(examples_ids, new_tokens: int, context: int, what: str) -> None:
     """ValueError when a prompt plus its new tokens exceed the model's context."""
     longest = max(len(ids) for ids in examples_ids)
@@ -91,8 +100,9 @@ def score_examples(
     generate: bool = True,
     chat: bool = False,
 ) -> dict:
-    """Mean exact match (greedy generation), answer log-likelihood per token, teacher-
-    forced token accuracy and, with label choices, the likelihood's choice accuracy.
+    """Mean exact match and string_match_all (greedy generation), answer log-likelihood
+    per token, teacher-forced token accuracy and, with label choices, the likelihood's
+    choice accuracy.
     `chat`: prompts and answers as conversation turns (`chat_split_ids`), for a model
     fine-tuned on conversations (`data.format = "chat"`)."""
     split = chat_split_ids if chat else split_ids
@@ -105,8 +115,10 @@ def score_examples(
         check_fits([p for p, _ in pairs], new, lm.context, what)
         completions = lm.generate([p for p, _ in pairs], new)
         texts = [tokenizer.decode(c).decode("utf-8", "replace") for c in completions]
-        hits = [first_line(t) == ex.answer for t, ex in zip(texts, examples, strict=True)]
-        out["exact_match"] = float(np.mean(hits))
+        graded = [(first_line(t), ex) for t, ex in zip(texts, examples, strict=True)]
+        out["exact_match"] = float(np.mean([line == ex.answer for line, ex in graded]))
+        matched = [string_match_all(line, ex.targets) for line, ex in graded]
+        out["string_match_all"] = float(np.mean(matched))
     scores = lm.score_tokens([p + a for p, a in pairs])
     logprob, accuracy = [], []
     for (p, _), (lp, top) in zip(pairs, scores, strict=True):

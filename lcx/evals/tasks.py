@@ -4,11 +4,16 @@ The task types follow ProLong's advice (Gao et al., arXiv 2410.02660) to test se
 kinds of context use rather than one needle: key-value retrieval and multi-needle recall
 (RULER, Hsieh et al., arXiv 2404.06654; the JSON key-value task of Liu et al., "Lost in
 the Middle", arXiv 2307.03172), variable tracking (RULER), copying a long span, and
-many-shot in-context classification with arbitrary label words. Every prompt ends where
-the answer starts, on a colon; the model is to continue with a space, the one-line
-answer and a newline. A prompt is built to a requested length in
-tokens of the tokenizer in use: as many items as fit, then filler text to the exact
-count (within a token or two for a BPE tokenizer).
+many-shot in-context classification with arbitrary label words. RULER's own tasks
+follow its generators (NVIDIA/RULER), scaled down so that each fits a 240-token prompt:
+needles in its noise haystack (`niah_single`, `niah_multikey`), its variable tracking
+(`ruler_variable_tracking`), common-words extraction (`common_words`) and frequent-words
+extraction over Zipf counts (`frequent_words`); each example lists the strings RULER's
+string_match_all looks for (`Example.expected`). Every prompt ends where the answer
+starts, on a colon; the model is to continue with a space, the one-line answer and a
+newline. A prompt is built to a requested length in tokens of the tokenizer in use: as
+many items as fit, then filler text to the exact count (within a token or two for a BPE
+tokenizer).
 """
 
 from __future__ import annotations
@@ -28,16 +33,34 @@ WORDS = (
     "quill reef sable timber umber vale wharf yarrow zephyr acorn birch cinder"
 ).split()
 LABELS = ("mango", "violet", "seven", "Oslo", "tractor", "hymn", "cobra", "denim")
+# RULER's noise haystack, used one sentence at a time.
+NOISE = (
+    "The grass is green.",
+    "The sky is blue.",
+    "The sun is yellow.",
+    "Here we go.",
+    "There and back again.",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One prompt and its one-line answer (and, for classification, the label choices)."""
+    """One prompt and its one-line answer (and, for classification, the label choices).
+
+    `expected`: the strings a correct output contains (RULER's string_match_all), when
+    the answer lists several; () means the answer itself (`targets`).
+    """
 
     task: str
     prompt: str
     answer: str
     choices: tuple[str, ...] = ()
+    expected: tuple[str, ...] = ()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The strings string_match_all looks for in an output."""
+        return self.expected or (self.answer,)
 
 
 def _hex(rng, n=8) -> str:
@@ -87,7 +110,7 @@ def multi_needle(rng, n, needles=4) -> Example:
     for name, number in zip(names, numbers, strict=True):
         lines.insert(int(rng.integers(len(lines) + 1)), f"The magic number for {name} is {number}.")
     prompt = " ".join(lines) + f"\nWhat are the magic numbers for {', '.join(names)}?\nAnswer:"
-    return Example("multi_needle", prompt, ", ".join(numbers))
+    return Example("multi_needle", prompt, ", ".join(numbers), expected=tuple(numbers))
 
 
 def variable_tracking(rng, n, chain=4) -> Example:
@@ -104,7 +127,7 @@ def variable_tracking(rng, n, chain=4) -> Example:
         source = str(value) if i == 0 else chained[i - 1]
         lines.insert(int(spot), f"VAR {chained[i]} = {source}")
     prompt = "\n".join(lines) + f"\nWhich variables hold the value {value}?\nAnswer:"
-    return Example("variable_tracking", prompt, " ".join(chained))
+    return Example("variable_tracking", prompt, " ".join(chained), expected=tuple(chained))
 
 
 def copy_span(rng, n, span_words=16) -> Example:
@@ -137,6 +160,116 @@ def icl_classification(rng, n, classes=4, clue_words=3) -> Example:
     return Example("icl_classification", prompt, labels[target], labels)
 
 
+# RULER's tasks (Hsieh et al., arXiv 2404.06654). Its instructions are left out or cut
+# short so that every task fits a 240-token prompt in bytes (the task conversations'
+# shortest length).
+
+
+def _noise(n) -> list[str]:
+    """n sentences of RULER's noise haystack, in its order."""
+    return [NOISE[i % len(NOISE)] for i in range(max(n, 0))]
+
+
+def _made_up_words(rng, count) -> list[str]:
+    """count distinct pronounceable five-letter non-words (consonant, vowel, consonant, ...)."""
+    consonants, vowels = np.array(list("bdfgklmnprstvwz")), np.array(list("aeiou"))
+    words: dict[str, None] = {}
+    while len(words) < count:  # drawn in batches: long lists hold thousands
+        c, v = rng.choice(consonants, (count, 3)), rng.choice(vowels, (count, 2))
+        letters = np.stack([c[:, 0], v[:, 0], c[:, 1], v[:, 1], c[:, 2]], axis=1)
+        words.update(dict.fromkeys(letters.view("<U5").ravel().tolist()))
+    return list(words)[:count]
+
+
+def _needles(rng, n, needles, task) -> Example:
+    """RULER's NIAH: needles of distinct keys in the noise; the number of one key."""
+    keys = _distinct(rng, needles, lambda r: "-".join(r.choice(WORDS, 2, replace=False)))
+    numbers = _distinct(rng, needles, lambda r: str(int(r.integers(1_000_000, 10_000_000))))
+    lines = _noise(n)
+    for key, number in zip(keys, numbers, strict=True):
+        needle = f"One of the special magic numbers for {key} is: {number}."
+        lines.insert(int(rng.integers(len(lines) + 1)), needle)
+    target = int(rng.integers(needles))
+    question = (
+        f"What is the special magic number for {keys[target]} mentioned in the provided text?"
+    )
+    return Example(task, " ".join(lines) + f"\n{question}\nAnswer:", numbers[target])
+
+
+def niah_single(rng, n) -> Example:
+    """One needle in RULER's noise haystack; its 7-digit number."""
+    return _needles(rng, n, 1, "niah_single")
+
+
+def niah_multikey(rng, n, needles=4) -> Example:
+    """Needles of distractor keys (2 in the shortest prompts, up to `needles`); one asked."""
+    return _needles(rng, n, min(needles, 2 + n // 8), "niah_multikey")
+
+
+def ruler_variable_tracking(rng, n, hops=4) -> Example:
+    """RULER's form: "VAR A = 12345", hops "VAR B = VAR A" in order among noise lines;
+    every name bound to the value, in the order assigned."""
+    letters = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    names = _distinct(rng, hops + 1, lambda r: "".join(r.choice(letters, 5)))
+    value = int(rng.integers(10_000, 100_000))
+    chain = [f"VAR {names[0]} = {value}"]
+    chain += [f"VAR {b} = VAR {a}" for a, b in zip(names, names[1:], strict=False)]
+    lines = _noise(n)
+    for j, spot in enumerate(np.sort(rng.integers(len(lines) + 1, size=len(chain)))):
+        lines.insert(int(spot) + j, chain[j])  # + j: the earlier links sit before it
+    question = (
+        f"Question: Find all variables that are assigned the value {value} in the text above."
+    )
+    prompt = "\n".join(lines) + f"\n{question}\nAnswer:"
+    return Example("ruler_variable_tracking", prompt, " ".join(names), expected=tuple(names))
+
+
+def common_words(rng, n) -> Example:
+    """RULER's common-words extraction: a numbered list in which a few words recur often
+    and the rest rarely; the common words, in the order they first appear.
+
+    `n`: the uncommon words' entries. RULER's 10 words 30 times and the rest 3 times is
+    reached from n = 400 on; below, fewer common words (at least 3), fewer repeats (at
+    least 3) and the rest once or twice, so that the list fits short prompts.
+    """
+    n = max(n, 0)
+    common_count, common_repeats = min(10, 3 + n // 10), min(30, 3 + n // 6)
+    rare_repeats = min(3, 1 + n // 200)
+    words = _made_up_words(rng, common_count + n // rare_repeats)
+    common = words[:common_count]
+    pool = common * common_repeats + words[common_count:] * rare_repeats
+    entries = [str(word) for word in rng.permutation(pool)]
+    listed = " ".join(f"{i + 1}. {word}" for i, word in enumerate(entries))
+    ordered = tuple(dict.fromkeys(w for w in entries if w in common))
+    prompt = (
+        f"Below is a numbered list of words. Some appear more often than others.\n{listed}\n"
+        f"What are the {common_count} most common words in the list?\nAnswer:"
+    )
+    return Example("common_words", prompt, ", ".join(ordered), expected=ordered)
+
+
+def frequent_words(rng, n, top=3, alpha=2.0) -> Example:
+    """RULER's frequent-words extraction: coded words counted round(C / rank^alpha), C = 14
+    + n, in random order; the `top` most frequent, most frequent first.
+
+    From C = 14 on the counts of ranks 1 to 4 are strictly falling, so the answer is
+    unambiguous. RULER's dots noise (its rank 1, to be ignored) is left out for length.
+    """
+    scale = 14 + max(n, 0)
+    counts = [int(scale / rank**alpha + 0.5) for rank in range(1, int((2 * scale) ** 0.5) + 2)]
+    counts = [c for c in counts if c > 0]
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    vocabulary = _distinct(rng, len(counts), lambda r: "".join(r.choice(letters, 4)))
+    draws = [w for w, c in zip(vocabulary, counts, strict=True) for _ in range(c)]
+    answer = tuple(vocabulary[:top])
+    prompt = (
+        "Track how often each coded word appears in the text below.\n"
+        f"{' '.join(rng.permutation(draws))}\n"
+        f"What are the {top} most frequent coded words in the text?\nAnswer:"
+    )
+    return Example("frequent_words", prompt, ", ".join(answer), expected=answer)
+
+
 # Task name -> builder: one line per task.
 TASKS: dict[str, Callable] = {
     "kv_retrieval": kv_retrieval,
@@ -144,7 +277,22 @@ TASKS: dict[str, Callable] = {
     "variable_tracking": variable_tracking,
     "copy_span": copy_span,
     "icl_classification": icl_classification,
+    "niah_single": niah_single,
+    "niah_multikey": niah_multikey,
+    "ruler_variable_tracking": ruler_variable_tracking,
+    "common_words": common_words,
+    "frequent_words": frequent_words,
 }
+# The tasks the fine-tuning corpora (lcx.evals.finetune) and configs/data/
+# task_conversations.jsonl teach; their recorded results depend on this list, so RULER's
+# tasks, added later, are evaluated but not taught.
+TAUGHT_TASKS = (
+    "kv_retrieval",
+    "multi_needle",
+    "variable_tracking",
+    "copy_span",
+    "icl_classification",
+)
 FILLER = " ."
 
 
