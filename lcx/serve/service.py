@@ -3,7 +3,9 @@ pieces (stop strings, end of turn, log-probabilities), prompt scoring for `echo`
 
 One `Service` holds the model's engine in its own thread (`lcx.generate.threaded`) and
 a packed scorer; every request becomes engine requests whose events come back to the
-request's asyncio task through `call_soon_threadsafe`.
+request's asyncio task. The engine thread hands a step's events over in one
+`call_soon_threadsafe` however many requests they belong to (`_Mailbox`), rather than
+waking the event loop (one per Service) once per token of every request.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -89,6 +92,7 @@ class Service:
         self.stop_ids = turn_stop_ids(tokenizer)
         self.draining = False
         self.metrics = None  # lcx.serve.metrics.Metrics, set by the app
+        self._mailbox = _Mailbox()
 
     def close(self):
         self.engine_thread.close(timeout=10)
@@ -171,7 +175,7 @@ class Service:
         )
         try:
             ticket = self.engine_thread.submit(
-                request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+                request, lambda e: self._mailbox.post(loop, events, e)
             )
         except QueueFull as e:
             raise APIError(
@@ -253,3 +257,27 @@ class Service:
             alternatives = tuple((self.token_text(t), p) for t, p in top_pairs)
             out.append(TokenLogprob(self.token_text(token), float(scores.logprob[i]), alternatives))
         return out
+
+
+class _Mailbox:
+    """Events from the engine thread to the event loop, one wake-up for all that arrive
+    before the loop runs: `post` from the engine thread, delivered into each request's
+    asyncio.Queue in order."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._scheduled = False
+
+    def post(self, loop, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            wake, self._scheduled = not self._scheduled, True
+        if wake:
+            loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
