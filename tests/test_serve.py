@@ -144,6 +144,13 @@ def test_echo_with_logprobs_and_no_new_tokens_scores_the_prompt(model, client):
     for i, top in enumerate(lp.top_logprobs[1:]):
         assert len(top) == 2
         np.testing.assert_allclose(max(top.values()), want.top_logprobs[i, 0], atol=1e-5)
+    # Several prompts in one request are scored together, each as alone.
+    other = prompt_ids(ByteTokenizer(), "def f(): pass")
+    both = client.completions.create(
+        model="tiny", prompt=[other, ids], max_tokens=0, echo=True, logprobs=1, temperature=0
+    )
+    np.testing.assert_allclose(both.choices[1].logprobs.token_logprobs[1:], want.logprob, atol=1e-5)
+    assert len(both.choices[0].logprobs.token_logprobs) == len(other)
     # With one new token as well (what local-completions sends): prompt + 1 logprobs.
     one = client.completions.create(
         model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0

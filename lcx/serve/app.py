@@ -120,9 +120,9 @@ def make_app(service: Service, *, api_key: str = "") -> FastAPI:
             text = texts[i] if isinstance(texts[i], str) else _decode(service, prompt)
             choices += [(i * body.n + j, prompt, text) for j in range(body.n)]
         echoed = {}
-        if body.echo:
-            for index, prompt, _ in choices:
-                echoed[index] = await service.score_prompt(prompt, body.logprobs or 0)
+        if body.echo:  # each prompt scored once, all in one packed call; n choices share it
+            scored = await service.score_prompts(prompts, body.logprobs or 0)
+            echoed = {index: scored[index // body.n] for index, _, _ in choices}
         usage = _usage(sum(len(p) for p in prompts), 0)
         metrics.prompt_tokens.inc(usage["prompt_tokens"])
         head = {

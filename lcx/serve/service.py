@@ -240,15 +240,19 @@ class Service:
 
     # ---- scoring ----------------------------------------------------------------------
 
-    async def score_prompt(self, prompt: list[int], top: int) -> list[TokenLogprob]:
-        """Every prompt token's log-probability given the tokens before it (the first
-        token has none), with `top` alternatives each: `echo` with `logprobs`."""
+    async def score_prompts(self, prompts: list[list[int]], top: int) -> list[list[TokenLogprob]]:
+        """Each prompt token's log-probability given the tokens before it (the first
+        token has none), with `top` alternatives each: `echo` with `logprobs`. All the
+        prompts of a request are scored together, many to a packed row."""
         if self._scorer is None:
             self._scorer = PackedScorer(
                 self._model, self.max_context, self.tokenizer.pad_id, top=TOP_LOGPROBS
             )
         # The scorer's forward runs beside the engine thread; JAX dispatch is thread-safe.
-        (scores,) = await asyncio.to_thread(self._scorer.score, [prompt])
+        scored = await asyncio.to_thread(self._scorer.score, prompts)
+        return [self._prompt_logprobs(p, s, top) for p, s in zip(prompts, scored, strict=True)]
+
+    def _prompt_logprobs(self, prompt, scores, top) -> list[TokenLogprob]:
         out = [TokenLogprob(self.token_text(prompt[0]), None, ())]
         for i, token in enumerate(prompt[1:]):
             top_pairs = zip(
