@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -79,11 +80,12 @@ def variant_configs(*, smoke: bool, steps: int, seq_len: int, batch_size: int, w
     return configs
 
 
-def eval_rows(config, workdir: str, *, long_len: int, max_docs: int):
-    """(short rows, long rows): eval documents one per row, as token arrays."""
+def eval_rows(config, workdir: str, *, long_len: int, max_docs: int, short_len: int = SHORT):
+    """(short rows, long rows): eval documents one per row, as token arrays (a short one's
+    first `short_len` tokens: all of it unless smoke-sized)."""
     corpus, _ = load_split(resolve(config).data, "eval", workdir)
     docs = [corpus.document(i) for i in range(corpus.num_documents)]
-    short = [d for d in docs if len(d) < SHORT][:max_docs]
+    short = [d[:short_len] for d in docs if len(d) < SHORT][:max_docs]
     long = [d[:long_len] for d in docs if len(d) > LONG][:max_docs]
     return short, long
 
@@ -97,30 +99,36 @@ def _row_batch(doc: np.ndarray, length: int) -> dict:
     return {"tokens": tokens, "segment_ids": seg, "positions": positions}
 
 
-def document_losses(model, docs, length: int, split_at: int | None = None) -> dict:
-    """Mean next-token loss over the documents (and over positions >= split_at)."""
+def loss_sums(model):
+    """jit((batch, split_at) -> (loss sum, targets, the same from split_at on)): one
+    compilation per row length, whatever `split_at`."""
 
     @jax.jit
-    def losses(batch):
+    def sums(batch, split_at):
         logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])
         total, count = lm_loss(logits, batch)
-        if split_at is None:
-            return total, count, 0.0, 0
-        late = {**batch, "segment_ids": batch["segment_ids"].at[:, :split_at].set(0)}
+        early = jnp.arange(batch["segment_ids"].shape[1]) < split_at
+        late = {**batch, "segment_ids": jnp.where(early, 0, batch["segment_ids"])}
         late_total, late_count = lm_loss(logits, late)
         return total, count, late_total, late_count
 
-    sums = np.zeros(4)
+    return sums
+
+
+def document_losses(sums, docs, length: int, split_at: int | None = None) -> dict:
+    """Mean next-token loss over the documents (and over positions >= split_at)."""
+    totals = np.zeros(4)
     for doc in docs:
-        sums += np.asarray([float(x) for x in losses(_row_batch(doc, length))])
-    out = {"loss": sums[0] / max(sums[1], 1), "targets": int(sums[1])}
+        out = sums(_row_batch(doc, length), length if split_at is None else split_at)
+        totals += np.asarray([float(x) for x in out])
+    out = {"loss": totals[0] / max(totals[1], 1), "targets": int(totals[1])}
     if split_at is not None:
-        out["loss_late"] = sums[2] / max(sums[3], 1)
+        out["loss_late"] = totals[2] / max(totals[3], 1)
     return out
 
 
 def run(*, smoke=False, steps=300, seq_len=2048, batch_size=2, window=256, long_len=LONG,
-        max_docs=64) -> dict:  # fmt: skip
+        max_docs=64, short_len=SHORT) -> dict:  # fmt: skip
     """Train and evaluate every variant; returns per-variant results."""
     configs = variant_configs(
         smoke=smoke, steps=steps, seq_len=seq_len, batch_size=batch_size, window=window
@@ -136,20 +144,28 @@ def run(*, smoke=False, steps=300, seq_len=2048, batch_size=2, window=256, long_
             state = exp.restore_or_init()
             exp.checkpointer.close()
             model = nnx.merge(exp.graphdef, state.params)
-            short, long = eval_rows(config, workdir, long_len=long_len, max_docs=max_docs)
+            short, long = eval_rows(
+                config, workdir, long_len=long_len, max_docs=max_docs, short_len=short_len
+            )
+            sums = loss_sums(model)
             results[name] = {
                 "params": param_count(TransformerConfig(**config.model)),
                 "train_loss": last["loss"],
                 "tokens": last["tokens_seen"],
                 "train_seconds": wall,
-                "short": document_losses(model, short, SHORT),
-                "long": document_losses(model, long, long_len, split_at=seq_len),
+                "short": document_losses(sums, short, short_len),
+                "long": document_losses(sums, long, long_len, split_at=seq_len),
                 "num_short": len(short),
                 "num_long": len(long),
             }
     return {
         "settings": dict(
-            steps=steps, seq_len=seq_len, batch_size=batch_size, window=window, long_len=long_len
+            steps=steps,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            window=window,
+            long_len=long_len,
+            short_len=short_len,
         ),  # fmt: skip
         "results": results,
     }
@@ -183,7 +199,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     kwargs = vars(args).copy()
     if args.smoke:
-        kwargs.update(steps=2, seq_len=64, batch_size=2, window=16, long_len=128, max_docs=2)
+        kwargs.update(steps=2, seq_len=64, batch_size=2, window=16, long_len=128, max_docs=2,
+                      short_len=128)  # fmt: skip
     result = run(**kwargs)
     command = "python benchmarks/lact_compare.py " + " ".join(
         argv if argv is not None else sys.argv[1:]

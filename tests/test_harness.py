@@ -110,3 +110,28 @@ def test_the_task_yamls_run_offline_through_lm_eval(lm, monkeypatch):
     assert 0 <= results["lcx_pick"]["acc,none"] <= 1
     assert 0 <= results["lcx_complete"]["exact_match,none"] <= 1
     assert results["lcx_documents"]["word_perplexity,none"] > 1
+
+
+def test_a_folder_of_plain_tasks_skips_indexing_lm_evals_own(monkeypatch):
+    import lm_eval.tasks
+
+    from lcx.evals import harness
+
+    made = []
+
+    class Recorded(lm_eval.tasks.TaskManager):
+        def __init__(self, include_path=None, include_defaults=True):
+            made.append(include_defaults)
+            if include_defaults:
+                return  # lm-eval's own index: seconds, and not what is tested
+            super().__init__(include_path=include_path, include_defaults=False)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recorded)
+    assert sorted(harness.task_manager(["lcx_pick", "lcx_complete"], TASKS).all_subtasks) == [
+        "lcx_complete", "lcx_documents", "lcx_pick"
+    ]  # fmt: skip
+    assert made == [False]
+    harness.task_manager(["lcx_pick", "hellaswag"], TASKS)  # a built-in task: both indexes
+    assert made == [False, False, True]
+    harness.task_manager(["hellaswag"], None)
+    assert made == [False, False, True, True]

@@ -1,4 +1,5 @@
-"""The command line: a smoke run, and one-line errors (no traceback) for user mistakes."""
+"""The command line: one-line errors (no traceback) for user mistakes, and a corpus of odd
+files. (docs/usage.md's train, eval and generate commands run in tests/test_repository.py.)"""
 
 import os
 import subprocess
@@ -19,28 +20,6 @@ def _main(*args, cwd=ROOT):
         timeout=600,
         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT),
     )
-
-
-def test_smoke_run_from_the_command_line(tmp_path):
-    workdir = tmp_path / "run"  # given relative to the working directory, as `make train` does
-    config = os.path.join(ROOT, "configs", "lm_tiny.py:smoke")
-    result = _main(
-        "--config", config, "--workdir", "run", "--config.train.steps=2", cwd=tmp_path
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert (workdir / "metrics.jsonl").exists()
-    assert (workdir / "checkpoints" / "2").exists()
-    result = _main("--config", SMOKE, "--workdir", str(workdir), "--config.mode=eval")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "eval_loss" in (workdir / "metrics.jsonl").read_text().splitlines()[-1]
-    result = _main(
-        "--config", SMOKE, "--workdir", str(workdir), "--config.mode=generate",
-        "--config.generate.prompts=def f(x):\\nimport os", "--config.generate.max_new_tokens=5",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("--- 0: def f(x):") and lines[1].startswith("--- 1: import os")
-    assert "step 2: 10 tokens for 2 prompts" in lines[-1]  # the smoke model never says EOS
 
 
 @pytest.mark.parametrize(
@@ -84,9 +63,12 @@ def test_odd_files_train(tmp_path):
     (corpus / "binary.bin").write_bytes(bytes(range(256)) * 4)
     (corpus / "latin1.txt").write_bytes("café crème brûlée ".encode("latin-1") * 20)
     (corpus / "notes.md").write_text("# notes\n" * 50)
+    config = os.path.join(ROOT, "configs", "lm_tiny.py:smoke")
     result = _main(
-        "--config", SMOKE, "--workdir", str(tmp_path / "w"),
-        f"--config.data.paths={corpus}", "--config.train.steps=2",
-    )  # fmt: skip
+        "--config", config, "--workdir", "w", f"--config.data.paths={corpus}",
+        "--config.train.steps=2", cwd=tmp_path,
+    )  # fmt: skip  # the workdir relative to the working directory, as `make train` gives it
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 empty and 1 binary files skipped" in result.stderr  # binary.bin has NUL bytes
+    assert (tmp_path / "w" / "checkpoints" / "2").exists()
+    assert (tmp_path / "w" / "metrics.jsonl").read_text().strip()

@@ -210,6 +210,7 @@ def test_every_documented_command_runs(markdown, tmp_path):
                 assert "pytest" in done.stdout
             if words[0] == "curl":
                 assert json.loads(done.stdout)["choices"][0]["finish_reason"] in ("stop", "length")
+            _check_what_the_mode_left(command, done.stdout)
         for snippet in [b for b in python_blocks(markdown) if "OpenAI(" in b]:
             assert server is not None, f"{markdown}: an OpenAI client snippet and no server"
             exec(snippet.replace(f":{DOCUMENTED_PORT}/", f":{port}/"), {})
@@ -220,6 +221,21 @@ def test_every_documented_command_runs(markdown, tmp_path):
         if server is not None and server.poll() is None:
             server.kill()
             server.wait()
+
+
+def _check_what_the_mode_left(command: list[str], stdout: str):
+    """`mode=eval` appends its loss to the workdir's metrics; `mode=generate` prints each
+    prompt's completion, then the step and the token count."""
+    if command[1:3] != ["-m", "lcx.main"]:
+        return
+    workdir = command[command.index("--workdir") + 1]
+    if "--config.mode=eval" in command:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            assert "eval_loss" in f.read().splitlines()[-1]
+    if "--config.mode=generate" in command:
+        lines = stdout.splitlines()
+        assert lines[0].startswith("--- 0: "), stdout[-2000:]
+        assert re.fullmatch(r"lcx: step \d+: \d+ tokens for \d+ prompts", lines[-1]), lines[-1]
 
 
 def _free_port() -> int:

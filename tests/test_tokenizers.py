@@ -40,19 +40,24 @@ def bpe_dir(tmp_path_factory):
 
 
 def test_trained_tokenizer_round_trips_the_embedded_corpus_exactly(bpe_dir):
+    """Every file that is not valid UTF-8 and every fourth of the rest (all 1,790 files
+    take 12 s of BPE encoding)."""
     tokenizer = HFTokenizer(bpe_dir)
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2)
     docs = stdlib_documents()
     not_utf8 = 0
-    for doc in docs:
+    for i, doc in enumerate(docs):
         data = open(doc.path, "rb").read()
-        ids = tokenizer.encode(data)
-        assert ids.dtype == np.uint16 and ids[0] == 0 and ids[-1] == 1
-        assert tokenizer.decode(ids) == data, doc.relpath
         try:
             data.decode("utf-8")
         except UnicodeDecodeError:
             not_utf8 += 1
+        else:
+            if i % 4:
+                continue
+        ids = tokenizer.encode(data)
+        assert ids.dtype == np.uint16 and ids[0] == 0 and ids[-1] == 1
+        assert tokenizer.decode(ids) == data, doc.relpath
     assert len(docs) > 1000 and not_utf8 > 0  # invalid UTF-8 files round-trip too
     # Byte tokens at the same cost as a byte tokenizer at worst, far fewer on code.
     data = open(docs[0].path, "rb").read()
