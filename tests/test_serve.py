@@ -93,6 +93,13 @@ def test_completions_streamed_or_not_equal_in_process_greedy_generate(model, cli
     texts = [c.text for c in many.choices]
     assert texts[0] == texts[1] == greedy_text(model, ids, 6)[0]
     assert texts[2] == texts[3] == greedy_text(model, ids[:5], 6)[0]
+    streamed = client.completions.create(
+        model="tiny", prompt=[ids, ids[:5]], max_tokens=6, temperature=0, n=2, stream=True
+    )  # the four choices' chunks interleaved as they come
+    joined = ["", "", "", ""]
+    for chunk in streamed:
+        joined[chunk.choices[0].index] += chunk.choices[0].text
+    assert joined == texts
 
 
 def test_chat_streamed_or_not_equals_greedy_generate_on_the_chat_template(model, client):
@@ -346,7 +353,7 @@ def _same_accuracy_through_local_completions_and_the_harness(url, name, workdir)
             model="local-completions",
             model_args=args,
             tasks=tasks,
-            task_manager=TaskManager(include_path=include),
+            task_manager=TaskManager(include_path=include, include_defaults=False),
         )
         lcx = harness.main(
             ["--workdir", str(workdir), "--tasks", ",".join(tasks), "--include_path", include]

@@ -379,6 +379,14 @@ async def _merged(first, streams):
         if piece is not None:
             yield index, piece
     live = [i for i, p in first.items() if p is not None and p.finish_reason is None]
+    if len(live) == 1:  # one choice (n=1, one prompt): its pieces as they are, no queue
+        (index,) = live
+        try:
+            async for piece in streams[index]:
+                yield index, piece
+        finally:
+            await streams[index].aclose()
+        return
     tasks = [asyncio.create_task(pump(i, streams[i])) for i in live]
     try:
         remaining = len(tasks)
