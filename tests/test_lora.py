@@ -173,7 +173,9 @@ def test_save_hf_writes_the_merged_model(tmp_path, rng):
     tokens = jnp.asarray(rng.integers(0, 64, (2, T)))
     expected, merged = model(tokens), loaded(tokens)
     assert np.abs(expected - Transformer(BASE, rngs=nnx.Rngs(0))(tokens)).max() > 0.1
-    np.testing.assert_allclose(merged, expected, atol=2e-5, rtol=2e-5)
+    # W + s·AB rounds differently from x·W + s·(x·A)·B in float32: over 200 token draws
+    # the logits (scale ~2) differed by at most 3.1e-5, so 1e-4, as the export test uses.
+    np.testing.assert_allclose(merged, expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(UserError, match=r"^load_hf\(lora=...\)"):
         load_hf(str(tmp_path / "hf"), lora=LORA.lora)
 
