@@ -17,7 +17,9 @@ unembedding is the embedding's transpose) and `rope_scaling` (Llama 3.1's freque
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,7 @@ from lcx.errors import UserError
 from lcx.layers import DTYPES, ROPE_SCALINGS, apply_rope, constant_param, param, rms_normalise
 from lcx.lora import LoRASettings, adapted, add_adapters
 from lcx.ttt import LaCTConfig, LaCTLayer, LaCTSettings
+from lcx.ttt.state import LaCTCache
 
 # model.remat -> the jax.checkpoint policy of each block (None: save nothing, recompute all).
 REMAT_POLICIES = {
@@ -133,6 +136,17 @@ class TransformerConfig:
     def mixer(self, layer: int) -> str:
         """The sequence mixer of `layer`: block_pattern cycled."""
         return self.block_pattern[layer % len(self.block_pattern)]
+
+    def mixers_without(self, feature: str) -> list[str]:
+        """The mixers of `block_pattern` whose `Mixer` record lacks `feature`, in order."""
+        names = dict.fromkeys(self.block_pattern)
+        return [name for name in names if not getattr(MIXERS[name], feature)]
+
+    def chunk_grid(self) -> int:
+        """The grid prompt chunks must end on for every mixer of the model (0: any)."""
+        grids = [MIXERS[name].chunk_grid(self) for name in dict.fromkeys(self.block_pattern)]
+        grids = [grid for grid in grids if grid]
+        return math.lcm(*grids) if grids else 0
 
     def lact_config(self) -> LaCTConfig:
         """The LaCT layer's config: model.lact and the model's sizes."""
@@ -350,13 +364,50 @@ class SwiGLU(nnx.Module):
         return adapted(self, "down", h_BxTxF @ self.w_down[...].astype(dt), h_BxTxF)
 
 
-# `model.block_pattern` entries -> the sequence mixer of a block, built from the model's
-# config. A mixer maps (x [B, T, E], segment_ids, positions, cache=None, **cache_args) to
-# [B, T, E] (and, with a cache, the updated cache) and has `init_cache(slots, length)`.
-MIXERS = types.MappingProxyType(
+@dataclasses.dataclass(frozen=True)
+class Mixer:
+    """One sequence mixer of `model.block_pattern`: how to build it and what it supports.
+
+    A mixer maps (x [B, T, E], segment_ids, positions, cache=None, **cache_args) to
+    [B, T, E] (and, with a cache, the updated cache) and has `init_cache(slots, length)`
+    returning its own `cache_type`. The serving engine and training ask these fields, not
+    the mixer's name; a new mixer is its module plus one line in MIXERS.
+    """
+
+    build: Callable[[TransformerConfig, nnx.Rngs], nnx.Module]
+    cache_type: type  # one layer's per-slot serving state (lcx.cache, lcx.ttt.state)
+    # Prompts prefilled whole in packed rows, each attending only itself (Prepacking).
+    prepacked_prefill: bool
+    # A prefix stored once for every slot and merged into attention (Hydragen).
+    shared_prefix: bool
+    # Rows of one document attending earlier rows' keys/values (ChunkFlow's training).
+    dependent_rows: bool
+    # Rows split over the `sequence` mesh axis (ring attention).
+    ring: bool
+    # The prompt chunk grid: a chunk of a prompt must end on a multiple of this (0: any).
+    chunk_grid: Callable[[TransformerConfig], int] = lambda cfg: 0
+
+
+MIXERS: Mapping[str, Mixer] = types.MappingProxyType(
     {
-        "attention": lambda cfg, rngs: Attention(cfg, rngs=rngs),
-        "lact": lambda cfg, rngs: LaCTLayer(cfg.lact_config(), rngs=rngs),
+        "attention": Mixer(
+            build=lambda cfg, rngs: Attention(cfg, rngs=rngs),
+            cache_type=AttentionCache,
+            prepacked_prefill=True,
+            shared_prefix=True,
+            dependent_rows=True,
+            ring=True,
+        ),
+        # LaCT's fast weights update once per chunk of a sequence and are per slot.
+        "lact": Mixer(
+            build=lambda cfg, rngs: LaCTLayer(cfg.lact_config(), rngs=rngs),
+            cache_type=LaCTCache,
+            prepacked_prefill=False,
+            shared_prefix=False,
+            dependent_rows=False,
+            ring=False,
+            chunk_grid=lambda cfg: cfg.lact.chunk_size,
+        ),
     }
 )
 
@@ -367,7 +418,7 @@ class Block(nnx.Module):
     def __init__(self, cfg: TransformerConfig, *, rngs, mixer: str = "attention"):
         norm = dict(eps=cfg.norm_eps, rngs=rngs, dtype=cfg.parameter_dtype)
         self.attn_norm = RMSNorm(cfg.d_model, **norm)
-        self.attn = MIXERS[mixer](cfg, rngs)
+        self.attn = MIXERS[mixer].build(cfg, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, **norm)
         self.mlp = SwiGLU(cfg, rngs=rngs)
 

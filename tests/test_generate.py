@@ -360,8 +360,10 @@ def test_lact_and_hybrid_engine_greedy_equals_recomputation(rng, pattern):
     prompts = random_prompts(rng, [13, 3, 21, 8, 30])
     outputs = generate(model, prompts, max_new_tokens=11, slots=2, token_budget=9)
     assert_same_greedy(model, prompts, outputs, 11)
-    with pytest.raises(ValueError, match="attention-only"):
+    with pytest.raises(ValueError, match=r"\['lact'\] layers cannot prefill whole prompts"):
         Engine(model, slots=2, max_length=48, token_budget=9).prefill([Request([1, 2], 2)])
+    with pytest.raises(ValueError, match=r"^shared_prefix: the model's \['lact'\] layers"):
+        Engine(model, slots=2, max_length=48, token_budget=9, shared_prefix=[1, 2])
 
 
 def test_cancel_frees_the_slot_mid_prefill_and_mid_decode_and_the_rest_are_unchanged(rng):

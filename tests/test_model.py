@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from lcx.model import Transformer, TransformerConfig
+from lcx.model import MIXERS, Transformer, TransformerConfig
 from lcx.train.chunkflow import chunked_document_loss, chunkflow_loss_sum
 from lcx.train.step import lm_loss
 
@@ -107,6 +107,11 @@ def test_block_pattern_builds_lact_layers():
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     kinds = [type(block.attn).__name__ for block in model.blocks]
     assert kinds == ["LaCTLayer", "Attention", "LaCTLayer"]
+    # Each layer's serving cache is its mixer record's type; the engine asks the records.
+    caches = model.init_cache(2, 8)
+    assert [type(c) for c in caches] == [MIXERS[cfg.mixer(i)].cache_type for i in range(3)]
+    assert cfg.mixers_without("shared_prefix") == ["lact"] and cfg.chunk_grid() == 4
+    assert CFG.mixers_without("ring") == [] and CFG.chunk_grid() == 0
 
 
 def test_bad_model_config():

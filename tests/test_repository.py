@@ -33,10 +33,10 @@ LAYERS = (
     ("lcx.ttt",),
     ("lcx.model",),
     ("lcx.runtime",),  # mesh, sharding rules, abstract parameters: what the layers above share
+    ("lcx.generate",),  # the serving engine: a model in, tokens out; never training's code
     ("lcx.settings",),  # the config resolved into frozen dataclasses, for every layer above
     ("lcx.checkpoints",),
     ("lcx.train",),
-    ("lcx.generate",),
     ("lcx.serve",),  # the HTTP layer on the engine (lcx.generate)
     ("lcx.evals",),
     ("lcx.posttrain",),  # fine-tuning recipes over training, generation and evaluation

@@ -106,7 +106,7 @@ def test_training_with_a_tokenizer_json_runs_end_to_end(bpe_dir, smoke_config, t
     corpus = [d for d in os.listdir(tmp_path / "cache") if d.startswith("corpus-")]
     assert corpus  # tokenized with the BPE tokenizer, cached
     # Generation reads and writes text through the same tokenizer.
-    from lcx.generate.cli import generate_from_workdir
+    from lcx.modes.generate import generate_from_workdir
 
     c.generate.update(prompts="def \\nclass ", max_new_tokens=6, slots=2, token_budget=16)
     out = io.StringIO()

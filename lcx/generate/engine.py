@@ -146,10 +146,15 @@ class Engine:
                 "token's place in each step, and prompts need the rest"
             )
         cfg = model.cfg
-        # LaCT layers update per chunk of their sequence: prompt chunks end on that grid.
-        self._lact_chunk = cfg.lact.chunk_size if "lact" in cfg.block_pattern else 0
-        if self._lact_chunk and shared_prefix is not None:
-            raise ValueError("shared_prefix needs an attention-only model (LaCT state is per slot)")
+        # The engine asks each mixer's record (lcx.model.MIXERS), not its name. A mixer that
+        # updates per chunk of its sequence (LaCT) has prompt chunks end on its grid.
+        self._chunk_grid = cfg.chunk_grid()
+        self._no_prepacking = cfg.mixers_without("prepacked_prefill")
+        if shared_prefix is not None and cfg.mixers_without("shared_prefix"):
+            raise ValueError(
+                f"shared_prefix: the model's {cfg.mixers_without('shared_prefix')} layers "
+                "cannot merge a prefix stored once (their state is per slot); use attention"
+            )
         self.vocab_size = cfg.vocab_size
         self.slots, self.max_length, self.token_budget = slots, max_length, token_budget
         self._graphdef, self._state = nnx.split(model)
@@ -254,10 +259,11 @@ class Engine:
         """
         if packing not in ("ffd", "padded"):
             raise ValueError(f"packing={packing!r}; valid: 'ffd', 'padded'")
-        if self._lact_chunk:
+        if self._no_prepacking:
             raise ValueError(
-                "prefill (prepacked) needs an attention-only model; with LaCT layers submit "
-                "the requests and step: prompts are prefilled in chunks on the LaCT grid"
+                f"prefill (prepacked): the model's {self._no_prepacking} layers cannot prefill "
+                "whole prompts in packed rows; submit the requests and step: prompts are "
+                f"prefilled in chunks on their grid of {self._chunk_grid} tokens"
             )
         requests = list(requests)
         row, logits_at, logit_of_slot, free = self._pack_prefill(requests, packing)
@@ -394,8 +400,8 @@ class Engine:
             running = self._running[slot]
             start = running.prefilled
             take = min(budget, width - at, len(running.request.prompt) - start)
-            if self._lact_chunk:
-                take = min(take, self._lact_chunk - start % self._lact_chunk)
+            if self._chunk_grid:
+                take = min(take, self._chunk_grid - start % self._chunk_grid)
             if take <= 0:
                 break
             tokens[at : at + take] = running.request.prompt[start : start + take]

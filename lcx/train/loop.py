@@ -117,10 +117,11 @@ class Experiment:
         self.sequence_shards = self.mesh.shape["sequence"]
         if self.sequence_shards > 1:
             check_sequence_parallel(c, self.model_cfg, self.sequence_shards)
-        if self.packing.dependent_rows and "lact" in self.model_cfg.block_pattern:
+        if self.packing.dependent_rows and self.model_cfg.mixers_without("dependent_rows"):
             raise UserError(
                 f"data.packing={c.data.packing!r} runs dependent chunks through attention "
-                "layers: it needs no 'lact' in model.block_pattern"
+                f"layers: it needs none of {self.model_cfg.mixers_without('dependent_rows')} "
+                "in model.block_pattern"
             )
         self.adaptive = None
         if c.batch.adaptive:
@@ -289,11 +290,12 @@ def check_sequence_parallel(c, model_cfg, shards: int):
             f"train.seq_len={c.train.seq_len} must be a multiple of 2 * mesh.sequence = "
             f"{2 * shards} to split rows over the sequence axis"
         )
-    if "lact" in model_cfg.block_pattern or packing_strategy(c.data.packing).whole_batches:
+    no_ring = model_cfg.mixers_without("ring")
+    if no_ring or packing_strategy(c.data.packing).whole_batches:
         raise UserError(
-            f"mesh.sequence={shards} splits rows for ring attention: it needs attention-only "
-            "layers (no 'lact' in model.block_pattern) and rows of train.seq_len (not "
-            f"data.packing={c.data.packing!r})"
+            f"mesh.sequence={shards} splits rows for ring attention: it needs mixers that "
+            f"support it (model.block_pattern={model_cfg.block_pattern}; not {no_ring}) and "
+            f"rows of train.seq_len (not data.packing={c.data.packing!r})"
         )
 
 
