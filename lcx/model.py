@@ -32,6 +32,7 @@ from lcx.cache import AttentionCache, cache_attention
 from lcx.errors import UserError
 from lcx.layers import DTYPES, ROPE_SCALINGS, apply_rope, constant_param, param, rms_normalise
 from lcx.lora import LoRASettings, adapted, add_adapters
+from lcx.paged_cache import PagedAttentionCache, paged_cache_attention
 from lcx.ttt import LaCTConfig, LaCTLayer, LaCTSettings
 from lcx.ttt.state import LaCTCache
 
@@ -229,6 +230,14 @@ class Attention(nnx.Module):
         dtype = dtype or cfg.compute_dtype
         return AttentionCache.zeros(slots, length, cfg.num_kv_heads, cfg.head_dim, dtype)
 
+    def init_paged_cache(self, num_pages: int, page_size: int, dtype=None) -> PagedAttentionCache:
+        """An empty pool of `num_pages` pages of `page_size` tokens (default compute dtype)."""
+        cfg = self.cfg
+        dtype = dtype or cfg.compute_dtype
+        return PagedAttentionCache.zeros(
+            num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, dtype
+        )
+
     def _attend(self, q, k, v, segment_ids, *, return_lse=True, **keys):
         """packed_attention with this layer's masking; (out, lse), or out."""
         cfg = self.cfg
@@ -290,6 +299,7 @@ class Attention(nnx.Module):
         prefixes=(),
         offset_S=None,
         decode_rows=0,
+        pages=None,
     ):
         """Self-attention over packed rows; with `cache`, (output, the updated cache).
 
@@ -300,13 +310,28 @@ class Attention(nnx.Module):
         each slot [S]) per tree level, merged by log-sum-exp (Hydragen); `offset_S` [S]:
         the prefix length each slot's cache entries start after. `decode_rows`: the row's
         first `slots` queries are one decode token per slot (query i of slot i, or
-        padding), attended slot by slot rather than against the whole cache.
+        padding), attended slot by slot rather than against the whole cache. `pages`: a
+        `lcx.paged_cache.PageLayout` for a `PagedAttentionCache` (its page table and this
+        step's work items), read raggedly.
         """
         cfg = self.cfg
         q, k, v = self._qkv(x_BxTxE, positions_BxT)
         if cache is not None:
-            cache = cache.write(k, v, segment_ids_BxT, positions_BxT, offset_S)
-        if cache is not None and attend_cache:
+            paged = {} if pages is None else {"pages": pages}
+            cache = cache.write(k, v, segment_ids_BxT, positions_BxT, offset_S, **paged)
+        if cache is not None and attend_cache and pages is not None:
+            parts = [
+                paged_cache_attention(
+                    q,
+                    segment_ids_BxT,
+                    positions_BxT,
+                    cache,
+                    pages,
+                    offset_S=offset_S,
+                    window=cfg.attention_window,
+                )
+            ]
+        elif cache is not None and attend_cache:
             parts = [
                 cache_attention(
                     q,
@@ -384,6 +409,8 @@ class Mixer:
     dependent_rows: bool
     # Rows split over the `sequence` mesh axis (ring attention).
     ring: bool
+    # Its serving state in a pool of pages (`init_paged_cache`), read raggedly.
+    paging: bool
     # The prompt chunk grid: a chunk of a prompt must end on a multiple of this (0: any).
     chunk_grid: Callable[[TransformerConfig], int] = lambda cfg: 0
 
@@ -397,6 +424,7 @@ MIXERS: Mapping[str, Mixer] = types.MappingProxyType(
             shared_prefix=True,
             dependent_rows=True,
             ring=True,
+            paging=True,
         ),
         # LaCT's fast weights update once per chunk of a sequence and are per slot.
         "lact": Mixer(
@@ -406,6 +434,7 @@ MIXERS: Mapping[str, Mixer] = types.MappingProxyType(
             shared_prefix=False,
             dependent_rows=False,
             ring=False,
+            paging=False,
             chunk_grid=lambda cfg: cfg.lact.chunk_size,
         ),
     }
@@ -512,6 +541,12 @@ class Transformer(nnx.Module):
     def init_cache(self, slots: int, length: int, dtype=None) -> tuple:
         """Empty per-layer caches for `slots` sequences of up to `length` tokens."""
         return tuple(block.attn.init_cache(slots, length, dtype) for block in self.blocks)
+
+    def init_paged_cache(self, num_pages: int, page_size: int, dtype=None) -> tuple:
+        """Empty per-layer page pools (every mixer's record says `paging`)."""
+        return tuple(
+            block.attn.init_paged_cache(num_pages, page_size, dtype) for block in self.blocks
+        )
 
     def _unembed(self, x_BxTxE):
         """Final norm and unembedding; float32 logits."""

@@ -412,3 +412,73 @@ def test_events_carry_the_model_s_log_probabilities(rng):
     assert all(e.top_logprobs == () for e in events if e.request_id == 1)
     with pytest.raises(ValueError, match=r"top_logprobs=21 must be in \[0, 20\]"):
         engine.submit(Request(prompt, 4, top_logprobs=21))
+
+
+# ---- paged cache ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_paged_engine_equals_the_unpaged_one_and_recomputation(rng, window):
+    """Pages of 4 tokens, read raggedly: the same tokens as one stretch per slot, with
+    prompts chunked beside decodes and a shared prefix stored once."""
+    model = tiny_model(seed=11, attention_window=window)
+    prompts = random_prompts(rng, [23, 2, 9, 31, 14])
+    run = functools.partial(generate, model, prompts, max_new_tokens=6, slots=3,
+                            token_budget=12)  # fmt: skip
+    paged = run(page_size=4)
+    assert paged == run()
+    if window is None:
+        assert_same_greedy(model, prompts, paged, 6)
+    prefix = random_prompts(rng, [10])[0]
+    shared = [prefix + p for p in prompts]
+    assert generate(model, shared, max_new_tokens=4, slots=2, shared_prefix=prefix,
+                    page_size=4) == generate(model, shared, max_new_tokens=4, slots=2,
+                                             shared_prefix=prefix)  # fmt: skip
+
+
+def test_paged_engine_preempts_by_recomputation_with_unchanged_outputs(rng):
+    """A pool of 6 pages for 3 slots of up to 24 tokens: the newest request gives its
+    pages back, is prefilled again with what it generated, and every output (greedy and
+    sampled) is what the unpaged engine gives; every page comes back."""
+    model = tiny_model(seed=12)
+    prompts = random_prompts(rng, [13, 9, 15, 4, 11])
+    requests = [
+        Request(p, 10, SamplingParams(temperature=t, seed=i))
+        for i, (p, t) in enumerate(zip(prompts, [0.0, 1.0, 0.0, 0.8, 0.0], strict=True))
+    ]
+
+    def outputs(**paging):
+        """Each request's tokens, and the engine."""
+        engine = Engine(model, slots=3, max_length=24, token_budget=10, **paging)
+        ids = [engine.submit(r) for r in requests]
+        results = engine.run()
+        return [results[i] for i in ids], engine
+
+    plain, _ = outputs()
+    paged, engine = outputs(page_size=4, num_pages=6)
+    assert paged == plain
+    assert engine.preemptions > 0 and engine.pages_in_use == 0
+    # Decode reads follow each slot's own length: pages read in a decode-only step are
+    # the sum over slots of ceil(index + 1, 4), not slots x the longest.
+    engine = Engine(model, slots=3, max_length=48, token_budget=10, page_size=4)
+    for prompt in prompts[:3]:
+        engine.submit(Request(prompt, 20))
+    while engine.last_row is None or engine.last_row["tokens"].shape[1] != 3:
+        engine.step()  # until every prompt is in and the step decodes only
+    before = engine.pages_read
+    engine.step()
+    indices = engine.last_row["positions"][0]
+    assert engine.pages_read - before == sum(int(i) // 4 + 1 for i in indices)
+    engine.cancel(1)
+    assert engine.pages_in_use == sum(-(-(int(i) + 1) // 4) for i in indices[[0, 2]])
+
+
+def test_paged_engine_refuses_what_paging_cannot_serve():
+    with pytest.raises(ValueError, match=r"^num_pages=2 of page_size=4 hold 8 tokens; one "
+                       r"sequence of max_length=16 needs 4 pages$"):  # fmt: skip
+        Engine(tiny_model(), slots=2, max_length=16, token_budget=8, page_size=4, num_pages=2)
+    with pytest.raises(ValueError, match=r"^num_pages=8 needs page_size"):
+        Engine(tiny_model(), slots=2, max_length=16, token_budget=8, num_pages=8)
+    lact = tiny_model(block_pattern=("attention", "lact"), lact=dict(chunk_size=4, window=4))
+    with pytest.raises(ValueError, match=r"^page_size: the model's \['lact'\] layers"):
+        Engine(lact, slots=2, max_length=16, token_budget=8, page_size=4)

@@ -29,7 +29,7 @@ LAYERS = (
         "lcx.layers",
         "lcx.lora",  # LoRA adapters and their settings, below the model that holds them
     ),
-    ("lcx.cache", "lcx.packing", "lcx.plots", "lcx.colab"),
+    ("lcx.cache", "lcx.paged_cache", "lcx.packing", "lcx.plots", "lcx.colab"),
     ("lcx.ttt",),
     ("lcx.model",),
     ("lcx.runtime",),  # mesh, sharding rules, abstract parameters: what the layers above share

@@ -37,6 +37,7 @@ from lcx.attention.shared_prefix import SharedPrefix
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
 from lcx.generate.sampling import SamplingParams, sample, settings_arrays
 from lcx.packing import first_fit_decreasing
+from lcx.paged_cache import PagedAttentionCache, PageLayout, ragged_work
 
 TOP_LOGPROBS = 20  # the most alternatives an event reports (OpenAI's chat API allows 20)
 
@@ -74,17 +75,26 @@ class _Running:
 
     request_id: int
     request: Request
-    prefilled: int = 0  # prompt tokens already in the cache
+    prefilled: int = 0  # tokens of `context` already in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)  # a paged cache's, in order
+    context: Sequence[int] = ()  # what to prefill: the prompt (and, preempted, what followed)
+
+    def __post_init__(self):
+        self.context = self.context or self.request.prompt
 
     @property
     def decoding(self) -> bool:
-        return self.prefilled == len(self.request.prompt)
+        return self.prefilled == len(self.context)
 
 
 def _forward_and_sample(graphdef, attend_cache, state, cache, prefixes, row, settings):
     """One packed forward against the cache, then each slot's next token from its logits."""
     model = nnx.merge(graphdef, state)
+    if "table" in row:  # a paged cache: the page table, and the step's work items
+        paged = {"pages": PageLayout(row["table"], *row.get("work", ()))}
+    else:
+        paged = {"decode_rows": cache[0].slots if attend_cache else 0}
     logits, cache = model(
         row["tokens"],
         row["segment_ids"],
@@ -94,7 +104,7 @@ def _forward_and_sample(graphdef, attend_cache, state, cache, prefixes, row, set
         attend_cache=attend_cache,
         prefixes=prefixes,
         offset_S=row["offset"],
-        decode_rows=cache[0].slots if attend_cache else 0,
+        **paged,
     )
     b, n, v = logits.shape
     chosen = logits.reshape(b * n, v)[row["logit_of_slot"]]
@@ -122,6 +132,13 @@ class Engine:
         `config.sharding_rules`) and the cache's slots over `data`, its kv heads over
         `tensor`; the step is jitted with these shardings. A parameter dimension its
         mesh axes do not divide is replicated instead, with a UserWarning naming it.
+      page_size: keep the cache in pages of this many tokens (`lcx.paged_cache`), taken as
+        sequences grow and returned when they end, each step reading only each slot's
+        own pages; None: one `max_length` stretch per slot.
+      num_pages: the pages of the pool (default: `slots` full-length sequences' worth).
+        When a step needs a page and none is free, the newest request is preempted: its
+        pages are freed and it is queued again, to be prefilled anew with what it has
+        generated (its outputs unchanged).
     """
 
     def __init__(
@@ -135,6 +152,8 @@ class Engine:
         cache_dtype=None,
         mesh=None,
         rules=(),
+        page_size: int | None = None,
+        num_pages: int | None = None,
     ):
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
@@ -158,7 +177,17 @@ class Engine:
         self.vocab_size = cfg.vocab_size
         self.slots, self.max_length, self.token_budget = slots, max_length, token_budget
         self._graphdef, self._state = nnx.split(model)
-        self._cache = model.init_cache(slots, max_length, cache_dtype)
+        self.page_size, self._pool = page_size, None
+        if page_size is None:
+            if num_pages is not None:
+                raise ValueError(f"num_pages={num_pages} needs page_size (the tokens per page)")
+            self._cache = model.init_cache(slots, max_length, cache_dtype)
+        else:
+            num_pages = self._check_pages(cfg, page_size, num_pages)
+            self._pool = PagePool(num_pages)
+            self._table = np.zeros((slots, -(-max_length // page_size)), np.int32)
+            self._cache = model.init_paged_cache(num_pages, page_size, cache_dtype)
+        self._window = cfg.attention_window
         cache_sharding = None
         if mesh is not None:
             self._state = jax.device_put(self._state, _param_shardings(self._state, mesh, rules))
@@ -177,8 +206,11 @@ class Engine:
         self._queue: collections.deque[tuple[int, Request]] = collections.deque()
         self._running: list[_Running | None] = [None] * slots
         self._next_id = 0
+        self._preempted: dict[int, _Running] = {}  # queued again, with what they generated
         self.results: dict[int, list[int]] = {}
         self.steps = 0
+        self.preemptions = 0  # requests whose pages were taken back to let older ones run
+        self.pages_read = 0  # pages read by the steps' attention (a paged cache), all steps
         self.last_row: dict[str, np.ndarray] | None = None  # the last step's packed row
 
     # ---- requests ---------------------------------------------------------------------
@@ -197,12 +229,13 @@ class Engine:
         for i, (queued_id, _) in enumerate(self._queue):
             if queued_id == request_id:
                 del self._queue[i]
-                self.results[request_id] = []
+                preempted = self._preempted.pop(request_id, None)
+                self.results[request_id] = [] if preempted is None else preempted.generated
                 return True
         for slot, running in enumerate(self._running):
             if running is not None and running.request_id == request_id:
                 self.results[request_id] = running.generated
-                self._running[slot] = None
+                self._release(slot)
                 return True
         return False
 
@@ -215,6 +248,11 @@ class Engine:
     def running(self) -> int:
         """Requests in a slot (prefilling or decoding)."""
         return sum(r is not None for r in self._running)
+
+    @property
+    def pages_in_use(self) -> int:
+        """Pages held by running sequences (0 without a paged cache)."""
+        return 0 if self._pool is None else self._pool.num_pages - self._pool.free
 
     @property
     def idle(self) -> bool:
@@ -267,19 +305,28 @@ class Engine:
             )
         requests = list(requests)
         row, logits_at, logit_of_slot, free = self._pack_prefill(requests, packing)
+        if self._pool is not None:
+            need = sum(self._pages_for(len(r.prompt)) for r in requests)
+            if need > self._pool.free:
+                raise ValueError(
+                    f"prefill of {len(requests)} prompts needs {need} pages of "
+                    f"page_size={self.page_size}; {self._pool.free} are free"
+                )
         samplers = []
         for i, request in enumerate(requests):
             request_id = self._next_id
             self._next_id += 1
             running = _Running(request_id, request, prefilled=len(request.prompt))
             self._running[free[i]] = running
+            if self._pool is not None:
+                self._reserve(free[i], len(request.prompt))
             samplers.append(free[i])
         return self._take(self._run(row, logits_at, logit_of_slot, attend_cache=False), samplers)
 
     def compiled_prefill(self, requests: Sequence[Request], *, packing: str = "ffd"):
         """The compiled executable `prefill` would run (for its cost and memory analysis)."""
         row, logits_at, logit_of_slot, _ = self._pack_prefill(list(requests), packing)
-        args = self._device_args(row, logits_at, logit_of_slot)
+        args = self._device_args(row, logits_at, logit_of_slot, attend_cache=False)
         return self._steps[False].lower(*args).compile()
 
     def _pack_prefill(self, requests, packing):
@@ -372,7 +419,8 @@ class Engine:
         for slot, running in enumerate(self._running):
             if running is None and self._queue:
                 request_id, request = self._queue.popleft()
-                self._running[slot] = _Running(request_id, request)
+                preempted = self._preempted.pop(request_id, None)
+                self._running[slot] = preempted or _Running(request_id, request)
 
     def _plan_row(self):
         """The step's row: slot i's decode token at index i (or padding), then prompt chunks.
@@ -382,6 +430,8 @@ class Engine:
         budget rounded up to whole blocks, so the step compiles for two shapes.
         """
         s, block = self.slots, CHUNK_QUERY_BLOCK
+        if self._pool is not None:
+            self._reserve_decode_pages()
         width = s + -(-(self.token_budget - s) // block) * block
         tokens = np.zeros(width, np.int32)
         segment_ids, positions = np.zeros_like(tokens), np.zeros_like(tokens)
@@ -399,22 +449,32 @@ class Engine:
         for _, slot in sorted(waiting):  # oldest request first
             running = self._running[slot]
             start = running.prefilled
-            take = min(budget, width - at, len(running.request.prompt) - start)
+            take = min(budget, width - at, len(running.context) - start)
             if self._chunk_grid:
                 take = min(take, self._chunk_grid - start % self._chunk_grid)
+            if self._pool is not None:  # as far as its pages and the free ones reach
+                room = (len(running.pages) + self._pool.free) * self.page_size - start
+                take = min(take, room)
+                if take > 0:
+                    self._reserve(slot, start + take)
             if take <= 0:
                 break
-            tokens[at : at + take] = running.request.prompt[start : start + take]
+            tokens[at : at + take] = running.context[start : start + take]
             segment_ids[at : at + take] = slot + 1
             positions[at : at + take] = np.arange(start, start + take) + self._prefix_length
             chunks.append((slot, take))
-            if start + take == len(running.request.prompt):
+            if start + take == len(running.context):
                 last[slot] = at + take - 1
                 samplers.append(slot)
             budget -= take
             at += -(-take // block) * block
         if not samplers and not chunks:
-            return None
+            if self._pool is None or not self.running:
+                return None
+            # Every running sequence is a prompt waiting for pages that others hold: the
+            # newest gives its back, so the oldest can go on.
+            self._preempt(self._newest_running())
+            return self._plan_row()
         for slot, take in chunks:
             self._running[slot].prefilled += take
         if not chunks:
@@ -428,11 +488,11 @@ class Engine:
         `logits_at` [B, N]: the row indices whose logits are needed; `logit_of_slot` [S]:
         each slot's entry among them, flattened (meaningless for slots not sampled).
         """
-        args = self._device_args(row, logits_at, logit_of_slot)
+        args = self._device_args(row, logits_at, logit_of_slot, attend_cache=attend_cache)
         sampled, self._cache = self._steps[attend_cache](*args)
         return tuple(np.asarray(x) for x in sampled)
 
-    def _device_args(self, row, logits_at, logit_of_slot):
+    def _device_args(self, row, logits_at, logit_of_slot, *, attend_cache):
         """The jitted step's arguments: state, cache, prefixes, row arrays, sampling."""
         counts, params = [], []
         for running in self._running:
@@ -449,6 +509,19 @@ class Engine:
             count=np.asarray(counts, np.int32),
             offset=np.full((self.slots,), self._prefix_length, np.int32),
         )
+        if self._pool is not None:
+            device_row["table"] = self._table.copy()
+            if attend_cache:
+                work, read = ragged_work(
+                    row["segment_ids"][0],
+                    row["positions"][0],
+                    self.slots,
+                    device_row["offset"],
+                    self.page_size,
+                    self._window,
+                )
+                device_row["work"] = tuple(work)
+                self.pages_read += read
         return self._state, self._cache, self._prefixes, device_row, settings_arrays(params)
 
     def _take(self, sampled, samplers) -> list[Event]:
@@ -467,8 +540,91 @@ class Engine:
             events.append(Event(running.request_id, token, done, float(logprob_S[slot]), top))
             if done:
                 self.results[running.request_id] = running.generated
-                self._running[slot] = None
+                self._release(slot)
         return events
+
+    # ---- pages ------------------------------------------------------------------------
+
+    def _check_pages(self, cfg, page_size, num_pages) -> int:
+        """The pool's size; a one-line ValueError for a model or a budget paging cannot serve."""
+        if page_size < 1:
+            raise ValueError(f"page_size={page_size} must be >= 1 (tokens per page)")
+        if cfg.mixers_without("paging"):
+            raise ValueError(
+                f"page_size: the model's {cfg.mixers_without('paging')} layers keep per-slot "
+                "state, not pages; leave page_size=None"
+            )
+        per_sequence = -(-self.max_length // page_size)
+        num_pages = self.slots * per_sequence if num_pages is None else num_pages
+        if num_pages < per_sequence:
+            raise ValueError(
+                f"num_pages={num_pages} of page_size={page_size} hold {num_pages * page_size} "
+                f"tokens; one sequence of max_length={self.max_length} needs {per_sequence} pages"
+            )
+        return num_pages
+
+    def _pages_for(self, tokens: int) -> int:
+        """Pages that hold `tokens` cache entries."""
+        return -(-tokens // self.page_size)
+
+    def _reserve(self, slot, tokens) -> bool:
+        """Give slot's sequence pages for its first `tokens` entries; False if too few are free."""
+        running = self._running[slot]
+        need = self._pages_for(tokens) - len(running.pages)
+        if need <= 0:
+            return True
+        pages = self._pool.take(need)
+        if pages is None:
+            return False
+        self._table[slot, len(running.pages) : len(running.pages) + need] = pages
+        running.pages += pages
+        return True
+
+    def _reserve_decode_pages(self):
+        """Each decoding sequence's page for this step's token, oldest first; while none is
+        free, the newest request holding pages gives them back (this one, if newest)."""
+        decoding = [
+            (r.request_id, slot) for slot, r in enumerate(self._running) if r and r.decoding
+        ]
+        for _, slot in sorted(decoding):
+            running = self._running[slot]
+            if running is None:  # preempted for an older one
+                continue
+            index = len(running.request.prompt) + len(running.generated) - 1
+            while not self._reserve(slot, index + 1):
+                victim = self._newest_running(holding_pages=True)
+                self._preempt(victim)
+                if victim == slot:
+                    break
+
+    def _newest_running(self, *, holding_pages=False) -> int:
+        """The slot of the most recently submitted running request (holding pages)."""
+        running = [
+            (r.request_id, slot)
+            for slot, r in enumerate(self._running)
+            if r is not None and (r.pages or not holding_pages)
+        ]
+        return max(running)[1]
+
+    def _preempt(self, slot):
+        """Free the slot's pages and queue its request again, ahead of newer ones; it will be
+        prefilled anew with what it has generated (recomputation, as vLLM preempts)."""
+        running = self._running[slot]
+        running.context = list(running.request.prompt) + running.generated
+        running.prefilled = 0
+        self._preempted[running.request_id] = running
+        at = sum(queued_id < running.request_id for queued_id, _ in self._queue)
+        self._queue.insert(at, (running.request_id, running.request))
+        self._release(slot)
+        self.preemptions += 1
+
+    def _release(self, slot):
+        """Empty the slot, returning its pages."""
+        running = self._running[slot]
+        if self._pool is not None and running.pages:
+            self._pool.give(running.pages)
+            running.pages = []
+        self._running[slot] = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -511,7 +667,10 @@ def _param_shardings(state, mesh, rules):
 
 
 def _cache_sharding(cache, mesh):
-    """Slots over `data`; an attention cache's kv heads over `tensor`; where sizes divide."""
+    """Slots over `data`; an attention cache's kv heads over `tensor`; where sizes divide.
+    A page pool is shared by every slot: only its kv heads are sharded."""
+    if isinstance(cache[0], PagedAttentionCache):
+        return tuple(_pool_sharding(c, mesh) for c in cache)
     slots = "data" if cache[0].slots % mesh.shape["data"] == 0 else None
 
     def by_slot(x):
@@ -531,6 +690,36 @@ def _cache_sharding(cache, mesh):
         return jax.tree.map(by_slot, c)._replace(attention=attention(c.attention))
 
     return tuple(layer(c) for c in cache)
+
+
+def _pool_sharding(pool: PagedAttentionCache, mesh) -> PagedAttentionCache:
+    """[pages, page, K, D] with K over `tensor` where it divides."""
+    heads = "tensor" if pool.k.shape[2] % mesh.shape["tensor"] == 0 else None
+    sharding = NamedSharding(mesh, PartitionSpec(None, None, heads, None))
+    return PagedAttentionCache(sharding, sharding)
+
+
+class PagePool:
+    """The free pages of a paged cache (host side): taken as sequences grow, given back
+    when they end or are preempted."""
+
+    def __init__(self, num_pages: int):
+        self.num_pages = num_pages
+        self._free = collections.deque(range(num_pages))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def take(self, n: int) -> list[int] | None:
+        """n free pages, or None (and nothing taken) if fewer are free."""
+        if n > len(self._free):
+            return None
+        return [self._free.popleft() for _ in range(n)]
+
+    def give(self, pages):
+        """Return pages to the pool."""
+        self._free.extend(pages)
 
 
 def _replicated(mesh):

@@ -1,0 +1,241 @@
+"""Paged key/value caches for the serving engine, read raggedly.
+
+PagedAttention (Kwon et al., "Efficient Memory Management for Large Language Model
+Serving with PagedAttention", SOSP 2023, arXiv 2309.06180): one layer's keys/values live
+in a pool of fixed-size pages, [num_pages, page_size, K, D]; a slot's sequence is the
+pages its row of the page table names, in order, so a token at index `i` of slot `s`
+(`i = position - offset[s]`, as in `lcx.cache`) sits at row `i % page_size` of page
+`table[s, i // page_size]`. The engine takes pages from a free list as sequences grow and
+returns them when a sequence ends, so cache memory follows the tokens in use, not
+`slots * max_length`.
+
+Reads are ragged (the work-list layout of tpu-inference's Ragged Paged Attention): a
+step's queries come in groups (one decode token per slot, then blocks of
+`CHUNK_QUERY_BLOCK` prompt-chunk queries of one slot each, as in `lcx.cache`), and the
+host lists one work item (group, logical page) for every page a group can see, so a
+step reads each slot's own pages up to its own length (inside its attention window),
+never up to the longest slot. Each item's scores are computed on its page alone and the
+items of a group are combined by a segment-wise log-sum-exp (the online softmax of
+FlashAttention, arXiv 2205.14135, over an unordered list). Item lists are padded to a
+power of two (padding items name the group past the last, whose results are dropped), so
+a step compiles once per bucket.
+
+This is the XLA path every backend runs. It does not use `jax.experimental.pallas.ops.
+tpu.ragged_paged_attention`: that kernel returns no log-sum-exp, which the engine needs to
+merge shared prefixes (Hydragen) into the same queries.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcx.attention.kernel_common import MASK_VALUE, natural_lse, products_precision
+from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
+
+MIN_ITEMS = 8  # the smallest work-list bucket
+
+
+class PageLayout(NamedTuple):
+    """Where one step's tokens live and what its queries read.
+
+    `table_SxP`: each slot's physical pages, in order ([slots, pages per slot]).
+    `decode_group_W`, `decode_page_W`: the decode queries' work items (the slot, a logical
+    page of it); `chunk_group_W`, `chunk_page_W`: the chunk blocks' (the block's index,
+    a logical page of its slot). A group index past the last group marks padding. The
+    item lists are None for a step that only writes (prepacked prefill).
+    """
+
+    table_SxP: jax.Array
+    decode_group_W: jax.Array | None = None
+    decode_page_W: jax.Array | None = None
+    chunk_group_W: jax.Array | None = None
+    chunk_page_W: jax.Array | None = None
+
+
+class PagedAttentionCache(NamedTuple):
+    """Keys and values of one attention layer: [num_pages, page_size, K, D] each."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, num_pages, page_size, kv_heads, head_dim, dtype) -> PagedAttentionCache:
+        return cls(*AttentionCache.zeros(num_pages, page_size, kv_heads, head_dim, dtype))
+
+    @property
+    def num_pages(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[1]
+
+    def write(
+        self,
+        k_BxTxKxD,
+        v_BxTxKxD,
+        segment_ids_BxT,
+        positions_BxT,
+        offset_S=None,
+        *,
+        pages: PageLayout,
+    ):
+        """The cache with every real token's keys/values stored in its slot's page."""
+        table = pages.table_SxP
+        slots, per_slot = table.shape
+        n, size = self.num_pages, self.page_size
+        real = segment_ids_BxT > 0
+        slot = jnp.clip(segment_ids_BxT - 1, 0, slots - 1)
+        index = positions_BxT - (0 if offset_S is None else offset_S[slot])
+        real &= (index >= 0) & (index < per_slot * size)
+        page = table[slot, jnp.clip(index // size, 0, per_slot - 1)]
+        flat = jnp.where(real, page * size + index % size, n * size)  # out of range: dropped
+
+        def put(cache, x):
+            """x's tokens written at their flat (page, row) places."""
+            rows = cache.reshape(n * size, *cache.shape[2:])
+            rows = rows.at[flat].set(x.astype(cache.dtype), mode="drop")
+            return rows.reshape(cache.shape)
+
+        return PagedAttentionCache(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
+
+
+def paged_cache_attention(q, segment_ids, positions, cache, pages, *, offset_S=None, window=None):
+    """(out, lse) of one engine row [1, T, H, D] against a paged cache, causal.
+
+    The row's first `slots` queries are one decode token per slot (or padding), the rest
+    blocks of `CHUNK_QUERY_BLOCK` queries of one slot each (`lcx.cache.cache_attention`'s
+    layout); each group reads only the pages its work items name.
+    """
+    s = pages.table_SxP.shape[0]
+    if q.shape[0] != 1 or q.shape[1] < s or (q.shape[1] - s) % CHUNK_QUERY_BLOCK:
+        raise ValueError(
+            f"a paged step takes one row of {s} decode queries plus a multiple of "
+            f"CHUNK_QUERY_BLOCK={CHUNK_QUERY_BLOCK} chunk queries; got {q.shape[:2]}"
+        )
+    offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
+    common = dict(cache=cache, table=pages.table_SxP, offset_S=offset_S, window=window)
+    parts = [
+        _ragged_part(
+            q[0, :s, None],
+            (segment_ids[0, :s] > 0)[:, None],
+            positions[0, :s, None],
+            jnp.arange(s),
+            pages.decode_group_W,
+            pages.decode_page_W,
+            **common,
+        )
+    ]
+    if q.shape[1] > s:
+        blocks = lambda x: x[0, s:].reshape(-1, CHUNK_QUERY_BLOCK, *x.shape[2:])  # noqa: E731
+        ids_NxC = blocks(segment_ids)
+        slot_plus_one = ids_NxC.max(axis=1)
+        own = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
+        slot_N = jnp.maximum(slot_plus_one - 1, 0)
+        parts.append(
+            _ragged_part(
+                blocks(q),
+                own,
+                blocks(positions),
+                slot_N,
+                pages.chunk_group_W,
+                pages.chunk_page_W,
+                **common,
+            )
+        )
+    return tuple(jnp.concatenate(p, axis=0)[None] for p in zip(*parts, strict=True))
+
+
+def _ragged_part(
+    q_GxCxHxD, real_GxC, positions_GxC, slot_G, group_W, page_W, *, cache, table, offset_S, window
+):
+    """(out [G*C, H, D], lse [G*C, H]): query group g against the pages of its items."""
+    g, c, h, d = q_GxCxHxD.shape
+    size, kv_heads = cache.page_size, cache.k.shape[2]
+    valid_W = group_W < g
+    at_W = jnp.minimum(group_W, g - 1)
+    slot_W = slot_G[at_W]
+    physical_W = table[slot_W, page_W]
+    k_WxPxKxD, v_WxPxKxD = cache.k[physical_W], cache.v[physical_W]
+    q_W = q_GxCxHxD[at_W].reshape(-1, c, kv_heads, h // kv_heads, d)
+    acc = jnp.promote_types(q_GxCxHxD.dtype, jnp.float32)
+    precision = products_precision(q_GxCxHxD.dtype)
+    logits = (
+        jnp.einsum(
+            "wckrd,wpkd->wkrcp",
+            q_W,
+            k_WxPxKxD.astype(q_W.dtype),
+            preferred_element_type=acc,
+            precision=precision,
+        )
+        * d**-0.5
+    )
+    kv_pos_WxP = offset_S[slot_W][:, None] + page_W[:, None] * size + jnp.arange(size)
+    q_pos_WxC = positions_GxC[at_W]
+    visible = (kv_pos_WxP[:, None, :] <= q_pos_WxC[:, :, None]) & real_GxC[at_W][:, :, None]
+    if window is not None:
+        visible &= q_pos_WxC[:, :, None] - kv_pos_WxP[:, None, :] < window
+    visible = (visible & valid_W[:, None, None])[:, None, None]  # [W, 1, 1, C, P]
+    logits = jnp.where(visible, logits, MASK_VALUE)
+    m_G = jax.ops.segment_max(logits.max(axis=-1), group_W, num_segments=g + 1)[:g]
+    p = jnp.where(visible, jnp.exp(logits - m_G[at_W][..., None]), 0.0)
+    l_G = jax.ops.segment_sum(p.sum(axis=-1), group_W, num_segments=g + 1)[:g]
+    o_W = jnp.einsum(
+        "wkrcp,wpkd->wkrcd",
+        p.astype(v_WxPxKxD.dtype),
+        v_WxPxKxD,
+        preferred_element_type=acc,
+        precision=precision,
+    )
+    o_G = jax.ops.segment_sum(o_W, group_W, num_segments=g + 1)[:g]
+    seen = l_G > 0
+    out = jnp.where(seen[..., None], o_G / jnp.where(seen, l_G, 1.0)[..., None], 0.0)
+    lse = natural_lse(m_G + jnp.log(jnp.where(seen, l_G, 1.0)), seen)
+    out = jnp.moveaxis(out, 3, 1).reshape(g * c, h, d)  # [G, C, K, R, D]: head = k * R + r
+    lse = jnp.moveaxis(lse, 3, 1).reshape(g * c, h)
+    return out.astype(q_GxCxHxD.dtype), lse
+
+
+def ragged_work(segment_ids_T, positions_T, slots, offset_S, page_size, window=None):
+    """The work items of one engine row (host side): a PageLayout's four item lists,
+    each padded to a power of two (at least MIN_ITEMS), and the real items' count.
+
+    Group `s` (decode) reads slot s's pages up to its token's index; chunk block `b` reads
+    its slot's pages up to its last token's index; with a window, from the first page
+    any of its queries can see.
+    """
+    segment_ids_T, positions_T = np.asarray(segment_ids_T), np.asarray(positions_T)
+    offset_S = np.asarray(offset_S)
+
+    def pages_of(slot, indices):
+        """The logical pages a query group at these indices of `slot` can see."""
+        first = 0 if window is None else max(0, int(indices.min()) - window + 1) // page_size
+        return range(first, int(indices.max()) // page_size + 1)
+
+    decode = [
+        (s, page)
+        for s in range(slots)
+        if segment_ids_T[s] > 0
+        for page in pages_of(s, positions_T[s : s + 1] - offset_S[s])
+    ]
+    chunk = []
+    blocks = (len(segment_ids_T) - slots) // CHUNK_QUERY_BLOCK
+    for b in range(blocks):
+        ids = segment_ids_T[slots + b * CHUNK_QUERY_BLOCK : slots + (b + 1) * CHUNK_QUERY_BLOCK]
+        if ids.max() > 0:
+            slot = int(ids.max()) - 1
+            at = slots + b * CHUNK_QUERY_BLOCK + np.flatnonzero(ids == slot + 1)
+            chunk += [(b, page) for page in pages_of(slot, positions_T[at] - offset_S[slot])]
+    lists = []
+    for items, groups in ((decode, slots), (chunk, blocks)):
+        width = max(MIN_ITEMS, 1 << max(len(items) - 1, 0).bit_length())
+        group = np.full(width, groups, np.int32)
+        page = np.zeros(width, np.int32)
+        if items:
+            group[: len(items)], page[: len(items)] = np.asarray(items, np.int32).T
+        lists += [group, page]
+    return lists, len(decode) + len(chunk)
