@@ -37,6 +37,7 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from lcx.attention.xla_chunked import DEFAULT_BLOCK_SIZES  # noqa: E402
 from lcx.config_loading import load_config  # noqa: E402
 from lcx.generate import Engine, Request  # noqa: E402
 from lcx.model import Transformer, TransformerConfig  # noqa: E402
@@ -150,6 +151,10 @@ def bench_decode(model, prefix, suffixes, new_tokens, repeats):
 # ---- 3. request trace ----------------------------------------------------------------
 
 
+# The one-stretch cache's decode reads every slot in kv tiles up to the longest slot.
+CACHE_TILE = DEFAULT_BLOCK_SIZES.block_kv
+
+
 def make_trace(documents, rng, n, rate, prompt_cap, output_mean, output_cap):
     """(arrival seconds, Request) for n requests: Poisson arrivals, long-tailed lengths."""
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
@@ -174,10 +179,13 @@ def _trace_stats(token_times, start, finish):
     }
 
 
-def run_continuous(model, trace, *, slots, max_length, token_budget):
-    """The engine fed as requests arrive; token timestamps per request."""
-    engine = Engine(model, slots=slots, max_length=max_length, token_budget=token_budget)
+def run_continuous(model, trace, *, slots, max_length, token_budget, page_size=None):
+    """The engine fed as requests arrive; token timestamps per request, and the cache
+    entries its decode tokens read against their own lengths."""
+    engine = Engine(model, slots=slots, max_length=max_length, token_budget=token_budget,
+                    page_size=page_size)  # fmt: skip
     token_times, pending = {}, list(trace)
+    own = contiguous = 0  # decode tokens' own lengths; what the one-stretch cache reads
     start = time.perf_counter()
     while pending or not engine.idle:
         now = time.perf_counter() - start
@@ -188,7 +196,15 @@ def run_continuous(model, trace, *, slots, max_length, token_budget):
             continue
         for event in engine.step():
             token_times.setdefault(event.request_id, []).append(time.perf_counter())
-    return _trace_stats(token_times, start, time.perf_counter())
+        decodes = engine.last_row["positions"][0, :slots][
+            engine.last_row["segment_ids"][0, :slots] > 0
+        ]
+        if decodes.size:
+            own += int((decodes + 1).sum())
+            contiguous += slots * -(-(int(decodes.max()) + 1) // CACHE_TILE) * CACHE_TILE
+    stats = _trace_stats(token_times, start, time.perf_counter())
+    read = contiguous if page_size is None else engine.decode_pages_read * page_size
+    return {**stats, "decode_reads_over_own_lengths": read / own}
 
 
 def run_static(model, trace, *, slots, max_length):
@@ -211,8 +227,9 @@ def run_static(model, trace, *, slots, max_length):
     return _trace_stats(token_times, start, time.perf_counter())
 
 
-def bench_trace(model, trace, *, slots, token_budget):
-    """Static batching vs the engine with chunked prefill vs whole-prompt prefill."""
+def bench_trace(model, trace, *, slots, token_budget, page_size):
+    """Static batching vs the engine with chunked prefill (one stretch per slot, and
+    paged) vs whole-prompt prefill."""
     longest_prompt = max(len(r.prompt) for _, r in trace)
     max_length = longest_prompt + max(r.max_new_tokens for _, r in trace)
     max_length = -(-max_length // 8) * 8
@@ -225,6 +242,14 @@ def bench_trace(model, trace, *, slots, token_budget):
         "continuous_whole_prompt": lambda t: run_continuous(
             model, t, slots=slots, max_length=max_length, token_budget=whole_budget
         ),
+        "continuous_paged": lambda t: run_continuous(
+            model,
+            t,
+            slots=slots,
+            max_length=max_length,
+            token_budget=token_budget,
+            page_size=page_size,
+        ),  # fmt: skip
     }
     out = {}
     for name, run in runs.items():
@@ -232,6 +257,9 @@ def bench_trace(model, trace, *, slots, token_budget):
         out[name] = run(trace)
     out["throughput_ratio"] = (
         out["continuous_chunked"]["tokens_per_sec"] / out["static"]["tokens_per_sec"]
+    )
+    out["paged_throughput_ratio"] = (
+        out["continuous_paged"]["tokens_per_sec"] / out["static"]["tokens_per_sec"]
     )
     return out
 
@@ -254,6 +282,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--token_budget", type=int, default=128)
     parser.add_argument("--output_mean", type=float, default=32)
+    parser.add_argument("--page_size", type=int, default=16, help="the paged engine's")
     parser.add_argument("--json", default="")
     parser.add_argument("--only", default="prefill,decode,trace", help="comparisons to run")
     parser.add_argument("--implementation", default=None, help="model.attention_implementation")
@@ -286,8 +315,9 @@ def main(argv=None) -> dict:
             4 * args.output_mean,
         )  # fmt: skip
         results["trace"] = bench_trace(
-            model, trace, slots=args.slots, token_budget=args.token_budget
-        )
+            model, trace, slots=args.slots, token_budget=args.token_budget,
+            page_size=args.page_size,
+        )  # fmt: skip
     report(results, argv)
     if args.json:
         with open(args.json, "w") as f:
@@ -336,13 +366,17 @@ def _report_decode(results):
 def _report_trace(results):
     """The request-trace table."""
     t = results["trace"]
-    print("| trace | seconds | output tokens/s | ITL median ms | ITL p99 ms |")
-    print("|---|---|---|---|---|")
-    for name in ("static", "continuous_chunked", "continuous_whole_prompt"):
+    print("| trace | seconds | output tokens/s | ITL median ms | ITL p99 ms | decode reads "
+          "/ own lengths |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name in ("static", "continuous_chunked", "continuous_whole_prompt", "continuous_paged"):
         r = t[name]
+        reads = r.get("decode_reads_over_own_lengths")
         print(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | "
-              f"{r['itl_median_ms']:.1f} | {r['itl_p99_ms']:.1f} |")  # fmt: skip
-    print(f"continuous / static throughput: {t['throughput_ratio']:.2f}x")
+              f"{r['itl_median_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
+              f"{'' if reads is None else f'{reads:.2f}'} |")  # fmt: skip
+    print(f"continuous / static throughput: {t['throughput_ratio']:.2f}x (paged: "
+          f"{t['paged_throughput_ratio']:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

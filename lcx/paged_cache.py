@@ -202,7 +202,8 @@ def _ragged_part(
 
 def ragged_work(segment_ids_T, positions_T, slots, offset_S, page_size, window=None):
     """The work items of one engine row (host side): a PageLayout's four item lists,
-    each padded to a power of two (at least MIN_ITEMS), and the real items' count.
+    each padded to a power of two (at least MIN_ITEMS), and the real items' counts
+    (decode, chunks): the pages the step reads.
 
     Group `s` (decode) reads slot s's pages up to its token's index; chunk block `b` reads
     its slot's pages up to its last token's index; with a window, from the first page
@@ -238,4 +239,4 @@ def ragged_work(segment_ids_T, positions_T, slots, offset_S, page_size, window=N
         if items:
             group[: len(items)], page[: len(items)] = np.asarray(items, np.int32).T
         lists += [group, page]
-    return lists, len(decode) + len(chunk)
+    return lists, (len(decode), len(chunk))

@@ -17,10 +17,13 @@ def test_generate_benchmark_runs(capsys):
     for name in ("naive", "shared"):
         assert decode[name]["tokens_per_sec"]["median"] > 0
     trace = result["trace"]
-    tokens = {trace[name]["tokens"] for name in ("static", "continuous_chunked",
-                                                  "continuous_whole_prompt")}  # fmt: skip
+    names = ("static", "continuous_chunked", "continuous_whole_prompt", "continuous_paged")
+    tokens = {trace[name]["tokens"] for name in names}
     assert len(tokens) == 1  # every variant generates the trace's tokens exactly
-    for name in ("static", "continuous_chunked", "continuous_whole_prompt"):
+    # Paged decode reads each slot's own pages: at most one part-filled page each over.
+    assert 1 <= trace["continuous_paged"]["decode_reads_over_own_lengths"] < 16
+    assert trace["continuous_chunked"]["decode_reads_over_own_lengths"] >= 1
+    for name in names:
         row = trace[name]
         assert row["seconds"] > 0 and row["tokens_per_sec"] > 0
         assert 0 <= row["itl_median_ms"] <= row["itl_p99_ms"]

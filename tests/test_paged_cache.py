@@ -69,9 +69,9 @@ def test_ragged_paged_step_equals_float64_per_slot_attention(rng, window):
         step_k[0, t], step_v[0, t] = keys[seg[t] - 1][index[t]], values[seg[t] - 1][index[t]]
     lists, real = ragged_work(seg, positions, SLOTS, offset, PAGE, window)
     if window is None:
-        assert real == 3 + 1 + (5 + 6)  # slot 0: pages 0-2; slot 2: 0; blocks: 0-4, 0-5
+        assert real == (3 + 1, 5 + 6)  # slot 0: pages 0-2; slot 2: 0; blocks: 0-4, 0-5
     else:  # the window of 6 hides pages wholly before index - 5
-        assert real == 2 + 1 + (5 + 3)
+        assert real == (2 + 1, 5 + 3)
     layout = PageLayout(jnp.asarray(table), *map(jnp.asarray, lists))
     q = rng.standard_normal((1, width, H, D))
 

@@ -210,7 +210,8 @@ class Engine:
         self.results: dict[int, list[int]] = {}
         self.steps = 0
         self.preemptions = 0  # requests whose pages were taken back to let older ones run
-        self.pages_read = 0  # pages read by the steps' attention (a paged cache), all steps
+        # Pages read by the steps' attention (a paged cache): all, and the decode tokens'.
+        self.pages_read = self.decode_pages_read = 0
         self.last_row: dict[str, np.ndarray] | None = None  # the last step's packed row
 
     # ---- requests ---------------------------------------------------------------------
@@ -521,7 +522,8 @@ class Engine:
                     self._window,
                 )
                 device_row["work"] = tuple(work)
-                self.pages_read += read
+                self.pages_read += sum(read)
+                self.decode_pages_read += read[0]
         return self._state, self._cache, self._prefixes, device_row, settings_arrays(params)
 
     def _take(self, sampled, samplers) -> list[Event]:
