@@ -411,6 +411,8 @@ class Mixer:
     ring: bool
     # Its serving state in a pool of pages (`init_paged_cache`), read raggedly.
     paging: bool
+    # A cached prefix's state can start another sequence (the engine's prefix cache).
+    prefix_reuse: bool
     # The prompt chunk grid: a chunk of a prompt must end on a multiple of this (0: any).
     chunk_grid: Callable[[TransformerConfig], int] = lambda cfg: 0
 
@@ -425,6 +427,7 @@ MIXERS: Mapping[str, Mixer] = types.MappingProxyType(
             dependent_rows=True,
             ring=True,
             paging=True,
+            prefix_reuse=True,
         ),
         # LaCT's fast weights update once per chunk of a sequence and are per slot.
         "lact": Mixer(
@@ -435,6 +438,8 @@ MIXERS: Mapping[str, Mixer] = types.MappingProxyType(
             dependent_rows=False,
             ring=False,
             paging=False,
+            # Fast weights exist only at the chunk boundaries a request reached; none saved.
+            prefix_reuse=False,
             chunk_grid=lambda cfg: cfg.lact.chunk_size,
         ),
     }

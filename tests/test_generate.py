@@ -482,3 +482,40 @@ def test_paged_engine_refuses_what_paging_cannot_serve():
     lact = tiny_model(block_pattern=("attention", "lact"), lact=dict(chunk_size=4, window=4))
     with pytest.raises(ValueError, match=r"^page_size: the model's \['lact'\] layers"):
         Engine(lact, slots=2, max_length=16, token_budget=8, page_size=4)
+
+
+def test_prefix_cache_skips_cached_pages_with_unchanged_outputs(rng):
+    """Requests that resend a conversation (each prompt the last one plus its answer and
+    a new turn) start on the cached pages of what came before: their first events count
+    those tokens, and every output is the no-cache engine's. A pool too small for all
+    of them reuses the least recently used cached pages."""
+    model = tiny_model(seed=13)
+    turns = random_prompts(rng, [11, 9, 14])
+
+    def conversation(**paging):
+        """Each turn after the last one ends: (prompts, outputs, cached tokens, engine)."""
+        engine = Engine(model, slots=2, max_length=56, token_budget=12, page_size=4, **paging)
+        prompts, outputs, cached = [], [], []
+        for turn in turns:
+            prompts.append((prompts[-1] + outputs[-1] if prompts else []) + turn)
+            request_id, events = engine.submit(Request(prompts[-1], 5)), []
+            while not engine.idle:
+                events += engine.step()
+            outputs.append(engine.results[request_id])
+            cached.append(events[0].cached_tokens)
+        return prompts, outputs, cached, engine
+
+    _, plain, none_cached, _ = conversation()
+    prompts, outputs, cached, engine = conversation(prefix_cache=True)
+    assert outputs == plain and none_cached == [0, 0, 0]
+    # The cache holds what each turn wrote: its prompt and all but its last answer token
+    # (11 + 4 tokens: 3 full pages; then 25 + 4: 7), so the next turn skips those.
+    assert cached == [0, 12, 28]
+    assert_same_greedy(model, prompts, outputs, 5)
+    assert engine.pages_in_use == 0 and engine.cached_pages == 12  # turn 3's 44 + 4 tokens
+    # 14 pages: an unrelated 40-token prompt reuses 9 of the 12 cached ones, oldest first.
+    _, small, _, engine = conversation(prefix_cache=True, num_pages=14)
+    other = Request(random_prompts(rng, [40])[0], 5)
+    other_id = engine.submit(other)
+    assert [engine.run()[other_id]] == generate(model, [other.prompt], max_new_tokens=5)
+    assert small == plain and engine.pages_in_use == 0 and engine.cached_pages == 3 + 11

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lcx.attention.shared_prefix import SharedPrefix
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
+from lcx.generate.pages import PagePool
 from lcx.generate.sampling import SamplingParams, sample, settings_arrays
 from lcx.packing import first_fit_decreasing
 from lcx.paged_cache import PagedAttentionCache, PageLayout, ragged_work
@@ -67,6 +68,7 @@ class Event:
     done: bool
     logprob: float = float("nan")
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    cached_tokens: int = 0  # on a request's first event: prompt tokens the prefix cache held
 
 
 @dataclasses.dataclass
@@ -78,7 +80,9 @@ class _Running:
     prefilled: int = 0  # tokens of `context` already in the cache
     generated: list[int] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)  # a paged cache's, in order
+    names: list[int] = dataclasses.field(default_factory=list)  # its full pages' hash chain
     context: Sequence[int] = ()  # what to prefill: the prompt (and, preempted, what followed)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
     def __post_init__(self):
         self.context = self.context or self.request.prompt
@@ -139,6 +143,10 @@ class Engine:
         When a step needs a page and none is free, the newest request is preempted: its
         pages are freed and it is queued again, to be prefilled anew with what it has
         generated (its outputs unchanged).
+      prefix_cache: keep full pages named by the hash chain of their tokens
+        (`lcx.generate.pages`): a request whose prompt starts with cached pages skips
+        their prefill (`Event.cached_tokens`); pages nobody holds are reused least
+        recently used first. Needs `page_size`.
     """
 
     def __init__(
@@ -154,6 +162,7 @@ class Engine:
         rules=(),
         page_size: int | None = None,
         num_pages: int | None = None,
+        prefix_cache: bool = False,
     ):
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
@@ -179,12 +188,18 @@ class Engine:
         self._graphdef, self._state = nnx.split(model)
         self.page_size, self._pool = page_size, None
         if page_size is None:
-            if num_pages is not None:
-                raise ValueError(f"num_pages={num_pages} needs page_size (the tokens per page)")
+            for name, value in (("num_pages", num_pages), ("prefix_cache", prefix_cache)):
+                if value not in (None, False):
+                    raise ValueError(f"{name}={value} needs page_size (the tokens per page)")
             self._cache = model.init_cache(slots, max_length, cache_dtype)
         else:
             num_pages = self._check_pages(cfg, page_size, num_pages)
-            self._pool = PagePool(num_pages)
+            if prefix_cache and cfg.mixers_without("prefix_reuse"):
+                raise ValueError(
+                    f"prefix_cache: the model's {cfg.mixers_without('prefix_reuse')} layers "
+                    "cannot reuse a cached prefix's state"
+                )
+            self._pool = PagePool(num_pages, page_size, prefix_cache=prefix_cache)
             self._table = np.zeros((slots, -(-max_length // page_size)), np.int32)
             self._cache = model.init_paged_cache(num_pages, page_size, cache_dtype)
         self._window = cfg.attention_window
@@ -256,6 +271,11 @@ class Engine:
         return 0 if self._pool is None else self._pool.num_pages - self._pool.free
 
     @property
+    def cached_pages(self) -> int:
+        """Pages named in the prefix cache, held or not (0 without one)."""
+        return 0 if self._pool is None else self._pool.cached
+
+    @property
     def idle(self) -> bool:
         """No request queued or running."""
         return not self._queue and all(r is None for r in self._running)
@@ -321,6 +341,7 @@ class Engine:
             self._running[free[i]] = running
             if self._pool is not None:
                 self._reserve(free[i], len(request.prompt))
+                self._register(free[i], len(request.prompt))
             samplers.append(free[i])
         return self._take(self._run(row, logits_at, logit_of_slot, attend_cache=False), samplers)
 
@@ -422,6 +443,8 @@ class Engine:
                 request_id, request = self._queue.popleft()
                 preempted = self._preempted.pop(request_id, None)
                 self._running[slot] = preempted or _Running(request_id, request)
+                if self._pool is not None and self._pool.prefix_cache:
+                    self._reuse_prefix(slot)
 
     def _plan_row(self):
         """The step's row: slot i's decode token at index i (or padding), then prompt chunks.
@@ -443,6 +466,7 @@ class Engine:
                 n = len(running.request.prompt) + len(running.generated) - 1
                 tokens[slot] = running.generated[-1]
                 segment_ids[slot], positions[slot] = slot + 1, n + self._prefix_length
+                self._register(slot, n + 1)
                 last[slot] = slot
                 samplers.append(slot)
         budget, at = self.token_budget - s, s  # prompt tokens left; next block start
@@ -464,6 +488,7 @@ class Engine:
             segment_ids[at : at + take] = slot + 1
             positions[at : at + take] = np.arange(start, start + take) + self._prefix_length
             chunks.append((slot, take))
+            self._register(slot, start + take)
             if start + take == len(running.context):
                 last[slot] = at + take - 1
                 samplers.append(slot)
@@ -539,7 +564,10 @@ class Engine:
             k = request.top_logprobs
             ids, logprobs = top_id_SxN[slot, :k].tolist(), top_logprob_SxN[slot, :k].tolist()
             top = tuple(zip(ids, logprobs, strict=True))
-            events.append(Event(running.request_id, token, done, float(logprob_S[slot]), top))
+            cached = running.cached_tokens if len(running.generated) == 1 else 0
+            events.append(
+                Event(running.request_id, token, done, float(logprob_S[slot]), top, cached)
+            )
             if done:
                 self.results[running.request_id] = running.generated
                 self._release(slot)
@@ -581,6 +609,30 @@ class Engine:
         self._table[slot, len(running.pages) : len(running.pages) + need] = pages
         running.pages += pages
         return True
+
+    def _register(self, slot, written):
+        """Name the slot's full pages among its first `written` tokens in the prefix cache."""
+        running = self._running[slot]
+        if self._pool is None or not self._pool.prefix_cache:
+            return
+        if written // self.page_size > len(running.names):
+            tokens = (list(running.request.prompt) + running.generated)[:written]
+            running.names = self._pool.names(tokens, running.names)
+            self._pool.register(running.pages, running.names)
+
+    def _reuse_prefix(self, slot):
+        """Start a newly admitted sequence on the cached pages of its context's prefix (never
+        the page of its last token, whose logits it needs)."""
+        running = self._running[slot]
+        if running.prefilled or running.pages:
+            return
+        names = self._pool.names(running.context[: len(running.context) - 1])
+        pages = self._pool.lookup(names)
+        if pages:
+            running.pages, running.names = pages, names[: len(pages)]
+            self._table[slot, : len(pages)] = pages
+            running.prefilled = len(pages) * self.page_size
+            running.cached_tokens = 0 if running.generated else running.prefilled
 
     def _reserve_decode_pages(self):
         """Each decoding sequence's page for this step's token, oldest first; while none is
@@ -699,29 +751,6 @@ def _pool_sharding(pool: PagedAttentionCache, mesh) -> PagedAttentionCache:
     heads = "tensor" if pool.k.shape[2] % mesh.shape["tensor"] == 0 else None
     sharding = NamedSharding(mesh, PartitionSpec(None, None, heads, None))
     return PagedAttentionCache(sharding, sharding)
-
-
-class PagePool:
-    """The free pages of a paged cache (host side): taken as sequences grow, given back
-    when they end or are preempted."""
-
-    def __init__(self, num_pages: int):
-        self.num_pages = num_pages
-        self._free = collections.deque(range(num_pages))
-
-    @property
-    def free(self) -> int:
-        return len(self._free)
-
-    def take(self, n: int) -> list[int] | None:
-        """n free pages, or None (and nothing taken) if fewer are free."""
-        if n > len(self._free):
-            return None
-        return [self._free.popleft() for _ in range(n)]
-
-    def give(self, pages):
-        """Return pages to the pool."""
-        self._free.extend(pages)
 
 
 def _replicated(mesh):
