@@ -83,6 +83,12 @@ def get_config(arg=None):
         slots=8,  # sequences decoded at once
         token_budget=256,  # query tokens per engine step
     )
+    # The serving engine of mode=generate and mode=serve (lcx.generate.Engine).
+    c.engine = dict(
+        page_size=0,  # > 0: a paged cache of pages this many tokens long; 0: one stretch a slot
+        num_pages=0,  # the paged cache's pool; 0: slots x the longest sequence's pages
+        prefix_cache=False,  # reuse cached full pages of earlier prompts (needs page_size)
+    )
     # Start from a Hugging Face checkpoint (lcx.checkpoints): its config.json sets the
     # architecture, config.model how it runs; rope_theta > 0 replaces its RoPE base.
     c.init = dict(hf_checkpoint="", rope_theta=0.0)

@@ -120,6 +120,23 @@ class ServeSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """`config.engine`: the serving engine of `mode=generate` and `mode=serve`."""
+
+    page_size: int
+    num_pages: int
+    prefix_cache: bool
+
+    def engine_options(self) -> dict:
+        """Engine keyword arguments (`lcx.generate.Engine`): 0 means none."""
+        return {
+            "page_size": self.page_size or None,
+            "num_pages": self.num_pages or None,
+            "prefix_cache": self.prefix_cache,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
 class InitSettings:
     """`config.init`: a Hugging Face checkpoint to start from ("" for none)."""
 
@@ -356,6 +373,7 @@ class Settings:
     sharding_rules: tuple
     model: ModelSettings
     serve: ServeSettings
+    engine: EngineSettings
 
     def replace(self, **sections) -> Settings:
         """A copy with whole sections, or fields of them as {section: {field: value}},

@@ -34,8 +34,15 @@ CONTEXT = 96
 
 
 def make_service(model, **kw):
+    """The service the tests drive: a paged engine with the prefix cache, so every answer
+    compared with in-process `generate` (one stretch per slot, no cache) checks those too."""
     settings = dict(
-        model_name="tiny", max_context=CONTEXT, slots=4, token_budget=40, max_waiting=32
+        model_name="tiny",
+        max_context=CONTEXT,
+        slots=4,
+        token_budget=40,
+        max_waiting=32,
+        engine_options=dict(page_size=8, prefix_cache=True),
     )
     return Service(model, ByteTokenizer(), **{**settings, **kw})
 
@@ -84,6 +91,8 @@ def test_completions_streamed_or_not_equal_in_process_greedy_generate(model, cli
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(new)
+    # The same prompt again: its 17 tokens' first 2 pages of 8 came from the prefix cache.
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == 16
     # Token ids in, several prompts, n choices: each choice is its prompt's greedy text.
     ids = prompt_ids(ByteTokenizer(), "class Stack:")
     many = client.completions.create(

@@ -62,6 +62,7 @@ def generate_from_workdir(config, workdir: str, out=sys.stdout) -> dict:
         token_budget=gc.token_budget,
         stop_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
         on_event=printer,
+        **config.engine.engine_options(),
     )
     return {"step": step, "prompts": len(prompts), "tokens": sum(map(len, completions))}
 

@@ -50,6 +50,7 @@ def build(config, workdir: str):
         slots=sc.slots,
         token_budget=max(sc.token_budget, sc.slots + 1),
         max_waiting=sc.max_queue,
+        engine_options=config.engine.engine_options(),
     )
     api_key = sc.api_key or os.environ.get("LCX_API_KEY", "")
     return make_app(service, api_key=api_key), service, source

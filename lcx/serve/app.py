@@ -157,7 +157,7 @@ def make_app(service: Service, *, api_key: str = "") -> FastAPI:
             out = []
             for index, _, _ in choices:
                 text, tokens, reason = _joined(done.get(index, []), "length")
-                usage["completion_tokens"] += _generated(done.get(index, []))
+                _add_usage(usage, done.get(index, []), first_choice=index % body.n == 0)
                 out.append(
                     choice(index, echo_text[index] + text, echoed.get(index, []) + tokens, reason)
                 )
@@ -181,7 +181,7 @@ def make_app(service: Service, *, api_key: str = "") -> FastAPI:
                         ],
                     }
             async for index, piece in _merged(first, pieces):
-                usage["completion_tokens"] += piece.generated
+                _add_usage(usage, [piece], first_choice=index % body.n == 0)
                 yield {
                     **head,
                     "choices": [choice(index, piece.text, piece.tokens, piece.finish_reason)],
@@ -223,7 +223,7 @@ def make_app(service: Service, *, api_key: str = "") -> FastAPI:
             out = []
             for index in range(body.n):
                 text, tokens, reason = _joined(done[index], "length")
-                usage["completion_tokens"] += _generated(done[index])
+                _add_usage(usage, done[index], first_choice=index == 0)
                 message = {"role": "assistant", "content": text}
                 out.append(
                     {
@@ -249,7 +249,7 @@ def make_app(service: Service, *, api_key: str = "") -> FastAPI:
                     ],
                 }
             async for index, piece in _merged(first, pieces):
-                usage["completion_tokens"] += piece.generated
+                _add_usage(usage, [piece], first_choice=index == 0)
                 delta = {"content": piece.text} if piece.text else {}
                 yield {
                     **head,
@@ -305,17 +305,27 @@ def _count(metrics, request, status):
     metrics.requests.labels(request.url.path, str(status)).inc()
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+
+
+def _add_usage(usage: dict, pieces, *, first_choice: bool):
+    """Count pieces' tokens in `usage`; a prompt's cached tokens once, from its first choice
+    (its `n` choices share the prompt, as `prompt_tokens` counts it once)."""
+    usage["completion_tokens"] += _generated(pieces)
+    if first_choice:
+        usage["prompt_tokens_details"]["cached_tokens"] += sum(p.cached_tokens for p in pieces)
 
 
 def _total(usage: dict) -> dict:
     """`usage` with its total brought up to date."""
-    return _usage(usage["prompt_tokens"], usage["completion_tokens"])
+    details = usage["prompt_tokens_details"]
+    return _usage(usage["prompt_tokens"], usage["completion_tokens"], details["cached_tokens"])
 
 
 def _decode(service, ids) -> str:

@@ -47,6 +47,7 @@ class Piece:
     tokens: list[TokenLogprob]
     finish_reason: str | None = None
     generated: int = 0  # engine tokens that arrived with it
+    cached_tokens: int = 0  # on the first piece: prompt tokens the prefix cache held
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Service:
       max_context: prompt tokens + max_tokens a request may ask for.
       slots, token_budget: the engine's sizes (`lcx.generate.Engine`).
       max_waiting: requests that may wait for a slot before new ones get 429.
+      engine_options: more Engine keyword arguments (a paged cache, the prefix cache).
       on_token: called (in the request's task) as `on_token(request_key, now)` for every
         token, for metrics; may be None.
     """
@@ -83,9 +85,11 @@ class Service:
         slots: int,
         token_budget: int,
         max_waiting: int,
+        engine_options: dict | None = None,
     ):
         self.tokenizer, self.model_name, self.max_context = tokenizer, model_name, max_context
-        engine = Engine(model, slots=slots, max_length=max_context, token_budget=token_budget)
+        engine = Engine(model, slots=slots, max_length=max_context, token_budget=token_budget,
+                        **(engine_options or {}))  # fmt: skip
         self.engine_thread = EngineThread(engine, max_waiting=max_waiting)
         self._model = model
         self._scorer = None
@@ -199,7 +203,8 @@ class Service:
                     return
                 last = self._observe(last, first=not text.tokens)
                 new_text, stopped = text.add(event.token)
-                piece = Piece(new_text, [], "stop" if stopped else None, generated=1)
+                piece = Piece(new_text, [], "stop" if stopped else None, generated=1,
+                              cached_tokens=event.cached_tokens)  # fmt: skip
                 if generation.logprobs is not None:
                     piece.tokens = [self._token_logprob(event)]
                 if not stopped and event.done:
