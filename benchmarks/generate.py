@@ -15,7 +15,11 @@
    static batches padded to the longest vs the continuous-batching engine with chunked
    prefill piggybacked on decodes, and the engine prefilling whole prompts in one step.
    Total time, output tokens/s, median and p99 time between a request's tokens; each
-   variant runs the trace twice and reports the second (compilation excluded).
+   variant runs the trace twice and reports the second (compilation excluded). The
+   paged engine runs beside them, and each reports its decodes' cache reads over the
+   slots' own lengths.
+4. `chat`: conversations whose every turn resends the conversation so far (a long first
+   turn, short later ones): mean time to first token with and without the prefix cache.
 
 The model has lm_tiny's shape in float32 (`--dtype`); weights are random (the timing does
 not depend on them); greedy decoding runs to
@@ -264,6 +268,62 @@ def bench_trace(model, trace, *, slots, token_budget, page_size):
     return out
 
 
+# ---- 4. multi-turn chat ----------------------------------------------------------------
+
+
+def make_chats(documents, rng, conversations, turns, first_turn, later_turn):
+    """Each conversation's user turns (token lists): a long first one (a system prompt and
+    a question), then short ones."""
+    lengths = [first_turn] + [later_turn] * (turns - 1)
+    return [
+        [cut_prompts(documents, rng, 1, n, shortest=n)[0] for n in lengths]
+        for _ in range(conversations)
+    ]
+
+
+def run_chat(model, chats, *, answer, slots, max_length, token_budget, page_size, prefix_cache):
+    """Every conversation at once, each turn sent (the whole conversation so far plus the
+    new user turn) when its previous answer ends: time to first token per turn."""
+    engine = Engine(model, slots=slots, max_length=max_length, token_budget=token_budget,
+                    page_size=page_size, prefix_cache=prefix_cache)  # fmt: skip
+    history, turn, sent, ttft, cached = [[] for _ in chats], [0] * len(chats), {}, [], 0
+
+    def send(c):
+        """Conversation c's next turn."""
+        history[c] = history[c] + chats[c][turn[c]]
+        sent[engine.submit(Request(history[c], answer))] = (c, time.perf_counter())
+
+    for c in range(len(chats)):
+        send(c)
+    while not engine.idle:
+        for event in engine.step():
+            c, at = sent[event.request_id]
+            if at is not None:  # the turn's first token
+                ttft.append(time.perf_counter() - at)
+                cached += event.cached_tokens
+                sent[event.request_id] = (c, None)
+            if event.done:
+                history[c] = history[c] + engine.results[event.request_id]
+                turn[c] += 1
+                if turn[c] < len(chats[c]):
+                    send(c)
+    return {"ttft_mean_ms": 1e3 * float(np.mean(ttft)), "turns": len(ttft),
+            "cached_tokens": cached}  # fmt: skip
+
+
+def bench_chat(model, chats, *, answer, slots, token_budget, page_size):
+    """The chat trace with and without the prefix cache (both paged), second of two runs."""
+    longest = max(sum(map(len, chat)) + answer * len(chat) for chat in chats)
+    common = dict(answer=answer, slots=slots, max_length=-(-longest // 8) * 8,
+                  token_budget=token_budget, page_size=page_size)  # fmt: skip
+    out = {}
+    for name, prefix_cache in (("no_cache", False), ("prefix_cache", True)):
+        run_chat(model, chats, prefix_cache=prefix_cache, **common)  # compiles
+        out[name] = run_chat(model, chats, prefix_cache=prefix_cache, **common)
+    out["ttft_ratio"] = out["prefix_cache"]["ttft_mean_ms"] / out["no_cache"]["ttft_mean_ms"]
+    return out
+
+
 # ---- driver --------------------------------------------------------------------------
 
 
@@ -284,7 +344,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--output_mean", type=float, default=32)
     parser.add_argument("--page_size", type=int, default=16, help="the paged engine's")
     parser.add_argument("--json", default="")
-    parser.add_argument("--only", default="prefill,decode,trace", help="comparisons to run")
+    parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--first_turn", type=int, default=512, help="tokens")
+    parser.add_argument("--later_turn", type=int, default=32, help="tokens")
+    parser.add_argument("--answer", type=int, default=16, help="tokens per chat answer")
+    parser.add_argument("--only", default="prefill,decode,trace,chat", help="comparisons to run")
     parser.add_argument("--implementation", default=None, help="model.attention_implementation")
     # float32: on a CPU, XLA's bfloat16 matmuls at serving sizes run about 2x slower.
     parser.add_argument("--dtype", default="float32", help="model.dtype")
@@ -294,6 +359,8 @@ def main(argv=None) -> dict:
         args.decode_batch, args.prefix, args.new_tokens = 4, 32, 3
         args.requests, args.slots, args.token_budget, args.output_mean = 10, 3, 16, 4
         args.rate = 200.0
+        args.conversations, args.turns, args.first_turn, args.later_turn = 2, 2, 40, 8
+        args.answer = 4
 
     model, config = build_model(args.smoke, args.implementation, args.dtype)
     documents = corpus_documents(config)
@@ -318,6 +385,14 @@ def main(argv=None) -> dict:
             model, trace, slots=args.slots, token_budget=args.token_budget,
             page_size=args.page_size,
         )  # fmt: skip
+    if "chat" in only:
+        rng = np.random.default_rng(args.seed + 3)
+        chats = make_chats(documents, rng, args.conversations, args.turns, args.first_turn,
+                           args.later_turn)  # fmt: skip
+        results["chat"] = bench_chat(
+            model, chats, answer=args.answer, slots=args.slots, token_budget=args.token_budget,
+            page_size=args.page_size,
+        )  # fmt: skip
     report(results, argv)
     if args.json:
         with open(args.json, "w") as f:
@@ -334,6 +409,8 @@ def report(results, argv):
         _report_decode(results)
     if "trace" in results:
         _report_trace(results)
+    if "chat" in results:
+        _report_chat(results)
 
 
 def _report_prefill(results):
@@ -377,6 +454,20 @@ def _report_trace(results):
               f"{'' if reads is None else f'{reads:.2f}'} |")  # fmt: skip
     print(f"continuous / static throughput: {t['throughput_ratio']:.2f}x (paged: "
           f"{t['paged_throughput_ratio']:.2f}x)")  # fmt: skip
+
+
+def _report_chat(results):
+    """The multi-turn chat table."""
+    c, settings = results["chat"], results["settings"]
+    print(f"\nMulti-turn chat: {settings['conversations']} conversations x {settings['turns']} "
+          f"turns (first {settings['first_turn']} tokens, then {settings['later_turn']}; "
+          f"answers {settings['answer']}), each turn resending the conversation")  # fmt: skip
+    print("| prefix cache | turns | mean TTFT ms | prompt tokens from the cache |")
+    print("|---|---|---|---|")
+    for name in ("no_cache", "prefix_cache"):
+        r = c[name]
+        print(f"| {name} | {r['turns']} | {r['ttft_mean_ms']:.1f} | {r['cached_tokens']} |")
+    print(f"TTFT with / without the prefix cache: {c['ttft_ratio']:.2f}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def test_generate_benchmark_runs(capsys):
         assert row["seconds"] > 0 and row["tokens_per_sec"] > 0
         assert 0 <= row["itl_median_ms"] <= row["itl_p99_ms"]
     assert all(math.isfinite(result[k]["speedup"]) for k in ("prefill", "decode"))
+    chat = result["chat"]  # the second turns find the first turns' pages
+    assert chat["no_cache"]["cached_tokens"] == 0 < chat["prefix_cache"]["cached_tokens"]
+    assert chat["prefix_cache"]["turns"] == chat["no_cache"]["turns"] == 4
     printed = capsys.readouterr().out
     assert "python benchmarks/generate.py --smoke" in printed
     assert printed.count("| static |") == 1
