@@ -413,6 +413,8 @@ class Mixer:
     paging: bool
     # A cached prefix's state can start another sequence (the engine's prefix cache).
     prefix_reuse: bool
+    # Entries written for tokens later rejected (speculative drafts) can be taken back.
+    rollback: bool
     # The prompt chunk grid: a chunk of a prompt must end on a multiple of this (0: any).
     chunk_grid: Callable[[TransformerConfig], int] = lambda cfg: 0
 
@@ -428,6 +430,8 @@ MIXERS: Mapping[str, Mixer] = types.MappingProxyType(
             ring=True,
             paging=True,
             prefix_reuse=True,
+            # Entries past a sequence's end are masked by causality until overwritten.
+            rollback=True,
         ),
         # LaCT's fast weights update once per chunk of a sequence and are per slot.
         "lact": Mixer(
@@ -440,6 +444,8 @@ MIXERS: Mapping[str, Mixer] = types.MappingProxyType(
             paging=False,
             # Fast weights exist only at the chunk boundaries a request reached; none saved.
             prefix_reuse=False,
+            # A chunk's fast-weight update cannot be undone for rejected drafts.
+            rollback=False,
             chunk_grid=lambda cfg: cfg.lact.chunk_size,
         ),
     }

@@ -518,3 +518,71 @@ def test_prefix_cache_skips_cached_pages_with_unchanged_outputs(rng):
     other_id = engine.submit(other)
     assert [engine.run()[other_id]] == generate(model, [other.prompt], max_new_tokens=5)
     assert small == plain and engine.pages_in_use == 0 and engine.cached_pages == 3 + 11
+
+
+# ---- speculative decoding -------------------------------------------------------------
+
+
+def test_ngram_speculation_keeps_greedy_outputs_and_accepts_drafts(rng):
+    """Prompts that repeat themselves: prompt-lookup drafts are verified in blocks of the
+    row (a paged cache with the prefix cache), each sequence keeps its own accepted
+    count, and the tokens are plain greedy decoding's."""
+    model = tiny_model(seed=14)
+    prompts = [(p * 4)[: 4 * len(p)] for p in random_prompts(rng, [5, 7, 3, 6])]
+    plain = generate(model, prompts, max_new_tokens=12, slots=3, token_budget=40)
+    ngram = {"method": "ngram", "k": 4}
+
+    def speculate(temperature):
+        """(outputs, last event of each request, engine) of the paged, speculating engine."""
+        engine = Engine(model, slots=3, max_length=48, token_budget=40, page_size=4,
+                        prefix_cache=True, speculative=ngram)  # fmt: skip
+        sampling = SamplingParams(temperature, seed=3)
+        ids = [engine.submit(Request(p, 12, sampling)) for p in prompts]
+        last = {}
+        results = engine.run(lambda e: last.__setitem__(e.request_id, e))
+        return [results[i] for i in ids], last, engine
+
+    outputs, last, engine = speculate(0.0)
+    assert outputs == plain
+    assert engine.accepted_tokens > 0 and engine.drafted_tokens >= engine.accepted_tokens
+    assert sum(e.accepted for e in last.values()) == engine.accepted_tokens
+    # Fewer steps than tokens: accepted drafts arrive several a step.
+    assert engine.steps < sum(map(len, plain))
+    # Sampling runs through the same verification (its distribution: the next test).
+    sampled, _, engine = speculate(0.9)
+    assert [len(s) for s in sampled] == [12] * 4 and engine.drafted_tokens > 0
+    with pytest.raises(ValueError, match=r"speculative=\{'method': 'draft'\}: valid is"):
+        Engine(model, slots=2, max_length=16, token_budget=8, speculative={"method": "draft"})
+    lact = tiny_model(block_pattern=("attention", "lact"), lact=dict(chunk_size=4, window=4))
+    with pytest.raises(ValueError, match=r"^speculative: the model's \['lact'\] layers"):
+        Engine(lact, slots=2, max_length=16, token_budget=8, speculative=ngram)
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 3)])
+def test_draft_verification_draws_from_the_target_distribution(temperature, top_k):
+    """Accepting a certain draft with probability p(draft), else drawing from p without
+    it, gives p itself: over 40,000 draws the emitted tokens' histogram is within 0.015
+    total variation of the model's tempered, top-k distribution, for a likely draft and an
+    unlikely one."""
+    from lcx.generate.sampling import verify_drafts
+
+    logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5]])
+    scaled = np.asarray(logits[0]) / temperature
+    allowed = np.argsort(-scaled)[: top_k or 6]
+    p = np.zeros(6)
+    p[allowed] = np.exp(scaled[allowed] - scaled[allowed].max())
+    p /= p.sum()
+    n = 40_000
+    for draft in (0, 4):
+        accept, residual, _ = jax.jit(verify_drafts)(
+            jnp.repeat(logits, n, axis=0),
+            jnp.full(n, draft),
+            jnp.arange(n, dtype=jnp.uint32),
+            jnp.full(n, 7),
+            jnp.full(n, temperature, jnp.float32),
+            jnp.full(n, top_k or 0),
+            jnp.full(n, 2.0, jnp.float32),
+        )
+        emitted = np.where(np.asarray(accept), draft, np.asarray(residual))
+        empirical = np.bincount(emitted, minlength=6) / n
+        assert 0.5 * np.abs(empirical - p).sum() < 0.015

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lcx.attention.shared_prefix import SharedPrefix
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
 from lcx.generate.pages import PagePool
-from lcx.generate.sampling import SamplingParams, sample, settings_arrays
+from lcx.generate.sampling import SamplingParams, sample, settings_arrays, verify_drafts
 from lcx.packing import first_fit_decreasing
 from lcx.paged_cache import PagedAttentionCache, PageLayout, ragged_work
 
@@ -69,6 +69,9 @@ class Event:
     logprob: float = float("nan")
     top_logprobs: tuple[tuple[int, float], ...] = ()
     cached_tokens: int = 0  # on a request's first event: prompt tokens the prefix cache held
+    # Speculative decoding: the request's tokens drafted and accepted so far.
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclasses.dataclass
@@ -83,6 +86,8 @@ class _Running:
     names: list[int] = dataclasses.field(default_factory=list)  # its full pages' hash chain
     context: Sequence[int] = ()  # what to prefill: the prompt (and, preempted, what followed)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
+    drafted: int = 0  # speculative tokens proposed, and accepted
+    accepted: int = 0
 
     def __post_init__(self):
         self.context = self.context or self.request.prompt
@@ -111,13 +116,38 @@ def _forward_and_sample(graphdef, attend_cache, state, cache, prefixes, row, set
         **paged,
     )
     b, n, v = logits.shape
-    chosen = logits.reshape(b * n, v)[row["logit_of_slot"]]
+    flat = logits.reshape(b * n, v)
+    chosen = flat[row["logit_of_slot"]]
     temperature, top_k, top_p, seed = settings
     tokens = sample(chosen, seed, row["count"], temperature, top_k, top_p)
-    logprobs = jax.nn.log_softmax(chosen.astype(jnp.float32), axis=-1)
-    token_logprob = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    picked = (tokens, *_logprobs(chosen, tokens))
+    if "drafts" not in row:
+        return picked, cache
+    # Speculative decoding: slot s's k + 1 verify positions follow the slots' picks.
+    s, k1 = row["drafts"].shape
+    verify = flat[s:]
+    each = lambda x: jnp.repeat(x, k1)  # noqa: E731
+    counts = (row["count"][:, None] + jnp.arange(k1)).reshape(-1)
+    drafts = row["drafts"].reshape(-1)
+    accept, residual, plain = verify_drafts(
+        verify, drafts, each(seed), counts, each(temperature), each(top_k), each(top_p)
+    )
+    candidates = jnp.stack([drafts, residual, plain], axis=-1)  # [S * K1, 3]
+    logprobs = jax.nn.log_softmax(verify.astype(jnp.float32), axis=-1)
+    candidate_logprob = jnp.take_along_axis(logprobs, candidates, axis=-1)
     top_logprob, top_id = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, v))
-    return (tokens, token_logprob, top_id, top_logprob), cache
+    shaped = lambda x: x.reshape(s, k1, *x.shape[1:])  # noqa: E731
+    verified = tuple(map(shaped, (accept, candidates, candidate_logprob, top_id, top_logprob)))
+    return (*picked, *verified), cache
+
+
+def _logprobs(logits_NxV, tokens_N):
+    """Each token's log-probability under its row's raw distribution, and the row's best
+    TOP_LOGPROBS (ids, log-probabilities)."""
+    logprobs = jax.nn.log_softmax(logits_NxV.astype(jnp.float32), axis=-1)
+    token_logprob = jnp.take_along_axis(logprobs, tokens_N[:, None], axis=-1)[:, 0]
+    top_logprob, top_id = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits_NxV.shape[-1]))
+    return token_logprob, top_id, top_logprob
 
 
 class Engine:
@@ -147,6 +177,13 @@ class Engine:
         (`lcx.generate.pages`): a request whose prompt starts with cached pages skips
         their prefill (`Event.cached_tokens`); pages nobody holds are reused least
         recently used first. Needs `page_size`.
+      speculative: None, or {"method": "ngram", "k": 4, "n": 3}: prompt-lookup decoding
+        (the tokens that followed the latest earlier occurrence of a sequence's last n,
+        n-1, ..., 1 tokens are its drafts, at most k). Each decoding sequence's last token
+        and drafts are verified in one block of the step's row, and each keeps its own
+        accepted count (`lcx.generate.sampling.verify_drafts`: greedy output is
+        unchanged, sampling keeps the model's distribution); `Event.drafted` and
+        `Event.accepted` count them per request.
     """
 
     def __init__(
@@ -163,6 +200,7 @@ class Engine:
         page_size: int | None = None,
         num_pages: int | None = None,
         prefix_cache: bool = False,
+        speculative: dict | None = None,
     ):
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
@@ -203,6 +241,8 @@ class Engine:
             self._table = np.zeros((slots, -(-max_length // page_size)), np.int32)
             self._cache = model.init_paged_cache(num_pages, page_size, cache_dtype)
         self._window = cfg.attention_window
+        self._draft_k, self._draft_n = self._check_speculative(cfg, speculative)
+        self._verifying: dict[int, list[int]] = {}  # slot -> this step's drafts
         cache_sharding = None
         if mesh is not None:
             self._state = jax.device_put(self._state, _param_shardings(self._state, mesh, rules))
@@ -227,6 +267,7 @@ class Engine:
         self.preemptions = 0  # requests whose pages were taken back to let older ones run
         # Pages read by the steps' attention (a paged cache): all, and the decode tokens'.
         self.pages_read = self.decode_pages_read = 0
+        self.drafted_tokens = self.accepted_tokens = 0  # speculative decoding, all requests
         self.last_row: dict[str, np.ndarray] | None = None  # the last step's packed row
 
     # ---- requests ---------------------------------------------------------------------
@@ -302,8 +343,8 @@ class Engine:
         plan = self._plan_row()
         if plan is None:
             return []
-        row, last, samplers = plan
-        tokens = self._run(row, last[None], np.arange(self.slots), attend_cache=True)
+        row, logits_at, samplers = plan
+        tokens = self._run(row, logits_at[None], np.arange(self.slots), attend_cache=True)
         self.steps += 1
         self.last_row = row  # tokens, segment_ids (slot + 1), positions: [1, W] each
         return self._take(tokens, samplers)
@@ -459,17 +500,31 @@ class Engine:
         width = s + -(-(self.token_budget - s) // block) * block
         tokens = np.zeros(width, np.int32)
         segment_ids, positions = np.zeros_like(tokens), np.zeros_like(tokens)
-        last = np.zeros(s, np.int32)  # the row index of each slot's sampled token
+        # The row index of each slot's sampled token; with speculation, then each slot's
+        # k + 1 verify positions.
+        last = np.zeros(s * (1 + self._draft_k + 1 if self._draft_k else 1), np.int32)
         samplers, chunks = [], []
+        budget, at = self.token_budget - s, s  # prompt tokens left; next block start
+        self._verifying = {}
         for slot, running in enumerate(self._running):
             if running is not None and running.decoding:
                 n = len(running.request.prompt) + len(running.generated) - 1
+                self._register(slot, n + 1)
+                drafts = self._drafts(slot, n) if budget > 0 and width - at >= block else []
+                if drafts:  # the last token and its drafts, one block, verified together
+                    k1, take = self._draft_k + 1, len(drafts) + 1
+                    tokens[at : at + take] = [running.generated[-1], *drafts]
+                    segment_ids[at : at + take] = slot + 1
+                    positions[at : at + take] = np.arange(n, n + take) + self._prefix_length
+                    last[s + slot * k1 : s + slot * k1 + take] = np.arange(at, at + take)
+                    self._verifying[slot] = drafts
+                    budget -= take
+                    at += block
+                    continue
                 tokens[slot] = running.generated[-1]
                 segment_ids[slot], positions[slot] = slot + 1, n + self._prefix_length
-                self._register(slot, n + 1)
                 last[slot] = slot
                 samplers.append(slot)
-        budget, at = self.token_budget - s, s  # prompt tokens left; next block start
         waiting = [(r.request_id, s) for s, r in enumerate(self._running) if r and not r.decoding]
         for _, slot in sorted(waiting):  # oldest request first
             running = self._running[slot]
@@ -494,7 +549,7 @@ class Engine:
                 samplers.append(slot)
             budget -= take
             at += -(-take // block) * block
-        if not samplers and not chunks:
+        if not samplers and not chunks and not self._verifying:
             if self._pool is None or not self.running:
                 return None
             # Every running sequence is a prompt waiting for pages that others hold: the
@@ -503,7 +558,7 @@ class Engine:
             return self._plan_row()
         for slot, take in chunks:
             self._running[slot].prefilled += take
-        if not chunks:
+        if not chunks and not self._verifying:
             tokens, segment_ids, positions = tokens[:s], segment_ids[:s], positions[:s]
         row = dict(tokens=tokens[None], segment_ids=segment_ids[None], positions=positions[None])
         return row, last, samplers
@@ -535,6 +590,11 @@ class Engine:
             count=np.asarray(counts, np.int32),
             offset=np.full((self.slots,), self._prefix_length, np.int32),
         )
+        if self._draft_k and attend_cache:
+            drafts = np.zeros((self.slots, self._draft_k + 1), np.int32)
+            for slot, proposed in self._verifying.items():
+                drafts[slot, : len(proposed)] = proposed
+            device_row["drafts"] = drafts
         if self._pool is not None:
             device_row["table"] = self._table.copy()
             if attend_cache:
@@ -552,26 +612,113 @@ class Engine:
         return self._state, self._cache, self._prefixes, device_row, settings_arrays(params)
 
     def _take(self, sampled, samplers) -> list[Event]:
-        """Append each sampled token to its sequence; retire finished ones."""
-        tokens_S, logprob_S, top_id_SxN, top_logprob_SxN = sampled
+        """Append each sampled (or verified) token to its sequence; retire finished ones."""
+        tokens_S, logprob_S, top_id_SxN, top_logprob_SxN = sampled[:4]
         events = []
         for slot in samplers:
-            running = self._running[slot]
-            token = int(tokens_S[slot])
-            running.generated.append(token)
-            request = running.request
-            done = len(running.generated) >= request.max_new_tokens or token in request.stop_ids
-            k = request.top_logprobs
-            ids, logprobs = top_id_SxN[slot, :k].tolist(), top_logprob_SxN[slot, :k].tolist()
-            top = tuple(zip(ids, logprobs, strict=True))
-            cached = running.cached_tokens if len(running.generated) == 1 else 0
-            events.append(
-                Event(running.request_id, token, done, float(logprob_S[slot]), top, cached)
+            top = (top_id_SxN[slot], top_logprob_SxN[slot])
+            self._emit(slot, int(tokens_S[slot]), float(logprob_S[slot]), top, events)
+        verifying, self._verifying = self._verifying, {}
+        for slot, drafts in verifying.items():
+            accept, candidates, candidate_logprob, top_id, top_logprob = (
+                x[slot] for x in sampled[4:]
             )
-            if done:
-                self.results[running.request_id] = running.generated
-                self._release(slot)
+            accepted = 0
+            while accepted < len(drafts) and accept[accepted]:
+                accepted += 1
+            running = self._running[slot]
+            running.drafted += len(drafts)
+            running.accepted += accepted
+            self.drafted_tokens += len(drafts)
+            self.accepted_tokens += accepted
+            # The accepted drafts, then the residual draw where a draft was rejected, or
+            # the bonus token after them all; the cache entries of rejected drafts stay
+            # behind the sequence's end, unseen, until new tokens overwrite them.
+            picks = [(j, 0) for j in range(accepted)]
+            picks.append((accepted, 1 if accepted < len(drafts) else 2))
+            for j, which in picks:
+                top = (top_id[j], top_logprob[j])
+                done = self._emit(
+                    slot, int(candidates[j, which]), float(candidate_logprob[j, which]), top,
+                    events,
+                )  # fmt: skip
+                if done:
+                    break
         return events
+
+    def _emit(self, slot, token, logprob, top, events) -> bool:
+        """Append one token to the slot's sequence and its Event; whether it ended it."""
+        running = self._running[slot]
+        running.generated.append(token)
+        request = running.request
+        done = len(running.generated) >= request.max_new_tokens or token in request.stop_ids
+        k = request.top_logprobs
+        top = tuple(zip(top[0][:k].tolist(), top[1][:k].tolist(), strict=True))
+        cached = running.cached_tokens if len(running.generated) == 1 else 0
+        events.append(
+            Event(
+                running.request_id,
+                token,
+                done,
+                logprob,
+                top,
+                cached,
+                running.drafted,
+                running.accepted,
+            )  # fmt: skip
+        )
+        if done:
+            self.results[running.request_id] = running.generated
+            self._release(slot)
+        return done
+
+    # ---- speculative decoding ---------------------------------------------------------
+
+    def _check_speculative(self, cfg, speculative) -> tuple[int, int]:
+        """(k, n) of `speculative` (0, 0: none); a one-line ValueError for what cannot run."""
+        if not speculative or speculative.get("method", "none") == "none":
+            return 0, 0
+        method, k, n = speculative.get("method"), speculative.get("k", 4), speculative.get("n", 3)
+        unknown = set(speculative) - {"method", "k", "n"}
+        if method != "ngram" or unknown:
+            raise ValueError(
+                f"speculative={speculative}: valid is {{'method': 'ngram', 'k': 1.."
+                f"{CHUNK_QUERY_BLOCK - 1}, 'n': >= 1}} (a draft model is not built yet)"
+            )
+        if not 1 <= k < CHUNK_QUERY_BLOCK or n < 1:
+            raise ValueError(
+                f"speculative k={k} must be in [1, {CHUNK_QUERY_BLOCK - 1}] (the last token and "
+                f"its drafts share one block of {CHUNK_QUERY_BLOCK}) and n={n} >= 1"
+            )
+        if cfg.mixers_without("rollback"):
+            raise ValueError(
+                f"speculative: the model's {cfg.mixers_without('rollback')} layers cannot "
+                "take back rejected drafts"
+            )
+        return k, n
+
+    def _drafts(self, slot, index) -> list[int]:
+        """Prompt-lookup drafts for the slot's next tokens, where they fit: after the latest
+        earlier occurrence of its last n (then n - 1, ...) tokens, at most k and no more
+        than its request may still generate; with a paged cache, only if pages are free."""
+        if not self._draft_k:
+            return []
+        running = self._running[slot]
+        room = min(self._draft_k, running.request.max_new_tokens - len(running.generated) - 1)
+        if room < 1:
+            return []
+        sequence = np.asarray(list(running.request.prompt) + running.generated)
+        drafts = []
+        for n in range(min(self._draft_n, len(sequence) - 1), 0, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(sequence[:-1], n)
+            found = np.flatnonzero((windows == sequence[-n:]).all(axis=1))
+            if found.size:
+                start = int(found[-1]) + n
+                drafts = sequence[start : start + room].tolist()
+                break
+        if drafts and self._pool is not None and not self._reserve(slot, index + 1 + len(drafts)):
+            return []
+        return drafts
 
     # ---- pages ------------------------------------------------------------------------
 

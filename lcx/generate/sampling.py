@@ -61,14 +61,60 @@ def sample(logits_SxV, seed_S, count_S, temperature_S, top_k_S, top_p_S):
 
     def drawn():
         """Each row's draw from its tempered, top-k / top-p masked distribution."""
-        scaled = logits_SxV / jnp.where(temperature_S > 0, temperature_S, 1.0)[:, None]
-        masked = jnp.where(allowed_tokens(scaled, top_k_S, top_p_S), scaled, -jnp.inf)
-        fold = lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c)  # noqa: E731
-        keys = jax.vmap(fold)(seed_S, count_S)
+        masked = _sampled_logits(logits_SxV, temperature_S, top_k_S, top_p_S)
+        keys = jax.vmap(_key)(seed_S, count_S)
         tokens = jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
         return jnp.where(temperature_S > 0, tokens, greedy)
 
     return jax.lax.cond(jnp.any(temperature_S > 0), drawn, lambda: greedy)
+
+
+def verify_drafts(logits_NxV, draft_N, seed_N, count_N, temperature_N, top_k_N, top_p_N):
+    """Speculative sampling of drafted tokens (Leviathan et al., arXiv 2211.17192; Chen et
+    al., arXiv 2302.01318) for drafts that are certain (n-gram lookup: q is a point mass).
+
+    Row n holds the target's logits for the token a draft proposes `draft_N[n]` for, the
+    request's `count_N[n]`-th. Returns bool `accept` [N] (greedy: the draft is the argmax;
+    sampling: u < p(draft), u uniform), int32 `residual` [N] (the token to emit where it is
+    rejected: a draw from p without the draft, renormalised, which is max(p - q, 0); greedy:
+    the argmax) and `plain` [N] (`sample`'s own draw: the bonus token after every draft of
+    a row was accepted). Emitting drafts up to the first rejection, then the residual (or
+    the bonus), draws each token from the target's distribution exactly.
+    """
+    logits_NxV = logits_NxV.astype(jnp.float32)
+    greedy = jnp.argmax(logits_NxV, axis=-1).astype(jnp.int32)
+    plain = sample(logits_NxV, seed_N, count_N, temperature_N, top_k_N, top_p_N)
+
+    def drawn():
+        """Acceptance and residual draws under each row's sampling settings."""
+        masked = _sampled_logits(logits_NxV, temperature_N, top_k_N, top_p_N)
+        rows = jnp.arange(masked.shape[0])
+        p_draft = jax.nn.softmax(masked, axis=-1)[rows, draft_N]
+        keys = jax.vmap(_key)(seed_N, count_N)
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1)))(keys)
+        without = masked.at[rows, draft_N].set(-jnp.inf)
+        draws = jax.vmap(lambda k, x: jax.random.categorical(jax.random.fold_in(k, 2), x))
+        residual = draws(keys, without).astype(jnp.int32)
+        sampled = temperature_N > 0
+        return jnp.where(sampled, u < p_draft, greedy == draft_N), jnp.where(
+            sampled, residual, greedy
+        )
+
+    accept, residual = jax.lax.cond(
+        jnp.any(temperature_N > 0), drawn, lambda: (greedy == draft_N, greedy)
+    )
+    return accept, residual, plain
+
+
+def _key(seed, count):
+    """The key of a request's `count`-th token."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), count)
+
+
+def _sampled_logits(logits_SxV, temperature_S, top_k_S, top_p_S):
+    """Logits tempered, with the tokens top-k and top-p leave out at -inf."""
+    scaled = logits_SxV / jnp.where(temperature_S > 0, temperature_S, 1.0)[:, None]
+    return jnp.where(allowed_tokens(scaled, top_k_S, top_p_S), scaled, -jnp.inf)
 
 
 def settings_arrays(params: list[SamplingParams | None]):
