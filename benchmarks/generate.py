@@ -20,6 +20,8 @@
    slots' own lengths.
 4. `chat`: conversations whose every turn resends the conversation so far (a long first
    turn, short later ones): mean time to first token with and without the prefix cache.
+5. `speculative`: greedy decoding of copy-heavy prompts (a passage quoted twice) with and
+   without n-gram speculation: tokens/s, engine steps, acceptance, the same tokens.
 
 The model has lm_tiny's shape in float32 (`--dtype`); weights are random (the timing does
 not depend on them); greedy decoding runs to
@@ -324,6 +326,39 @@ def bench_chat(model, chats, *, answer, slots, token_budget, page_size):
     return out
 
 
+# ---- 5. speculative decoding ----------------------------------------------------------
+
+
+def bench_speculative(model, prompts, *, new_tokens, k, repeats):
+    """Greedy decoding of copy-heavy prompts (each a passage quoted twice) with and without
+    n-gram speculation: output tokens/s (second and later runs), acceptance."""
+    max_length = -(-(max(map(len, prompts)) + new_tokens) // 8) * 8
+    out = {}
+    for name, speculative in (("plain", None), ("ngram", {"method": "ngram", "k": k})):
+        engine_args = dict(slots=len(prompts), max_length=max_length,
+                           token_budget=len(prompts) * 17, speculative=speculative)  # fmt: skip
+
+        def run(engine_args=engine_args):
+            """One batch to the end; (outputs, engine)."""
+            engine = Engine(model, **engine_args)
+            ids = [engine.submit(Request(p, new_tokens)) for p in prompts]
+            results = engine.run()
+            return [results[i] for i in ids], engine
+
+        seconds = spread(timed(run, repeats))  # after a warm-up run that compiles
+        outputs, engine = run()
+        out[name] = {
+            "seconds": seconds,
+            "tokens_per_sec": len(prompts) * new_tokens / seconds["median"],
+            "steps": engine.steps,
+            "acceptance": engine.accepted_tokens / max(engine.drafted_tokens, 1),
+            "outputs": outputs,
+        }
+    out["same_outputs"] = out["plain"].pop("outputs") == out["ngram"].pop("outputs")
+    out["speedup"] = out["ngram"]["tokens_per_sec"] / out["plain"]["tokens_per_sec"]
+    return out
+
+
 # ---- driver --------------------------------------------------------------------------
 
 
@@ -349,7 +384,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--first_turn", type=int, default=512, help="tokens")
     parser.add_argument("--later_turn", type=int, default=32, help="tokens")
     parser.add_argument("--answer", type=int, default=16, help="tokens per chat answer")
-    parser.add_argument("--only", default="prefill,decode,trace,chat", help="comparisons to run")
+    parser.add_argument("--spec_batch", type=int, default=8)
+    parser.add_argument("--spec_tokens", type=int, default=64, help="new tokens per sequence")
+    parser.add_argument("--spec_k", type=int, default=4, help="drafts per step")
+    parser.add_argument(
+        "--only", default="prefill,decode,trace,chat,speculative", help="comparisons to run"
+    )
     parser.add_argument("--implementation", default=None, help="model.attention_implementation")
     # float32: on a CPU, XLA's bfloat16 matmuls at serving sizes run about 2x slower.
     parser.add_argument("--dtype", default="float32", help="model.dtype")
@@ -361,6 +401,7 @@ def main(argv=None) -> dict:
         args.rate = 200.0
         args.conversations, args.turns, args.first_turn, args.later_turn = 2, 2, 40, 8
         args.answer = 4
+        args.spec_batch, args.spec_tokens = 2, 8
 
     model, config = build_model(args.smoke, args.implementation, args.dtype)
     documents = corpus_documents(config)
@@ -393,6 +434,13 @@ def main(argv=None) -> dict:
             model, chats, answer=args.answer, slots=args.slots, token_budget=args.token_budget,
             page_size=args.page_size,
         )  # fmt: skip
+    if "speculative" in only:
+        rng = np.random.default_rng(args.seed + 4)
+        passages = cut_prompts(documents, rng, args.spec_batch, 128, shortest=64)
+        prompts = [p + p for p in passages]  # an answer that quotes its prompt can be drafted
+        results["speculative"] = bench_speculative(
+            model, prompts, new_tokens=args.spec_tokens, k=args.spec_k, repeats=args.repeats
+        )
     report(results, argv)
     if args.json:
         with open(args.json, "w") as f:
@@ -411,6 +459,8 @@ def report(results, argv):
         _report_trace(results)
     if "chat" in results:
         _report_chat(results)
+    if "speculative" in results:
+        _report_speculative(results)
 
 
 def _report_prefill(results):
@@ -468,6 +518,21 @@ def _report_chat(results):
         r = c[name]
         print(f"| {name} | {r['turns']} | {r['ttft_mean_ms']:.1f} | {r['cached_tokens']} |")
     print(f"TTFT with / without the prefix cache: {c['ttft_ratio']:.2f}")
+
+
+def _report_speculative(results):
+    """The speculative decoding table."""
+    r, settings = results["speculative"], results["settings"]
+    print(f"\nSpeculative decoding: {settings['spec_batch']} sequences (a passage quoted "
+          f"twice), {settings['spec_tokens']} greedy tokens each, n-gram k="
+          f"{settings['spec_k']}")  # fmt: skip
+    print("| decoding | seconds (median, min-max) | tokens/s | steps | acceptance |")
+    print("|---|---|---|---|---|")
+    for name in ("plain", "ngram"):
+        x, s = r[name], r[name]["seconds"]
+        print(f"| {name} | {s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
+              f"{x['tokens_per_sec']:.0f} | {x['steps']} | {x['acceptance']:.2f} |")  # fmt: skip
+    print(f"speculative / plain: {r['speedup']:.2f}x; same tokens: {r['same_outputs']}")
 
 
 if __name__ == "__main__":
