@@ -88,6 +88,8 @@ def get_config(arg=None):
         page_size=0,  # > 0: a paged cache of pages this many tokens long; 0: one stretch a slot
         num_pages=0,  # the paged cache's pool; 0: slots x the longest sequence's pages
         prefix_cache=False,  # reuse cached full pages of earlier prompts (needs page_size)
+        speculative="",  # "ngram": prompt-lookup speculative decoding; "": none
+        speculative_k=4,  # drafts verified per sequence and step
     )
     # Start from a Hugging Face checkpoint (lcx.checkpoints): its config.json sets the
     # architecture, config.model how it runs; rope_theta > 0 replaces its RoPE base.

@@ -126,13 +126,19 @@ class EngineSettings:
     page_size: int
     num_pages: int
     prefix_cache: bool
+    speculative: str
+    speculative_k: int
 
     def engine_options(self) -> dict:
-        """Engine keyword arguments (`lcx.generate.Engine`): 0 means none."""
+        """Engine keyword arguments (`lcx.generate.Engine`): 0 and "" mean none."""
+        speculative = None
+        if self.speculative:
+            speculative = {"method": self.speculative, "k": self.speculative_k}
         return {
             "page_size": self.page_size or None,
             "num_pages": self.num_pages or None,
             "prefix_cache": self.prefix_cache,
+            "speculative": speculative,
         }
 
 
