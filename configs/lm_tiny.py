@@ -90,6 +90,7 @@ def get_config(arg=None):
         prefix_cache=False,  # reuse cached full pages of earlier prompts (needs page_size)
         speculative="",  # "ngram": prompt-lookup speculative decoding; "": none
         speculative_k=4,  # drafts verified per sequence and step
+        admission="fcfs",  # "past_future": admit while predicted page use fits (page_size)
     )
     # Start from a Hugging Face checkpoint (lcx.checkpoints): its config.json sets the
     # architecture, config.model how it runs; rope_theta > 0 replaces its RoPE base.

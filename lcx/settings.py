@@ -128,6 +128,7 @@ class EngineSettings:
     prefix_cache: bool
     speculative: str
     speculative_k: int
+    admission: str
 
     def engine_options(self) -> dict:
         """Engine keyword arguments (`lcx.generate.Engine`): 0 and "" mean none."""
@@ -139,6 +140,7 @@ class EngineSettings:
             "num_pages": self.num_pages or None,
             "prefix_cache": self.prefix_cache,
             "speculative": speculative,
+            "admission": self.admission,
         }
 
 

@@ -586,3 +586,31 @@ def test_draft_verification_draws_from_the_target_distribution(temperature, top_
         emitted = np.where(np.asarray(accept), draft, np.asarray(residual))
         empirical = np.bincount(emitted, minlength=6) / n
         assert 0.5 * np.abs(empirical - p).sum() < 0.015
+
+
+# ---- admission ------------------------------------------------------------------------
+
+
+def test_past_future_admission_avoids_the_preemptions_fcfs_runs_into(rng):
+    """A pool of 16 pages of 4 and requests that each grow to 7 pages: first come first
+    served fills every slot and preempts; Past-Future admits only what its predicted peak
+    (the requests' max_new_tokens, then the finished ones' lengths) fits, and preempts
+    nothing. The outputs are the same; the SLA counter counts what met it."""
+    model = tiny_model(seed=15)
+    prompts = random_prompts(rng, [4, 3, 4, 2, 4, 3, 4, 4])
+
+    def run(admission, sla):
+        """(outputs, engine) of the whole batch."""
+        engine = Engine(model, slots=4, max_length=32, token_budget=12, page_size=4,
+                        num_pages=16, admission=admission, sla=sla)  # fmt: skip
+        ids = [engine.submit(Request(p, 24)) for p in prompts]
+        results = engine.run()
+        return [results[i] for i in ids], engine
+
+    fcfs, first_come = run("fcfs", None)
+    past_future, predicted = run("past_future", (1e9, 1e9))
+    assert past_future == fcfs
+    assert first_come.preemptions > 0 and predicted.preemptions == 0
+    assert first_come.goodput_requests == 0 and predicted.goodput_requests == len(prompts)
+    with pytest.raises(ValueError, match=r"^admission='past_future' predicts page use"):
+        Engine(model, slots=2, max_length=16, token_budget=8, admission="past_future")

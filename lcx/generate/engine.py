@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import time
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -41,6 +42,10 @@ from lcx.packing import first_fit_decreasing
 from lcx.paged_cache import PagedAttentionCache, PageLayout, ragged_work
 
 TOP_LOGPROBS = 20  # the most alternatives an event reports (OpenAI's chat API allows 20)
+# Past-Future admission: the quantile of the finished requests' output lengths it predicts
+# with, and how many must have finished before it trusts them.
+ADMISSION_QUANTILE = 0.9
+ADMISSION_HISTORY_MIN = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +93,8 @@ class _Running:
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     drafted: int = 0  # speculative tokens proposed, and accepted
     accepted: int = 0
+    submitted: float = 0.0  # time.perf_counter() at submit, and at its first token
+    first_token: float | None = None
 
     def __post_init__(self):
         self.context = self.context or self.request.prompt
@@ -184,6 +191,14 @@ class Engine:
         accepted count (`lcx.generate.sampling.verify_drafts`: greedy output is
         unchanged, sampling keeps the model's distribution); `Event.drafted` and
         `Event.accepted` count them per request.
+      admission: "fcfs" (a free slot takes the next request) or "past_future" (the
+        Past-Future scheduler, arXiv 2507.10150; needs `page_size`): the next request is
+        admitted only while the predicted peak page use of everything running, and of it,
+        fits the pool, each request's output length predicted from the lengths of the
+        requests finished so far that ran at least as long (their `ADMISSION_QUANTILE`),
+        or its `max_new_tokens` before `ADMISSION_HISTORY_MIN` have finished.
+      sla: (seconds to the first token, seconds per later token) a request must meet to
+        count in `goodput_requests`; None: none counted.
     """
 
     def __init__(
@@ -201,6 +216,8 @@ class Engine:
         num_pages: int | None = None,
         prefix_cache: bool = False,
         speculative: dict | None = None,
+        admission: str = "fcfs",
+        sla: tuple[float, float] | None = None,
     ):
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
@@ -243,6 +260,12 @@ class Engine:
         self._window = cfg.attention_window
         self._draft_k, self._draft_n = self._check_speculative(cfg, speculative)
         self._verifying: dict[int, list[int]] = {}  # slot -> this step's drafts
+        if admission not in ("fcfs", "past_future"):
+            raise ValueError(f"admission={admission!r}; valid: 'fcfs', 'past_future'")
+        if admission == "past_future" and page_size is None:
+            raise ValueError("admission='past_future' predicts page use: it needs page_size")
+        self._admission, self._sla = admission, sla
+        self._finished_lengths: collections.deque[int] = collections.deque(maxlen=1024)
         cache_sharding = None
         if mesh is not None:
             self._state = jax.device_put(self._state, _param_shardings(self._state, mesh, rules))
@@ -262,12 +285,14 @@ class Engine:
         self._running: list[_Running | None] = [None] * slots
         self._next_id = 0
         self._preempted: dict[int, _Running] = {}  # queued again, with what they generated
+        self._submitted: dict[int, float] = {}  # request id -> time.perf_counter() at submit
         self.results: dict[int, list[int]] = {}
         self.steps = 0
         self.preemptions = 0  # requests whose pages were taken back to let older ones run
         # Pages read by the steps' attention (a paged cache): all, and the decode tokens'.
         self.pages_read = self.decode_pages_read = 0
         self.drafted_tokens = self.accepted_tokens = 0  # speculative decoding, all requests
+        self.goodput_requests = 0  # finished requests that met `sla`
         self.last_row: dict[str, np.ndarray] | None = None  # the last step's packed row
 
     # ---- requests ---------------------------------------------------------------------
@@ -278,6 +303,7 @@ class Engine:
         request_id = self._next_id
         self._next_id += 1
         self._queue.append((request_id, request))
+        self._submitted[request_id] = time.perf_counter()
         return request_id
 
     def cancel(self, request_id: int) -> bool:
@@ -286,6 +312,7 @@ class Engine:
         for i, (queued_id, _) in enumerate(self._queue):
             if queued_id == request_id:
                 del self._queue[i]
+                self._submitted.pop(request_id, None)
                 preempted = self._preempted.pop(request_id, None)
                 self.results[request_id] = [] if preempted is None else preempted.generated
                 return True
@@ -378,7 +405,9 @@ class Engine:
         for i, request in enumerate(requests):
             request_id = self._next_id
             self._next_id += 1
-            running = _Running(request_id, request, prefilled=len(request.prompt))
+            running = _Running(
+                request_id, request, prefilled=len(request.prompt), submitted=time.perf_counter()
+            )
             self._running[free[i]] = running
             if self._pool is not None:
                 self._reserve(free[i], len(request.prompt))
@@ -478,12 +507,18 @@ class Engine:
         return tuple(((SharedPrefix(c.k, c.v, lengths, starts), group_of_slot),) for c in cache)
 
     def _admit(self):
-        """Move queued requests into free slots, first come first served."""
+        """Move queued requests into free slots, first come first served (past_future: while
+        the predicted peak page use fits)."""
         for slot, running in enumerate(self._running):
             if running is None and self._queue:
-                request_id, request = self._queue.popleft()
+                request_id, request = self._queue[0]
+                if self._admission == "past_future" and not self._fits(request):
+                    return
+                self._queue.popleft()
                 preempted = self._preempted.pop(request_id, None)
-                self._running[slot] = preempted or _Running(request_id, request)
+                self._running[slot] = preempted or _Running(
+                    request_id, request, submitted=self._submitted.pop(request_id, 0.0)
+                )
                 if self._pool is not None and self._pool.prefix_cache:
                     self._reuse_prefix(slot)
 
@@ -650,6 +685,8 @@ class Engine:
         """Append one token to the slot's sequence and its Event; whether it ended it."""
         running = self._running[slot]
         running.generated.append(token)
+        if running.first_token is None:
+            running.first_token = time.perf_counter()
         request = running.request
         done = len(running.generated) >= request.max_new_tokens or token in request.stop_ids
         k = request.top_logprobs
@@ -669,8 +706,53 @@ class Engine:
         )
         if done:
             self.results[running.request_id] = running.generated
+            self._finished_lengths.append(len(running.generated))
+            self.goodput_requests += self._met_sla(running)
             self._release(slot)
         return done
+
+    # ---- admission --------------------------------------------------------------------
+
+    def _met_sla(self, running) -> bool:
+        """Whether a finished request met `sla` (time to first token, time per later token)."""
+        if self._sla is None:
+            return False
+        ttft = running.first_token - running.submitted
+        later = len(running.generated) - 1
+        per_token = (time.perf_counter() - running.first_token) / later if later else 0.0
+        return ttft <= self._sla[0] and per_token <= self._sla[1]
+
+    def _predicted_output(self, request, generated) -> int:
+        """A request's output length, predicted from the finished requests that ran longer
+        than it has so far: their ADMISSION_QUANTILE, within [generated + 1, max]."""
+        lengths = np.asarray(self._finished_lengths)
+        longer = lengths[lengths > generated]
+        if longer.size < ADMISSION_HISTORY_MIN:
+            return request.max_new_tokens
+        predicted = int(np.ceil(np.quantile(longer, ADMISSION_QUANTILE)))
+        return min(request.max_new_tokens, max(generated + 1, predicted))
+
+    def _fits(self, request) -> bool:
+        """Whether the predicted peak page use of the running requests and `request` fits
+        the pool: each holds pages for its length until its predicted end, so the total
+        peaks at some request's last step."""
+        items = [  # (tokens now, tokens at its end)
+            (len(r.request.prompt) + len(r.generated),
+             len(r.request.prompt) + self._predicted_output(r.request, len(r.generated)))
+            for r in self._running if r is not None
+        ]  # fmt: skip
+        if not items:
+            return True  # alone it fits: the pool holds one max_length sequence
+        items.append(
+            (len(request.prompt), len(request.prompt) + self._predicted_output(request, 0))
+        )
+        size = self.page_size
+        peak = 0
+        for now_j, end_j in items:
+            step = end_j - now_j  # the step item j ends at
+            total = sum(-(-min(now + step, end) // size) for now, end in items if end - now >= step)
+            peak = max(peak, total)
+        return peak <= self._pool.num_pages
 
     # ---- speculative decoding ---------------------------------------------------------
 
