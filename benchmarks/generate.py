@@ -22,6 +22,9 @@
    turn, short later ones): mean time to first token with and without the prefix cache.
 5. `speculative`: greedy decoding of copy-heavy prompts (a passage quoted twice) with and
    without n-gram speculation: tokens/s, engine steps, acceptance, the same tokens.
+6. `admission`: a trace with long-tailed output lengths on a paged engine whose pool
+   holds a fraction of the slots' full-length sequences: first come first served vs
+   Past-Future admission: goodput (requests meeting the SLA per second), preemptions.
 
 The model has lm_tiny's shape in float32 (`--dtype`); weights are random (the timing does
 not depend on them); greedy decoding runs to
@@ -185,11 +188,11 @@ def _trace_stats(token_times, start, finish):
     }
 
 
-def run_continuous(model, trace, *, slots, max_length, token_budget, page_size=None):
-    """The engine fed as requests arrive; token timestamps per request, and the cache
-    entries its decode tokens read against their own lengths."""
+def run_continuous(model, trace, *, slots, max_length, token_budget, page_size=None, **engine):
+    """The engine fed as requests arrive; token timestamps per request, the cache entries
+    its decode tokens read against their own lengths, preemptions and goodput."""
     engine = Engine(model, slots=slots, max_length=max_length, token_budget=token_budget,
-                    page_size=page_size)  # fmt: skip
+                    page_size=page_size, **engine)  # fmt: skip
     token_times, pending = {}, list(trace)
     own = contiguous = 0  # decode tokens' own lengths; what the one-stretch cache reads
     start = time.perf_counter()
@@ -210,7 +213,13 @@ def run_continuous(model, trace, *, slots, max_length, token_budget, page_size=N
             contiguous += slots * -(-(int(decodes.max()) + 1) // CACHE_TILE) * CACHE_TILE
     stats = _trace_stats(token_times, start, time.perf_counter())
     read = contiguous if page_size is None else engine.decode_pages_read * page_size
-    return {**stats, "decode_reads_over_own_lengths": read / own}
+    return {
+        **stats,
+        "decode_reads_over_own_lengths": read / own,
+        "preemptions": engine.preemptions,
+        "goodput_per_sec": engine.goodput_requests / stats["seconds"],
+        "goodput_requests": engine.goodput_requests,
+    }
 
 
 def run_static(model, trace, *, slots, max_length):
@@ -266,6 +275,27 @@ def bench_trace(model, trace, *, slots, token_budget, page_size):
     )
     out["paged_throughput_ratio"] = (
         out["continuous_paged"]["tokens_per_sec"] / out["static"]["tokens_per_sec"]
+    )
+    return out
+
+
+def bench_admission(model, trace, *, slots, token_budget, page_size, pool_fraction, sla):
+    """FCFS vs Past-Future admission on a paged engine whose pool holds `pool_fraction` of
+    `slots` full-length sequences: goodput, preemptions, throughput (second of two runs)."""
+    longest = max(len(r.prompt) + r.max_new_tokens for _, r in trace)
+    max_length = -(-longest // 8) * 8
+    per_sequence = -(-max_length // page_size)
+    num_pages = max(per_sequence, int(pool_fraction * slots * per_sequence))
+    out = {"num_pages": num_pages}
+    for admission in ("fcfs", "past_future"):
+        run = lambda t, admission=admission: run_continuous(  # noqa: E731
+            model, t, slots=slots, max_length=max_length, token_budget=token_budget,
+            page_size=page_size, num_pages=num_pages, admission=admission, sla=sla,
+        )  # fmt: skip
+        run(trace)
+        out[admission] = run(trace)
+    out["goodput_ratio"] = out["past_future"]["goodput_per_sec"] / max(
+        out["fcfs"]["goodput_per_sec"], 1e-9
     )
     return out
 
@@ -384,11 +414,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--first_turn", type=int, default=512, help="tokens")
     parser.add_argument("--later_turn", type=int, default=32, help="tokens")
     parser.add_argument("--answer", type=int, default=16, help="tokens per chat answer")
+    parser.add_argument(
+        "--pool_fraction", type=float, default=0.35, help="admission: slots x max_length's"
+    )
+    parser.add_argument("--sla_ttft", type=float, default=2.0, help="seconds")
+    parser.add_argument("--sla_per_token", type=float, default=0.05, help="seconds")
     parser.add_argument("--spec_batch", type=int, default=8)
     parser.add_argument("--spec_tokens", type=int, default=64, help="new tokens per sequence")
     parser.add_argument("--spec_k", type=int, default=4, help="drafts per step")
     parser.add_argument(
-        "--only", default="prefill,decode,trace,chat,speculative", help="comparisons to run"
+        "--only",
+        default="prefill,decode,trace,chat,speculative,admission",
+        help="comparisons to run",
     )
     parser.add_argument("--implementation", default=None, help="model.attention_implementation")
     # float32: on a CPU, XLA's bfloat16 matmuls at serving sizes run about 2x slower.
@@ -434,6 +471,17 @@ def main(argv=None) -> dict:
             model, chats, answer=args.answer, slots=args.slots, token_budget=args.token_budget,
             page_size=args.page_size,
         )  # fmt: skip
+    if "admission" in only:
+        rng = np.random.default_rng(args.seed + 5)
+        trace = make_trace(
+            documents, rng, args.requests, args.rate, args.prompt_cap // 4, 2 * args.output_mean,
+            8 * args.output_mean,
+        )  # fmt: skip
+        results["admission"] = bench_admission(
+            model, trace, slots=args.slots, token_budget=args.token_budget,
+            page_size=args.page_size, pool_fraction=args.pool_fraction,
+            sla=(args.sla_ttft, args.sla_per_token),
+        )  # fmt: skip
     if "speculative" in only:
         rng = np.random.default_rng(args.seed + 4)
         passages = cut_prompts(documents, rng, args.spec_batch, 128, shortest=64)
@@ -461,6 +509,8 @@ def report(results, argv):
         _report_chat(results)
     if "speculative" in results:
         _report_speculative(results)
+    if "admission" in results:
+        _report_admission(results)
 
 
 def _report_prefill(results):
@@ -533,6 +583,22 @@ def _report_speculative(results):
         print(f"| {name} | {s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
               f"{x['tokens_per_sec']:.0f} | {x['steps']} | {x['acceptance']:.2f} |")  # fmt: skip
     print(f"speculative / plain: {r['speedup']:.2f}x; same tokens: {r['same_outputs']}")
+
+
+def _report_admission(results):
+    """The admission table."""
+    a, settings = results["admission"], results["settings"]
+    print(f"\nAdmission under a pool of {a['num_pages']} pages of {settings['page_size']} "
+          f"(long-tailed outputs, mean {2 * settings['output_mean']:.0f}); SLA: first token "
+          f"<= {settings['sla_ttft']} s, later tokens <= "
+          f"{settings['sla_per_token']} s")  # fmt: skip
+    print("| admission | seconds | output tokens/s | preemptions | met the SLA | goodput req/s |")
+    print("|---|---|---|---|---|---|")
+    for name in ("fcfs", "past_future"):
+        r = a[name]
+        print(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | {r['preemptions']} | "
+              f"{r['goodput_requests']} | {r['goodput_per_sec']:.2f} |")  # fmt: skip
+    print(f"goodput, past_future / fcfs: {a['goodput_ratio']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ def test_generate_benchmark_runs(capsys):
     chat = result["chat"]  # the second turns find the first turns' pages
     assert chat["no_cache"]["cached_tokens"] == 0 < chat["prefix_cache"]["cached_tokens"]
     assert chat["prefix_cache"]["turns"] == chat["no_cache"]["turns"] == 4
+    admission = result["admission"]
+    assert admission["fcfs"]["tokens"] == admission["past_future"]["tokens"]
+    assert admission["past_future"]["preemptions"] <= admission["fcfs"]["preemptions"]
     speculative = result["speculative"]
     assert speculative["same_outputs"] and 0 <= speculative["ngram"]["acceptance"] <= 1
     assert speculative["ngram"]["steps"] <= speculative["plain"]["steps"]
