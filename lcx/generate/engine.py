@@ -507,13 +507,18 @@ class Engine:
         return tuple(((SharedPrefix(c.k, c.v, lengths, starts), group_of_slot),) for c in cache)
 
     def _admit(self):
-        """Move queued requests into free slots, first come first served (past_future: while
-        the predicted peak page use fits)."""
+        """Move queued requests into free slots, first come first served, while the pages of
+        the next one's prompt are free (past_future: while the predicted peak fits)."""
         for slot, running in enumerate(self._running):
             if running is None and self._queue:
                 request_id, request = self._queue[0]
                 if self._admission == "past_future" and not self._fits(request):
                     return
+                preempted = self._preempted.get(request_id)
+                context = len(request.prompt if preempted is None else preempted.context)
+                short = self._pool is not None and self._pool.free < self._pages_for(context)
+                if short and self.running:
+                    return  # as vLLM admits: a prompt whose pages are free now (or alone)
                 self._queue.popleft()
                 preempted = self._preempted.pop(request_id, None)
                 self._running[slot] = preempted or _Running(
