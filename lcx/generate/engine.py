@@ -550,7 +550,7 @@ class Engine:
             if running is not None and running.decoding:
                 n = len(running.request.prompt) + len(running.generated) - 1
                 self._register(slot, n + 1)
-                drafts = self._drafts(slot, n) if budget > 0 and width - at >= block else []
+                drafts = self._drafts(slot, n, budget - 1) if width - at >= block else []
                 if drafts:  # the last token and its drafts, one block, verified together
                     k1, take = self._draft_k + 1, len(drafts) + 1
                     tokens[at : at + take] = [running.generated[-1], *drafts]
@@ -784,14 +784,16 @@ class Engine:
             )
         return k, n
 
-    def _drafts(self, slot, index) -> list[int]:
+    def _drafts(self, slot, index, most) -> list[int]:
         """Prompt-lookup drafts for the slot's next tokens, where they fit: after the latest
-        earlier occurrence of its last n (then n - 1, ...) tokens, at most k and no more
-        than its request may still generate; with a paged cache, only if pages are free."""
+        earlier occurrence of its last n (then n - 1, ...) tokens, at most k, `most` (what
+        the step's token budget leaves beside the last token) and what its request may
+        still generate; with a paged cache, only if pages are free."""
         if not self._draft_k:
             return []
         running = self._running[slot]
-        room = min(self._draft_k, running.request.max_new_tokens - len(running.generated) - 1)
+        left = running.request.max_new_tokens - len(running.generated) - 1
+        room = min(self._draft_k, most, left)
         if room < 1:
             return []
         sequence = np.asarray(list(running.request.prompt) + running.generated)
