@@ -497,20 +497,11 @@ def main(argv=None) -> dict:
 
 
 def report(results, argv):
-    """Markdown tables of the three comparisons, with the command."""
+    """Markdown tables of the comparisons that ran, with the command."""
     print(f"\n`python benchmarks/generate.py {' '.join(argv or sys.argv[1:])}`".rstrip() + "\n")
-    if "prefill" in results:
-        _report_prefill(results)
-    if "decode" in results:
-        _report_decode(results)
-    if "trace" in results:
-        _report_trace(results)
-    if "chat" in results:
-        _report_chat(results)
-    if "speculative" in results:
-        _report_speculative(results)
-    if "admission" in results:
-        _report_admission(results)
+    for name, table in REPORTS.items():
+        if name in results:
+            table(results)
 
 
 def _report_prefill(results):
@@ -599,6 +590,17 @@ def _report_admission(results):
         print(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | {r['preemptions']} | "
               f"{r['goodput_requests']} | {r['goodput_per_sec']:.2f} |")  # fmt: skip
     print(f"goodput, past_future / fcfs: {a['goodput_ratio']:.2f}x")
+
+
+# comparison -> its table, in the order they print
+REPORTS = {
+    "prefill": _report_prefill,
+    "decode": _report_decode,
+    "trace": _report_trace,
+    "chat": _report_chat,
+    "speculative": _report_speculative,
+    "admission": _report_admission,
+}
 
 
 if __name__ == "__main__":
