@@ -520,6 +520,43 @@ def test_prefix_cache_skips_cached_pages_with_unchanged_outputs(rng):
     assert small == plain and engine.pages_in_use == 0 and engine.cached_pages == 3 + 11
 
 
+def test_prefix_grouping_admits_requests_by_shared_prefix_and_computes_it_once(rng):
+    """BatchLLM grouping: with one slot and a pool that holds one sequence and a bit, the
+    queue A1 B1 C1 A2 B2 C2 ... runs as A1 A2 A3 B1 ..., each group after its first
+    starting on the cached prefix; two requests admitted together prefill their shared
+    prefix once. Outputs are the no-cache engine's."""
+    model = tiny_model(seed=15)
+    prefixes = random_prompts(rng, [8, 8, 8])
+    prompts = [prefixes[i % 3] + tail for i, tail in enumerate(random_prompts(rng, [3] * 9))]
+    plain = generate(model, prompts, max_new_tokens=4)
+    engine = Engine(model, slots=1, max_length=24, token_budget=12, page_size=4,
+                    num_pages=6, prefix_cache=True)  # fmt: skip
+    ids = [engine.submit(Request(p, 4)) for p in prompts]
+    events = _run_events(engine)
+    assert list(dict.fromkeys(e.request_id for e in events)) == [0, 3, 6, 1, 4, 7, 2, 5, 8]
+    cached = {e.request_id: e.cached_tokens for e in events if e.cached_tokens}
+    assert cached == {i: 8 for i in (3, 6, 4, 7, 5, 8)}
+    assert [engine.results[i] for i in ids] == plain
+    # Two requests admitted together: the older prefills the shared 8 tokens, the other
+    # starts on its pages in the same step's row (each layer writes before it reads).
+    engine = Engine(model, slots=2, max_length=24, token_budget=34, page_size=4,
+                    prefix_cache=True)  # fmt: skip
+    for p in prompts[:4:3]:
+        engine.submit(Request(p, 4))
+    events = engine.step()
+    assert [(e.request_id, e.cached_tokens) for e in events] == [(0, 0), (1, 8)]
+    assert (engine.last_row["segment_ids"] > 0).sum() == 11 + 3
+    assert [engine.run()[i] for i in (0, 1)] == [plain[0], plain[3]]
+
+
+def _run_events(engine):
+    """Every event of stepping the engine until idle."""
+    events = []
+    while not engine.idle:
+        events += engine.step()
+    return events
+
+
 # ---- speculative decoding -------------------------------------------------------------
 
 

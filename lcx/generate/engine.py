@@ -46,6 +46,10 @@ TOP_LOGPROBS = 20  # the most alternatives an event reports (OpenAI's chat API a
 # with, and how many must have finished before it trusts them.
 ADMISSION_QUANTILE = 0.9
 ADMISSION_HISTORY_MIN = 8
+# Prefix grouping (BatchLLM): how far down the queue admission looks for a request that
+# shares cached or running pages, and how often the oldest request may be passed over.
+PREFIX_GROUP_LOOKAHEAD = 64
+PREFIX_GROUP_MAX_SKIPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,7 @@ class _Running:
     generated: list[int] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)  # a paged cache's, in order
     names: list[int] = dataclasses.field(default_factory=list)  # its full pages' hash chain
+    wanted: list[int] = dataclasses.field(default_factory=list)  # context's reusable pages'
     context: Sequence[int] = ()  # what to prefill: the prompt (and, preempted, what followed)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache
     drafted: int = 0  # speculative tokens proposed, and accepted
@@ -183,7 +188,10 @@ class Engine:
       prefix_cache: keep full pages named by the hash chain of their tokens
         (`lcx.generate.pages`): a request whose prompt starts with cached pages skips
         their prefill (`Event.cached_tokens`); pages nobody holds are reused least
-        recently used first. Needs `page_size`.
+        recently used first. Waiting requests are grouped by shared prefix (BatchLLM): a
+        free slot takes the queued request whose prompt starts with the most cached or
+        running pages, and a prompt whose next page an older request is prefilling
+        waits for it instead of computing it too. Needs `page_size`.
       speculative: None, or {"method": "ngram", "k": 4, "n": 3}: prompt-lookup decoding
         (the tokens that followed the latest earlier occurrence of a sequence's last n,
         n-1, ..., 1 tokens are its drafts, at most k). Each decoding sequence's last token
@@ -286,6 +294,8 @@ class Engine:
         self._next_id = 0
         self._preempted: dict[int, _Running] = {}  # queued again, with what they generated
         self._submitted: dict[int, float] = {}  # request id -> time.perf_counter() at submit
+        self._prompt_names: dict[int, list[int]] = {}  # queued request id -> its pages' names
+        self._skipped: dict[int, int] = {}  # queued request id -> times passed over
         self.results: dict[int, list[int]] = {}
         self.steps = 0
         self.preemptions = 0  # requests whose pages were taken back to let older ones run
@@ -313,6 +323,8 @@ class Engine:
             if queued_id == request_id:
                 del self._queue[i]
                 self._submitted.pop(request_id, None)
+                self._prompt_names.pop(request_id, None)
+                self._skipped.pop(request_id, None)
                 preempted = self._preempted.pop(request_id, None)
                 self.results[request_id] = [] if preempted is None else preempted.generated
                 return True
@@ -508,10 +520,12 @@ class Engine:
 
     def _admit(self):
         """Move queued requests into free slots, first come first served, while the pages of
-        the next one's prompt are free (past_future: while the predicted peak fits)."""
+        the next one's prompt are free (past_future: while the predicted peak fits); with
+        the prefix cache, the next one is the request sharing the most pages (BatchLLM)."""
         for slot, running in enumerate(self._running):
             if running is None and self._queue:
-                request_id, request = self._queue[0]
+                at = self._next_to_admit()
+                request_id, request = self._queue[at]
                 if self._admission == "past_future" and not self._fits(request):
                     return
                 preempted = self._preempted.get(request_id)
@@ -519,13 +533,52 @@ class Engine:
                 short = self._pool is not None and self._pool.free < self._pages_for(context)
                 if short and self.running:
                     return  # as vLLM admits: a prompt whose pages are free now (or alone)
-                self._queue.popleft()
+                del self._queue[at]
+                self._skipped.pop(request_id, None)
+                names = self._prompt_names.pop(request_id, None)
                 preempted = self._preempted.pop(request_id, None)
-                self._running[slot] = preempted or _Running(
+                self._running[slot] = running = preempted or _Running(
                     request_id, request, submitted=self._submitted.pop(request_id, 0.0)
                 )
                 if self._pool is not None and self._pool.prefix_cache:
-                    self._reuse_prefix(slot)
+                    if preempted is not None or names is None:  # its context, not its prompt
+                        names = self._pool.names(running.context[: len(running.context) - 1])
+                    running.wanted = names
+                    self._reuse_cached_pages(slot)
+
+    def _next_to_admit(self) -> int:
+        """The queue index of the request to admit next: the oldest, or with the prefix cache
+        the one among the first PREFIX_GROUP_LOOKAHEAD whose prompt starts with the most
+        pages that are cached or that running requests hold or are prefilling (BatchLLM,
+        Zheng et al., arXiv 2412.03594, groups requests by shared prefix so the prefix is
+        computed once and found while it is still in memory). The oldest is passed over at
+        most PREFIX_GROUP_MAX_SKIPS times, and a preempted request is never."""
+        head_id, _ = self._queue[0]
+        grouping = self._pool is not None and self._pool.prefix_cache
+        if not grouping or head_id in self._preempted:
+            return 0
+        if self._skipped.get(head_id, 0) >= PREFIX_GROUP_MAX_SKIPS:
+            return 0
+        held = {name for running in self._running if running is not None for name in running.wanted}
+        live = lambda name: name in held or self._pool.is_cached(name)  # noqa: E731
+        best, best_shared = 0, 0
+        for at, (request_id, request) in enumerate(self._queue):
+            if at == PREFIX_GROUP_LOOKAHEAD:
+                break
+            names = self._prompt_names.get(request_id)
+            if names is None:
+                names = self._pool.names(request.prompt[: len(request.prompt) - 1])
+                self._prompt_names[request_id] = names
+            shared = 0
+            while shared < len(names) and live(names[shared]):
+                shared += 1
+            if shared > best_shared:
+                best, best_shared = at, shared
+        if best:
+            self._skipped[head_id] = self._skipped.get(head_id, 0) + 1
+        else:
+            self._skipped.pop(head_id, None)
+        return best
 
     def _plan_row(self):
         """The step's row: slot i's decode token at index i (or padding), then prompt chunks.
@@ -568,6 +621,10 @@ class Engine:
         waiting = [(r.request_id, s) for s, r in enumerate(self._running) if r and not r.decoding]
         for _, slot in sorted(waiting):  # oldest request first
             running = self._running[slot]
+            if self._pool is not None and self._pool.prefix_cache:
+                self._reuse_cached_pages(slot)  # what an older request wrote since
+                if self._prefilled_by_older(slot):
+                    continue
             start = running.prefilled
             take = min(budget, width - at, len(running.context) - start)
             if self._chunk_grid:
@@ -856,19 +913,37 @@ class Engine:
             running.names = self._pool.names(tokens, running.names)
             self._pool.register(running.pages, running.names)
 
-    def _reuse_prefix(self, slot):
-        """Start a newly admitted sequence on the cached pages of its context's prefix (never
-        the page of its last token, whose logits it needs)."""
+    def _reuse_cached_pages(self, slot):
+        """Extend a prefilling sequence, at a page boundary, with the cached pages that
+        continue its context (never the page of its last token, whose logits it needs)."""
         running = self._running[slot]
-        if running.prefilled or running.pages:
-            return
-        names = self._pool.names(running.context[: len(running.context) - 1])
-        pages = self._pool.lookup(names)
+        have = len(running.pages)
+        if running.prefilled != have * self.page_size or len(running.names) != have:
+            return  # mid-page: its own tokens come next
+        pages = self._pool.lookup(running.wanted[have:])
         if pages:
-            running.pages, running.names = pages, names[: len(pages)]
-            self._table[slot, : len(pages)] = pages
-            running.prefilled = len(pages) * self.page_size
-            running.cached_tokens = 0 if running.generated else running.prefilled
+            running.pages += pages
+            running.names = running.wanted[: have + len(pages)]
+            self._table[slot, have : have + len(pages)] = pages
+            running.prefilled += len(pages) * self.page_size
+            if not running.generated:
+                running.cached_tokens += len(pages) * self.page_size
+
+    def _prefilled_by_older(self, slot) -> bool:
+        """Whether the next page of a prefilling sequence is being prefilled by an older
+        one: it waits and then reuses that page rather than computing it again."""
+        running = self._running[slot]
+        have = len(running.pages)
+        if running.prefilled != have * self.page_size or have >= len(running.wanted):
+            return False
+        name = running.wanted[have]
+        return any(
+            other is not None
+            and not other.decoding
+            and other.request_id < running.request_id
+            and name in other.wanted[len(other.names) :]
+            for other in self._running
+        )
 
     def _reserve_decode_pages(self):
         """Each decoding sequence's page for this step's token, oldest first; while none is
@@ -901,7 +976,7 @@ class Engine:
         prefilled anew with what it has generated (recomputation, as vLLM preempts)."""
         running = self._running[slot]
         running.context = list(running.request.prompt) + running.generated
-        running.prefilled = 0
+        running.prefilled, running.names = 0, []
         self._preempted[running.request_id] = running
         at = sum(queued_id < running.request_id for queued_id, _ in self._queue)
         self._queue.insert(at, (running.request_id, running.request))

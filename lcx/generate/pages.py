@@ -92,6 +92,10 @@ class PagePool:
             if name not in self._by_name and page not in self._name_of:
                 self._by_name[name], self._name_of[page] = page, name
 
+    def is_cached(self, name: int) -> bool:
+        """Whether a page of this name is in the cache (held or not)."""
+        return name in self._by_name
+
     def lookup(self, names: Sequence[int]) -> list[int]:
         """The cached pages of the longest run of `names` from the first, now held once
         more by the caller."""
