@@ -20,8 +20,10 @@
    slots' own lengths.
 4. `chat`: conversations whose every turn resends the conversation so far (a long first
    turn, short later ones): mean time to first token with and without the prefix cache.
-5. `speculative`: greedy decoding of copy-heavy prompts (a passage quoted twice) with and
-   without n-gram speculation: tokens/s, engine steps, acceptance, the same tokens.
+5. `speculative`: greedy decoding of copy-heavy prompts (a passage quoted twice) without
+   speculation, with n-gram speculation and with a draft model (the model's first
+   `--draft_layers` layers, early exit): tokens/s, engine steps, acceptance, the same
+   tokens.
 6. `admission`: a trace with long-tailed output lengths on a paged engine whose pool
    holds a fraction of the slots' full-length sequences: first come first served vs
    Past-Future admission: goodput (requests meeting the SLA per second), preemptions.
@@ -34,6 +36,7 @@ not depend on them); greedy decoding runs to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -359,12 +362,37 @@ def bench_chat(model, chats, *, answer, slots, token_budget, page_size):
 # ---- 5. speculative decoding ----------------------------------------------------------
 
 
-def bench_speculative(model, prompts, *, new_tokens, k, repeats):
-    """Greedy decoding of copy-heavy prompts (each a passage quoted twice) with and without
-    n-gram speculation: output tokens/s (second and later runs), acceptance."""
+def early_exit_draft(model, layers: int):
+    """The model's first `layers` blocks under its own final norm and unembedding: a draft
+    model that needs no training (self-speculative decoding, Zhang et al., arXiv
+    2309.08168; LayerSkip, arXiv 2404.16710)."""
+    draft = Transformer(dataclasses.replace(model.cfg, num_layers=layers), rngs=nnx.Rngs(0))
+    full = nnx.to_pure_dict(nnx.state(model))
+
+    def like(shape, source):
+        """`source`'s entries at `shape`'s keys."""
+        if isinstance(shape, dict):
+            return {key: like(value, source[key]) for key, value in shape.items()}
+        return source
+
+    state = nnx.state(draft)
+    nnx.replace_by_pure_dict(state, like(nnx.to_pure_dict(state), full))
+    nnx.update(draft, state)
+    return draft
+
+
+def bench_speculative(model, prompts, *, new_tokens, k, draft_layers, repeats):
+    """Greedy decoding of copy-heavy prompts (each a passage quoted twice) without
+    speculation, with n-gram speculation and with an early-exit draft model: output
+    tokens/s (second and later runs), acceptance."""
     max_length = -(-(max(map(len, prompts)) + new_tokens) // 8) * 8
     out = {}
-    for name, speculative in (("plain", None), ("ngram", {"method": "ngram", "k": k})):
+    methods = (
+        ("plain", None),
+        ("ngram", {"method": "ngram", "k": k}),
+        ("draft", {"method": "draft", "k": k, "draft": early_exit_draft(model, draft_layers)}),
+    )
+    for name, speculative in methods:
         engine_args = dict(slots=len(prompts), max_length=max_length,
                            token_budget=len(prompts) * 17, speculative=speculative)  # fmt: skip
 
@@ -384,8 +412,10 @@ def bench_speculative(model, prompts, *, new_tokens, k, repeats):
             "acceptance": engine.accepted_tokens / max(engine.drafted_tokens, 1),
             "outputs": outputs,
         }
-    out["same_outputs"] = out["plain"].pop("outputs") == out["ngram"].pop("outputs")
+    plain = out["plain"].pop("outputs")
+    out["same_outputs"] = all(out[name].pop("outputs") == plain for name in ("ngram", "draft"))
     out["speedup"] = out["ngram"]["tokens_per_sec"] / out["plain"]["tokens_per_sec"]
+    out["draft_speedup"] = out["draft"]["tokens_per_sec"] / out["plain"]["tokens_per_sec"]
     return out
 
 
@@ -422,6 +452,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--spec_batch", type=int, default=8)
     parser.add_argument("--spec_tokens", type=int, default=64, help="new tokens per sequence")
     parser.add_argument("--spec_k", type=int, default=4, help="drafts per step")
+    parser.add_argument("--draft_layers", type=int, default=1, help="the early-exit draft's")
     parser.add_argument(
         "--only",
         default="prefill,decode,trace,chat,speculative,admission",
@@ -487,8 +518,9 @@ def main(argv=None) -> dict:
         passages = cut_prompts(documents, rng, args.spec_batch, 128, shortest=64)
         prompts = [p + p for p in passages]  # an answer that quotes its prompt can be drafted
         results["speculative"] = bench_speculative(
-            model, prompts, new_tokens=args.spec_tokens, k=args.spec_k, repeats=args.repeats
-        )
+            model, prompts, new_tokens=args.spec_tokens, k=args.spec_k,
+            draft_layers=args.draft_layers, repeats=args.repeats,
+        )  # fmt: skip
     report(results, argv)
     if args.json:
         with open(args.json, "w") as f:
@@ -565,15 +597,16 @@ def _report_speculative(results):
     """The speculative decoding table."""
     r, settings = results["speculative"], results["settings"]
     print(f"\nSpeculative decoding: {settings['spec_batch']} sequences (a passage quoted "
-          f"twice), {settings['spec_tokens']} greedy tokens each, n-gram k="
-          f"{settings['spec_k']}")  # fmt: skip
+          f"twice), {settings['spec_tokens']} greedy tokens each, k={settings['spec_k']}; "
+          f"draft model: the model's first {settings['draft_layers']} layer(s)")  # fmt: skip
     print("| decoding | seconds (median, min-max) | tokens/s | steps | acceptance |")
     print("|---|---|---|---|---|")
-    for name in ("plain", "ngram"):
+    for name in ("plain", "ngram", "draft"):
         x, s = r[name], r[name]["seconds"]
         print(f"| {name} | {s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f}) | "
               f"{x['tokens_per_sec']:.0f} | {x['steps']} | {x['acceptance']:.2f} |")  # fmt: skip
-    print(f"speculative / plain: {r['speedup']:.2f}x; same tokens: {r['same_outputs']}")
+    print(f"n-gram / plain: {r['speedup']:.2f}x; draft model / plain: "
+          f"{r['draft_speedup']:.2f}x; same tokens: {r['same_outputs']}")  # fmt: skip
 
 
 def _report_admission(results):

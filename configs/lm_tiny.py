@@ -88,8 +88,9 @@ def get_config(arg=None):
         page_size=0,  # > 0: a paged cache of pages this many tokens long; 0: one stretch a slot
         num_pages=0,  # the paged cache's pool; 0: slots x the longest sequence's pages
         prefix_cache=False,  # reuse cached full pages of earlier prompts (needs page_size)
-        speculative="",  # "ngram": prompt-lookup speculative decoding; "": none
+        speculative="",  # "ngram": prompt lookup; "draft": a draft model; "": none
         speculative_k=4,  # drafts verified per sequence and step
+        draft_checkpoint="",  # speculative="draft": a Hugging Face checkpoint directory
         admission="fcfs",  # "past_future": admit while predicted page use fits (page_size)
     )
     # Start from a Hugging Face checkpoint (lcx.checkpoints): its config.json sets the

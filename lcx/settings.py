@@ -128,13 +128,22 @@ class EngineSettings:
     prefix_cache: bool
     speculative: str
     speculative_k: int
+    draft_checkpoint: str
     admission: str
 
     def engine_options(self) -> dict:
-        """Engine keyword arguments (`lcx.generate.Engine`): 0 and "" mean none."""
+        """Engine keyword arguments (`lcx.generate.Engine`): 0 and "" mean none. A draft
+        model is named by its checkpoint directory (`draft`), which the mode loads."""
         speculative = None
         if self.speculative:
             speculative = {"method": self.speculative, "k": self.speculative_k}
+        if self.speculative == "draft":
+            if not self.draft_checkpoint:
+                raise UserError(
+                    "engine.speculative='draft' needs engine.draft_checkpoint: a Hugging Face "
+                    "checkpoint directory of a model with the same vocabulary"
+                )
+            speculative["draft"] = self.draft_checkpoint
         return {
             "page_size": self.page_size or None,
             "num_pages": self.num_pages or None,

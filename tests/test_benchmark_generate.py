@@ -36,6 +36,7 @@ def test_generate_benchmark_runs(capsys):
     assert admission["past_future"]["preemptions"] <= admission["fcfs"]["preemptions"]
     speculative = result["speculative"]
     assert speculative["same_outputs"] and 0 <= speculative["ngram"]["acceptance"] <= 1
+    assert 0 < speculative["draft"]["acceptance"] <= 1  # the early-exit draft finds some
     assert speculative["ngram"]["steps"] <= speculative["plain"]["steps"]
     printed = capsys.readouterr().out
     assert "python benchmarks/generate.py --smoke" in printed

@@ -19,6 +19,7 @@ from lcx.attention.shared_prefix import SharedPrefix, shared_prefix_attention
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, cache_attention
 from lcx.generate import Engine, Request, SamplingParams, allowed_tokens, generate, sample
 from lcx.model import Transformer, TransformerConfig
+from lcx.settings import resolve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 61
@@ -588,11 +589,57 @@ def test_ngram_speculation_keeps_greedy_outputs_and_accepts_drafts(rng):
     # Sampling runs through the same verification (its distribution: the next test).
     sampled, _, engine = speculate(0.9)
     assert [len(s) for s in sampled] == [12] * 4 and engine.drafted_tokens > 0
-    with pytest.raises(ValueError, match=r"speculative=\{'method': 'draft'\}: valid is"):
-        Engine(model, slots=2, max_length=16, token_budget=8, speculative={"method": "draft"})
+    with pytest.raises(ValueError, match=r"^speculative: method='tree' with keys \['k', 'meth"):
+        Engine(model, slots=2, max_length=16, token_budget=8,
+               speculative={"method": "tree", "k": 2})  # fmt: skip
     lact = tiny_model(block_pattern=("attention", "lact"), lact=dict(chunk_size=4, window=4))
     with pytest.raises(ValueError, match=r"^speculative: the model's \['lact'\] layers"):
         Engine(lact, slots=2, max_length=16, token_budget=8, speculative=ngram)
+
+
+def test_draft_model_speculation_keeps_greedy_outputs(rng):
+    """A draft model proposes k tokens per sequence from its own cache: the target itself
+    as draft has every draft accepted, a model of other weights few; both leave greedy
+    decoding's tokens, with a shared prefix and requests outnumbering slots (a slot's new
+    request feeds the draft model its whole prompt). Another vocabulary is refused."""
+    model = tiny_model(seed=16)
+    prefix, *prompts = random_prompts(rng, [5, 6, 9, 4, 7, 3])
+    plain = generate(model, [prefix + p for p in prompts], max_new_tokens=9)
+    for draft, all_accepted in ((model, True), (tiny_model(seed=17), False)):
+        engine = Engine(model, slots=3, max_length=24, token_budget=40, shared_prefix=prefix,
+                        speculative={"method": "draft", "k": 3, "draft": draft})  # fmt: skip
+        ids = [engine.submit(Request(p, 9)) for p in prompts]
+        assert [engine.run()[i] for i in ids] == plain
+        assert engine.drafted_tokens > 0
+        assert (engine.accepted_tokens == engine.drafted_tokens) == all_accepted
+    other = tiny_model(vocab_size=VOCAB + 1)
+    with pytest.raises(ValueError, match=r"^speculative draft: its vocab_size=62 differs"):
+        Engine(model, slots=2, max_length=16, token_budget=8,
+               speculative={"method": "draft", "draft": other})  # fmt: skip
+
+
+def test_modes_load_the_draft_model_of_config_engine(tmp_path, smoke_config):
+    """`--config.engine.speculative=draft` with `draft_checkpoint`: mode=generate and
+    mode=serve get the Hugging Face checkpoint's model as the engine's draft; without a
+    checkpoint, or with a directory that is not one, a one-line error."""
+    from lcx.checkpoints import save_hf
+    from lcx.errors import UserError
+    from lcx.modes.generate import engine_options
+
+    draft = tiny_model(seed=18)
+    smoke_config.engine.speculative = "draft"
+    with pytest.raises(UserError, match=r"^engine.speculative='draft' needs engine.draft_"):
+        engine_options(resolve(smoke_config))
+    smoke_config.engine.draft_checkpoint = str(tmp_path)
+    with pytest.raises(UserError, match=r"^engine.draft_checkpoint='.*' has no config.json"):
+        engine_options(resolve(smoke_config))
+    save_hf(draft, str(tmp_path))
+    options = engine_options(resolve(smoke_config))
+    loaded = options["speculative"]["draft"]
+    assert options["speculative"]["k"] == smoke_config.engine.speculative_k
+    assert loaded.cfg.vocab_size == VOCAB
+    tokens = jnp.asarray([[3, 1, 4, 1, 5]])
+    np.testing.assert_allclose(loaded(tokens), draft(tokens), atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 3)])

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lcx.attention.shared_prefix import SharedPrefix
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
+from lcx.generate.drafting import DraftModel
 from lcx.generate.pages import PagePool
 from lcx.generate.sampling import SamplingParams, sample, settings_arrays, verify_drafts
 from lcx.packing import first_fit_decreasing
@@ -194,7 +195,9 @@ class Engine:
         waits for it instead of computing it too. Needs `page_size`.
       speculative: None, or {"method": "ngram", "k": 4, "n": 3}: prompt-lookup decoding
         (the tokens that followed the latest earlier occurrence of a sequence's last n,
-        n-1, ..., 1 tokens are its drafts, at most k). Each decoding sequence's last token
+        n-1, ..., 1 tokens are its drafts, at most k), or {"method": "draft", "k": 4,
+        "draft": model}: a small lcx model with the same vocabulary drafts k tokens
+        greedily from its own cache (`lcx.generate.drafting`). Each decoding sequence's last token
         and drafts are verified in one block of the step's row, and each keeps its own
         accepted count (`lcx.generate.sampling.verify_drafts`: greedy output is
         unchanged, sampling keeps the model's distribution); `Event.drafted` and
@@ -266,7 +269,7 @@ class Engine:
             self._table = np.zeros((slots, -(-max_length // page_size)), np.int32)
             self._cache = model.init_paged_cache(num_pages, page_size, cache_dtype)
         self._window = cfg.attention_window
-        self._draft_k, self._draft_n = self._check_speculative(cfg, speculative)
+        self._draft_k, self._draft_n, draft_model = self._check_speculative(cfg, speculative)
         self._verifying: dict[int, list[int]] = {}  # slot -> this step's drafts
         if admission not in ("fcfs", "past_future"):
             raise ValueError(f"admission={admission!r}; valid: 'fcfs', 'past_future'")
@@ -284,11 +287,19 @@ class Engine:
             attend: _jitted_step(self._graphdef, attend, out_shardings) for attend in (True, False)
         }
         self._prefix_length = 0
+        self._prefix_tokens: list[int] = []
         self._prefixes = None
         if shared_prefix is not None:
             self._check_tokens(shared_prefix, "shared_prefix")
             self._prefixes = self._prefill_prefix(model, list(shared_prefix), cache_dtype)
             self._prefix_length = len(shared_prefix)
+            self._prefix_tokens = list(shared_prefix)
+        self._drafter = None  # a draft model's proposer, which sees the shared prefix too
+        if draft_model is not None:
+            length = self._prefix_length + max_length
+            self._drafter = DraftModel(draft_model, slots=slots, max_length=length,
+                                       k=self._draft_k, cache_dtype=cache_dtype)  # fmt: skip
+        self._proposals: dict[int, list[int]] = {}  # slot -> the draft model's drafts
         self._queue: collections.deque[tuple[int, Request]] = collections.deque()
         self._running: list[_Running | None] = [None] * slots
         self._next_id = 0
@@ -599,6 +610,8 @@ class Engine:
         samplers, chunks = [], []
         budget, at = self.token_budget - s, s  # prompt tokens left; next block start
         self._verifying = {}
+        if self._drafter is not None:
+            self._proposals = self._drafter.propose(self._draft_contexts())
         for slot, running in enumerate(self._running):
             if running is not None and running.decoding:
                 n = len(running.request.prompt) + len(running.generated) - 1
@@ -818,16 +831,18 @@ class Engine:
 
     # ---- speculative decoding ---------------------------------------------------------
 
-    def _check_speculative(self, cfg, speculative) -> tuple[int, int]:
-        """(k, n) of `speculative` (0, 0: none); a one-line ValueError for what cannot run."""
+    def _check_speculative(self, cfg, speculative) -> tuple[int, int, object]:
+        """(k, n, draft model) of `speculative` ((0, 0, None): none); a one-line ValueError
+        for what cannot run."""
         if not speculative or speculative.get("method", "none") == "none":
-            return 0, 0
+            return 0, 0, None
         method, k, n = speculative.get("method"), speculative.get("k", 4), speculative.get("n", 3)
-        unknown = set(speculative) - {"method", "k", "n"}
-        if method != "ngram" or unknown:
+        keys = {"ngram": {"method", "k", "n"}, "draft": {"method", "k", "draft"}}
+        if method not in keys or set(speculative) - keys[method]:
             raise ValueError(
-                f"speculative={speculative}: valid is {{'method': 'ngram', 'k': 1.."
-                f"{CHUNK_QUERY_BLOCK - 1}, 'n': >= 1}} (a draft model is not built yet)"
+                f"speculative: method={method!r} with keys {sorted(speculative)}; valid are "
+                f"{{'method': 'ngram', 'k': 1..{CHUNK_QUERY_BLOCK - 1}, 'n': >= 1}} and "
+                f"{{'method': 'draft', 'k': 1..{CHUNK_QUERY_BLOCK - 1}, 'draft': an lcx model}}"
             )
         if not 1 <= k < CHUNK_QUERY_BLOCK or n < 1:
             raise ValueError(
@@ -839,13 +854,41 @@ class Engine:
                 f"speculative: the model's {cfg.mixers_without('rollback')} layers cannot "
                 "take back rejected drafts"
             )
-        return k, n
+        draft = speculative.get("draft") if method == "draft" else None
+        if method == "draft":
+            draft_cfg = getattr(draft, "cfg", None)
+            if draft_cfg is None or not hasattr(draft, "init_cache"):
+                raise ValueError(
+                    f"speculative draft={type(draft).__name__}: give an lcx Transformer "
+                    "(lcx.model.Transformer, or lcx.checkpoints.load_hf of a checkpoint)"
+                )
+            if draft_cfg.vocab_size != cfg.vocab_size:
+                raise ValueError(
+                    f"speculative draft: its vocab_size={draft_cfg.vocab_size} differs from "
+                    f"the model's {cfg.vocab_size}; a draft model must share the vocabulary"
+                )
+            if draft_cfg.mixers_without("rollback"):
+                raise ValueError(
+                    f"speculative draft: its {draft_cfg.mixers_without('rollback')} layers "
+                    "cannot take back rejected drafts"
+                )
+        return k, n, draft
+
+    def _draft_contexts(self) -> dict[int, list[int]]:
+        """What the draft model continues for each decoding slot that may still speculate:
+        the shared prefix, the prompt and what it generated."""
+        return {
+            slot: self._prefix_tokens + list(r.request.prompt) + r.generated
+            for slot, r in enumerate(self._running)
+            if r is not None and r.decoding and r.request.max_new_tokens - len(r.generated) > 1
+        }
 
     def _drafts(self, slot, index, most) -> list[int]:
-        """Prompt-lookup drafts for the slot's next tokens, where they fit: after the latest
-        earlier occurrence of its last n (then n - 1, ...) tokens, at most k, `most` (what
-        the step's token budget leaves beside the last token) and what its request may
-        still generate; with a paged cache, only if pages are free."""
+        """Drafts for the slot's next tokens, where they fit: at most k, `most` (what the
+        step's token budget leaves beside the last token) and what its request may still
+        generate; with a paged cache, only if pages are free. The draft model's proposal,
+        or prompt lookup: the tokens after the latest earlier occurrence of its last n
+        (then n - 1, ...) tokens."""
         if not self._draft_k:
             return []
         running = self._running[slot]
@@ -853,15 +896,12 @@ class Engine:
         room = min(self._draft_k, most, left)
         if room < 1:
             return []
-        sequence = np.asarray(list(running.request.prompt) + running.generated)
-        drafts = []
-        for n in range(min(self._draft_n, len(sequence) - 1), 0, -1):
-            windows = np.lib.stride_tricks.sliding_window_view(sequence[:-1], n)
-            found = np.flatnonzero((windows == sequence[-n:]).all(axis=1))
-            if found.size:
-                start = int(found[-1]) + n
-                drafts = sequence[start : start + room].tolist()
-                break
+        if self._drafter is not None:
+            drafts = self._proposals.get(slot, [])[:room]
+        else:
+            drafts = _prompt_lookup(
+                np.asarray(list(running.request.prompt) + running.generated), self._draft_n, room
+            )
         if drafts and self._pool is not None and not self._reserve(slot, index + 1 + len(drafts)):
             return []
         return drafts
@@ -990,6 +1030,18 @@ class Engine:
             self._pool.give(running.pages)
             running.pages = []
         self._running[slot] = None
+
+
+def _prompt_lookup(sequence, n_most, room) -> list[int]:
+    """At most `room` tokens that followed the latest earlier occurrence of the sequence's
+    last n tokens, for n = n_most, ..., 1 (prompt lookup decoding); none if none occurs."""
+    for n in range(min(n_most, len(sequence) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(sequence[:-1], n)
+        found = np.flatnonzero((windows == sequence[-n:]).all(axis=1))
+        if found.size:
+            start = int(found[-1]) + n
+            return sequence[start : start + room].tolist()
+    return []
 
 
 @functools.lru_cache(maxsize=64)

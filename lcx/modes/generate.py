@@ -23,6 +23,24 @@ from lcx.settings import resolve
 from lcx.train.restore import restore_model
 
 
+def engine_options(config) -> dict:
+    """`config.engine` as Engine keyword arguments, a draft model loaded from its
+    `draft_checkpoint` (a Hugging Face directory, `lcx.checkpoints.load_hf`)."""
+    options = config.engine.engine_options()
+    speculative = options["speculative"]
+    if speculative and isinstance(speculative.get("draft"), str):
+        from lcx.checkpoints import load_hf
+
+        path = speculative["draft"]
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(
+                f"engine.draft_checkpoint={path!r} has no config.json: give a Hugging Face "
+                "checkpoint directory (mode=export writes one from a workdir)"
+            )
+        speculative["draft"] = load_hf(path, param_dtype=config.model.param_dtype)
+    return options
+
+
 def read_prompts(gc) -> list[str]:
     """The prompts of a `config.generate`: from the file if given, else the string."""
     if gc.prompts_file:
@@ -62,7 +80,7 @@ def generate_from_workdir(config, workdir: str, out=sys.stdout) -> dict:
         token_budget=gc.token_budget,
         stop_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,),
         on_event=printer,
-        **config.engine.engine_options(),
+        **engine_options(config),
     )
     return {"step": step, "prompts": len(prompts), "tokens": sum(map(len, completions))}
 

@@ -31,6 +31,7 @@ def load_model(config: Settings, workdir: str):
 
 def build(config, workdir: str):
     """(app, service, where from) for `config.serve`, not yet listening."""
+    from lcx.modes.generate import engine_options
     from lcx.serve import Service, make_app
 
     config = resolve(config)
@@ -50,7 +51,7 @@ def build(config, workdir: str):
         slots=sc.slots,
         token_budget=max(sc.token_budget, sc.slots + 1),
         max_waiting=sc.max_queue,
-        engine_options=config.engine.engine_options(),
+        engine_options=engine_options(config),
     )
     api_key = sc.api_key or os.environ.get("LCX_API_KEY", "")
     return make_app(service, api_key=api_key), service, source
