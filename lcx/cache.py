@@ -82,8 +82,9 @@ def cache_attention(
 
     Without `decode_rows` the queries attend the whole cache as one packed row.
 
-    `decode_rows`: the row's first `slots` queries are one decode token per slot (query i
-    of slot i, or padding) and attend their own slot as a batch of [S, 1] queries
+    `decode_rows`: the row's first `decode_rows` queries, C = decode_rows / slots per
+    slot (queries i*C .. i*C + C - 1 are slot i's or padding: a decode token, or one and
+    the drafts verified after it), attend their own slot as a batch of [S, C] queries
     against [S, L] keys; the rest (prompt chunks) come in blocks of `CHUNK_QUERY_BLOCK`
     queries, each block one slot's tokens or padding, and a block attends its slot's
     cache alone (a query of another slot in a block attends nothing).
@@ -103,28 +104,23 @@ def cache_attention(
             kv_positions=kv_positions,
             **common,
         )
-    s = cache.slots
-    if decode_rows != s:
-        raise ValueError(f"decode_rows={decode_rows} must equal the cache's {s} slots")
-    if q.shape[1] < s or (q.shape[1] - s) % CHUNK_QUERY_BLOCK:
-        raise ValueError(
-            f"decode_rows={s} needs a row of {s} decode queries plus a multiple of "
-            f"CHUNK_QUERY_BLOCK={CHUNK_QUERY_BLOCK} chunk queries; got {q.shape[1]}"
-        )
+    s, d = cache.slots, decode_rows
+    check_decode_rows(d, s, q.shape[1])
     offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
+    by_slot = lambda x: x[0, :d].reshape(s, d // s, *x.shape[2:])  # noqa: E731
     parts = [
         _slot_attention(
-            q[0, :s, None],
-            (segment_ids[0, :s] > 0)[:, None],
-            positions[0, :s, None],
+            by_slot(q),
+            by_slot(segment_ids) == jnp.arange(1, s + 1)[:, None],
+            by_slot(positions),
             cache,
             None,
             offset_S,
             common,
         )
     ]
-    if q.shape[1] > s:
-        blocks = lambda x: x[0, s:].reshape(-1, CHUNK_QUERY_BLOCK, *x.shape[2:])  # noqa: E731
+    if q.shape[1] > d:
+        blocks = lambda x: x[0, d:].reshape(-1, CHUNK_QUERY_BLOCK, *x.shape[2:])  # noqa: E731
         ids_NxC = blocks(segment_ids)
         slot_plus_one = ids_NxC.max(axis=1)
         own = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
@@ -133,6 +129,18 @@ def cache_attention(
             _slot_attention(blocks(q), own, blocks(positions), cache, slot_N, offset_S, common)
         )
     return tuple(jnp.concatenate(p, axis=0)[None] for p in zip(*parts, strict=True))
+
+
+def check_decode_rows(decode_rows: int, slots: int, width: int):
+    """ValueError unless a row of `width` queries can start with `decode_rows` queries of
+    `slots` slots, the same number each, and go on in whole chunk blocks."""
+    if decode_rows < slots or decode_rows % slots:
+        raise ValueError(f"decode_rows={decode_rows} must be a multiple of the {slots} slots")
+    if width < decode_rows or (width - decode_rows) % CHUNK_QUERY_BLOCK:
+        raise ValueError(
+            f"decode_rows={decode_rows} needs a row of {decode_rows} decode queries plus a "
+            f"multiple of CHUNK_QUERY_BLOCK={CHUNK_QUERY_BLOCK} chunk queries; got {width}"
+        )
 
 
 def _slot_attention(q_NxCxHxD, real_NxC, positions_NxC, cache, slot_N, offset_S, common):

@@ -309,8 +309,9 @@ class Attention(nnx.Module):
         prefill whose prompts lie whole in the rows. `prefixes`: (SharedPrefix, group of
         each slot [S]) per tree level, merged by log-sum-exp (Hydragen); `offset_S` [S]:
         the prefix length each slot's cache entries start after. `decode_rows`: the row's
-        first `slots` queries are one decode token per slot (query i of slot i, or
-        padding), attended slot by slot rather than against the whole cache. `pages`: a
+        first `decode_rows` queries are slot by slot, decode_rows / slots each (a decode
+        token, or one and its speculative drafts; or padding), attended slot by slot
+        rather than against the whole cache. `pages`: a
         `lcx.paged_cache.PageLayout` for a `PagedAttentionCache` (its page table and this
         step's work items), read raggedly.
         """
@@ -329,6 +330,7 @@ class Attention(nnx.Module):
                     pages,
                     offset_S=offset_S,
                     window=cfg.attention_window,
+                    decode_rows=decode_rows or None,
                 )
             ]
         elif cache is not None and attend_cache:

@@ -20,8 +20,10 @@ FlashAttention, arXiv 2205.14135, over an unordered list). Item lists are padded
 power of two (padding items name the group past the last, whose results are dropped), so
 a step compiles once per bucket.
 
-This is the XLA path every backend runs. It does not use `jax.experimental.pallas.ops.
-tpu.ragged_paged_attention`: that kernel returns no log-sum-exp, which the engine needs to
+`_ragged_part` is the XLA path (every backend, and the reference); on TPU and GPU the
+same work list runs as one Pallas kernel (`lcx.attention.ragged_paged_tpu`, `_gpu`) that
+reads each item's page straight from the pool. None of them is `jax.experimental.pallas.
+ops.tpu.ragged_paged_attention`: that kernel returns no log-sum-exp, which the engine needs to
 merge shared prefixes (Hydragen) into the same queries.
 """
 
@@ -34,7 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lcx.attention.kernel_common import MASK_VALUE, natural_lse, products_precision
-from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
+from lcx.attention.ragged_paged_gpu import ragged_paged_attention_gpu
+from lcx.attention.ragged_paged_tpu import ragged_paged_attention_tpu
+from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, check_decode_rows
 
 MIN_ITEMS = 8  # the smallest work-list bucket
 
@@ -104,40 +108,57 @@ class PagedAttentionCache(NamedTuple):
         return PagedAttentionCache(put(self.k, k_BxTxKxD), put(self.v, v_BxTxKxD))
 
 
-def paged_cache_attention(q, segment_ids, positions, cache, pages, *, offset_S=None, window=None):
+def paged_cache_attention(
+    q,
+    segment_ids,
+    positions,
+    cache,
+    pages,
+    *,
+    offset_S=None,
+    window=None,
+    decode_rows=None,
+    implementation=None,
+    interpret=False,
+):
     """(out, lse) of one engine row [1, T, H, D] against a paged cache, causal.
 
-    The row's first `slots` queries are one decode token per slot (or padding), the rest
-    blocks of `CHUNK_QUERY_BLOCK` queries of one slot each (`lcx.cache.cache_attention`'s
-    layout); each group reads only the pages its work items name.
+    The row's first `decode_rows` queries (default: one per slot) are C = decode_rows /
+    slots per slot (a decode token, or one and its drafts; or padding), the rest blocks
+    of `CHUNK_QUERY_BLOCK` queries of one slot each (`lcx.cache.cache_attention`'s
+    layout); each group reads only the pages its work items name. `implementation`: a key
+    of RAGGED_IMPLEMENTATIONS, or None for the backend's Pallas kernel on TPU and GPU (XLA
+    where it cannot serve the call) and XLA elsewhere; `interpret` runs a kernel in
+    Pallas' interpreter.
     """
+    ragged = _ragged_implementation(implementation, interpret)
     s = pages.table_SxP.shape[0]
-    if q.shape[0] != 1 or q.shape[1] < s or (q.shape[1] - s) % CHUNK_QUERY_BLOCK:
-        raise ValueError(
-            f"a paged step takes one row of {s} decode queries plus a multiple of "
-            f"CHUNK_QUERY_BLOCK={CHUNK_QUERY_BLOCK} chunk queries; got {q.shape[:2]}"
-        )
+    d = s if decode_rows is None else decode_rows
+    if q.shape[0] != 1:
+        raise ValueError(f"a paged step takes one row of queries; got {q.shape[0]}")
+    check_decode_rows(d, s, q.shape[1])
     offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
     common = dict(cache=cache, table=pages.table_SxP, offset_S=offset_S, window=window)
+    by_slot = lambda x: x[0, :d].reshape(s, d // s, *x.shape[2:])  # noqa: E731
     parts = [
-        _ragged_part(
-            q[0, :s, None],
-            (segment_ids[0, :s] > 0)[:, None],
-            positions[0, :s, None],
+        ragged(
+            by_slot(q),
+            by_slot(segment_ids) == jnp.arange(1, s + 1)[:, None],
+            by_slot(positions),
             jnp.arange(s),
             pages.decode_group_W,
             pages.decode_page_W,
             **common,
         )
     ]
-    if q.shape[1] > s:
-        blocks = lambda x: x[0, s:].reshape(-1, CHUNK_QUERY_BLOCK, *x.shape[2:])  # noqa: E731
+    if q.shape[1] > d:
+        blocks = lambda x: x[0, d:].reshape(-1, CHUNK_QUERY_BLOCK, *x.shape[2:])  # noqa: E731
         ids_NxC = blocks(segment_ids)
         slot_plus_one = ids_NxC.max(axis=1)
         own = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
         slot_N = jnp.maximum(slot_plus_one - 1, 0)
         parts.append(
-            _ragged_part(
+            ragged(
                 blocks(q),
                 own,
                 blocks(positions),
@@ -148,6 +169,31 @@ def paged_cache_attention(q, segment_ids, positions, cache, pages, *, offset_S=N
             )
         )
     return tuple(jnp.concatenate(p, axis=0)[None] for p in zip(*parts, strict=True))
+
+
+def _ragged_implementation(implementation, interpret):
+    """The ragged read `implementation` names (None: the backend's preferred ones, each
+    falling back to the next on NotImplementedError), as one function."""
+    if implementation is not None and implementation not in RAGGED_IMPLEMENTATIONS:
+        raise ValueError(
+            f"paged_cache_attention: implementation={implementation!r} is unknown; valid: "
+            f"None, {', '.join(map(repr, RAGGED_IMPLEMENTATIONS))}"
+        )
+    if implementation is not None:
+        names = [implementation]
+    else:
+        names = [*_PREFERENCE.get(jax.default_backend(), []), "xla"]
+
+    def ragged(*args, **kwargs):
+        """The first of `names` that serves the call."""
+        for name in names[:-1]:
+            try:
+                return RAGGED_IMPLEMENTATIONS[name](*args, **kwargs, interpret=interpret)
+            except NotImplementedError:
+                continue
+        return RAGGED_IMPLEMENTATIONS[names[-1]](*args, **kwargs, interpret=interpret)
+
+    return ragged
 
 
 def _ragged_part(
@@ -200,14 +246,32 @@ def _ragged_part(
     return out.astype(q_GxCxHxD.dtype), lse
 
 
-def ragged_work(segment_ids_T, positions_T, slots, offset_S, page_size, window=None):
+def _xla(*args, interpret=False, **kwargs):
+    """`_ragged_part`, taking (and ignoring) the kernels' `interpret`."""
+    del interpret
+    return _ragged_part(*args, **kwargs)
+
+
+# Each takes `_ragged_part`'s arguments and `interpret`.
+RAGGED_IMPLEMENTATIONS = {
+    "xla": _xla,
+    "pallas_tpu": ragged_paged_attention_tpu,
+    "pallas_gpu": ragged_paged_attention_gpu,
+}
+_PREFERENCE = {"tpu": ["pallas_tpu"], "gpu": ["pallas_gpu"]}  # then "xla"
+
+
+def ragged_work(
+    segment_ids_T, positions_T, slots, offset_S, page_size, window=None, decode_rows=None
+):
     """The work items of one engine row (host side): a PageLayout's four item lists,
     each padded to a power of two (at least MIN_ITEMS), and the real items' counts
     (decode, chunks): the pages the step reads.
 
-    Group `s` (decode) reads slot s's pages up to its token's index; chunk block `b` reads
-    its slot's pages up to its last token's index; with a window, from the first page
-    any of its queries can see.
+    Group `s` (decode: the row's first `decode_rows`, default `slots`, queries, C per
+    slot) reads slot s's pages up to its last token's index; chunk block `b` reads its
+    slot's pages up to its last token's index; with a window, from the first page any of
+    its queries can see.
     """
     segment_ids_T, positions_T = np.asarray(segment_ids_T), np.asarray(positions_T)
     offset_S = np.asarray(offset_S)
@@ -217,19 +281,20 @@ def ragged_work(segment_ids_T, positions_T, slots, offset_S, page_size, window=N
         first = 0 if window is None else max(0, int(indices.min()) - window + 1) // page_size
         return range(first, int(indices.max()) // page_size + 1)
 
-    decode = [
-        (s, page)
-        for s in range(slots)
-        if segment_ids_T[s] > 0
-        for page in pages_of(s, positions_T[s : s + 1] - offset_S[s])
-    ]
+    d = slots if decode_rows is None else decode_rows
+    c = d // slots
+    decode = []
+    for s in range(slots):
+        at = s * c + np.flatnonzero(segment_ids_T[s * c : (s + 1) * c] == s + 1)
+        if at.size:
+            decode += [(s, page) for page in pages_of(s, positions_T[at] - offset_S[s])]
     chunk = []
-    blocks = (len(segment_ids_T) - slots) // CHUNK_QUERY_BLOCK
+    blocks = (len(segment_ids_T) - d) // CHUNK_QUERY_BLOCK
     for b in range(blocks):
-        ids = segment_ids_T[slots + b * CHUNK_QUERY_BLOCK : slots + (b + 1) * CHUNK_QUERY_BLOCK]
+        ids = segment_ids_T[d + b * CHUNK_QUERY_BLOCK : d + (b + 1) * CHUNK_QUERY_BLOCK]
         if ids.max() > 0:
             slot = int(ids.max()) - 1
-            at = slots + b * CHUNK_QUERY_BLOCK + np.flatnonzero(ids == slot + 1)
+            at = d + b * CHUNK_QUERY_BLOCK + np.flatnonzero(ids == slot + 1)
             chunk += [(b, page) for page in pages_of(slot, positions_T[at] - offset_S[slot])]
     lists = []
     for items, groups in ((decode, slots), (chunk, blocks)):

@@ -32,64 +32,95 @@ def _reference(q, keys, values, q_index, seen, window):
     return out, lse
 
 
-@pytest.mark.parametrize("window", [None, 6])
-def test_ragged_paged_step_equals_float64_per_slot_attention(rng, window):
-    # Slot 0 decodes at index 9, slot 1 prefills a 20-token chunk from index 3 (two
-    # blocks), slot 2 decodes at index 0; pages handed out shuffled, offset 2 on slot 1.
+def paged_step(rng, window, dtype=jnp.float64, decode_width=1, **attention):
+    """One engine step against a paged cache in `dtype`, `attention` passed to
+    `paged_cache_attention`: (out [1, T, H, D], lse [1, T, H], wants, real item counts),
+    wants[t] the float64 reference (out, lse) of query t on the inputs rounded to `dtype`,
+    None for padding.
+
+    Slot 0 decodes at index 9, slot 1 prefills a 20-token chunk from index 3 (two blocks),
+    slot 2 decodes at index 0; pages handed out shuffled, offset 2 on slot 1. With
+    `decode_width` C > 1 the decode part holds C places per slot and slot 0 verifies C
+    tokens ending at index 9 (a last token and its drafts).
+    """
+    c = decode_width
+    rounded = lambda x: x.astype(jnp.dtype(dtype)).astype(np.float64)  # noqa: E731
     offset = np.array([0, 2, 0], np.int32)
     lengths = [10, 23, 1]  # after this step's writes
     order = rng.permutation(PAGES)
     table = np.zeros((SLOTS, 8), np.int32)
     for s, n in enumerate(lengths):
         table[s, : -(-n // PAGE)], order = order[: -(-n // PAGE)], order[-(-n // PAGE) :]
-    keys = [rng.standard_normal((n, K, D)) for n in lengths]
-    values = [rng.standard_normal((n, K, D)) for n in lengths]
-    # Everything before this step, written as one packed row of earlier tokens.
-    x64 = jax.enable_x64(True)
-    x64.__enter__()
-    cache = PagedAttentionCache.zeros(PAGES, PAGE, K, D, jnp.float64)
-    before = [(0, 9), (1, 3), (2, 0)]
-    ids = np.concatenate([np.full(n, s + 1) for s, n in before])[None]
-    pos = np.concatenate([np.arange(n) + offset[s] for s, n in before])[None]
-    k_row = np.concatenate([keys[s][:n] for s, n in before])[None]
-    v_row = np.concatenate([values[s][:n] for s, n in before])[None]
-    layout = PageLayout(jnp.asarray(table))
-    cache = cache.write(
-        k_row, v_row, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(offset), pages=layout
-    )
-    # This step: decode queries in places 0..2, then slot 1's chunk in two blocks.
-    width = SLOTS + 2 * CHUNK_QUERY_BLOCK
-    seg, positions = np.zeros(width, np.int32), np.zeros(width, np.int32)
-    index = np.zeros(width, np.int32)
-    seg[[0, 2]], index[[0, 2]] = [1, 3], [9, 0]
-    seg[SLOTS : SLOTS + 20], index[SLOTS : SLOTS + 20] = 2, np.arange(3, 23)
-    positions = index + offset[np.maximum(seg - 1, 0)]
-    step_k, step_v = np.zeros((1, width, K, D)), np.zeros((1, width, K, D))
-    for t in np.flatnonzero(seg):
-        step_k[0, t], step_v[0, t] = keys[seg[t] - 1][index[t]], values[seg[t] - 1][index[t]]
-    lists, real = ragged_work(seg, positions, SLOTS, offset, PAGE, window)
-    if window is None:
-        assert real == (3 + 1, 5 + 6)  # slot 0: pages 0-2; slot 2: 0; blocks: 0-4, 0-5
-    else:  # the window of 6 hides pages wholly before index - 5
-        assert real == (2 + 1, 5 + 3)
-    layout = PageLayout(jnp.asarray(table), *map(jnp.asarray, lists))
-    q = rng.standard_normal((1, width, H, D))
-
-    @jax.jit
-    def step(cache, q, k, v, seg, positions, offset):
-        """One engine step's attention: write, then read."""
-        cache = cache.write(k, v, seg, positions, offset, pages=layout)
-        return paged_cache_attention(
-            q, seg, positions, cache, layout, offset_S=offset, window=window
+    keys = [rounded(rng.standard_normal((n, K, D))) for n in lengths]
+    values = [rounded(rng.standard_normal((n, K, D))) for n in lengths]
+    with jax.enable_x64(jnp.dtype(dtype) == jnp.float64):
+        # Everything before this step, written as one packed row of earlier tokens.
+        cache = PagedAttentionCache.zeros(PAGES, PAGE, K, D, dtype)
+        before = [(0, 10 - c), (1, 3), (2, 0)]
+        ids = np.concatenate([np.full(n, s + 1) for s, n in before])[None]
+        pos = np.concatenate([np.arange(n) + offset[s] for s, n in before])[None]
+        k_row = np.concatenate([keys[s][:n] for s, n in before])[None]
+        v_row = np.concatenate([values[s][:n] for s, n in before])[None]
+        layout = PageLayout(jnp.asarray(table))
+        cache = cache.write(
+            k_row, v_row, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(offset), pages=layout
         )
+        # This step: C decode places per slot, then slot 1's chunk in two blocks.
+        width = SLOTS * c + 2 * CHUNK_QUERY_BLOCK
+        seg, positions = np.zeros(width, np.int32), np.zeros(width, np.int32)
+        index = np.zeros(width, np.int32)
+        seg[:c], index[:c] = 1, np.arange(10 - c, 10)
+        seg[2 * c], index[2 * c] = 3, 0
+        chunk = slice(SLOTS * c, SLOTS * c + 20)
+        seg[chunk], index[chunk] = 2, np.arange(3, 23)
+        positions = index + offset[np.maximum(seg - 1, 0)]
+        step_k, step_v = np.zeros((1, width, K, D)), np.zeros((1, width, K, D))
+        for t in np.flatnonzero(seg):
+            step_k[0, t] = keys[seg[t] - 1][index[t]]
+            step_v[0, t] = values[seg[t] - 1][index[t]]
+        lists, real = ragged_work(seg, positions, SLOTS, offset, PAGE, window, SLOTS * c)
+        layout = PageLayout(jnp.asarray(table), *map(jnp.asarray, lists))
+        q = rounded(rng.standard_normal((1, width, H, D)))
 
-    out, lse = step(cache, q, step_k, step_v, seg[None], positions[None], offset)
-    x64.__exit__(None, None, None)
-    for t in range(width):
-        if seg[t] == 0:
+        @jax.jit
+        def step(cache, q, k, v, seg, positions, offset):
+            """One engine step's attention: write, then read."""
+            cache = cache.write(k, v, seg, positions, offset, pages=layout)
+            return paged_cache_attention(
+                q, seg, positions, cache, layout, offset_S=offset, window=window,
+                decode_rows=SLOTS * c, **attention,
+            )  # fmt: skip
+
+        as_dtype = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+        out, lse = step(
+            cache, *map(as_dtype, (q, step_k, step_v)), seg[None], positions[None], offset
+        )
+    wants = [
+        None
+        if seg[t] == 0
+        else _reference(
+            q[0, t], keys[seg[t] - 1], values[seg[t] - 1], index[t], lengths[seg[t] - 1], window
+        )
+        for t in range(width)
+    ]
+    return out, lse, wants, real
+
+
+def assert_matches(out, lse, wants, *, rtol, atol):
+    """out, lse equal their wants; padding queries get 0 and lse -inf."""
+    for t, want in enumerate(wants):
+        if want is None:
             assert not np.asarray(out[0, t]).any() and np.isneginf(lse[0, t]).all()
             continue
-        s = seg[t] - 1
-        want_out, want_lse = _reference(q[0, t], keys[s], values[s], index[t], lengths[s], window)
-        np.testing.assert_allclose(out[0, t], want_out, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(lse[0, t], want_lse, rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(out[0, t], np.float64), want[0], rtol, atol)
+        np.testing.assert_allclose(lse[0, t], want[1], rtol, atol)
+
+
+@pytest.mark.parametrize("window, decode_width", [(None, 1), (6, 1), (6, 3)])
+def test_ragged_paged_step_equals_float64_per_slot_attention(rng, window, decode_width):
+    out, lse, wants, real = paged_step(rng, window, decode_width=decode_width)
+    if window is None:
+        assert real == (3 + 1, 5 + 6)  # slot 0: pages 0-2; slot 2: 0; blocks: 0-4, 0-5
+    else:  # the window of 6 hides pages wholly before index - 5 (of slot 0's first query)
+        assert real == (2 + (decode_width > 2) + 1, 5 + 3)
+    assert_matches(out, lse, wants, rtol=1e-12, atol=1e-12)

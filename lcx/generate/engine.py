@@ -113,10 +113,16 @@ class _Running:
 def _forward_and_sample(graphdef, attend_cache, state, cache, prefixes, row, settings):
     """One packed forward against the cache, then each slot's next token from its logits."""
     model = nnx.merge(graphdef, state)
+    # The decode part: one place per slot, or k + 1 when drafts are verified.
+    slots = row["offset"].shape[0]
+    decode_rows = slots * (row["drafts"].shape[1] if "drafts" in row else 1)
     if "table" in row:  # a paged cache: the page table, and the step's work items
-        paged = {"pages": PageLayout(row["table"], *row.get("work", ()))}
+        paged = {
+            "pages": PageLayout(row["table"], *row.get("work", ())),
+            "decode_rows": decode_rows,
+        }
     else:
-        paged = {"decode_rows": cache[0].slots if attend_cache else 0}
+        paged = {"decode_rows": decode_rows if attend_cache else 0}
     logits, cache = model(
         row["tokens"],
         row["segment_ids"],
@@ -592,44 +598,54 @@ class Engine:
         return best
 
     def _plan_row(self):
-        """The step's row: slot i's decode token at index i (or padding), then prompt chunks.
+        """The step's row: each slot's decode token (or padding), then prompt chunks.
 
+        The decode part holds C places per slot, slot i's from index i * C: C = 1, or
+        k + 1 when a sequence verifies its last token and drafts together this step.
         Each chunk starts a block of `CHUNK_QUERY_BLOCK` (a block attends one slot's
-        cache); the row is `slots` wide in a decode-only step, else as wide as the
-        budget rounded up to whole blocks, so the step compiles for two shapes.
+        cache); the row is the decode part in a decode-only step, else that plus the
+        budget rounded up to whole blocks, so the step compiles for two shapes (four
+        with speculation).
         """
         s, block = self.slots, CHUNK_QUERY_BLOCK
         if self._pool is not None:
             self._reserve_decode_pages()
-        width = s + -(-(self.token_budget - s) // block) * block
-        tokens = np.zeros(width, np.int32)
-        segment_ids, positions = np.zeros_like(tokens), np.zeros_like(tokens)
-        # The row index of each slot's sampled token; with speculation, then each slot's
-        # k + 1 verify positions.
-        last = np.zeros(s * (1 + self._draft_k + 1 if self._draft_k else 1), np.int32)
-        samplers, chunks = [], []
-        budget, at = self.token_budget - s, s  # prompt tokens left; next block start
+        budget = self.token_budget - s  # tokens left beside the slots' decode tokens
         self._verifying = {}
         if self._drafter is not None:
             self._proposals = self._drafter.propose(self._draft_contexts())
-        for slot, running in enumerate(self._running):
-            if running is not None and running.decoding:
-                n = len(running.request.prompt) + len(running.generated) - 1
-                self._register(slot, n + 1)
-                drafts = self._drafts(slot, n, budget - 1) if width - at >= block else []
-                if drafts:  # the last token and its drafts, one block, verified together
-                    k1, take = self._draft_k + 1, len(drafts) + 1
-                    tokens[at : at + take] = [running.generated[-1], *drafts]
-                    segment_ids[at : at + take] = slot + 1
-                    positions[at : at + take] = np.arange(n, n + take) + self._prefix_length
-                    last[s + slot * k1 : s + slot * k1 + take] = np.arange(at, at + take)
-                    self._verifying[slot] = drafts
-                    budget -= take
-                    at += block
-                    continue
-                tokens[slot] = running.generated[-1]
-                segment_ids[slot], positions[slot] = slot + 1, n + self._prefix_length
-                last[slot] = slot
+        decoding = [slot for slot, r in enumerate(self._running) if r is not None and r.decoding]
+        for slot in decoding:
+            running = self._running[slot]
+            n = len(running.request.prompt) + len(running.generated) - 1
+            self._register(slot, n + 1)
+            drafts = self._drafts(slot, n, budget)
+            if drafts:
+                self._verifying[slot] = drafts
+                budget -= len(drafts)
+        k1 = self._draft_k + 1
+        c = k1 if self._verifying else 1  # decode places per slot
+        width = s * c + -(-(self.token_budget - s) // block) * block
+        tokens = np.zeros(width, np.int32)
+        segment_ids, positions = np.zeros_like(tokens), np.zeros_like(tokens)
+        # The row index of each slot's sampled token; when verifying, then each slot's
+        # k + 1 verify positions.
+        last = np.zeros(s + s * k1 if self._verifying else s, np.int32)
+        samplers, chunks = [], []
+        at = s * c  # the next chunk block's start
+        for slot in decoding:
+            running = self._running[slot]
+            n = len(running.request.prompt) + len(running.generated) - 1
+            sequence = [running.generated[-1], *self._verifying.get(slot, ())]
+            here = slice(slot * c, slot * c + len(sequence))
+            tokens[here], segment_ids[here] = sequence, slot + 1
+            positions[here] = np.arange(n, n + len(sequence)) + self._prefix_length
+            if slot in self._verifying:  # the last token and its drafts, verified together
+                last[s + slot * k1 : s + slot * k1 + len(sequence)] = np.arange(
+                    here.start, here.stop
+                )
+            else:
+                last[slot] = slot * c
                 samplers.append(slot)
         waiting = [(r.request_id, s) for s, r in enumerate(self._running) if r and not r.decoding]
         for _, slot in sorted(waiting):  # oldest request first
@@ -668,8 +684,12 @@ class Engine:
             return self._plan_row()
         for slot, take in chunks:
             self._running[slot].prefilled += take
-        if not chunks and not self._verifying:
-            tokens, segment_ids, positions = tokens[:s], segment_ids[:s], positions[:s]
+        if not chunks:
+            tokens, segment_ids, positions = (
+                tokens[: s * c],
+                segment_ids[: s * c],
+                positions[: s * c],
+            )
         row = dict(tokens=tokens[None], segment_ids=segment_ids[None], positions=positions[None])
         return row, last, samplers
 
@@ -700,7 +720,7 @@ class Engine:
             count=np.asarray(counts, np.int32),
             offset=np.full((self.slots,), self._prefix_length, np.int32),
         )
-        if self._draft_k and attend_cache:
+        if self._verifying and attend_cache:
             drafts = np.zeros((self.slots, self._draft_k + 1), np.int32)
             for slot, proposed in self._verifying.items():
                 drafts[slot, : len(proposed)] = proposed
@@ -715,6 +735,7 @@ class Engine:
                     device_row["offset"],
                     self.page_size,
                     self._window,
+                    self.slots * (self._draft_k + 1 if self._verifying else 1),
                 )
                 device_row["work"] = tuple(work)
                 self.pages_read += sum(read)
