@@ -620,8 +620,9 @@ def test_draft_model_speculation_keeps_greedy_outputs(rng):
 
 def test_modes_load_the_draft_model_of_config_engine(tmp_path, smoke_config):
     """`--config.engine.speculative=draft` with `draft_checkpoint`: mode=generate and
-    mode=serve get the Hugging Face checkpoint's model as the engine's draft; without a
-    checkpoint, or with a directory that is not one, a one-line error."""
+    mode=serve get the Hugging Face checkpoint's model as the engine's draft (its
+    parameters: tests/test_checkpoints.py checks load_hf's logits); without a checkpoint,
+    or with a directory that is not one, a one-line error."""
     from lcx.checkpoints import save_hf
     from lcx.errors import UserError
     from lcx.modes.generate import engine_options
@@ -638,8 +639,12 @@ def test_modes_load_the_draft_model_of_config_engine(tmp_path, smoke_config):
     loaded = options["speculative"]["draft"]
     assert options["speculative"]["k"] == smoke_config.engine.speculative_k
     assert loaded.cfg.vocab_size == VOCAB
-    tokens = jnp.asarray([[3, 1, 4, 1, 5]])
-    np.testing.assert_allclose(loaded(tokens), draft(tokens), atol=1e-5)
+    for (path, want), got in zip(
+        jax.tree_util.tree_leaves_with_path(nnx.state(draft, nnx.Param)),
+        jax.tree.leaves(nnx.state(loaded, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 3)])

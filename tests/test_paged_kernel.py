@@ -18,9 +18,17 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 PLATFORMS = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
 
 
-@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("window, decode_width", [(None, 1), (6, 3)])
+# Each kernel in each dtype, and each layout (one query per slot, no window; a token and
+# two drafts per slot, a window) in each kernel and in each dtype.
+CASES = [
+    ("pallas_tpu", jnp.float32, None, 1),
+    ("pallas_tpu", jnp.bfloat16, 6, 3),
+    ("pallas_gpu", jnp.float32, 6, 3),
+    ("pallas_gpu", jnp.bfloat16, None, 1),
+]
+
+
+@pytest.mark.parametrize("implementation, dtype, window, decode_width", CASES)
 def test_kernel_equals_float64_per_slot_attention(rng, window, decode_width, dtype, implementation):
     # Decode tokens (or a token and two drafts per slot) and chunk blocks, shuffled pages,
     # an offset, two q heads per kv head, a padding decode query and a chunk block of
