@@ -15,7 +15,10 @@ One process in three parts; the tables come last, everything is in OUT/gpu_check
    of q, k and v, in float32 and bfloat16, on fresh random packed rows with padding, 8
    query / 2 kv heads (GQA), causal, with a window, and a chunk of queries against a
    longer key row. Relative error ||got - want|| / ||want||: float32 must stay under
-   1e-4 (TF32 lands near 3e-4), bfloat16 under 2e-2 (its operands' rounding).
+   1e-4 (TF32 lands near 3e-4), bfloat16 under 2e-2 (its operands' rounding). Then the
+   serving engine's ragged paged read (`lcx.paged_cache`, issue 30) by its `pallas_gpu`
+   kernel against the XLA path in float64, with one query per slot and with verify rows
+   of a token and 4 drafts per slot.
 2. `ceilings`: a bf16 matrix product and a device-to-device copy, measured, for the two
    floors of each timed case (METHOD.md of the device tool): useful FLOPs over the
    product's rate, and bytes over the copy's bandwidth (each input read once, each output
@@ -56,6 +59,12 @@ sys.path.insert(0, ROOT)
 
 from lcx.attention import BlockSizes, packed_attention, pallas_gpu  # noqa: E402
 from lcx.attention import testing as checks  # noqa: E402
+from lcx.paged_cache import (  # noqa: E402
+    PagedAttentionCache,
+    PageLayout,
+    paged_cache_attention,
+    ragged_work,
+)
 
 LIMITS = {"float32": 1e-4, "bfloat16": 2e-2}  # relative error, every output and gradient
 CHECKED = ("pallas_gpu", "xla_chunked")
@@ -149,6 +158,61 @@ def check_correctness(size, interpret, seed):
                     worst = max(result.values())
                     record.update(errors=result, worst=worst, ok=bool(worst < LIMITS[dtype]))
                 records.append(record)
+    return records
+
+
+def check_paged(size, interpret, seed):
+    """The serving engine's ragged paged read (`lcx.paged_cache`) by the `pallas_gpu`
+    kernel against its XLA path in float64 on the host: decode rows of one query per
+    slot and of a token and 4 drafts per slot, prompt-chunk blocks, shuffled pages."""
+    rng = np.random.default_rng(seed + 1)
+    hq, hkv, d = size["check_heads"]
+    slots, page, per_slot, blocks = 4, 16, 8, 2
+    pages = slots * per_slot
+    table = rng.permutation(pages).reshape(slots, per_slot).astype(np.int32)
+    host = jax.devices("cpu")[0]
+    records = []
+    for dtype in size["dtypes"]:
+        for width in (1, 5):
+            # Slots 0-2 decode at lengths up to the table's reach; slot 3 prefills a chunk.
+            decode = slots * width
+            seg = np.zeros(decode + blocks * 16, np.int32)
+            pos = np.zeros_like(seg)
+            for s, last in enumerate(rng.integers(width, per_slot * page - 1, 3)):
+                seg[s * width : (s + 1) * width] = s + 1
+                pos[s * width : (s + 1) * width] = np.arange(last - width + 1, last + 1)
+            seg[decode : decode + 24], pos[decode : decode + 24] = 4, np.arange(40, 64)
+            lists, _ = ragged_work(seg, pos, slots, np.zeros(slots), page, None, decode)
+            k, v = (rng.standard_normal((pages, page, hkv, d)) for _ in range(2))
+            q = rng.standard_normal((1, len(seg), hq, d))
+
+            def read(q, k, v, implementation, dtype, seg=seg, pos=pos, lists=lists, decode=decode):
+                layout = PageLayout(jnp.asarray(table), *map(jnp.asarray, lists))
+                cache = PagedAttentionCache(jnp.asarray(k, dtype), jnp.asarray(v, dtype))
+                return paged_cache_attention(
+                    jnp.asarray(q, dtype), jnp.asarray(seg)[None], jnp.asarray(pos)[None],
+                    cache, layout, decode_rows=decode, implementation=implementation,
+                    interpret=interpret and implementation != "xla",
+                )  # fmt: skip
+
+            with jax.enable_x64(True), jax.default_device(host):
+                want = [np.asarray(x) for x in read(q, k, v, "xla", jnp.float64)]
+            case = "paged read, " + ("decode rows" if width == 1 else f"verify rows of {width}")
+            record = dict(dtype=dtype, implementation="pallas_gpu", case=case)
+
+            def errors(q=q, k=k, v=v, want=want, dtype=dtype):
+                out, lse = (np.asarray(x, np.float64) for x in read(q, k, v, "pallas_gpu", dtype))
+                seen = np.isfinite(want[1])
+                return {"out": checks.relative_error(out, want[0]),
+                        "lse": checks.relative_error(lse[seen], want[1][seen])}  # fmt: skip
+
+            result = _attempt(errors)
+            if "error" in result:
+                record.update(result, ok=False)
+            else:
+                worst = max(result.values())
+                record.update(errors=result, worst=worst, ok=bool(worst < LIMITS[dtype]))
+            records.append(record)
     return records
 
 
@@ -346,7 +410,7 @@ def report(results) -> str:
         "| dtype | implementation | case | worst relative error | ok |",
         "|---|---|---|---|---|",
     ]
-    for r in results["correctness"]:
+    for r in results["correctness"] + results["paged"]:
         worst = f"{r['worst']:.2e}" if "worst" in r else r["error"][:80]
         lines.append(f"| {r['dtype']} | {r['implementation']} | {r['case']} | {worst} | "
                      f"{'yes' if r['ok'] else '**NO**'} |")  # fmt: skip
@@ -403,9 +467,11 @@ def main(argv=None) -> dict:
           flush=True)  # fmt: skip
     t0 = time.perf_counter()
     results["correctness"] = check_correctness(size, interpret, args.seed)
+    results["paged"] = check_paged(size, interpret, args.seed)
     results["correctness_s"] = time.perf_counter() - t0
-    ok = sum(r["ok"] for r in results["correctness"])
-    print(f"correctness: {ok} of {len(results['correctness'])} ok "
+    checked = results["correctness"] + results["paged"]
+    ok = sum(r["ok"] for r in checked)
+    print(f"correctness: {ok} of {len(checked)} ok "
           f"({results['correctness_s']:.0f} s)", flush=True)  # fmt: skip
     results["ceilings"] = measure_ceilings(size, rng)
     t0 = time.perf_counter()
@@ -424,4 +490,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if all(r["ok"] for r in main()["correctness"]) else 1)
+    done = main()
+    sys.exit(0 if all(r["ok"] for r in done["correctness"] + done["paged"]) else 1)
