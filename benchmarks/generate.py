@@ -582,7 +582,8 @@ def main(argv=None) -> dict:
         small = dataclasses.replace(
             model.cfg, num_layers=args.draft_layers, d_model=width, mlp_dim=mlp
         )
-        draft = train_to_quote(small, documents, rng, **train)
+        # The smoke run's draft has the model's shape: the model itself serves.
+        draft = quoting if small == model.cfg else train_to_quote(small, documents, rng, **train)
         results["speculative"] = bench_speculative(
             quoting, draft, prompts, new_tokens=args.spec_tokens, k=args.spec_k, n=args.spec_n,
             repeats=args.repeats,

@@ -73,12 +73,13 @@ SIZES = {  # the device run, and the smoke run's (interpret mode on a CPU)
         dtypes=("float32", "bfloat16"), check_len=1024, check_heads=(8, 2, 128),
         lengths=(4096, 16384, 32768, 65536), means=(512, 4096, 0), heads=(32, 8, 128),
         chunked_up_to=16384, matmul=8192, copy_mib=1024, budget_s=1.0, max_repeats=30,
-        blocks=None,
+        blocks=None, paged_widths=(1, 5),
     ),
     "smoke": dict(
         dtypes=("float32",), check_len=32, check_heads=(2, 1, 16), lengths=(128,),
         means=(32, 0), heads=(2, 1, 16), chunked_up_to=128, matmul=256, copy_mib=1,
         budget_s=0.0, max_repeats=1, blocks=BlockSizes(block_q=16, block_kv=16),
+        paged_widths=(5,),  # tests/test_paged_kernel.py checks the kernels at both
     ),
 }  # fmt: skip
 PRIORITY = ((32768, 512), (32768, 0))  # the two targets' cases run first
@@ -173,7 +174,7 @@ def check_paged(size, interpret, seed):
     host = jax.devices("cpu")[0]
     records = []
     for dtype in size["dtypes"]:
-        for width in (1, 5):
+        for width in size["paged_widths"]:
             # Slots 0-2 decode at lengths up to the table's reach; slot 3 prefills a chunk.
             decode = slots * width
             seg = np.zeros(decode + blocks * 16, np.int32)

@@ -20,9 +20,7 @@ def test_gpu_check_runs_every_part_and_writes_its_json(tmp_path, capsys):
     assert all(set(r["errors"]) == {"out", "lse", "dq", "dk", "dv"} for r in checked)
     # The serving engine's paged read: the kernel against XLA in float64, both row layouts.
     paged = results["paged"]
-    assert [r["case"] for r in paged] == [
-        "paged read, decode rows", "paged read, verify rows of 5"
-    ]  # fmt: skip
+    assert [r["case"] for r in paged] == ["paged read, verify rows of 5"]
     assert all(r["ok"] and r["worst"] < 1e-5 for r in paged), paged
     assert results["ceilings"]["matmul_flops_per_s"] > 0 < results["ceilings"]["copy_bytes_per_s"]
     # Timing: every implementation on every case, both passes, with the floors.
