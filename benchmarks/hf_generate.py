@@ -44,6 +44,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.generate import spread  # noqa: E402
 from lcx.checkpoints import load_hf  # noqa: E402
 from lcx.generate import Engine, Request, generate  # noqa: E402
 
@@ -155,10 +156,9 @@ def bench_shape(torch_model, model, prompts, new_tokens: int, repeats: int) -> d
         "padded_tokens": len(prompts) * max(map(len, prompts)),
     }
     for name in runs:
-        median = statistics.median(seconds[name])
         out[name] = {
-            "seconds": {"median": median, "min": min(seconds[name]), "max": max(seconds[name])},
-            "tokens_per_sec": len(prompts) * new_tokens / median,
+            "seconds": spread(seconds[name]),
+            "tokens_per_sec": len(prompts) * new_tokens / statistics.median(seconds[name]),
             **agreement(outputs[name], reference),
         }
     for name in runs:
