@@ -108,6 +108,13 @@ def cache_attention(
     check_decode_rows(d, s, q.shape[1])
     offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
     by_slot = lambda x: x[0, :d].reshape(s, d // s, *x.shape[2:])  # noqa: E731
+    decode = common
+    if implementation is None and jax.default_backend() == "cpu":
+        # A slot's few decode queries against its whole cache: the plain product ("xla")
+        # reads the cache as it lies, where the chunked one pads it to whole kv tiles, a
+        # copy of the cache in every layer at every step (BENCHMARKS.md, "Against
+        # transformers' generate": 127 -> 88 ms a decode step at hidden 768).
+        decode = {**common, "implementation": "xla"}
     parts = [
         _slot_attention(
             by_slot(q),
@@ -116,7 +123,7 @@ def cache_attention(
             cache,
             None,
             offset_S,
-            common,
+            decode,
         )
     ]
     if q.shape[1] > d:

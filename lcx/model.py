@@ -221,7 +221,11 @@ class Attention(nnx.Module):
 
     def _out(self, o_BxTxHxD):
         """The output projection [B, T, E] (and its adapter)."""
-        out = jnp.einsum("bthd,hde->bte", o_BxTxHxD, self.w_o[...].astype(self.cfg.compute_dtype))
+        # One product over heads x head_dim, flattened: with the 3-d einsum, XLA's CPU
+        # layouts transposed w_o on every call instead of the (much smaller) activations.
+        w_FxE = self.w_o[...].astype(self.cfg.compute_dtype).reshape(-1, self.w_o.shape[-1])
+        o_BxTxF = o_BxTxHxD.reshape(*o_BxTxHxD.shape[:2], -1)
+        out = jnp.einsum("btf,fe->bte", o_BxTxF, w_FxE)
         return adapted(self, "o", out, o_BxTxHxD)
 
     def init_cache(self, slots: int, length: int, dtype=None) -> AttentionCache:

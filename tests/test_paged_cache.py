@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcx import paged_cache
 from lcx.cache import CHUNK_QUERY_BLOCK
 from lcx.paged_cache import PagedAttentionCache, PageLayout, paged_cache_attention, ragged_work
 
@@ -123,4 +124,30 @@ def test_ragged_paged_step_equals_float64_per_slot_attention(rng, window, decode
         assert real == (3 + 1, 5 + 6)  # slot 0: pages 0-2; slot 2: 0; blocks: 0-4, 0-5
     else:  # the window of 6 hides pages wholly before index - 5 (of slot 0's first query)
         assert real == (2 + (decode_width > 2) + 1, 5 + 3)
+    assert_matches(out, lse, wants, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_the_xla_read_folds_item_blocks_and_stops_at_the_last_real_one(rng, window, monkeypatch):
+    """With blocks of 2 items, the decode list (4 real items of 8; 3 with the window)
+    runs 2 of its 4 blocks and the chunk list (11 of 16; 8) 6 (4) of its 8, counted as
+    loop-body runs; the online softmax across blocks still equals float64 attention."""
+    monkeypatch.setattr(paged_cache, "ITEM_BLOCK", 2)
+    runs = []
+    fori_loop = jax.lax.fori_loop
+
+    def counted(lower, upper, body, carry):
+        """fori_loop, counting each run of the body."""
+
+        def body_counted(i, carry):
+            jax.debug.callback(lambda: runs.append(1))
+            return body(i, carry)
+
+        return fori_loop(lower, upper, body_counted, carry)
+
+    monkeypatch.setattr(jax.lax, "fori_loop", counted)
+    out, lse, wants, real = paged_step(rng, window, decode_width=1, implementation="xla")
+    jax.effects_barrier()
+    assert real == ((4, 11) if window is None else (3, 8))
+    assert len(runs) == (2 + 6 if window is None else 2 + 4)
     assert_matches(out, lse, wants, rtol=1e-12, atol=1e-12)
