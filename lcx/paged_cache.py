@@ -25,10 +25,10 @@ a step compiles once per bucket.
 is read and each block's gathered pages are used while they are still in the processor's
 cache (gathering every item's page at once cost a copy of the step's whole read, written
 out and read back, in every layer). On TPU and GPU the same work list runs as one Pallas
-kernel (`lcx.attention.ragged_paged_tpu`, `_gpu`) that
-reads each item's page straight from the pool. None of them is `jax.experimental.pallas.
-ops.tpu.ragged_paged_attention`: that kernel returns no log-sum-exp, which the engine needs to
-merge shared prefixes (Hydragen) into the same queries.
+kernel (`lcx.attention.ragged_paged_tpu`, `_gpu`) that reads each item's page straight
+from the pool. None of them is `jax.experimental.pallas.ops.tpu.ragged_paged_attention`:
+that kernel returns no log-sum-exp, which the engine needs to merge shared prefixes
+(Hydragen) into the same queries.
 """
 
 from __future__ import annotations
