@@ -2,6 +2,7 @@
 
     python benchmarks/hf_generate.py            # the BENCHMARKS.md run (both shapes)
     python benchmarks/hf_generate.py --smoke    # seconds
+    python benchmarks/hf_generate.py --shapes 768x8 --step_times   # + prefill, decode steps
 
 Needs the `reference` extra (torch and transformers: `make` installs it on Python 3.11);
 neither is a run-time dependency of lcx.
@@ -112,14 +113,40 @@ def run_transformers(model, prompts, new_tokens: int) -> list[list[int]]:
     return out[:, width:].tolist()
 
 
-def run_engine(model, prompts, new_tokens: int, page_size: int | None) -> list[list[int]]:
-    """The engine's prepacked prefill of the whole batch, then its decode steps."""
+def prefilled_engine(model, prompts, new_tokens: int, page_size: int | None) -> Engine:
+    """An engine (one stretch per slot, or pages) after its prepacked prefill of the batch."""
     length = -(-(max(map(len, prompts)) + new_tokens) // PAGE_SIZE) * PAGE_SIZE
     engine = Engine(model, slots=len(prompts), max_length=length,
                     token_budget=len(prompts) + 1, page_size=page_size)  # fmt: skip
     engine.prefill([Request(p, new_tokens) for p in prompts])
-    results = engine.run()
+    return engine
+
+
+def run_engine(model, prompts, new_tokens: int, page_size: int | None) -> list[list[int]]:
+    """The engine's prepacked prefill of the whole batch, then its decode steps."""
+    results = prefilled_engine(model, prompts, new_tokens, page_size).run()
     return [results[i] for i in range(len(prompts))]
+
+
+def step_times(model, prompts, new_tokens: int, repeats: int) -> dict:
+    """Where lcx's time goes: the prepacked prefill's seconds and each decode step's
+    milliseconds, one stretch per slot and paged (an untimed run first; the steps of
+    every repeat pooled)."""
+    out = {}
+    for name, page_size in (("lcx_prepacked", None), ("lcx_paged", PAGE_SIZE)):
+        prefill, steps = [], []
+        for repeat in range(repeats + 1):
+            start = time.perf_counter()
+            engine = prefilled_engine(model, prompts, new_tokens, page_size)
+            prefill.append(time.perf_counter() - start)
+            while not engine.idle:
+                start = time.perf_counter()
+                engine.step()
+                steps.append(1e3 * (time.perf_counter() - start))
+            if repeat == 0:  # compilations
+                prefill, steps = [], []
+        out[name] = {"prefill_seconds": spread(prefill), "decode_step_ms": spread(steps)}
+    return out
 
 
 def variants(torch_model, model, new_tokens: int) -> dict:
@@ -180,6 +207,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--longest", type=int, default=270, help="prompt tokens")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--shapes", default=",".join(SHAPES), help="of " + ", ".join(SHAPES))
+    parser.add_argument(
+        "--step_times", action="store_true",
+        help="also time lcx's prefill and each decode step (one stretch, paged)",
+    )  # fmt: skip
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     shapes = {name: SHAPES[name] for name in args.shapes.split(",")}
@@ -194,6 +225,8 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as directory:
             torch_model, model = build_pair(directory, hidden, layers, vocab, args.seed)
         results[name] = bench_shape(torch_model, model, prompts, args.new_tokens, args.repeats)
+        if args.step_times:
+            results[name]["steps"] = step_times(model, prompts, args.new_tokens, args.repeats)
         del torch_model, model
     report(results, shapes, argv)
     if args.json:
@@ -216,6 +249,17 @@ def report(results, shapes, argv):
             print(f"| {shape} | {name} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | "
                   f"{r['tokens_per_sec']:,.0f} | {r['speedup']:.2f}x | "
                   f"{r['identical_sequences']}/{results['settings']['prompts']} |")  # fmt: skip
+    timed = [shape for shape in shapes if "steps" in results[shape]]
+    if timed:
+        print(
+            "\n| shape | variant | prefill s median (min-max) | decode step ms median (min-max) |"
+        )
+        print("|---|---|---|---|")
+    for shape in timed:
+        for name, row in results[shape]["steps"].items():
+            p, d = row["prefill_seconds"], row["decode_step_ms"]
+            print(f"| {shape} | {name} | {p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f}) | "
+                  f"{d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) |")  # fmt: skip
 
 
 if __name__ == "__main__":
