@@ -24,6 +24,9 @@ from lcx.attention import packed_attention
 # step's attention work follows its chunks (the ragged layout of tpu-inference's ragged
 # paged attention) instead of the whole flattened cache.
 CHUNK_QUERY_BLOCK = 16
+# The most decode logits (slots x queries per slot x heads x cache length) the CPU reads
+# with the plain product rather than the chunked attention: 64 Mi, 256 MiB in float32.
+PLAIN_DECODE_SCORES = 1 << 26
 
 
 class AttentionCache(NamedTuple):
@@ -109,11 +112,13 @@ def cache_attention(
     offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
     by_slot = lambda x: x[0, :d].reshape(s, d // s, *x.shape[2:])  # noqa: E731
     decode = common
-    if implementation is None and jax.default_backend() == "cpu":
+    scores = d * q.shape[2] * cache.length  # the decode part's [S, C, H, L] logits
+    if implementation is None and jax.default_backend() == "cpu" and scores <= PLAIN_DECODE_SCORES:
         # A slot's few decode queries against its whole cache: the plain product ("xla")
         # reads the cache as it lies, where the chunked one pads it to whole kv tiles, a
         # copy of the cache in every layer at every step (BENCHMARKS.md, "Against
-        # transformers' generate": 135 -> 94.5 ms a decode step at hidden 768).
+        # transformers' generate": 135 -> 94.5 ms a decode step at hidden 768). Past
+        # PLAIN_DECODE_SCORES the chunked attention keeps the logits' memory bounded.
         decode = {**common, "implementation": "xla"}
     parts = [
         _slot_attention(

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import lcx.cache
 from lcx.attention import packed_attention
 from lcx.attention.shared_prefix import SharedPrefix, shared_prefix_attention
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, cache_attention
@@ -112,9 +113,18 @@ def test_chunked_prefill_leaves_the_cache_of_one_shot_prefill(rng):
     assert chunked.results == one_shot.results
 
 
-@pytest.mark.parametrize("implementation", ["xla", "xla_chunked"])
-def test_blocked_cache_attention_equals_attention_over_the_whole_cache(rng, implementation):
-    """Decodes slot by slot and chunk blocks against their slot's cache, vs one flat row."""
+@pytest.mark.parametrize(
+    "implementation, plain_decode_scores",
+    [("xla", None), ("xla_chunked", None), (None, None), (None, 0)],
+)
+def test_blocked_cache_attention_equals_attention_over_the_whole_cache(
+    rng, implementation, plain_decode_scores, monkeypatch
+):
+    """Decodes slot by slot and chunk blocks against their slot's cache, vs one flat row.
+    With no implementation named, the CPU's decodes take the plain product, or past
+    PLAIN_DECODE_SCORES (here 0) the chunked attention."""
+    if plain_decode_scores is not None:
+        monkeypatch.setattr(lcx.cache, "PLAIN_DECODE_SCORES", plain_decode_scores)
     with jax.enable_x64(True):
         slots, length, block = 3, 40, CHUNK_QUERY_BLOCK
         cache = AttentionCache(*(jnp.asarray(rng.normal(size=(slots, length, 2, 8))) for _ in "kv"))
