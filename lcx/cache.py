@@ -8,25 +8,32 @@ once elsewhere, see `lcx.attention.SharedPrefix`; none: 0); padding
 `slots * length` keys whose segment ids are the slot ids and whose positions are the
 index in the slot plus `offset`, so `packed_attention` masks other sequences and, through
 causality, the stale entries a slot's previous sequence left beyond the current one.
+
+An engine row (`decode_rows`) attends slot by slot instead. On the CPU, with no
+implementation named, each query group reads its slot raggedly: the slot's stretch is
+viewed as pages of a pool (`lcx.attention.ragged_paged_xla`, the paged cache's read,
+with a work list built on the device), so a group reads only up to its own last token.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lcx.attention import packed_attention
+from lcx.attention.ragged_paged_xla import ragged_paged_attention_xla, work_in_graph
 
 # An engine row's prompt chunks come in blocks of this many queries, each block holding one
 # slot's tokens (or padding): a block attends only its own slot's cache, gathered, so a
 # step's attention work follows its chunks (the ragged layout of tpu-inference's ragged
 # paged attention) instead of the whole flattened cache.
 CHUNK_QUERY_BLOCK = 16
-# The most decode logits (slots x queries per slot x heads x cache length) the CPU reads
-# with the plain product rather than the chunked attention: 64 Mi, 256 MiB in float32.
-PLAIN_DECODE_SCORES = 1 << 26
+# Rows of a slot's cache per page when the CPU reads it raggedly (`_ragged_slot_read`; the
+# largest power of two up to this that divides the cache length).
+RAGGED_PAGE = 16
 
 
 class AttentionCache(NamedTuple):
@@ -111,24 +118,12 @@ def cache_attention(
     check_decode_rows(d, s, q.shape[1])
     offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
     by_slot = lambda x: x[0, :d].reshape(s, d // s, *x.shape[2:])  # noqa: E731
-    decode = common
-    scores = d * q.shape[2] * cache.length  # the decode part's [S, C, H, L] logits
-    if implementation is None and jax.default_backend() == "cpu" and scores <= PLAIN_DECODE_SCORES:
-        # A slot's few decode queries against its whole cache: the plain product ("xla")
-        # reads the cache as it lies, where the chunked one pads it to whole kv tiles, a
-        # copy of the cache in every layer at every step (BENCHMARKS.md, "Against
-        # transformers' generate": 135 -> 94.5 ms a decode step at hidden 768). Past
-        # PLAIN_DECODE_SCORES the chunked attention keeps the logits' memory bounded.
-        decode = {**common, "implementation": "xla"}
-    parts = [
-        _slot_attention(
+    groups = [
+        (
             by_slot(q),
             by_slot(segment_ids) == jnp.arange(1, s + 1)[:, None],
             by_slot(positions),
-            cache,
             None,
-            offset_S,
-            decode,
         )
     ]
     if q.shape[1] > d:
@@ -136,10 +131,15 @@ def cache_attention(
         ids_NxC = blocks(segment_ids)
         slot_plus_one = ids_NxC.max(axis=1)
         own = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
-        slot_N = jnp.maximum(slot_plus_one - 1, 0)
-        parts.append(
-            _slot_attention(blocks(q), own, blocks(positions), cache, slot_N, offset_S, common)
-        )
+        groups.append((blocks(q), own, blocks(positions), jnp.maximum(slot_plus_one - 1, 0)))
+    if implementation is None and jax.default_backend() == "cpu":
+        # Each group reads its own slot up to its own last token, a block of pages at a
+        # time: the dense products over the whole [S, L, K, D] cache had XLA copy it into
+        # [S, K, L, D] in every layer at every step, and the chunked attention padded it
+        # to whole kv tiles (BENCHMARKS.md, "Against transformers' generate").
+        parts = [_ragged_slot_read(*group, cache, offset_S, window) for group in groups]
+    else:
+        parts = [_slot_attention(*group, cache, offset_S, common) for group in groups]
     return tuple(jnp.concatenate(p, axis=0)[None] for p in zip(*parts, strict=True))
 
 
@@ -155,7 +155,7 @@ def check_decode_rows(decode_rows: int, slots: int, width: int):
         )
 
 
-def _slot_attention(q_NxCxHxD, real_NxC, positions_NxC, cache, slot_N, offset_S, common):
+def _slot_attention(q_NxCxHxD, real_NxC, positions_NxC, slot_N, cache, offset_S, common):
     """(out, lse) flattened to [N * C, ...]: query group n against slot slot_N[n]'s cache.
 
     `slot_N` None: group n is slot n (every slot, no gather).
@@ -176,3 +176,35 @@ def _slot_attention(q_NxCxHxD, real_NxC, positions_NxC, cache, slot_N, offset_S,
         **common,
     )
     return out.reshape(n * c, *out.shape[2:]), lse.reshape(n * c, *lse.shape[2:])
+
+
+def ragged_page(length: int) -> int:
+    """Rows per page when the CPU reads a cache of `length` entries per slot raggedly:
+    the largest power of two up to `RAGGED_PAGE` that divides `length`."""
+    return math.gcd(length, RAGGED_PAGE)
+
+
+def _ragged_slot_read(q_NxCxHxD, real_NxC, positions_NxC, slot_N, cache, offset_S, window):
+    """`_slot_attention` as a ragged paged read: the cache viewed as a pool of pages, slot
+    s owning pages s * P .. s * P + P - 1, and a work list of each group's own pages up
+    to its last token (`work_in_graph`), so no group reads past its slot's length."""
+    s, length = cache.slots, cache.length
+    page = ragged_page(length)
+    per_slot = length // page
+    pool = AttentionCache(*(x.reshape(s * per_slot, page, *x.shape[2:]) for x in cache))
+    table_SxP = jnp.arange(s * per_slot, dtype=jnp.int32).reshape(s, per_slot)
+    slot_N = jnp.arange(s) if slot_N is None else slot_N
+    index_NxC = positions_NxC - offset_S[slot_N][:, None]
+    group_W, page_W = work_in_graph(real_NxC, index_NxC, page, per_slot, window)
+    return ragged_paged_attention_xla(
+        q_NxCxHxD,
+        real_NxC,
+        positions_NxC,
+        slot_N,
+        group_W,
+        page_W,
+        cache=pool,
+        table=table_SxP,
+        offset_S=offset_S,
+        window=window,
+    )

@@ -20,35 +20,28 @@ FlashAttention, arXiv 2205.14135, over an unordered list). Item lists are padded
 power of two (padding items name the group past the last, whose results are dropped), so
 a step compiles once per bucket.
 
-`_ragged_part` is the XLA path (every backend, and the reference): a loop over blocks of
-`ITEM_BLOCK` items that stops at the last real one, so no padding item past that block
-is read and each block's gathered pages are used while they are still in the processor's
-cache (gathering every item's page at once cost a copy of the step's whole read, written
-out and read back, in every layer). On TPU and GPU the same work list runs as one Pallas
-kernel (`lcx.attention.ragged_paged_tpu`, `_gpu`) that reads each item's page straight
-from the pool. None of them is `jax.experimental.pallas.ops.tpu.ragged_paged_attention`:
-that kernel returns no log-sum-exp, which the engine needs to merge shared prefixes
-(Hydragen) into the same queries.
+`lcx.attention.ragged_paged_xla` is the XLA path (every backend, and the reference). On
+TPU and GPU the same work list runs as one Pallas kernel (`lcx.attention.ragged_paged_tpu`,
+`_gpu`) that reads each item's page straight from the pool. None of them is
+`jax.experimental.pallas.ops.tpu.ragged_paged_attention`: that kernel returns no
+log-sum-exp, which the engine needs to merge shared prefixes (Hydragen) into the same
+queries.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcx.attention.kernel_common import MASK_VALUE, natural_lse, products_precision
 from lcx.attention.ragged_paged_gpu import ragged_paged_attention_gpu
 from lcx.attention.ragged_paged_tpu import ragged_paged_attention_tpu
+from lcx.attention.ragged_paged_xla import ragged_paged_attention_xla
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, check_decode_rows
 
 MIN_ITEMS = 8  # the smallest work-list bucket
-# Work items per step of the XLA read's loop (a power of two; 16-64 ran alike, 128 slower,
-# hidden 768 at 32 slots on 2 CPU cores).
-ITEM_BLOCK = 32
 
 
 class PageLayout(NamedTuple):
@@ -204,89 +197,9 @@ def _ragged_implementation(implementation, interpret):
     return ragged
 
 
-def _ragged_part(
-    q_GxCxHxD, real_GxC, positions_GxC, slot_G, group_W, page_W, *, cache, table, offset_S, window
-):
-    """(out [G*C, H, D], lse [G*C, H]): query group g against the pages of its items.
-
-    The items run in blocks of `ITEM_BLOCK` through a loop that stops after the block of
-    the last real item (`ragged_work` puts padding last), carrying each group's running
-    max, sum and output (the online softmax).
-    """
-    g, c, h, d = q_GxCxHxD.shape
-    size, kv_heads = cache.page_size, cache.k.shape[2]
-    r = h // kv_heads
-    block = math.gcd(ITEM_BLOCK, group_W.shape[0])
-    blocks_W = group_W.reshape(-1, block)
-    pages_W = page_W.reshape(-1, block)
-    acc = jnp.promote_types(q_GxCxHxD.dtype, jnp.float32)
-    precision = products_precision(q_GxCxHxD.dtype)
-    q_GxKxRxCxD = jnp.moveaxis(q_GxCxHxD.reshape(g, c, kv_heads, r, d), 1, 3)
-
-    def one_block(i, carry):
-        """Fold block i's items into each group's running max, sum and output."""
-        m_G, l_G, o_G = carry
-        group_B, page_B = blocks_W[i], pages_W[i]
-        at_B = jnp.minimum(group_B, g - 1)
-        slot_B = slot_G[at_B]
-        physical_B = table[slot_B, page_B]
-        k_BxPxKxD, v_BxPxKxD = cache.k[physical_B], cache.v[physical_B]
-        logits = (
-            jnp.einsum(
-                "bkrcd,bpkd->bkrcp",
-                q_GxKxRxCxD[at_B],
-                k_BxPxKxD.astype(q_GxCxHxD.dtype),
-                preferred_element_type=acc,
-                precision=precision,
-            )
-            * d**-0.5
-        )
-        kv_pos_BxP = offset_S[slot_B][:, None] + page_B[:, None] * size + jnp.arange(size)
-        q_pos_BxC = positions_GxC[at_B]
-        visible = (kv_pos_BxP[:, None, :] <= q_pos_BxC[:, :, None]) & real_GxC[at_B][:, :, None]
-        if window is not None:
-            visible &= q_pos_BxC[:, :, None] - kv_pos_BxP[:, None, :] < window
-        visible = (visible & (group_B < g)[:, None, None])[:, None, None]  # [B, 1, 1, C, P]
-        logits = jnp.where(visible, logits, MASK_VALUE)
-        block_max = jax.ops.segment_max(logits.max(axis=-1), group_B, num_segments=g + 1)
-        new_m_G = jnp.maximum(m_G, block_max)
-        p = jnp.where(visible, jnp.exp(logits - new_m_G[group_B][..., None]), 0.0)
-        o_B = jnp.einsum(
-            "bkrcp,bpkd->bkrcd",
-            p.astype(v_BxPxKxD.dtype),
-            v_BxPxKxD,
-            preferred_element_type=acc,
-            precision=precision,
-        )
-        rescale = jnp.exp(m_G - new_m_G)
-        l_G = l_G * rescale + jax.ops.segment_sum(p.sum(axis=-1), group_B, num_segments=g + 1)
-        o_G = o_G * rescale[..., None] + jax.ops.segment_sum(o_B, group_B, num_segments=g + 1)
-        return new_m_G, l_G, o_G
-
-    real_blocks = -(-jnp.sum(group_W < g) // block)
-    start = (
-        jnp.full((g + 1, kv_heads, r, c), MASK_VALUE, acc),
-        jnp.zeros((g + 1, kv_heads, r, c), acc),
-        jnp.zeros((g + 1, kv_heads, r, c, d), acc),
-    )
-    m_G, l_G, o_G = (x[:g] for x in jax.lax.fori_loop(0, real_blocks, one_block, start))
-    seen = l_G > 0
-    out = jnp.where(seen[..., None], o_G / jnp.where(seen, l_G, 1.0)[..., None], 0.0)
-    lse = natural_lse(m_G + jnp.log(jnp.where(seen, l_G, 1.0)), seen)
-    out = jnp.moveaxis(out, 3, 1).reshape(g * c, h, d)  # [G, C, K, R, D]: head = k * R + r
-    lse = jnp.moveaxis(lse, 3, 1).reshape(g * c, h)
-    return out.astype(q_GxCxHxD.dtype), lse
-
-
-def _xla(*args, interpret=False, **kwargs):
-    """`_ragged_part`, taking (and ignoring) the kernels' `interpret`."""
-    del interpret
-    return _ragged_part(*args, **kwargs)
-
-
-# Each takes `_ragged_part`'s arguments and `interpret`.
+# Each takes `ragged_paged_attention_xla`'s arguments.
 RAGGED_IMPLEMENTATIONS = {
-    "xla": _xla,
+    "xla": ragged_paged_attention_xla,
     "pallas_tpu": ragged_paged_attention_tpu,
     "pallas_gpu": ragged_paged_attention_gpu,
 }

@@ -95,6 +95,29 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture
+def loop_runs(monkeypatch):
+    """A list that gains an entry each time a `jax.lax.fori_loop` body traced from now
+    on runs (call `jax.effects_barrier()` before reading it): counts, not timings, prove
+    that a loop skips work."""
+    import jax
+
+    runs = []
+    fori_loop = jax.lax.fori_loop
+
+    def counted(lower, upper, body, carry):
+        """fori_loop, counting each run of the body."""
+
+        def body_counted(i, carry):
+            jax.debug.callback(lambda: runs.append(1))
+            return body(i, carry)
+
+        return fori_loop(lower, upper, body_counted, carry)
+
+    monkeypatch.setattr(jax.lax, "fori_loop", counted)
+    return runs
+
+
+@pytest.fixture
 def smoke_config():
     from configs import lm_tiny
 

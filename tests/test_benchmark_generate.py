@@ -20,9 +20,10 @@ def test_generate_benchmark_runs(capsys):
     names = ("static", "continuous_chunked", "continuous_whole_prompt", "continuous_paged")
     tokens = {trace[name]["tokens"] for name in names}
     assert len(tokens) == 1  # every variant generates the trace's tokens exactly
-    # Paged decode reads each slot's own pages: at most one part-filled page each over.
-    assert 1 <= trace["continuous_paged"]["decode_reads_over_own_lengths"] < 16
-    assert trace["continuous_chunked"]["decode_reads_over_own_lengths"] >= 1
+    # Paged decode reads each slot's own pages: at most one part-filled page each over;
+    # so does the one-stretch cache's on the CPU, a page being a run of its stretch.
+    for name in ("continuous_paged", "continuous_chunked"):
+        assert 1 <= trace[name]["decode_reads_over_own_lengths"] < 16
     for name in names:
         row = trace[name]
         assert row["seconds"] > 0 and row["tokens_per_sec"] > 0

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import lcx.cache
-from lcx.attention import packed_attention
+from lcx.attention import packed_attention, ragged_paged_xla
 from lcx.attention.shared_prefix import SharedPrefix, shared_prefix_attention
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, cache_attention
 from lcx.generate import Engine, Request, SamplingParams, allowed_tokens, generate, sample
@@ -113,29 +112,30 @@ def test_chunked_prefill_leaves_the_cache_of_one_shot_prefill(rng):
     assert chunked.results == one_shot.results
 
 
-@pytest.mark.parametrize(
-    "implementation, plain_decode_scores",
-    [("xla", None), ("xla_chunked", None), (None, None), (None, 0)],
-)
-def test_blocked_cache_attention_equals_attention_over_the_whole_cache(
-    rng, implementation, plain_decode_scores, monkeypatch
-):
+def _blocked_row(rng):
+    """(q, segment ids, positions, cache, offset) in float64 (call under enable_x64): 3
+    slots of a 40-entry cache; slot 0 decodes at 17, slot 1 is idle, slot 2 decodes at
+    30; then three chunk blocks: slot 1 from 0 (a whole block), from 16 (5 tokens), slot
+    0 from 3 (14 tokens). Offsets 0, 2, 1."""
+    slots, length, block = 3, 40, CHUNK_QUERY_BLOCK
+    cache = AttentionCache(*(jnp.asarray(rng.normal(size=(slots, length, 2, 8))) for _ in "kv"))
+    t = slots + 3 * block
+    q = jnp.asarray(rng.normal(size=(1, t, 4, 8)))
+    ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
+    ids[0, :slots], positions[0, :slots] = [1, 0, 3], [17, 0, 30]  # slot 1 idle
+    for b, (slot, start, n) in enumerate([(2, 0, block), (2, block, 5), (1, 3, block - 2)]):
+        at = slots + b * block
+        ids[0, at : at + n], positions[0, at : at + n] = slot, start + np.arange(n)
+    return q, ids, positions, cache, jnp.asarray([0, 2, 1], jnp.int32)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "xla_chunked", None])
+def test_blocked_cache_attention_equals_attention_over_the_whole_cache(rng, implementation):
     """Decodes slot by slot and chunk blocks against their slot's cache, vs one flat row.
-    With no implementation named, the CPU's decodes take the plain product, or past
-    PLAIN_DECODE_SCORES (here 0) the chunked attention."""
-    if plain_decode_scores is not None:
-        monkeypatch.setattr(lcx.cache, "PLAIN_DECODE_SCORES", plain_decode_scores)
+    With no implementation named, the CPU reads each slot's pages raggedly."""
     with jax.enable_x64(True):
-        slots, length, block = 3, 40, CHUNK_QUERY_BLOCK
-        cache = AttentionCache(*(jnp.asarray(rng.normal(size=(slots, length, 2, 8))) for _ in "kv"))
-        t = slots + 3 * block
-        q = jnp.asarray(rng.normal(size=(1, t, 4, 8)))
-        ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
-        ids[0, :slots], positions[0, :slots] = [1, 0, 3], [17, 0, 30]  # slot 1 idle
-        for b, (slot, start, n) in enumerate([(2, 0, block), (2, block, 5), (1, 3, block - 2)]):
-            at = slots + b * block
-            ids[0, at : at + n], positions[0, at : at + n] = slot, start + np.arange(n)
-        offset = jnp.asarray([0, 2, 1], jnp.int32)
+        q, ids, positions, cache, offset = _blocked_row(rng)
+        slots, block = cache.slots, CHUNK_QUERY_BLOCK
         common = dict(offset_S=offset, window=None, implementation=implementation)
         attend = jax.jit(  # one compiled program per layout: faster than op by op
             functools.partial(cache_attention, **common), static_argnames="decode_rows"
@@ -150,6 +150,22 @@ def test_blocked_cache_attention_equals_attention_over_the_whole_cache(
         assert not np.any(out[0, slots + block + 7])
         with pytest.raises(ValueError, match="CHUNK_QUERY_BLOCK"):
             cache_attention(q[:, :-1], ids[:, :-1], positions[:, :-1], cache, decode_rows=slots)
+
+
+def test_the_cpu_reads_each_slot_only_up_to_its_own_last_token(rng, monkeypatch, loop_runs):
+    """The CPU's ragged read of a one-stretch cache (pages of 8 here) visits, one item per
+    loop run, only the pages up to each group's last token: decodes at indices 17 and 29
+    (3 + 4 pages), chunk blocks ending at 13, 18 and 16 (2 + 3 + 3): 15 of the 40 that
+    reading every slot whole would take."""
+    monkeypatch.setattr(ragged_paged_xla, "ITEM_BLOCK", 1)
+    with jax.enable_x64(True):
+        q, ids, positions, cache, offset = _blocked_row(rng)
+        ragged = cache_attention(q, ids, positions, cache, offset_S=offset, decode_rows=3)
+        jax.effects_barrier()
+        assert len(loop_runs) == 3 + 4 + 2 + 3 + 3
+        flat = cache_attention(q, ids, positions, cache, offset_S=offset)
+        for a, b in zip(ragged, flat, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-12)
 
 
 def test_prepacked_prefill_equals_each_prompt_prefilled_alone(rng):

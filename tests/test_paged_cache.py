@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcx import paged_cache
+from lcx.attention import ragged_paged_xla
 from lcx.cache import CHUNK_QUERY_BLOCK
 from lcx.paged_cache import PagedAttentionCache, PageLayout, paged_cache_attention, ragged_work
 
@@ -128,26 +128,60 @@ def test_ragged_paged_step_equals_float64_per_slot_attention(rng, window, decode
 
 
 @pytest.mark.parametrize("window", [None, 6])
-def test_the_xla_read_folds_item_blocks_and_stops_at_the_last_real_one(rng, window, monkeypatch):
+def test_the_xla_read_folds_item_blocks_and_stops_at_the_last_real_one(
+    rng, window, monkeypatch, loop_runs
+):
     """With blocks of 2 items, the decode list (4 real items of 8; 3 with the window)
     runs 2 of its 4 blocks and the chunk list (11 of 16; 8) 6 (4) of its 8, counted as
     loop-body runs; the online softmax across blocks still equals float64 attention."""
-    monkeypatch.setattr(paged_cache, "ITEM_BLOCK", 2)
-    runs = []
-    fori_loop = jax.lax.fori_loop
-
-    def counted(lower, upper, body, carry):
-        """fori_loop, counting each run of the body."""
-
-        def body_counted(i, carry):
-            jax.debug.callback(lambda: runs.append(1))
-            return body(i, carry)
-
-        return fori_loop(lower, upper, body_counted, carry)
-
-    monkeypatch.setattr(jax.lax, "fori_loop", counted)
+    monkeypatch.setattr(ragged_paged_xla, "ITEM_BLOCK", 2)
     out, lse, wants, real = paged_step(rng, window, decode_width=1, implementation="xla")
     jax.effects_barrier()
     assert real == ((4, 11) if window is None else (3, 8))
-    assert len(runs) == (2 + 6 if window is None else 2 + 4)
+    assert len(loop_runs) == (2 + 6 if window is None else 2 + 4)
     assert_matches(out, lse, wants, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("window, decode_width", [(None, 1), (5, 1), (None, 3), (5, 3)])
+def test_work_built_on_the_device_lists_the_hosts_items(rng, window, decode_width):
+    """`work_in_graph` (the one-stretch cache's work list, built in the step) names the
+    same (group, page) items, in the same order, as the host's `ragged_work`, padding
+    after; random rows of idle and busy slots and chunk blocks."""
+    slots, c, page, per_slot, blocks = 4, decode_width, 4, 8, 3
+    for _ in range(5):
+        offset = rng.integers(0, 3, slots).astype(np.int32)
+        seg = np.zeros(slots * c + blocks * CHUNK_QUERY_BLOCK, np.int32)
+        index = np.zeros_like(seg)
+        for s in np.flatnonzero(rng.random(slots) < 0.7):
+            n = int(rng.integers(1, c + 1))
+            last = int(rng.integers(n - 1, page * per_slot))
+            seg[s * c : s * c + n], index[s * c : s * c + n] = (
+                s + 1,
+                np.arange(last - n + 1, last + 1),
+            )
+        for b in np.flatnonzero(rng.random(blocks) < 0.7):
+            s, n = int(rng.integers(0, slots)), int(rng.integers(1, CHUNK_QUERY_BLOCK + 1))
+            start = int(rng.integers(0, page * per_slot - n + 1))
+            at = slots * c + b * CHUNK_QUERY_BLOCK
+            seg[at : at + n], index[at : at + n] = s + 1, np.arange(start, start + n)
+        positions = index + offset[np.maximum(seg - 1, 0)]
+        lists, real = ragged_work(seg, positions, slots, offset, page, window, slots * c)
+        decode_real = seg[: slots * c].reshape(slots, c) == np.arange(1, slots + 1)[:, None]
+        decode_index = index[: slots * c].reshape(slots, c)
+        chunk_seg = seg[slots * c :].reshape(blocks, CHUNK_QUERY_BLOCK)
+        chunk_real = (chunk_seg == chunk_seg.max(axis=1, keepdims=True)) & (chunk_seg > 0)
+        chunk_index = index[slots * c :].reshape(blocks, CHUNK_QUERY_BLOCK)
+        for (host_group, host_page), n, groups, (real_GxC, index_GxC) in zip(
+            (lists[:2], lists[2:]),
+            real,
+            (slots, blocks),
+            ((decode_real, decode_index), (chunk_real, chunk_index)),
+            strict=True,
+        ):
+            group_W, page_W = map(np.asarray, ragged_paged_xla.work_in_graph(
+                jnp.asarray(real_GxC), jnp.asarray(index_GxC), page, per_slot, window
+            ))  # fmt: skip
+            np.testing.assert_array_equal(group_W[:n], host_group[:n])
+            np.testing.assert_array_equal(page_W[:n], host_page[:n])
+            assert (group_W[n:] == groups).all()
+            assert len(group_W) % ragged_paged_xla.ITEM_BLOCK == 0

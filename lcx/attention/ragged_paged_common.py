@@ -1,6 +1,6 @@
 """What the ragged paged attention kernels share: input checks, item pages, head layout.
 
-The kernels (`ragged_paged_tpu`, `ragged_paged_gpu`) compute `lcx.paged_cache`'s ragged
+The kernels (`ragged_paged_tpu`, `ragged_paged_gpu`) compute `ragged_paged_xla`'s ragged
 read (Ragged Paged Attention's work list over PagedAttention's page pool, arXiv
 2309.06180). Both arrange a group's queries by kv head, [K, C * R, D] with head
 h = k * R + r, so each kv head is one product against a page's keys.

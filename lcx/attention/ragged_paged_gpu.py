@@ -125,8 +125,8 @@ def ragged_paged_attention_gpu(
 ):
     """(out [G*C, H, D], lse [G*C, H]) of G query groups against their work items' pages.
 
-    Computes what `lcx.paged_cache`'s XLA path does, in one Pallas Triton kernel; the
-    arguments are `lcx.attention.ragged_paged_tpu.ragged_paged_attention_tpu`'s.
+    Computes what `ragged_paged_xla.ragged_paged_attention_xla` does, in one Pallas
+    Triton kernel; the arguments are `ragged_paged_tpu.ragged_paged_attention_tpu`'s.
 
     Returns:
       out in q's dtype, 0 where a query saw no key; lse float32, natural, -inf there.

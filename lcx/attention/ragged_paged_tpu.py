@@ -154,7 +154,8 @@ def ragged_paged_attention_tpu(
 ):
     """(out [G*C, H, D], lse [G*C, H]) of G query groups against their work items' pages.
 
-    Computes what `lcx.paged_cache`'s XLA path does, in one Pallas TPU kernel.
+    Computes what `ragged_paged_xla.ragged_paged_attention_xla` does, in one Pallas TPU
+    kernel.
 
     Args:
       q_GxCxHxD: G groups of C queries; real_GxC: which queries are real;
