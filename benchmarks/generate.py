@@ -176,7 +176,7 @@ CACHE_TILE = DEFAULT_BLOCK_SIZES.block_kv
 
 def one_stretch_reads(decode_positions, slots: int, max_length: int) -> int:
     """The cache entries a one-stretch engine's decodes at these positions read."""
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu":  # each slot's pages up to its own last token
         page = ragged_page(max_length)
         return int((-(-(decode_positions + 1) // page) * page).sum())
     return slots * -(-(int(decode_positions.max()) + 1) // CACHE_TILE) * CACHE_TILE

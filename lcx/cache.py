@@ -10,29 +10,27 @@ index in the slot plus `offset`, so `packed_attention` masks other sequences and
 causality, the stale entries a slot's previous sequence left beyond the current one.
 
 An engine row (`decode_rows`) attends slot by slot instead. On the CPU, with no
-implementation named, each query group reads its slot raggedly: the slot's stretch is
-viewed as pages of a pool (`lcx.attention.ragged_paged_xla`, the paged cache's read,
-with a work list built on the device), so a group reads only up to its own last token.
+implementation named, each query group reads its slot raggedly, in pages of its rows
+(`lcx.attention.ragged_paged_xla`, the paged cache's read, with a work list built on the
+device), so a group reads only up to its own last token.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lcx.attention import packed_attention
-from lcx.attention.ragged_paged_xla import ragged_paged_attention_xla, work_in_graph
+from lcx.attention.ragged_paged_xla import ragged_stretch_attention_xla, work_in_graph
 
 # An engine row's prompt chunks come in blocks of this many queries, each block holding one
 # slot's tokens (or padding): a block attends only its own slot's cache, gathered, so a
 # step's attention work follows its chunks (the ragged layout of tpu-inference's ragged
 # paged attention) instead of the whole flattened cache.
 CHUNK_QUERY_BLOCK = 16
-# Rows of a slot's cache per page when the CPU reads it raggedly (`_ragged_slot_read`; the
-# largest power of two up to this that divides the cache length).
+# Rows of a slot's cache per work item when the CPU reads it raggedly (`_ragged_slot_read`).
 RAGGED_PAGE = 16
 
 
@@ -179,32 +177,28 @@ def _slot_attention(q_NxCxHxD, real_NxC, positions_NxC, slot_N, cache, offset_S,
 
 
 def ragged_page(length: int) -> int:
-    """Rows per page when the CPU reads a cache of `length` entries per slot raggedly:
-    the largest power of two up to `RAGGED_PAGE` that divides `length`."""
-    return math.gcd(length, RAGGED_PAGE)
+    """Rows per page when the CPU reads a cache of `length` entries per slot raggedly."""
+    return min(RAGGED_PAGE, length)
 
 
 def _ragged_slot_read(q_NxCxHxD, real_NxC, positions_NxC, slot_N, cache, offset_S, window):
-    """`_slot_attention` as a ragged paged read: the cache viewed as a pool of pages, slot
-    s owning pages s * P .. s * P + P - 1, and a work list of each group's own pages up
+    """`_slot_attention` as a ragged read: each group's own slot in pages of its rows up
     to its last token (`work_in_graph`), so no group reads past its slot's length."""
-    s, length = cache.slots, cache.length
-    page = ragged_page(length)
-    per_slot = length // page
-    pool = AttentionCache(*(x.reshape(s * per_slot, page, *x.shape[2:]) for x in cache))
-    table_SxP = jnp.arange(s * per_slot, dtype=jnp.int32).reshape(s, per_slot)
-    slot_N = jnp.arange(s) if slot_N is None else slot_N
+    page = ragged_page(cache.length)
+    slot_N = jnp.arange(cache.slots) if slot_N is None else slot_N
     index_NxC = positions_NxC - offset_S[slot_N][:, None]
-    group_W, page_W = work_in_graph(real_NxC, index_NxC, page, per_slot, window)
-    return ragged_paged_attention_xla(
+    pages_per_slot = -(-cache.length // page)
+    group_W, page_W = work_in_graph(real_NxC, index_NxC, page, pages_per_slot, window)
+    return ragged_stretch_attention_xla(
         q_NxCxHxD,
         real_NxC,
         positions_NxC,
         slot_N,
         group_W,
         page_W,
-        cache=pool,
-        table=table_SxP,
+        k=cache.k,
+        v=cache.v,
+        page_size=page,
         offset_S=offset_S,
         window=window,
     )

@@ -115,14 +115,14 @@ def test_chunked_prefill_leaves_the_cache_of_one_shot_prefill(rng):
 def _blocked_row(rng):
     """(q, segment ids, positions, cache, offset) in float64 (call under enable_x64): 3
     slots of a 40-entry cache; slot 0 decodes at 17, slot 1 is idle, slot 2 decodes at
-    30; then three chunk blocks: slot 1 from 0 (a whole block), from 16 (5 tokens), slot
+    38; then three chunk blocks: slot 1 from 0 (a whole block), from 16 (5 tokens), slot
     0 from 3 (14 tokens). Offsets 0, 2, 1."""
     slots, length, block = 3, 40, CHUNK_QUERY_BLOCK
     cache = AttentionCache(*(jnp.asarray(rng.normal(size=(slots, length, 2, 8))) for _ in "kv"))
     t = slots + 3 * block
     q = jnp.asarray(rng.normal(size=(1, t, 4, 8)))
     ids, positions = np.zeros((1, t), np.int32), np.zeros((1, t), np.int32)
-    ids[0, :slots], positions[0, :slots] = [1, 0, 3], [17, 0, 30]  # slot 1 idle
+    ids[0, :slots], positions[0, :slots] = [1, 0, 3], [17, 0, 38]  # slot 1 idle
     for b, (slot, start, n) in enumerate([(2, 0, block), (2, block, 5), (1, 3, block - 2)]):
         at = slots + b * block
         ids[0, at : at + n], positions[0, at : at + n] = slot, start + np.arange(n)
@@ -153,16 +153,17 @@ def test_blocked_cache_attention_equals_attention_over_the_whole_cache(rng, impl
 
 
 def test_the_cpu_reads_each_slot_only_up_to_its_own_last_token(rng, monkeypatch, loop_runs):
-    """The CPU's ragged read of a one-stretch cache (pages of 8 here) visits, one item per
-    loop run, only the pages up to each group's last token: decodes at indices 17 and 29
-    (3 + 4 pages), chunk blocks ending at 13, 18 and 16 (2 + 3 + 3): 15 of the 40 that
-    reading every slot whole would take."""
+    """The CPU's ragged read of a one-stretch cache visits, one item per loop run, only
+    the pages of 16 rows up to each group's last token: decodes at indices 17 and 37 (2 +
+    3 pages; the last page of the 40 rows starts at 24 and leaves rows 24-31 to the page
+    before), chunk blocks ending at 13, 18 and 16 (1 + 2 + 2): 10 of the 15 that reading
+    every group's slot whole would take."""
     monkeypatch.setattr(ragged_paged_xla, "ITEM_BLOCK", 1)
     with jax.enable_x64(True):
         q, ids, positions, cache, offset = _blocked_row(rng)
         ragged = cache_attention(q, ids, positions, cache, offset_S=offset, decode_rows=3)
         jax.effects_barrier()
-        assert len(loop_runs) == 3 + 4 + 2 + 3 + 3
+        assert len(loop_runs) == 2 + 3 + 1 + 2 + 2
         flat = cache_attention(q, ids, positions, cache, offset_S=offset)
         for a, b in zip(ragged, flat, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-12)

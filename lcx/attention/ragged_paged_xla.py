@@ -12,8 +12,8 @@ while they are still in the processor's cache (gathering every item's page at on
 copy of the step's whole read, written out and read back, in every layer).
 
 Work lists come from the host (`lcx.paged_cache.ragged_work`, for a paged cache) or from
-`work_in_graph` (for `lcx.cache`'s one stretch per slot, viewed as a pool whose slot s
-owns a run of pages).
+`work_in_graph` (for `lcx.cache`'s one stretch per slot, read in pages of its rows by
+`ragged_stretch_attention_xla`).
 """
 
 from __future__ import annotations
@@ -50,17 +50,62 @@ def ragged_paged_attention_xla(
     slot's physical pages; group g's queries belong to slot `slot_G[g]`, real where
     `real_GxC`; item w reads logical page `page_W[w]` for group `group_W[w]` (G and up:
     padding, after every real item). `interpret` is the kernels' argument, unused here.
-
-    The items run in blocks of `ITEM_BLOCK` through a loop that stops after the block of
-    the last real item, carrying each group's running max, sum and output (the online
-    softmax).
     """
     del interpret
-    real_GxC, positions_GxC, slot_G, offset_S = map(
-        jnp.asarray, (real_GxC, positions_GxC, slot_G, offset_S)
+    size = cache.k.shape[1]
+    offset_S = jnp.asarray(offset_S)
+
+    def read(slot_B, page_B):
+        """The items' pages, their keys' positions, all rows valid."""
+        physical_B = table[slot_B, page_B]
+        kv_pos_BxP = offset_S[slot_B][:, None] + page_B[:, None] * size + jnp.arange(size)
+        return cache.k[physical_B], cache.v[physical_B], kv_pos_BxP, None
+
+    return _item_loop(
+        q_GxCxHxD, real_GxC, positions_GxC, slot_G, group_W, page_W, read, cache.k.shape[2],
+        window,
+    )  # fmt: skip
+
+
+def ragged_stretch_attention_xla(
+    q_GxCxHxD, real_GxC, positions_GxC, slot_G, group_W, page_W, *, k, v, page_size, offset_S,
+    window,
+):  # fmt: skip
+    """`ragged_paged_attention_xla` over one stretch per slot, k and v [S, L, K, D]: item
+    w reads rows page_W[w] * page_size onwards of its slot's stretch (the last page of a
+    stretch whose length page_size does not divide starts earlier, at L - page_size, and
+    masks the rows the page before covered), so no copy of the cache is made."""
+    length = k.shape[1]
+    offset_S = jnp.asarray(offset_S)
+
+    def read(slot_B, page_B):
+        """The items' rows (gathered), their keys' positions, the rows this item owns."""
+        first_B = page_B * page_size
+        start_B = jnp.minimum(first_B, length - page_size)
+        rows_BxP = start_B[:, None] + jnp.arange(page_size)
+
+        def gather(x):
+            """Each item's run of rows, one contiguous slice each (a row-wise gather ran
+            slower)."""
+            take = lambda s, r: jax.lax.dynamic_slice_in_dim(x[s], r, page_size)  # noqa: E731
+            return jax.vmap(take)(slot_B, start_B)
+
+        kv_pos_BxP = offset_S[slot_B][:, None] + rows_BxP
+        return gather(k), gather(v), kv_pos_BxP, rows_BxP >= first_B[:, None]
+
+    return _item_loop(
+        q_GxCxHxD, real_GxC, positions_GxC, slot_G, group_W, page_W, read, k.shape[2], window
     )
+
+
+def _item_loop(q_GxCxHxD, real_GxC, positions_GxC, slot_G, group_W, page_W, read, kv_heads,
+               window):  # fmt: skip
+    """The items run in blocks of `ITEM_BLOCK` through a loop that stops after the block
+    of the last real item, carrying each group's running max, sum and output (the online
+    softmax). `read(slot_B, page_B)`: the block's keys and values [B, P, K, D], their
+    positions [B, P] and which of them the items own ([B, P] bool, or None for all)."""
+    real_GxC, positions_GxC, slot_G = map(jnp.asarray, (real_GxC, positions_GxC, slot_G))
     g, c, h, d = q_GxCxHxD.shape
-    size, kv_heads = cache.k.shape[1], cache.k.shape[2]
     r = h // kv_heads
     block = math.gcd(ITEM_BLOCK, group_W.shape[0])
     blocks_W = group_W.reshape(-1, block)
@@ -74,9 +119,7 @@ def ragged_paged_attention_xla(
         m_G, l_G, o_G = carry
         group_B, page_B = blocks_W[i], pages_W[i]
         at_B = jnp.minimum(group_B, g - 1)
-        slot_B = slot_G[at_B]
-        physical_B = table[slot_B, page_B]
-        k_BxPxKxD, v_BxPxKxD = cache.k[physical_B], cache.v[physical_B]
+        k_BxPxKxD, v_BxPxKxD, kv_pos_BxP, owned_BxP = read(slot_G[at_B], page_B)
         logits = (
             jnp.einsum(
                 "bkrcd,bpkd->bkrcp",
@@ -87,11 +130,12 @@ def ragged_paged_attention_xla(
             )
             * d**-0.5
         )
-        kv_pos_BxP = offset_S[slot_B][:, None] + page_B[:, None] * size + jnp.arange(size)
         q_pos_BxC = positions_GxC[at_B]
         visible = (kv_pos_BxP[:, None, :] <= q_pos_BxC[:, :, None]) & real_GxC[at_B][:, :, None]
         if window is not None:
             visible &= q_pos_BxC[:, :, None] - kv_pos_BxP[:, None, :] < window
+        if owned_BxP is not None:
+            visible &= owned_BxP[:, None, :]
         visible = (visible & (group_B < g)[:, None, None])[:, None, None]  # [B, 1, 1, C, P]
         logits = jnp.where(visible, logits, MASK_VALUE)
         block_max = jax.ops.segment_max(logits.max(axis=-1), group_B, num_segments=g + 1)
