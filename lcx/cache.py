@@ -32,6 +32,10 @@ from lcx.attention.ragged_paged_xla import ragged_stretch_attention_xla, work_in
 CHUNK_QUERY_BLOCK = 16
 # Rows of a slot's cache per work item when the CPU reads it raggedly (`_ragged_slot_read`).
 RAGGED_PAGE = 16
+# Up to this many elements of k (4 MiB in float32) the CPU's decode queries take the dense
+# product over the whole cache instead: n-gram verify steps on 8 slots of about 200 entries
+# (2 kv heads of 64) ran 1.69x plain decoding that way, 1.45-1.51x read raggedly.
+DENSE_DECODE_CACHE = 1 << 20
 
 
 class AttentionCache(NamedTuple):
@@ -134,8 +138,16 @@ def cache_attention(
         # Each group reads its own slot up to its own last token, a block of pages at a
         # time: the dense products over the whole [S, L, K, D] cache had XLA copy it into
         # [S, K, L, D] in every layer at every step, and the chunked attention padded it
-        # to whole kv tiles (BENCHMARKS.md, "Against transformers' generate").
-        parts = [_ragged_slot_read(*group, cache, offset_S, window) for group in groups]
+        # to whole kv tiles (BENCHMARKS.md, "One stretch per slot reads raggedly too").
+        # A small cache's decodes keep the dense product: its copy costs less than the
+        # loop's steps.
+        dense = cache.k.size <= DENSE_DECODE_CACHE
+        parts = [
+            _slot_attention(*group, cache, offset_S, {**common, "implementation": "xla"})
+            if dense and group is groups[0]
+            else _ragged_slot_read(*group, cache, offset_S, window)
+            for group in groups
+        ]
     else:
         parts = [_slot_attention(*group, cache, offset_S, common) for group in groups]
     return tuple(jnp.concatenate(p, axis=0)[None] for p in zip(*parts, strict=True))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import lcx.cache
 from lcx.attention import packed_attention, ragged_paged_xla
 from lcx.attention.shared_prefix import SharedPrefix, shared_prefix_attention
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, cache_attention
@@ -129,10 +130,18 @@ def _blocked_row(rng):
     return q, ids, positions, cache, jnp.asarray([0, 2, 1], jnp.int32)
 
 
-@pytest.mark.parametrize("implementation", ["xla", "xla_chunked", None])
-def test_blocked_cache_attention_equals_attention_over_the_whole_cache(rng, implementation):
+@pytest.mark.parametrize(
+    "implementation, dense_decode_cache",
+    [("xla", None), ("xla_chunked", None), (None, None), (None, 0)],
+)
+def test_blocked_cache_attention_equals_attention_over_the_whole_cache(
+    rng, implementation, dense_decode_cache, monkeypatch
+):
     """Decodes slot by slot and chunk blocks against their slot's cache, vs one flat row.
-    With no implementation named, the CPU reads each slot's pages raggedly."""
+    With no implementation named, the CPU reads each slot's pages raggedly, decodes of a
+    cache up to DENSE_DECODE_CACHE (here, unless 0) by the dense product."""
+    if dense_decode_cache is not None:
+        monkeypatch.setattr(lcx.cache, "DENSE_DECODE_CACHE", dense_decode_cache)
     with jax.enable_x64(True):
         q, ids, positions, cache, offset = _blocked_row(rng)
         slots, block = cache.slots, CHUNK_QUERY_BLOCK
@@ -159,6 +168,7 @@ def test_the_cpu_reads_each_slot_only_up_to_its_own_last_token(rng, monkeypatch,
     before), chunk blocks ending at 13, 18 and 16 (1 + 2 + 2): 10 of the 15 that reading
     every group's slot whole would take."""
     monkeypatch.setattr(ragged_paged_xla, "ITEM_BLOCK", 1)
+    monkeypatch.setattr(lcx.cache, "DENSE_DECODE_CACHE", 0)  # decodes read raggedly too
     with jax.enable_x64(True):
         q, ids, positions, cache, offset = _blocked_row(rng)
         ragged = cache_attention(q, ids, positions, cache, offset_S=offset, decode_rows=3)
