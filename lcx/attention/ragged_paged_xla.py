@@ -74,7 +74,7 @@ def ragged_stretch_attention_xla(
     """`ragged_paged_attention_xla` over one stretch per slot, k and v [S, L, K, D]: item
     w reads rows page_W[w] * page_size onwards of its slot's stretch (the last page of a
     stretch whose length page_size does not divide starts earlier, at L - page_size, and
-    masks the rows the page before covered), so no copy of the cache is made."""
+    masks the rows the page before covered), so no copy of the whole cache is made."""
     length = k.shape[1]
     offset_S = jnp.asarray(offset_S)
 
