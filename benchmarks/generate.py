@@ -55,7 +55,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from lcx.attention.xla_chunked import DEFAULT_BLOCK_SIZES  # noqa: E402
-from lcx.cache import ragged_page  # noqa: E402
+from lcx.cache import DENSE_DECODE_CACHE, ragged_page  # noqa: E402
 from lcx.config_loading import load_config  # noqa: E402
 from lcx.generate import Engine, Request  # noqa: E402
 from lcx.model import Transformer, TransformerConfig  # noqa: E402
@@ -170,16 +170,20 @@ def bench_decode(model, prefix, suffixes, new_tokens, repeats):
 
 
 # On TPU and GPU the one-stretch cache's decodes read every slot in kv tiles up to the
-# longest slot; on the CPU each slot's own pages (`lcx.cache.ragged_page` rows each).
+# longest slot; on the CPU each slot's own pages (`lcx.cache.ragged_page` rows each), or
+# a small cache whole (`lcx.cache.DENSE_DECODE_CACHE`).
 CACHE_TILE = DEFAULT_BLOCK_SIZES.block_kv
 
 
-def one_stretch_reads(decode_positions, slots: int, max_length: int) -> int:
-    """The cache entries a one-stretch engine's decodes at these positions read."""
-    if jax.default_backend() == "cpu":  # each slot's pages up to its own last token
-        page = ragged_page(max_length)
-        return int((-(-(decode_positions + 1) // page) * page).sum())
-    return slots * -(-(int(decode_positions.max()) + 1) // CACHE_TILE) * CACHE_TILE
+def one_stretch_reads(decode_positions, slots: int, max_length: int, cfg) -> int:
+    """The cache entries a one-stretch engine's decodes at these positions read (`cfg`:
+    the model's `TransformerConfig`, for the cache's size)."""
+    if jax.default_backend() != "cpu":
+        return slots * -(-(int(decode_positions.max()) + 1) // CACHE_TILE) * CACHE_TILE
+    if slots * max_length * cfg.num_kv_heads * cfg.head_dim <= DENSE_DECODE_CACHE:
+        return slots * max_length  # a small cache's decodes: the dense product, all of it
+    page = ragged_page(max_length)  # each slot's pages up to its own last token
+    return int((-(-(decode_positions + 1) // page) * page).sum())
 
 
 def make_trace(documents, rng, n, rate, prompt_cap, output_mean, output_cap):
@@ -228,7 +232,7 @@ def run_continuous(model, trace, *, slots, max_length, token_budget, page_size=N
         ]
         if decodes.size:
             own += int((decodes + 1).sum())
-            contiguous += one_stretch_reads(decodes, slots, max_length)
+            contiguous += one_stretch_reads(decodes, slots, max_length, model.cfg)
     stats = _trace_stats(token_times, start, time.perf_counter())
     read = contiguous if page_size is None else engine.decode_pages_read * page_size
     return {
