@@ -11,14 +11,16 @@ returns them when a sequence ends, so cache memory follows the tokens in use, no
 
 Reads are ragged (the work-list layout of tpu-inference's Ragged Paged Attention): a
 step's queries come in groups (one decode token per slot, then blocks of
-`CHUNK_QUERY_BLOCK` prompt-chunk queries of one slot each, as in `lcx.cache`), and the
-host lists one work item (group, logical page) for every page a group can see, so a
+`CHUNK_QUERY_BLOCK` prompt-chunk queries of one slot each, as in `lcx.cache`), and a
+work list names one item (group, logical page) for every page a group can see, so a
 step reads each slot's own pages up to its own length (inside its attention window),
 never up to the longest slot. Each item's scores are computed on its page alone and the
 items of a group are combined by a segment-wise log-sum-exp (the online softmax of
-FlashAttention, arXiv 2205.14135, over an unordered list). Item lists are padded to a
-power of two (padding items name the group past the last, whose results are dropped), so
-a step compiles once per bucket.
+FlashAttention, arXiv 2205.14135, over an unordered list). The step builds its list
+itself (`lcx.attention.ragged_paged_xla.work_in_graph`, one shape for every step), except
+for the TPU kernel, whose grid is one step per item: its lists come from the host
+(`ragged_work`), padded to a power of two (padding items name the group past the last,
+whose results are dropped), so a step compiles once per bucket.
 
 `lcx.attention.ragged_paged_xla` is the XLA path (every backend, and the reference). On
 TPU and GPU the same work list runs as one Pallas kernel (`lcx.attention.ragged_paged_tpu`,
@@ -38,10 +40,17 @@ import numpy as np
 
 from lcx.attention.ragged_paged_gpu import ragged_paged_attention_gpu
 from lcx.attention.ragged_paged_tpu import ragged_paged_attention_tpu
-from lcx.attention.ragged_paged_xla import ragged_paged_attention_xla
+from lcx.attention.ragged_paged_xla import group_pages, ragged_paged_attention_xla, work_in_graph
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, check_decode_rows
 
 MIN_ITEMS = 8  # the smallest work-list bucket
+
+# Backends whose kernel runs one grid step per work item (the TPU kernel): the engine cuts
+# their lists to the step's items on the host, in power-of-two buckets. Elsewhere the step
+# builds its list itself (`work_in_graph`): no host lists and no compiled variant per
+# bucket (the paged engine compiled 25 step variants on a request trace, and stalled on
+# each new one).
+HOST_WORK_BACKENDS = ("tpu",)
 
 
 class PageLayout(NamedTuple):
@@ -51,7 +60,8 @@ class PageLayout(NamedTuple):
     `decode_group_W`, `decode_page_W`: the decode queries' work items (the slot, a logical
     page of it); `chunk_group_W`, `chunk_page_W`: the chunk blocks' (the block's index,
     a logical page of its slot). A group index past the last group marks padding. The
-    item lists are None for a step that only writes (prepacked prefill).
+    item lists are None where the step builds them (`work_in_graph`), and for a step that
+    only writes (prepacked prefill).
     """
 
     table_SxP: jax.Array
@@ -140,36 +150,50 @@ def paged_cache_attention(
     check_decode_rows(d, s, q.shape[1])
     offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
     common = dict(cache=cache, table=pages.table_SxP, offset_S=offset_S, window=window)
-    by_slot = lambda x: x[0, :d].reshape(s, d // s, *x.shape[2:])  # noqa: E731
-    parts = [
-        ragged(
-            by_slot(q),
-            by_slot(segment_ids) == jnp.arange(1, s + 1)[:, None],
-            by_slot(positions),
-            jnp.arange(s),
-            pages.decode_group_W,
-            pages.decode_page_W,
-            **common,
-        )
-    ]
-    if q.shape[1] > d:
-        blocks = lambda x: x[0, d:].reshape(-1, CHUNK_QUERY_BLOCK, *x.shape[2:])  # noqa: E731
-        ids_NxC = blocks(segment_ids)
-        slot_plus_one = ids_NxC.max(axis=1)
-        own = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
-        slot_N = jnp.maximum(slot_plus_one - 1, 0)
+    host_lists = (
+        (pages.decode_group_W, pages.decode_page_W),
+        (pages.chunk_group_W, pages.chunk_page_W),
+    )
+    groups = query_groups(segment_ids[0], positions[0], offset_S, s, d, jnp)
+    parts = []
+    for (real_GxC, index_GxC, slot_G, at), lists in zip(
+        groups, host_lists[: len(groups)], strict=True
+    ):
+        if lists[0] is None:
+            per_slot = pages.table_SxP.shape[1]
+            lists = work_in_graph(real_GxC, index_GxC, cache.page_size, per_slot, window)
         parts.append(
             ragged(
-                blocks(q),
-                own,
-                blocks(positions),
-                slot_N,
-                pages.chunk_group_W,
-                pages.chunk_page_W,
+                q[0, at].reshape(*real_GxC.shape, *q.shape[2:]),
+                real_GxC,
+                positions[0, at].reshape(real_GxC.shape),
+                slot_G,
+                *lists,
                 **common,
             )
         )
     return tuple(jnp.concatenate(p, axis=0)[None] for p in zip(*parts, strict=True))
+
+
+def query_groups(segment_ids_T, positions_T, offset_S, slots, decode_rows, xp):
+    """The row's query groups, decode part then chunk part (the chunk part only where the
+    row has chunk blocks), each (real_GxC, index_GxC, slot_G, the row's slice): the first
+    `decode_rows` queries, decode_rows / slots per slot, and blocks of
+    `CHUNK_QUERY_BLOCK` queries of one slot each; `xp` numpy (host) or jax.numpy."""
+    d, width = decode_rows, segment_ids_T.shape[0]
+    ids_SxC = segment_ids_T[:d].reshape(slots, d // slots)
+    slot_S = xp.arange(slots)
+    real_SxC = ids_SxC == (slot_S + 1)[:, None]
+    index_SxC = positions_T[:d].reshape(ids_SxC.shape) - offset_S[:, None]
+    parts = [(real_SxC, index_SxC, slot_S, slice(0, d))]
+    if width > d:
+        ids_NxC = segment_ids_T[d:].reshape(-1, CHUNK_QUERY_BLOCK)
+        slot_plus_one = ids_NxC.max(axis=1)
+        real_NxC = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
+        slot_N = xp.maximum(slot_plus_one - 1, 0)
+        index_NxC = positions_T[d:].reshape(ids_NxC.shape) - offset_S[slot_N][:, None]
+        parts.append((real_NxC, index_NxC, slot_N, slice(d, width)))
+    return parts
 
 
 def _ragged_implementation(implementation, interpret):
@@ -206,6 +230,16 @@ RAGGED_IMPLEMENTATIONS = {
 _PREFERENCE = {"tpu": ["pallas_tpu"], "gpu": ["pallas_gpu"]}  # then "xla"
 
 
+def ragged_reads(
+    segment_ids_T, positions_T, slots, offset_S, page_size, window=None, decode_rows=None
+):
+    """(decode, chunks): the pages one engine row's decode and chunk queries read (its
+    work lists' real items, `ragged_work`'s arguments), counted on the host."""
+    groups = _host_pages(segment_ids_T, positions_T, slots, offset_S, page_size, window,
+                         decode_rows)  # fmt: skip
+    return tuple(int(count_G.sum()) for _, count_G, _ in groups)
+
+
 def ragged_work(
     segment_ids_T, positions_T, slots, offset_S, page_size, window=None, decode_rows=None
 ):
@@ -216,37 +250,37 @@ def ragged_work(
     Group `s` (decode: the row's first `decode_rows`, default `slots`, queries, C per
     slot) reads slot s's pages up to its last token's index; chunk block `b` reads its
     slot's pages up to its last token's index; with a window, from the first page any of
-    its queries can see.
+    its queries can see (`work_in_graph` builds the same items in the step).
     """
-    segment_ids_T, positions_T = np.asarray(segment_ids_T), np.asarray(positions_T)
-    offset_S = np.asarray(offset_S)
-
-    def pages_of(slot, indices):
-        """The logical pages a query group at these indices of `slot` can see."""
-        first = 0 if window is None else max(0, int(indices.min()) - window + 1) // page_size
-        return range(first, int(indices.max()) // page_size + 1)
-
-    d = slots if decode_rows is None else decode_rows
-    c = d // slots
-    decode = []
-    for s in range(slots):
-        at = s * c + np.flatnonzero(segment_ids_T[s * c : (s + 1) * c] == s + 1)
-        if at.size:
-            decode += [(s, page) for page in pages_of(s, positions_T[at] - offset_S[s])]
-    chunk = []
-    blocks = (len(segment_ids_T) - d) // CHUNK_QUERY_BLOCK
-    for b in range(blocks):
-        ids = segment_ids_T[d + b * CHUNK_QUERY_BLOCK : d + (b + 1) * CHUNK_QUERY_BLOCK]
-        if ids.max() > 0:
-            slot = int(ids.max()) - 1
-            at = d + b * CHUNK_QUERY_BLOCK + np.flatnonzero(ids == slot + 1)
-            chunk += [(b, page) for page in pages_of(slot, positions_T[at] - offset_S[slot])]
-    lists = []
-    for items, groups in ((decode, slots), (chunk, blocks)):
-        width = max(MIN_ITEMS, 1 << max(len(items) - 1, 0).bit_length())
-        group = np.full(width, groups, np.int32)
+    lists, counts = [], []
+    groups = _host_pages(segment_ids_T, positions_T, slots, offset_S, page_size, window,
+                         decode_rows)  # fmt: skip
+    for first_G, count_G, g in groups:
+        n = int(count_G.sum())
+        width = max(MIN_ITEMS, 1 << max(n - 1, 0).bit_length())
+        group = np.full(width, g, np.int32)
         page = np.zeros(width, np.int32)
-        if items:
-            group[: len(items)], page[: len(items)] = np.asarray(items, np.int32).T
+        group[:n] = np.repeat(np.arange(len(count_G)), count_G)
+        # Each item's place within its group's run, plus the group's first page.
+        page[:n] = np.arange(n) - np.repeat(np.cumsum(count_G) - count_G, count_G)
+        page[:n] += np.repeat(first_G, count_G)
         lists += [group, page]
-    return lists, (len(decode), len(chunk))
+        counts.append(n)
+    return lists, tuple(counts)
+
+
+def _host_pages(segment_ids_T, positions_T, slots, offset_S, page_size, window, decode_rows):
+    """(first_G, count_G, G) of the row's decode groups, then its chunk blocks (none
+    where the row has none), on the host."""
+    segment_ids_T, positions_T, offset_S = (
+        np.asarray(x, np.int64) for x in (segment_ids_T, positions_T, offset_S)
+    )
+    d = slots if decode_rows is None else decode_rows
+    parts = query_groups(segment_ids_T, positions_T, offset_S, slots, d, np)
+    groups = [
+        (*group_pages(real, index, page_size, window, np), len(slot))
+        for real, index, slot, _ in parts
+    ]
+    if len(groups) == 1:
+        groups.append((np.zeros(0, np.int64), np.zeros(0, np.int64), 0))
+    return groups

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import lcx.cache
+from lcx import paged_cache
 from lcx.attention import packed_attention, ragged_paged_xla
 from lcx.attention.shared_prefix import SharedPrefix, shared_prefix_attention
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, cache_attention
@@ -455,16 +456,39 @@ def test_events_carry_the_model_s_log_probabilities(rng):
 # ---- paged cache ----------------------------------------------------------------------
 
 
-def test_paged_engine_equals_the_unpaged_one_and_recomputation(rng):
+def test_paged_engine_equals_the_unpaged_one_and_recomputation(rng, monkeypatch):
     """Pages of 4 tokens, read raggedly inside a window of 7: the same tokens as one
     stretch per slot, with prompts chunked beside decodes and a shared prefix stored once
-    (tests/test_serve.py runs a paged engine without a window)."""
+    (tests/test_serve.py runs a paged engine without a window); likewise with the host's
+    work lists (the TPU kernel's). The step builds its own lists on the CPU, so the paged
+    engine's steps take no more argument shapes (compiled variants) than one stretch's;
+    the host's lists, padded to power-of-two buckets, take more."""
     model = tiny_model(seed=11, attention_window=7)
     prompts = random_prompts(rng, [23, 2, 9, 31, 14])
     run = functools.partial(generate, model, prompts, max_new_tokens=6, slots=3,
                             token_budget=12)  # fmt: skip
-    paged = run(page_size=4)
-    assert paged == run()
+    shapes = []  # per run, the step arguments' shapes
+    device_args = Engine._device_args
+
+    def recorded(self, *args, **kwargs):
+        """The engine's step arguments; their shapes noted."""
+        arguments = device_args(self, *args, **kwargs)
+        shapes[-1].add(str(jax.tree.map(np.shape, arguments[3])))
+        return arguments
+
+    monkeypatch.setattr(Engine, "_device_args", recorded)
+    monkeypatch.setattr(paged_cache, "MIN_ITEMS", 1)  # buckets of 1, 2, 4, ... items
+
+    def outputs(host_work=(), **paging):
+        """The run's tokens, with work lists from the host on the `host_work` backends."""
+        monkeypatch.setattr(paged_cache, "HOST_WORK_BACKENDS", host_work)
+        shapes.append(set())
+        return run(**paging)
+
+    plain, paged = outputs(), outputs(page_size=4)
+    host_listed = outputs(("cpu",), page_size=4)
+    assert paged == plain and host_listed == plain
+    assert len(shapes[1]) == len(shapes[0]) < len(shapes[2])
     assert_same_greedy(model, prompts, paged, 6)
     prefix = random_prompts(rng, [10])[0]
     shared = [prefix + p for p in prompts]

@@ -11,7 +11,13 @@ import pytest
 
 from lcx.attention import ragged_paged_xla
 from lcx.cache import CHUNK_QUERY_BLOCK
-from lcx.paged_cache import PagedAttentionCache, PageLayout, paged_cache_attention, ragged_work
+from lcx.paged_cache import (
+    PagedAttentionCache,
+    PageLayout,
+    paged_cache_attention,
+    ragged_reads,
+    ragged_work,
+)
 
 SLOTS, PAGE, PAGES, K, H, D = 3, 4, 24, 2, 4, 8
 
@@ -33,9 +39,11 @@ def _reference(q, keys, values, q_index, seen, window):
     return out, lse
 
 
-def paged_step(rng, window, dtype=jnp.float64, decode_width=1, **attention):
+def paged_step(rng, window, dtype=jnp.float64, decode_width=1, host_lists=True, **attention):
     """One engine step against a paged cache in `dtype`, `attention` passed to
-    `paged_cache_attention`: (out [1, T, H, D], lse [1, T, H], wants, real item counts),
+    `paged_cache_attention`, its work lists from the host (`ragged_work`) or, without
+    `host_lists`, built in the step: (out [1, T, H, D], lse [1, T, H], wants, real item
+    counts),
     wants[t] the float64 reference (out, lse) of query t on the inputs rounded to `dtype`,
     None for padding.
 
@@ -80,7 +88,8 @@ def paged_step(rng, window, dtype=jnp.float64, decode_width=1, **attention):
             step_k[0, t] = keys[seg[t] - 1][index[t]]
             step_v[0, t] = values[seg[t] - 1][index[t]]
         lists, real = ragged_work(seg, positions, SLOTS, offset, PAGE, window, SLOTS * c)
-        layout = PageLayout(jnp.asarray(table), *map(jnp.asarray, lists))
+        assert ragged_reads(seg, positions, SLOTS, offset, PAGE, window, SLOTS * c) == real
+        layout = PageLayout(jnp.asarray(table), *map(jnp.asarray, lists if host_lists else ()))
         q = rounded(rng.standard_normal((1, width, H, D)))
 
         @jax.jit
@@ -117,9 +126,11 @@ def assert_matches(out, lse, wants, *, rtol, atol):
         np.testing.assert_allclose(lse[0, t], want[1], rtol, atol)
 
 
+@pytest.mark.parametrize("host_lists", [True, False], ids=["host lists", "lists in the step"])
 @pytest.mark.parametrize("window, decode_width", [(None, 1), (6, 1), (6, 3)])
-def test_ragged_paged_step_equals_float64_per_slot_attention(rng, window, decode_width):
-    out, lse, wants, real = paged_step(rng, window, decode_width=decode_width)
+def test_ragged_paged_step_equals_float64_per_slot_attention(rng, window, decode_width, host_lists):
+    out, lse, wants, real = paged_step(rng, window, decode_width=decode_width,
+                                       host_lists=host_lists)  # fmt: skip
     if window is None:
         assert real == (3 + 1, 5 + 6)  # slot 0: pages 0-2; slot 2: 0; blocks: 0-4, 0-5
     else:  # the window of 6 hides pages wholly before index - 5 (of slot 0's first query)
@@ -127,15 +138,19 @@ def test_ragged_paged_step_equals_float64_per_slot_attention(rng, window, decode
     assert_matches(out, lse, wants, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("host_lists", [True, False], ids=["host lists", "lists in the step"])
 @pytest.mark.parametrize("window", [None, 6])
 def test_the_xla_read_folds_item_blocks_and_stops_at_the_last_real_one(
-    rng, window, monkeypatch, loop_runs
+    rng, window, host_lists, monkeypatch, loop_runs
 ):
-    """With blocks of 2 items, the decode list (4 real items of 8; 3 with the window)
-    runs 2 of its 4 blocks and the chunk list (11 of 16; 8) 6 (4) of its 8, counted as
-    loop-body runs; the online softmax across blocks still equals float64 attention."""
+    """With blocks of 2 items, the decode list (4 real items; 3 with the window) runs 2
+    blocks and the chunk list (11; 8) 6 (4), counted as loop-body runs, whether the list
+    is the host's (padded to 8 and 16) or the step's own (padded to 3 * 8 and 2 * 8
+    items); the online softmax across blocks still equals float64 attention."""
     monkeypatch.setattr(ragged_paged_xla, "ITEM_BLOCK", 2)
-    out, lse, wants, real = paged_step(rng, window, decode_width=1, implementation="xla")
+    out, lse, wants, real = paged_step(
+        rng, window, decode_width=1, host_lists=host_lists, implementation="xla"
+    )
     jax.effects_barrier()
     assert real == ((4, 11) if window is None else (3, 8))
     assert len(loop_runs) == (2 + 6 if window is None else 2 + 4)

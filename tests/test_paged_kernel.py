@@ -32,23 +32,29 @@ def _refuses_without_triton(rng) -> bool:
 # Each kernel in each layout (one query per slot, no window; a token and two drafts per
 # slot, a window) and dtype; benchmarks/gpu_check.py's smoke run (tests/
 # test_benchmark_gpu_check.py) adds pallas_gpu in float32 on verify rows.
+# The TPU kernel gets the host's lists (the engine's, there); the GPU kernel the lists the
+# step builds (the engine's on GPU), and the host's.
 CASES = [
-    ("pallas_tpu", jnp.float32, None, 1),
-    ("pallas_tpu", jnp.bfloat16, 6, 3),
-    ("pallas_gpu", jnp.bfloat16, None, 1),
+    ("pallas_tpu", jnp.float32, None, 1, True),
+    ("pallas_tpu", jnp.bfloat16, 6, 3, True),
+    ("pallas_gpu", jnp.bfloat16, None, 1, True),
+    ("pallas_gpu", jnp.float32, 6, 3, False),
 ]
 
 
-@pytest.mark.parametrize("implementation, dtype, window, decode_width", CASES)
-def test_kernel_equals_float64_per_slot_attention(rng, window, decode_width, dtype, implementation):
+@pytest.mark.parametrize("implementation, dtype, window, decode_width, host_lists", CASES)
+def test_kernel_equals_float64_per_slot_attention(
+    rng, window, decode_width, dtype, implementation, host_lists
+):
     # Decode tokens (or a token and two drafts per slot) and chunk blocks, shuffled pages,
     # an offset, two q heads per kv head, a padding decode query and a chunk block of
     # mostly padding.
     if implementation == "pallas_gpu" and _refuses_without_triton(rng):
         return
     out, lse, wants, _ = paged_step(
-        rng, window, dtype, decode_width, implementation=implementation, interpret=True
-    )
+        rng, window, dtype, decode_width, host_lists, implementation=implementation,
+        interpret=True,
+    )  # fmt: skip
     assert out.dtype == dtype and lse.dtype == jnp.float32
     assert_matches(out, lse, wants, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 

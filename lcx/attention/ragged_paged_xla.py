@@ -11,9 +11,10 @@ item, so padding past that block is not read and each block's gathered pages are
 while they are still in the processor's cache (gathering every item's page at once cost a
 copy of the step's whole read, written out and read back, in every layer).
 
-Work lists come from the host (`lcx.paged_cache.ragged_work`, for a paged cache) or from
-`work_in_graph` (for `lcx.cache`'s one stretch per slot, read in pages of its rows by
-`ragged_stretch_attention_xla`).
+Work lists come from `work_in_graph`, built in the step (a paged cache's, and
+`lcx.cache`'s one stretch per slot, read in pages of its rows by
+`ragged_stretch_attention_xla`), or from the host (`lcx.paged_cache.ragged_work`, for
+the TPU kernel, whose grid is the list).
 """
 
 from __future__ import annotations
@@ -168,22 +169,29 @@ def _item_loop(q_GxCxHxD, real_GxC, positions_GxC, slot_G, group_W, page_W, read
     return out.astype(q_GxCxHxD.dtype), lse
 
 
-def work_in_graph(real_GxC, index_GxC, page_size, pages_per_slot, window=None):
-    """(group_W, page_W) int32, computed on the device: every page each query group can
-    see, group by group, padding (group G) last; W is G * pages_per_slot rounded up to
-    `ITEM_BLOCK`.
+def group_pages(real_GxC, index_GxC, page_size, window=None, xp=jnp):
+    """(first_G, count_G): the first logical page each query group can see and how many
+    pages from it, with `xp` numpy (the host's lists) or jax.numpy (the step's).
 
     `index_GxC`: each query's index in its slot's cache (position - offset). A group sees
     its slot's pages up to its last real query's index; with a window, from the first
-    page any of its queries can see (the host's `ragged_work` lists the same items).
+    page any of its queries can see; a group with no real query sees none.
     """
-    g = real_GxC.shape[0]
-    last_G = jnp.where(real_GxC, index_GxC, -1).max(axis=1)
-    first_G = jnp.zeros_like(last_G)
+    last_G = xp.where(real_GxC, index_GxC, -1).max(axis=1)
+    first_G = xp.zeros_like(last_G)
     if window is not None:
-        earliest = jnp.where(real_GxC, index_GxC, jnp.iinfo(jnp.int32).max).min(axis=1)
-        first_G = jnp.maximum(earliest - window + 1, 0) // page_size
-    count_G = jnp.where(last_G >= 0, last_G // page_size + 1 - first_G, 0)
+        earliest = xp.where(real_GxC, index_GxC, xp.iinfo(xp.int32).max).min(axis=1)
+        first_G = xp.maximum(earliest - window + 1, 0) // page_size
+    return first_G, xp.where(last_G >= 0, last_G // page_size + 1 - first_G, 0)
+
+
+def work_in_graph(real_GxC, index_GxC, page_size, pages_per_slot, window=None):
+    """(group_W, page_W) int32, computed on the device: every page each query group can
+    see (`group_pages`), group by group, padding (group G) last; W is G * pages_per_slot
+    rounded up to `ITEM_BLOCK`, so the list's shape never depends on the step (the host's
+    `lcx.paged_cache.ragged_work` lists the same items)."""
+    g = real_GxC.shape[0]
+    first_G, count_G = group_pages(real_GxC, index_GxC, page_size, window)
     end_G = jnp.cumsum(count_G)
     w = jnp.arange(-(-g * pages_per_slot // ITEM_BLOCK) * ITEM_BLOCK, dtype=jnp.int32)
     group_W = jnp.searchsorted(end_G, w, side="right").astype(jnp.int32)  # G past the end

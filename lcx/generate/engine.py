@@ -34,13 +34,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lcx import paged_cache
 from lcx.attention.shared_prefix import SharedPrefix
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
 from lcx.generate.drafting import DraftModel
 from lcx.generate.pages import PagePool
 from lcx.generate.sampling import SamplingParams, sample, settings_arrays, verify_drafts
 from lcx.packing import first_fit_decreasing
-from lcx.paged_cache import PagedAttentionCache, PageLayout, ragged_work
+from lcx.paged_cache import PagedAttentionCache, PageLayout, ragged_reads, ragged_work
 
 TOP_LOGPROBS = 20  # the most alternatives an event reports (OpenAI's chat API allows 20)
 # Past-Future admission: the quantile of the finished requests' output lengths it predicts
@@ -274,6 +275,8 @@ class Engine:
             self._pool = PagePool(num_pages, page_size, prefix_cache=prefix_cache)
             self._table = np.zeros((slots, -(-max_length // page_size)), np.int32)
             self._cache = model.init_paged_cache(num_pages, page_size, cache_dtype)
+            # Work lists from the host only for a kernel whose grid is the list (TPU).
+            self._host_work = jax.default_backend() in paged_cache.HOST_WORK_BACKENDS
         self._window = cfg.attention_window
         self._draft_k, self._draft_n, draft_model = self._check_speculative(cfg, speculative)
         self._verifying: dict[int, list[int]] = {}  # slot -> this step's drafts
@@ -728,7 +731,7 @@ class Engine:
         if self._pool is not None:
             device_row["table"] = self._table.copy()
             if attend_cache:
-                work, read = ragged_work(
+                where = (
                     row["segment_ids"][0],
                     row["positions"][0],
                     self.slots,
@@ -737,7 +740,11 @@ class Engine:
                     self._window,
                     self.slots * (self._draft_k + 1 if self._verifying else 1),
                 )
-                device_row["work"] = tuple(work)
+                if self._host_work:
+                    work, read = ragged_work(*where)
+                    device_row["work"] = tuple(work)
+                else:  # the step builds its work list; the host counts its pages
+                    read = ragged_reads(*where)
                 self.pages_read += sum(read)
                 self.decode_pages_read += read[0]
         return self._state, self._cache, self._prefixes, device_row, settings_arrays(params)
