@@ -12,8 +12,10 @@
    tokens/s when each sequence attends its own copy of the prefix in its cache (naive)
    vs the prefix stored once and attended by all queries in one product (Hydragen).
 3. `trace`: requests with Poisson arrivals and long-tailed prompt and output lengths:
-   static batches padded to the longest vs the continuous-batching engine with chunked
-   prefill piggybacked on decodes, and the engine prefilling whole prompts in one step.
+   static batches padded to the longest (their attention reading the padded batch, as
+   static padded batching does; and again with the engine's ragged reads) vs the
+   continuous-batching engine with chunked prefill piggybacked on decodes, and the engine
+   prefilling whole prompts in one step.
    Total time, output tokens/s, median and p99 time between a request's tokens; each
    variant runs the trace twice and reports the second (compilation excluded). The
    paged engine runs beside them, and each reports its decodes' cache reads over the
@@ -177,13 +179,26 @@ CACHE_TILE = DEFAULT_BLOCK_SIZES.block_kv
 
 def one_stretch_reads(decode_positions, slots: int, max_length: int, cfg) -> int:
     """The cache entries a one-stretch engine's decodes at these positions read (`cfg`:
-    the model's `TransformerConfig`, for the cache's size)."""
-    if jax.default_backend() != "cpu":
+    the model's `TransformerConfig`, for the cache's size and attention implementation)."""
+    if cfg.attention_implementation == "xla":  # the dense product: the whole cache
+        return slots * max_length
+    if cfg.attention_implementation is not None or jax.default_backend() != "cpu":
+        # Tiled kernels: every slot up to the longest slot's position, in whole kv tiles.
         return slots * -(-(int(decode_positions.max()) + 1) // CACHE_TILE) * CACHE_TILE
     if slots * max_length * cfg.num_kv_heads * cfg.head_dim <= DENSE_DECODE_CACHE:
         return slots * max_length  # a small cache's decodes: the dense product, all of it
     page = ragged_page(max_length)  # each slot's pages up to its own last token
     return int((-(-(decode_positions + 1) // page) * page).sum())
+
+
+def _decode_reads(engine, slots, max_length, cfg):
+    """(the last step's decode tokens' own lengths, the one-stretch cache entries they
+    read): (0, 0) for a step without decodes."""
+    row = engine.last_row
+    decodes = row["positions"][0, :slots][row["segment_ids"][0, :slots] > 0]
+    if not decodes.size:
+        return 0, 0
+    return int((decodes + 1).sum()), one_stretch_reads(decodes, slots, max_length, cfg)
 
 
 def make_trace(documents, rng, n, rate, prompt_cap, output_mean, output_cap):
@@ -227,12 +242,8 @@ def run_continuous(model, trace, *, slots, max_length, token_budget, page_size=N
             continue
         for event in engine.step():
             token_times.setdefault(event.request_id, []).append(time.perf_counter())
-        decodes = engine.last_row["positions"][0, :slots][
-            engine.last_row["segment_ids"][0, :slots] > 0
-        ]
-        if decodes.size:
-            own += int((decodes + 1).sum())
-            contiguous += one_stretch_reads(decodes, slots, max_length, model.cfg)
+        step_own, step_read = _decode_reads(engine, slots, max_length, model.cfg)
+        own, contiguous = own + step_own, contiguous + step_read
     stats = _trace_stats(token_times, start, time.perf_counter())
     read = contiguous if page_size is None else engine.decode_pages_read * page_size
     return {
@@ -245,9 +256,11 @@ def run_continuous(model, trace, *, slots, max_length, token_budget, page_size=N
 
 
 def run_static(model, trace, *, slots, max_length):
-    """Batches of `slots` requests in arrival order, each prefilled padded, decoded to the end."""
+    """Batches of `slots` requests in arrival order, each prefilled padded, decoded to the
+    end (every slot's row computed until the batch's last request finishes); its decodes'
+    cache reads over their own lengths."""
     engine = Engine(model, slots=slots, max_length=max_length, token_budget=slots + 1)
-    token_times, ids = {}, 0
+    token_times, own, read = {}, 0, 0
     start = time.perf_counter()
     for first in range(0, len(trace), slots):
         batch = trace[first : first + slots]
@@ -260,19 +273,29 @@ def run_static(model, trace, *, slots, max_length):
             if engine.idle:
                 break
             events = engine.step()
-        ids += len(batch)
-    return _trace_stats(token_times, start, time.perf_counter())
+            step_own, step_read = _decode_reads(engine, slots, max_length, model.cfg)
+            own, read = own + step_own, read + step_read
+    stats = _trace_stats(token_times, start, time.perf_counter())
+    return {**stats, "decode_reads_over_own_lengths": read / own}
 
 
-def bench_trace(model, trace, *, slots, token_budget, page_size):
+def bench_trace(model, padded_reads_model, trace, *, slots, token_budget, page_size):
     """Static batching vs the engine with chunked prefill (one stretch per slot, and
-    paged) vs whole-prompt prefill."""
+    paged) vs whole-prompt prefill.
+
+    Static batching runs twice: as static padded batching does (transformers' padded
+    batch; `padded_reads_model`, whose attention reads every slot up to the batch's
+    longest position in whole kv tiles, what lcx's engine did before its CPU reads went
+    ragged), and with the engine's own ragged reads, each slot up to its own length (a
+    stronger baseline than static padded batching).
+    """
     longest_prompt = max(len(r.prompt) for _, r in trace)
     max_length = longest_prompt + max(r.max_new_tokens for _, r in trace)
     max_length = -(-max_length // 8) * 8
     whole_budget = slots + longest_prompt  # any prompt fits one step
     runs = {
-        "static": lambda t: run_static(model, t, slots=slots, max_length=max_length),
+        "static": lambda t: run_static(padded_reads_model, t, slots=slots, max_length=max_length),
+        "static_ragged_reads": lambda t: run_static(model, t, slots=slots, max_length=max_length),
         "continuous_chunked": lambda t: run_continuous(
             model, t, slots=slots, max_length=max_length, token_budget=token_budget
         ),
@@ -298,6 +321,9 @@ def bench_trace(model, trace, *, slots, token_budget, page_size):
     out["paged_throughput_ratio"] = (
         out["continuous_paged"]["tokens_per_sec"] / out["static"]["tokens_per_sec"]
     )
+    ragged = out["static_ragged_reads"]["tokens_per_sec"]
+    out["throughput_ratio_ragged_static"] = out["continuous_chunked"]["tokens_per_sec"] / ragged
+    out["paged_throughput_ratio_ragged_static"] = out["continuous_paged"]["tokens_per_sec"] / ragged
     return out
 
 
@@ -561,9 +587,10 @@ def main(argv=None) -> dict:
             documents, rng, args.requests, args.rate, args.prompt_cap // 2, args.output_mean,
             4 * args.output_mean,
         )  # fmt: skip
+        padded_reads_model, _ = build_model(args.smoke, "xla_chunked", args.dtype)
         results["trace"] = bench_trace(
-            model, trace, slots=args.slots, token_budget=args.token_budget,
-            page_size=args.page_size,
+            model, padded_reads_model, trace, slots=args.slots,
+            token_budget=args.token_budget, page_size=args.page_size,
         )  # fmt: skip
     if "chat" in only:
         rng = np.random.default_rng(args.seed + 3)
@@ -650,14 +677,18 @@ def _report_trace(results):
     print("| trace | seconds | output tokens/s | ITL median ms | ITL p99 ms | decode reads "
           "/ own lengths |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    for name in ("static", "continuous_chunked", "continuous_whole_prompt", "continuous_paged"):
+    names = ("static", "static_ragged_reads", "continuous_chunked", "continuous_whole_prompt",
+             "continuous_paged")  # fmt: skip
+    for name in names:
         r = t[name]
         reads = r.get("decode_reads_over_own_lengths")
         print(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | "
               f"{r['itl_median_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
               f"{'' if reads is None else f'{reads:.2f}'} |")  # fmt: skip
     print(f"continuous / static throughput: {t['throughput_ratio']:.2f}x (paged: "
-          f"{t['paged_throughput_ratio']:.2f}x)")  # fmt: skip
+          f"{t['paged_throughput_ratio']:.2f}x); over static with ragged reads: "
+          f"{t['throughput_ratio_ragged_static']:.2f}x (paged: "
+          f"{t['paged_throughput_ratio_ragged_static']:.2f}x)")  # fmt: skip
 
 
 def _report_chat(results):

@@ -17,13 +17,18 @@ def test_generate_benchmark_runs(capsys):
     for name in ("naive", "shared"):
         assert decode[name]["tokens_per_sec"]["median"] > 0
     trace = result["trace"]
-    names = ("static", "continuous_chunked", "continuous_whole_prompt", "continuous_paged")
+    names = ("static", "static_ragged_reads", "continuous_chunked", "continuous_whole_prompt",
+             "continuous_paged")  # fmt: skip
     tokens = {trace[name]["tokens"] for name in names}
     assert len(tokens) == 1  # every variant generates the trace's tokens exactly
     # Paged decode reads each slot's own pages: at most one part-filled page each over;
-    # so does the one-stretch cache's on the CPU, a page being a run of its stretch.
-    for name in ("continuous_paged", "continuous_chunked"):
+    # so does the one-stretch cache's on the CPU, a page being a run of its stretch (the
+    # smoke cache is small: its decodes read it whole, the dense product).
+    for name in ("continuous_paged", "continuous_chunked", "static_ragged_reads"):
         assert 1 <= trace[name]["decode_reads_over_own_lengths"] < 16
+    # Static padded batching reads every slot up to the batch's longest, in 128-entry tiles.
+    padded_reads = trace["static"]["decode_reads_over_own_lengths"]
+    assert padded_reads > trace["static_ragged_reads"]["decode_reads_over_own_lengths"]
     for name in names:
         row = trace[name]
         assert row["seconds"] > 0 and row["tokens_per_sec"] > 0
