@@ -650,6 +650,21 @@ def test_ngram_speculation_keeps_greedy_outputs_and_accepts_drafts(rng):
     # Sampling runs through the same verification (its distribution: the next test).
     sampled, _, engine = speculate(0.9)
     assert [len(s) for s in sampled] == [12] * 4 and engine.drafted_tokens > 0
+    # Rejected drafts' pages go back at once: after every step each running sequence
+    # holds the pages of its entries in the cache, its prompt and tokens but the newest
+    # (a budget that prefills every prompt in its first step).
+    engine = Engine(model, slots=3, max_length=48, token_budget=80, page_size=4,
+                    speculative=ngram)  # fmt: skip
+    ids = {engine.submit(Request(p, 12, SamplingParams(0.9, seed=5))): p for p in prompts}
+    generated, rejected = dict.fromkeys(ids, 0), 0
+    while not engine.idle:
+        drafted, accepted = engine.drafted_tokens, engine.accepted_tokens
+        for event in engine.step():
+            generated[event.request_id] = -1 if event.done else generated[event.request_id] + 1
+        rejected += (engine.drafted_tokens - drafted) - (engine.accepted_tokens - accepted)
+        running = [(len(ids[i]), n) for i, n in generated.items() if n > 0]
+        assert engine.pages_in_use == sum(-(-(p + n - 1) // 4) for p, n in running)
+    assert rejected > 0 and engine.pages_in_use == 0
     with pytest.raises(ValueError, match=r"^speculative: method='tree' with keys \['k', 'meth"):
         Engine(model, slots=2, max_length=16, token_budget=8,
                speculative={"method": "tree", "k": 2})  # fmt: skip

@@ -771,7 +771,8 @@ class Engine:
             self.accepted_tokens += accepted
             # The accepted drafts, then the residual draw where a draft was rejected, or
             # the bonus token after them all; the cache entries of rejected drafts stay
-            # behind the sequence's end, unseen, until new tokens overwrite them.
+            # behind the sequence's end, unseen, until new tokens overwrite them, and the
+            # pages only they took go back to the pool.
             picks = [(j, 0) for j in range(accepted)]
             picks.append((accepted, 1 if accepted < len(drafts) else 2))
             for j, which in picks:
@@ -782,6 +783,8 @@ class Engine:
                 )  # fmt: skip
                 if done:
                     break
+            else:
+                self._roll_back_pages(slot)
         return events
 
     def _emit(self, slot, token, logprob, top, events) -> bool:
@@ -970,6 +973,17 @@ class Engine:
         self._table[slot, len(running.pages) : len(running.pages) + need] = pages
         running.pages += pages
         return True
+
+    def _roll_back_pages(self, slot):
+        """Give back the pages past those of the slot's entries in the cache (its prompt
+        and tokens but the newest, not yet written): the pages its rejected drafts took."""
+        running = self._running[slot]
+        if self._pool is None:
+            return
+        keep = self._pages_for(len(running.request.prompt) + len(running.generated) - 1)
+        if len(running.pages) > keep:
+            self._pool.give(running.pages[keep:])
+            running.pages = running.pages[:keep]
 
     def _register(self, slot, written):
         """Name the slot's full pages among its first `written` tokens in the prefix cache."""
