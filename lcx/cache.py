@@ -119,21 +119,15 @@ def cache_attention(
     s, d = cache.slots, decode_rows
     check_decode_rows(d, s, q.shape[1])
     offset_S = jnp.zeros((s,), jnp.int32) if offset_S is None else offset_S
-    by_slot = lambda x: x[0, :d].reshape(s, d // s, *x.shape[2:])  # noqa: E731
     groups = [
-        (
-            by_slot(q),
-            by_slot(segment_ids) == jnp.arange(1, s + 1)[:, None],
-            by_slot(positions),
-            None,
+        (  # the decode group reads the cache as it is (slot None), the blocks their slots
+            q[0, at].reshape(*real.shape, *q.shape[2:]),
+            real,
+            positions[0, at].reshape(real.shape),
+            None if at.start == 0 else slot,
         )
+        for real, _, slot, at in query_groups(segment_ids[0], positions[0], offset_S, s, d)
     ]
-    if q.shape[1] > d:
-        blocks = lambda x: x[0, d:].reshape(-1, CHUNK_QUERY_BLOCK, *x.shape[2:])  # noqa: E731
-        ids_NxC = blocks(segment_ids)
-        slot_plus_one = ids_NxC.max(axis=1)
-        own = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
-        groups.append((blocks(q), own, blocks(positions), jnp.maximum(slot_plus_one - 1, 0)))
     if implementation is None and jax.default_backend() == "cpu":
         # Each group reads its own slot up to its own last token, a block of pages at a
         # time: the dense products over the whole [S, L, K, D] cache had XLA copy it into
@@ -151,6 +145,27 @@ def cache_attention(
     else:
         parts = [_slot_attention(*group, cache, offset_S, common) for group in groups]
     return tuple(jnp.concatenate(p, axis=0)[None] for p in zip(*parts, strict=True))
+
+
+def query_groups(segment_ids_T, positions_T, offset_S, slots, decode_rows, xp=jnp):
+    """The row's query groups, decode part then chunk part (the chunk part only where the
+    row has chunk blocks), each (real_GxC, index_GxC, slot_G, the row's slice): the first
+    `decode_rows` queries, decode_rows / slots per slot, and blocks of
+    `CHUNK_QUERY_BLOCK` queries of one slot each; `xp` numpy (host) or jax.numpy."""
+    d, width = decode_rows, segment_ids_T.shape[0]
+    ids_SxC = segment_ids_T[:d].reshape(slots, d // slots)
+    slot_S = xp.arange(slots)
+    real_SxC = ids_SxC == (slot_S + 1)[:, None]
+    index_SxC = positions_T[:d].reshape(ids_SxC.shape) - offset_S[:, None]
+    parts = [(real_SxC, index_SxC, slot_S, slice(0, d))]
+    if width > d:
+        ids_NxC = segment_ids_T[d:].reshape(-1, CHUNK_QUERY_BLOCK)
+        slot_plus_one = ids_NxC.max(axis=1)
+        real_NxC = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
+        slot_N = xp.maximum(slot_plus_one - 1, 0)
+        index_NxC = positions_T[d:].reshape(ids_NxC.shape) - offset_S[slot_N][:, None]
+        parts.append((real_NxC, index_NxC, slot_N, slice(d, width)))
+    return parts
 
 
 def check_decode_rows(decode_rows: int, slots: int, width: int):

@@ -41,7 +41,7 @@ import numpy as np
 from lcx.attention.ragged_paged_gpu import ragged_paged_attention_gpu
 from lcx.attention.ragged_paged_tpu import ragged_paged_attention_tpu
 from lcx.attention.ragged_paged_xla import group_pages, ragged_paged_attention_xla, work_in_graph
-from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache, check_decode_rows
+from lcx.cache import AttentionCache, check_decode_rows, query_groups
 
 MIN_ITEMS = 8  # the smallest work-list bucket
 
@@ -173,27 +173,6 @@ def paged_cache_attention(
             )
         )
     return tuple(jnp.concatenate(p, axis=0)[None] for p in zip(*parts, strict=True))
-
-
-def query_groups(segment_ids_T, positions_T, offset_S, slots, decode_rows, xp):
-    """The row's query groups, decode part then chunk part (the chunk part only where the
-    row has chunk blocks), each (real_GxC, index_GxC, slot_G, the row's slice): the first
-    `decode_rows` queries, decode_rows / slots per slot, and blocks of
-    `CHUNK_QUERY_BLOCK` queries of one slot each; `xp` numpy (host) or jax.numpy."""
-    d, width = decode_rows, segment_ids_T.shape[0]
-    ids_SxC = segment_ids_T[:d].reshape(slots, d // slots)
-    slot_S = xp.arange(slots)
-    real_SxC = ids_SxC == (slot_S + 1)[:, None]
-    index_SxC = positions_T[:d].reshape(ids_SxC.shape) - offset_S[:, None]
-    parts = [(real_SxC, index_SxC, slot_S, slice(0, d))]
-    if width > d:
-        ids_NxC = segment_ids_T[d:].reshape(-1, CHUNK_QUERY_BLOCK)
-        slot_plus_one = ids_NxC.max(axis=1)
-        real_NxC = (ids_NxC == slot_plus_one[:, None]) & (ids_NxC > 0)
-        slot_N = xp.maximum(slot_plus_one - 1, 0)
-        index_NxC = positions_T[d:].reshape(ids_NxC.shape) - offset_S[slot_N][:, None]
-        parts.append((real_NxC, index_NxC, slot_N, slice(d, width)))
-    return parts
 
 
 def _ragged_implementation(implementation, interpret):
