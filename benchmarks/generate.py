@@ -681,10 +681,9 @@ def _report_trace(results):
              "continuous_paged")  # fmt: skip
     for name in names:
         r = t[name]
-        reads = r.get("decode_reads_over_own_lengths")
         print(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | "
               f"{r['itl_median_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
-              f"{'' if reads is None else f'{reads:.2f}'} |")  # fmt: skip
+              f"{r['decode_reads_over_own_lengths']:.2f} |")  # fmt: skip
     print(f"continuous / static throughput: {t['throughput_ratio']:.2f}x (paged: "
           f"{t['paged_throughput_ratio']:.2f}x); over static with ragged reads: "
           f"{t['throughput_ratio_ragged_static']:.2f}x (paged: "
