@@ -779,3 +779,34 @@ def test_past_future_admission_avoids_the_preemptions_fcfs_runs_into(rng):
     assert first_come.goodput_requests == 0 and predicted.goodput_requests == len(prompts)
     with pytest.raises(ValueError, match=r"^admission='past_future' predicts page use"):
         Engine(model, slots=2, max_length=16, token_budget=8, admission="past_future")
+
+
+def test_past_future_admission_predicts_from_history_once_enough_have_finished(rng, monkeypatch):
+    """24 requests of 2 to 24 new tokens: once `HISTORY_MIN` have finished, admission
+    draws the running requests' lengths from the survival estimate, past what each has
+    generated (not every request at its max_new_tokens); it preempts less than first come
+    first served, and the outputs are the same."""
+    from lcx.generate import past_future
+
+    model = tiny_model(seed=16)
+    prompts = random_prompts(rng, rng.integers(2, 5, 24).tolist())
+    ends = rng.integers(2, 25, 24)
+    drawn = []
+    original = past_future.sample_output_lengths
+    monkeypatch.setattr(
+        past_future, "sample_output_lengths", lambda *a: drawn.append(a[2]) or original(*a)
+    )
+
+    def run(admission):
+        engine = Engine(model, slots=4, max_length=32, token_budget=12, page_size=4,
+                        num_pages=16, admission=admission)  # fmt: skip
+        ids = [engine.submit(Request(p, int(n))) for p, n in zip(prompts, ends, strict=True)]
+        results = engine.run()
+        return [results[i] for i in ids], engine
+
+    fcfs, first_come = run("fcfs")
+    assert not drawn
+    predicted_outputs, predicted = run("past_future")
+    assert predicted_outputs == fcfs
+    assert drawn and max(drawn) > 0  # running requests' lengths drawn past what they have
+    assert predicted.preemptions < first_come.preemptions

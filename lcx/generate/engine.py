@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lcx import paged_cache
 from lcx.attention.shared_prefix import SharedPrefix
 from lcx.cache import CHUNK_QUERY_BLOCK, AttentionCache
+from lcx.generate import past_future
 from lcx.generate.drafting import DraftModel
 from lcx.generate.pages import PagePool
 from lcx.generate.sampling import SamplingParams, sample, settings_arrays, verify_drafts
@@ -44,10 +45,6 @@ from lcx.packing import first_fit_decreasing
 from lcx.paged_cache import PagedAttentionCache, PageLayout, ragged_reads, ragged_work
 
 TOP_LOGPROBS = 20  # the most alternatives an event reports (OpenAI's chat API allows 20)
-# Past-Future admission: the quantile of the finished requests' output lengths it predicts
-# with, and how many must have finished before it trusts them.
-ADMISSION_QUANTILE = 0.9
-ADMISSION_HISTORY_MIN = 8
 # Prefix grouping (BatchLLM): how far down the queue admission looks for a request that
 # shares cached or running pages, and how often the oldest request may be passed over.
 PREFIX_GROUP_LOOKAHEAD = 64
@@ -212,9 +209,11 @@ class Engine:
       admission: "fcfs" (a free slot takes the next request) or "past_future" (the
         Past-Future scheduler, arXiv 2507.10150; needs `page_size`): the next request is
         admitted only while the predicted peak page use of everything running, and of it,
-        fits the pool, each request's output length predicted from the lengths of the
-        requests finished so far that ran at least as long (their `ADMISSION_QUANTILE`),
-        or its `max_new_tokens` before `ADMISSION_HISTORY_MIN` have finished.
+        fits the pool in each of `past_future.SAMPLES` futures, where every request's
+        output length is drawn from the lengths of the last `past_future.HISTORY`
+        finished requests and of the running ones (a survival estimate), given that it
+        runs past what it has generated (`lcx.generate.past_future`); until
+        `past_future.HISTORY_MIN` have finished, each runs to its `max_new_tokens`.
       sla: (seconds to the first token, seconds per later token) a request must meet to
         count in `goodput_requests`; None: none counted.
     """
@@ -285,7 +284,9 @@ class Engine:
         if admission == "past_future" and page_size is None:
             raise ValueError("admission='past_future' predicts page use: it needs page_size")
         self._admission, self._sla = admission, sla
-        self._finished_lengths: collections.deque[int] = collections.deque(maxlen=1024)
+        self._finished_lengths: collections.deque[int] = collections.deque(
+            maxlen=past_future.HISTORY
+        )
         cache_sharding = None
         if mesh is not None:
             self._state = jax.device_put(self._state, _param_shardings(self._state, mesh, rules))
@@ -546,7 +547,7 @@ class Engine:
             if running is None and self._queue:
                 at = self._next_to_admit()
                 request_id, request = self._queue[at]
-                if self._admission == "past_future" and not self._fits(request):
+                if self._admission == "past_future" and not self._fits(request_id, request):
                     return
                 preempted = self._preempted.get(request_id)
                 context = len(request.prompt if preempted is None else preempted.context)
@@ -828,36 +829,33 @@ class Engine:
         per_token = (time.perf_counter() - running.first_token) / later if later else 0.0
         return ttft <= self._sla[0] and per_token <= self._sla[1]
 
-    def _predicted_output(self, request, generated) -> int:
-        """A request's output length, predicted from the finished requests that ran longer
-        than it has so far: their ADMISSION_QUANTILE, within [generated + 1, max]."""
-        lengths = np.asarray(self._finished_lengths)
-        longer = lengths[lengths > generated]
-        if longer.size < ADMISSION_HISTORY_MIN:
-            return request.max_new_tokens
-        predicted = int(np.ceil(np.quantile(longer, ADMISSION_QUANTILE)))
-        return min(request.max_new_tokens, max(generated + 1, predicted))
-
-    def _fits(self, request) -> bool:
-        """Whether the predicted peak page use of the running requests and `request` fits
-        the pool: each holds pages for its length until its predicted end, so the total
-        peaks at some request's last step."""
-        items = [  # (tokens now, tokens at its end)
-            (len(r.request.prompt) + len(r.generated),
-             len(r.request.prompt) + self._predicted_output(r.request, len(r.generated)))
-            for r in self._running if r is not None
-        ]  # fmt: skip
-        if not items:
+    def _fits(self, request_id, request) -> bool:
+        """Whether the predicted peak page use of the running requests and the queued one
+        fits the pool in every one of `past_future.SAMPLES` futures drawn from the output
+        lengths of the finished and running requests (`lcx.generate.past_future`); before
+        `past_future.HISTORY_MIN` have finished, each request runs to its max_new_tokens."""
+        running = [r for r in self._running if r is not None]
+        if not running:
             return True  # alone it fits: the pool holds one max_length sequence
-        items.append(
-            (len(request.prompt), len(request.prompt) + self._predicted_output(request, 0))
+        queued = self._preempted.get(request_id) or _Running(request_id, request)
+        trusted = len(self._finished_lengths) >= past_future.HISTORY_MIN
+        lengths, longer = past_future.survival(
+            self._finished_lengths, [len(r.generated) for r in running]
         )
-        size = self.page_size
-        peak = 0
-        for now_j, end_j in items:
-            step = end_j - now_j  # the step item j ends at
-            total = sum(-(-min(now + step, end) // size) for now, end in items if end - now >= step)
-            peak = max(peak, total)
+        now, end = [], []
+        for r in [*running, queued]:
+            prompt, generated, most = (
+                len(r.request.prompt),
+                len(r.generated),
+                r.request.max_new_tokens,
+            )
+            outputs = np.full(past_future.SAMPLES, most)
+            if trusted:
+                draws = past_future.uniforms(r.request_id)
+                outputs = past_future.sample_output_lengths(lengths, longer, generated, most, draws)
+            now.append(np.full(past_future.SAMPLES, prompt + generated))
+            end.append(prompt + outputs)
+        peak = past_future.peak_pages(np.stack(now, 1), np.stack(end, 1), self.page_size)
         return peak <= self._pool.num_pages
 
     # ---- speculative decoding ---------------------------------------------------------

@@ -1,0 +1,81 @@
+"""Past-Future admission's prediction: the peak page use of the running requests.
+
+Past-Future (Gong et al., arXiv 2507.10150, ASPLOS 2025) admits a waiting request only
+while the predicted peak KV memory of everything running, and of it, fits: each
+request's final output length is drawn from the output lengths of recently finished
+requests that ran longer than it has so far (the past), and the memory each request
+holds is followed step by step until it ends (the future). Drawing several whole sets
+of lengths and requiring the largest peak to fit, as the paper's LightLLM does, sits
+between an aggressive scheduler (every request ends at the mean: preemptions) and a
+conservative one (every request runs to its `max_new_tokens`, or to a high quantile,
+at once: slots left empty while requests queue).
+
+Two departures from LightLLM, each measured in BENCHMARKS.md ("Past-Future admission
+from a survival estimate"): the output-length distribution is the Kaplan-Meier
+estimate, which counts the running requests as outputs longer than they are so far
+(the finished ones alone are the short ones, early in a trace), where LightLLM starts
+its window with copies of the server's longest output; and each request's draws are
+fixed by its id, not drawn afresh at every admission attempt.
+
+numpy on the host: a few arrays of at most `HISTORY` + slots lengths per admission.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HISTORY = 200  # finished requests' output lengths kept (the paper's window)
+HISTORY_MIN = 8  # fewer finished than this: each request runs to its max_new_tokens
+SAMPLES = 5  # futures drawn per admission (LightLLM's); the largest peak must fit
+SEED = 0  # of the futures' draws (never of a sampled token)
+
+
+def survival(finished, running) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, the fraction of requests whose output runs longer than each): the
+    Kaplan-Meier estimate (Kaplan & Meier, JASA 1958) from `finished` requests' output
+    lengths and `running` requests' lengths so far, which only say their output will be
+    longer. Finished lengths alone under-predict: the short requests finish first, so
+    early in a trace the history holds hardly any long one."""
+    finished, running = np.asarray(finished), np.asarray(running)
+    lengths, ended = np.unique(finished, return_counts=True)
+    at_risk = (finished[None, :] >= lengths[:, None]).sum(1)
+    at_risk += (running[None, :] >= lengths[:, None]).sum(1)
+    return lengths, np.cumprod(1.0 - ended / at_risk)
+
+
+def uniforms(request_id: int) -> np.ndarray:
+    """A request's SAMPLES uniform draws, the same at every admission: drawn afresh at
+    each, a request waiting at the head of the queue would be admitted at the first
+    step where all draws happen to be short, whatever the typical future."""
+    return np.random.default_rng((SEED, request_id)).random(SAMPLES)
+
+
+def sample_output_lengths(lengths, longer, generated: int, most: int, uniform):
+    """Output lengths of a request that has `generated` tokens and may have `most`, one
+    per `uniform` draw, from the survival estimate (`lengths`, `longer`) conditioned on
+    running past `generated`: the inverse of its distribution at the draws, and `most`
+    for the share that no finished request's length accounts for. Each is in
+    [generated + 1, most]."""
+    after = np.searchsorted(lengths, generated, side="right")
+    alive = longer[after - 1] if after else 1.0  # the share still running at `generated`
+    lengths, longer = lengths[after:], longer[after:]
+    if not lengths.size:
+        return np.full(len(uniform), most)
+    # The first length where the share running on falls to the draw's.
+    at = np.searchsorted(-longer, -np.asarray(uniform) * alive, side="left")
+    draws = np.where(at < len(lengths), lengths[np.minimum(at, len(lengths) - 1)], most)
+    return np.clip(draws, min(generated + 1, most), most)
+
+
+def peak_pages(now, end, page_size: int) -> int:
+    """The most pages requests holding `now` tokens and ending at `end` tokens hold at
+    once, taking `end` at each of its rows as one possible future ([samples, requests]):
+    a request holds ceil(tokens / page_size) pages, one token more each step, until it
+    ends and frees them all, so the total peaks at the step some request ends, counting
+    the requests that last at least as long."""
+    now, end = np.atleast_2d(now), np.atleast_2d(end)
+    left = end - now  # steps until each request ends
+    lasting = left[:, None, :] >= left[:, :, None]  # [s, i, j]: j lasts until i ends
+    tokens = now[:, None, :] + left[:, :, None]
+    pages = np.where(lasting, -(-tokens // page_size), 0).sum(axis=-1)
+    return int(pages.max(initial=0))

@@ -1,0 +1,55 @@
+"""Past-Future admission's prediction (`lcx.generate.past_future`) against plain
+step-by-step counting and the distribution it draws from."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lcx.generate.past_future import peak_pages, sample_output_lengths, survival, uniforms
+
+
+def _peak_by_stepping(now, end, page_size) -> int:
+    """The most pages held at any step, each request growing a token a step from `now`
+    and holding its pages through the step it reaches `end`."""
+    peak = 0
+    for step in range(int((end - now).max()) + 1):
+        tokens = np.where(now + step <= end, now + step, 0)
+        peak = max(peak, int((-(-tokens // page_size)).sum()))
+    return peak
+
+
+def test_peak_pages_equals_stepping_through_each_future(rng):
+    for _ in range(50):
+        samples, requests = rng.integers(1, 4), rng.integers(1, 9)
+        now = rng.integers(1, 60, (samples, requests))
+        end = now + rng.integers(0, 80, (samples, requests))
+        page_size = int(rng.choice([1, 4, 16]))
+        stepped = max(_peak_by_stepping(n, e, page_size) for n, e in zip(now, end, strict=True))
+        assert peak_pages(now, end, page_size) == stepped
+
+
+def test_survival_counts_running_requests_as_longer_outputs():
+    """Finished at 10, 20, 20, 30 and two running at 15 and 40: of the six, one ends at 10
+    (5 of 6 run longer); two of the four still running at 20 end there; the one at 30
+    ends with two at risk. Finished lengths alone would say every output ends by 30."""
+    lengths, longer = survival([10, 20, 20, 30], [15, 40])
+    np.testing.assert_array_equal(lengths, [10, 20, 30])
+    np.testing.assert_allclose(longer, [5 / 6, 5 / 6 * 2 / 4, 5 / 6 * 2 / 4 * 1 / 2])
+
+
+def test_output_lengths_follow_the_estimate_past_what_was_generated(rng):
+    """Draws for a request at 12 of at most 50, from the estimate above: half at 20 and a
+    quarter at 30 (the survival's steps over its 5/6 left at 12), the last quarter at its
+    max, since no finished length accounts for it; a request past every finished length runs to its
+    max; max_new_tokens caps the history's lengths; a request's draws are the same at
+    every admission."""
+    lengths, longer = survival([10, 20, 20, 30], [15, 40])
+    draws = sample_output_lengths(lengths, longer, 12, 50, rng.random(40_000))
+    share = {value: np.mean(draws == value) for value in (20, 30, 50)}
+    assert set(np.unique(draws)) == {20, 30, 50}
+    np.testing.assert_allclose([share[20], share[30], share[50]], [0.5, 0.25, 0.25], atol=0.01)
+    assert (sample_output_lengths(lengths, longer, 35, 50, rng.random(100)) == 50).all()
+    assert (sample_output_lengths(lengths, longer, 0, 25, rng.random(100)) <= 25).all()
+    assert sample_output_lengths(lengths, longer, 0, 25, rng.random(100)).min() == 10
+    np.testing.assert_array_equal(uniforms(7), uniforms(7))
+    assert not np.array_equal(uniforms(7), uniforms(8))
