@@ -18,7 +18,8 @@ One process in three parts; the tables come last, everything is in OUT/gpu_check
    1e-4 (TF32 lands near 3e-4), bfloat16 under 2e-2 (its operands' rounding). Then the
    serving engine's ragged paged read (`lcx.paged_cache`, issue 30) by its `pallas_gpu`
    kernel against the XLA path in float64, with one query per slot and with verify rows
-   of a token and 4 drafts per slot.
+   of a token and 4 drafts per slot, its work lists listed on the host and built in the
+   step (as the engine on a GPU builds them: padded past the real items).
 2. `ceilings`: a bf16 matrix product and a device-to-device copy, measured, for the two
    floors of each timed case (METHOD.md of the device tool): useful FLOPs over the
    product's rate, and bytes over the copy's bandwidth (each input read once, each output
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import statistics
@@ -103,6 +105,14 @@ def _attempt(fn):
 # ---- 1. correctness ----------------------------------------------------------------
 
 
+def _graded(record, result, dtype) -> dict:
+    """`record` with an attempt's relative errors (ok: under dtype's limit) or its error."""
+    if "error" in result:
+        return {**record, **result, "ok": False}
+    worst = max(result.values())
+    return {**record, "errors": result, "worst": worst, "ok": bool(worst < LIMITS[dtype])}
+
+
 def check_cases(rng, t):
     """(name, packed_attention keyword arguments, Tq, Tk) of the checked layouts."""
     seg = checks.random_layout(rng, 2, t)
@@ -153,19 +163,16 @@ def check_correctness(size, interpret, seed):
                 result = _attempt(
                     lambda a=args, want=want: _errors(checks.values_and_grads(*a), want)
                 )
-                if "error" in result:
-                    record.update(result, ok=False)
-                else:
-                    worst = max(result.values())
-                    record.update(errors=result, worst=worst, ok=bool(worst < LIMITS[dtype]))
-                records.append(record)
+                records.append(_graded(record, result, dtype))
     return records
 
 
 def check_paged(size, interpret, seed):
     """The serving engine's ragged paged read (`lcx.paged_cache`) by the `pallas_gpu`
     kernel against its XLA path in float64 on the host: decode rows of one query per
-    slot and of a token and 4 drafts per slot, prompt-chunk blocks, shuffled pages."""
+    slot and of a token and 4 drafts per slot, prompt-chunk blocks, shuffled pages; the
+    kernel's work lists from the host (`ragged_work`) and from the step (`work_in_graph`,
+    what the engine passes it on a GPU)."""
     rng = np.random.default_rng(seed + 1)
     hq, hkv, d = size["check_heads"]
     slots, page, per_slot, blocks = 4, 16, 8, 2
@@ -173,47 +180,46 @@ def check_paged(size, interpret, seed):
     table = rng.permutation(pages).reshape(slots, per_slot).astype(np.int32)
     host = jax.devices("cpu")[0]
     records = []
-    for dtype in size["dtypes"]:
-        for width in size["paged_widths"]:
-            # Slots 0-2 decode at lengths up to the table's reach; slot 3 prefills a chunk.
-            decode = slots * width
-            seg = np.zeros(decode + blocks * 16, np.int32)
-            pos = np.zeros_like(seg)
-            for s, last in enumerate(rng.integers(width, per_slot * page - 1, 3)):
-                seg[s * width : (s + 1) * width] = s + 1
-                pos[s * width : (s + 1) * width] = np.arange(last - width + 1, last + 1)
-            seg[decode : decode + 24], pos[decode : decode + 24] = 4, np.arange(40, 64)
-            lists, _ = ragged_work(seg, pos, slots, np.zeros(slots), page, None, decode)
-            k, v = (rng.standard_normal((pages, page, hkv, d)) for _ in range(2))
-            q = rng.standard_normal((1, len(seg), hq, d))
+    for dtype, width, listed in itertools.product(
+        size["dtypes"], size["paged_widths"], ("host", "step")
+    ):
+        # Slots 0-2 decode at lengths up to the table's reach; slot 3 prefills a chunk.
+        decode = slots * width
+        seg = np.zeros(decode + blocks * 16, np.int32)
+        pos = np.zeros_like(seg)
+        for s, last in enumerate(rng.integers(width, per_slot * page - 1, 3)):
+            seg[s * width : (s + 1) * width] = s + 1
+            pos[s * width : (s + 1) * width] = np.arange(last - width + 1, last + 1)
+        seg[decode : decode + 24], pos[decode : decode + 24] = 4, np.arange(40, 64)
+        lists, _ = ragged_work(seg, pos, slots, np.zeros(slots), page, None, decode)
+        lists = lists if listed == "host" else (None,) * 4
+        k, v = (rng.standard_normal((pages, page, hkv, d)) for _ in range(2))
+        q = rng.standard_normal((1, len(seg), hq, d))
 
-            def read(q, k, v, implementation, dtype, seg=seg, pos=pos, lists=lists, decode=decode):
-                layout = PageLayout(jnp.asarray(table), *map(jnp.asarray, lists))
-                cache = PagedAttentionCache(jnp.asarray(k, dtype), jnp.asarray(v, dtype))
-                return paged_cache_attention(
-                    jnp.asarray(q, dtype), jnp.asarray(seg)[None], jnp.asarray(pos)[None],
-                    cache, layout, decode_rows=decode, implementation=implementation,
-                    interpret=interpret and implementation != "xla",
-                )  # fmt: skip
+        def read(q, k, v, implementation, dtype, seg=seg, pos=pos, lists=lists, decode=decode):
+            layout = PageLayout(
+                jnp.asarray(table), *(x if x is None else jnp.asarray(x) for x in lists)
+            )
+            cache = PagedAttentionCache(jnp.asarray(k, dtype), jnp.asarray(v, dtype))
+            return paged_cache_attention(
+                jnp.asarray(q, dtype), jnp.asarray(seg)[None], jnp.asarray(pos)[None],
+                cache, layout, decode_rows=decode, implementation=implementation,
+                interpret=interpret and implementation != "xla",
+            )  # fmt: skip
 
-            with jax.enable_x64(True), jax.default_device(host):
-                want = [np.asarray(x) for x in read(q, k, v, "xla", jnp.float64)]
-            case = "paged read, " + ("decode rows" if width == 1 else f"verify rows of {width}")
-            record = dict(dtype=dtype, implementation="pallas_gpu", case=case)
+        with jax.enable_x64(True), jax.default_device(host):
+            want = [np.asarray(x) for x in read(q, k, v, "xla", jnp.float64)]
+        rows = "decode rows" if width == 1 else f"verify rows of {width}"
+        case = f"paged read, {rows}, lists from the {listed}"
+        record = dict(dtype=dtype, implementation="pallas_gpu", case=case)
 
-            def errors(q=q, k=k, v=v, want=want, dtype=dtype):
-                out, lse = (np.asarray(x, np.float64) for x in read(q, k, v, "pallas_gpu", dtype))
-                seen = np.isfinite(want[1])
-                return {"out": checks.relative_error(out, want[0]),
-                        "lse": checks.relative_error(lse[seen], want[1][seen])}  # fmt: skip
+        def errors(q=q, k=k, v=v, want=want, dtype=dtype):
+            out, lse = (np.asarray(x, np.float64) for x in read(q, k, v, "pallas_gpu", dtype))
+            seen = np.isfinite(want[1])
+            return {"out": checks.relative_error(out, want[0]),
+                    "lse": checks.relative_error(lse[seen], want[1][seen])}  # fmt: skip
 
-            result = _attempt(errors)
-            if "error" in result:
-                record.update(result, ok=False)
-            else:
-                worst = max(result.values())
-                record.update(errors=result, worst=worst, ok=bool(worst < LIMITS[dtype]))
-            records.append(record)
+        records.append(_graded(record, _attempt(errors), dtype))
     return records
 
 

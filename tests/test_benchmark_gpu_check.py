@@ -18,9 +18,13 @@ def test_gpu_check_runs_every_part_and_writes_its_json(tmp_path, capsys):
     assert {r["implementation"] for r in checked} == set(gpu_check.CHECKED)
     assert len(checked) == 2 * 3 and all(r["ok"] and r["worst"] < 1e-5 for r in checked), checked
     assert all(set(r["errors"]) == {"out", "lse", "dq", "dk", "dv"} for r in checked)
-    # The serving engine's paged read: the kernel against XLA in float64, both row layouts.
+    # The serving engine's paged read: the kernel against XLA in float64, its work lists
+    # from the host and built in the step.
     paged = results["paged"]
-    assert [r["case"] for r in paged] == ["paged read, verify rows of 5"]
+    assert [r["case"] for r in paged] == [
+        "paged read, verify rows of 5, lists from the host",
+        "paged read, verify rows of 5, lists from the step",
+    ]
     assert all(r["ok"] and r["worst"] < 1e-5 for r in paged), paged
     assert results["ceilings"]["matmul_flops_per_s"] > 0 < results["ceilings"]["copy_bytes_per_s"]
     # Timing: every implementation on every case, both passes, with the floors.
