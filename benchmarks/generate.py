@@ -31,10 +31,13 @@
 6. `admission`: a trace with long-tailed output lengths on a paged engine whose pool
    holds a fraction of the slots' full-length sequences: first come first served vs
    Past-Future admission: goodput (requests meeting the SLA per second), preemptions.
+   Its requests are sampled until a stop id (`open_ended`), so their lengths are
+   unknown to the engine, with `max_new_tokens` a cap.
 
 The model has lm_tiny's shape in float32 (`--dtype`); weights are random (the timing does
-not depend on them); greedy decoding runs to
-`max_new_tokens` (no stop ids), so every variant generates the same token counts.
+not depend on them); greedy decoding runs to `max_new_tokens` (no stop ids), so every
+variant generates the same token counts; the admission trace's seeded sampling gives
+both sides the same tokens too.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from lcx.attention.xla_chunked import DEFAULT_BLOCK_SIZES  # noqa: E402
 from lcx.cache import DENSE_DECODE_CACHE, ragged_page  # noqa: E402
 from lcx.config_loading import load_config  # noqa: E402
 from lcx.generate import Engine, Request  # noqa: E402
+from lcx.generate.sampling import SamplingParams  # noqa: E402
 from lcx.model import Transformer, TransformerConfig  # noqa: E402
 from lcx.settings import resolve  # noqa: E402
 from lcx.train.input import load_split  # noqa: E402
@@ -211,48 +215,103 @@ def make_trace(documents, rng, n, rate, prompt_cap, output_mean, output_cap):
     ]
 
 
-def _trace_stats(token_times, start, finish):
+def open_ended(trace, stop_ids, cap, first_seed=0):
+    """The trace's requests sampled (temperature 1, a seed each) until one of `stop_ids`
+    or `cap` tokens: with the random model's near-uniform distributions, k stop ids of a
+    vocabulary of V end a request after about V / k tokens, long-tailed, and nothing in
+    a request tells the engine when (the drawn lengths as max_new_tokens would tell it
+    exactly)."""
+    return [
+        (arrival, dataclasses.replace(request, max_new_tokens=cap, stop_ids=stop_ids,
+                                      sampling=SamplingParams(temperature=1.0, seed=seed)))
+        for seed, (arrival, request) in enumerate(trace, start=first_seed)
+    ]  # fmt: skip
+
+
+def _trace_stats(token_times, total):
     """Total time, tokens/s and inter-token gaps from per-request token timestamps."""
     gaps = [b - a for times in token_times.values() for a, b in zip(times, times[1:], strict=False)]
     tokens = sum(map(len, token_times.values()))
-    total = finish - start
+    lengths = [len(times) for times in token_times.values()]
     return {
         "seconds": total,
         "tokens_per_sec": tokens / total,
+        "output_length": {
+            "mean": float(np.mean(lengths)),
+            "p99": float(np.percentile(lengths, 99)),
+        },
         "itl_median_ms": 1e3 * float(np.median(gaps)) if gaps else 0.0,
         "itl_p99_ms": 1e3 * float(np.percentile(gaps, 99)) if gaps else 0.0,
         "tokens": tokens,
     }
 
 
-def run_continuous(model, trace, *, slots, max_length, token_budget, page_size=None, **engine):
+def run_continuous(
+    model, trace, *, slots, max_length, token_budget, page_size=None, warmup=(),
+    **engine_settings,
+):  # fmt: skip
     """The engine fed as requests arrive; token timestamps per request, the cache entries
-    its decode tokens read against their own lengths, preemptions and goodput."""
+    its decode tokens read against their own lengths, preemptions, goodput and the
+    requests missing each half of the SLA. The engine first serves `warmup` (another
+    trace), uncounted: a server's history of finished requests, as admission uses it."""
     engine = Engine(model, slots=slots, max_length=max_length, token_budget=token_budget,
-                    page_size=page_size, **engine)  # fmt: skip
-    token_times, pending = {}, list(trace)
-    own = contiguous = 0  # decode tokens' own lengths; what the one-stretch cache reads
+                    page_size=page_size, **engine_settings)  # fmt: skip
+    _feed(engine, warmup, slots, max_length, model.cfg)
+    before = engine.preemptions, engine.goodput_requests, engine.decode_pages_read
+    token_times, submitted, seconds, own, contiguous = _feed(
+        engine, trace, slots, max_length, model.cfg
+    )
+    stats = _trace_stats(token_times, seconds)
+    preemptions, goodput, pages_read = (
+        now - then
+        for now, then in zip(
+            (engine.preemptions, engine.goodput_requests, engine.decode_pages_read),
+            before,
+            strict=True,
+        )
+    )
+    read = contiguous if page_size is None else pages_read * page_size
+    return {
+        **stats,
+        "decode_reads_over_own_lengths": read / own,
+        "preemptions": preemptions,
+        "goodput_per_sec": goodput / stats["seconds"],
+        "goodput_requests": goodput,
+        **_sla_misses(token_times, submitted, engine_settings.get("sla")),
+    }
+
+
+def _feed(engine, trace, slots, max_length, cfg):
+    """Submit the trace's requests as they arrive and step the engine until it is idle:
+    (token timestamps per request, submission times, seconds, decode tokens' own lengths,
+    entries the one-stretch cache reads for them)."""
+    token_times, submitted, pending = {}, {}, list(trace)
+    own = contiguous = 0
     start = time.perf_counter()
     while pending or not engine.idle:
         now = time.perf_counter() - start
         while pending and pending[0][0] <= now:
-            engine.submit(pending.pop(0)[1])
+            submitted[engine.submit(pending.pop(0)[1])] = time.perf_counter()
         if engine.idle:
             time.sleep(max(0.0, pending[0][0] - now))
             continue
         for event in engine.step():
             token_times.setdefault(event.request_id, []).append(time.perf_counter())
-        step_own, step_read = _decode_reads(engine, slots, max_length, model.cfg)
+        step_own, step_read = _decode_reads(engine, slots, max_length, cfg)
         own, contiguous = own + step_own, contiguous + step_read
-    stats = _trace_stats(token_times, start, time.perf_counter())
-    read = contiguous if page_size is None else engine.decode_pages_read * page_size
-    return {
-        **stats,
-        "decode_reads_over_own_lengths": read / own,
-        "preemptions": engine.preemptions,
-        "goodput_per_sec": engine.goodput_requests / stats["seconds"],
-        "goodput_requests": engine.goodput_requests,
-    }
+    return token_times, submitted, time.perf_counter() - start, own, contiguous
+
+
+def _sla_misses(token_times, submitted, sla) -> dict:
+    """How many requests missed each half of `sla` (first token, time per later token),
+    from the token timestamps; {} without an SLA."""
+    if sla is None:
+        return {}
+    late = slow = 0
+    for request_id, times in token_times.items():
+        late += times[0] - submitted[request_id] > sla[0]
+        slow += len(times) > 1 and (times[-1] - times[0]) / (len(times) - 1) > sla[1]
+    return {"late_first_token": late, "slow_later_tokens": slow}
 
 
 def run_static(model, trace, *, slots, max_length):
@@ -275,7 +334,7 @@ def run_static(model, trace, *, slots, max_length):
             events = engine.step()
             step_own, step_read = _decode_reads(engine, slots, max_length, model.cfg)
             own, read = own + step_own, read + step_read
-    stats = _trace_stats(token_times, start, time.perf_counter())
+    stats = _trace_stats(token_times, time.perf_counter() - start)
     return {**stats, "decode_reads_over_own_lengths": read / own}
 
 
@@ -327,24 +386,45 @@ def bench_trace(model, padded_reads_model, trace, *, slots, token_budget, page_s
     return out
 
 
-def bench_admission(model, trace, *, slots, token_budget, page_size, pool_fraction, sla):
+def bench_admission(
+    model, trace, warmup, *, slots, token_budget, page_size, pool_fraction, sla, repeats
+):
     """FCFS vs Past-Future admission on a paged engine whose pool holds `pool_fraction` of
-    `slots` full-length sequences: goodput, preemptions, throughput (second of two runs)."""
-    longest = max(len(r.prompt) + r.max_new_tokens for _, r in trace)
+    `slots` full-length sequences, `repeats` times, the two alternating; each run's
+    engine first serves `warmup` (it compiles, and Past-Future learns the lengths, as a
+    server that has been up a while has). Each side's run of median goodput, the spread
+    of its goodput and preemptions, and the paired runs' goodput ratios (one overloaded
+    run to the next swings by tens of percent on a 2-core CPU)."""
+    longest = max(len(r.prompt) + r.max_new_tokens for _, r in [*trace, *warmup])
     max_length = -(-longest // 8) * 8
     per_sequence = -(-max_length // page_size)
     num_pages = max(per_sequence, int(pool_fraction * slots * per_sequence))
-    out = {"num_pages": num_pages}
-    for admission in ("fcfs", "past_future"):
-        run = lambda t, admission=admission: run_continuous(  # noqa: E731
-            model, t, slots=slots, max_length=max_length, token_budget=token_budget,
+    runs = {"fcfs": [], "past_future": []}
+
+    def run(admission):
+        return run_continuous(
+            model, trace, slots=slots, max_length=max_length, token_budget=token_budget,
             page_size=page_size, num_pages=num_pages, admission=admission, sla=sla,
+            warmup=warmup,
         )  # fmt: skip
-        run(trace)
-        out[admission] = run(trace)
-    out["goodput_ratio"] = out["past_future"]["goodput_per_sec"] / max(
-        out["fcfs"]["goodput_per_sec"], 1e-9
-    )
+
+    for _ in range(repeats):
+        for admission, done in runs.items():
+            done.append(run(admission))
+    out = {"num_pages": num_pages, "repeats": repeats}
+    for admission, done in runs.items():
+        median = sorted(done, key=lambda r: r["goodput_per_sec"])[len(done) // 2]
+        out[admission] = {
+            **median,
+            "goodput_spread": spread([r["goodput_per_sec"] for r in done]),
+            "preemptions_spread": spread([r["preemptions"] for r in done]),
+        }
+    ratios = [
+        p["goodput_per_sec"] / max(f["goodput_per_sec"], 1e-9)
+        for f, p in zip(runs["fcfs"], runs["past_future"], strict=True)
+    ]
+    out["goodput_ratio_spread"] = spread(ratios)
+    out["goodput_ratio"] = out["goodput_ratio_spread"]["median"]
     return out
 
 
@@ -606,10 +686,18 @@ def main(argv=None) -> dict:
             documents, rng, args.requests, args.rate, args.prompt_cap // 4, 2 * args.output_mean,
             8 * args.output_mean,
         )  # fmt: skip
+        warmup = make_trace(
+            documents, np.random.default_rng(args.seed + 6), args.requests, args.rate,
+            args.prompt_cap // 4, 2 * args.output_mean, 8 * args.output_mean,
+        )  # fmt: skip
+        vocab, mean = model.cfg.vocab_size, 2 * args.output_mean
+        stop_ids = tuple(int(t) for t in rng.choice(vocab, max(1, round(vocab / mean)), False))
+        trace = open_ended(trace, stop_ids, 8 * args.output_mean)
+        warmup = open_ended(warmup, stop_ids, 8 * args.output_mean, first_seed=len(trace))
         results["admission"] = bench_admission(
-            model, trace, slots=args.slots, token_budget=args.token_budget,
+            model, trace, warmup, slots=args.slots, token_budget=args.token_budget,
             page_size=args.page_size, pool_fraction=args.pool_fraction,
-            sla=(args.sla_ttft, args.sla_per_token),
+            sla=(args.sla_ttft, args.sla_per_token), repeats=args.repeats,
         )  # fmt: skip
     if "speculative" in only:
         rng = np.random.default_rng(args.seed + 4)
@@ -724,19 +812,28 @@ def _report_speculative(results):
 
 
 def _report_admission(results):
-    """The admission table."""
+    """The admission table: each side's run of median goodput, and the spreads."""
     a, settings = results["admission"], results["settings"]
+    lengths = a["fcfs"]["output_length"]
     print(f"\nAdmission under a pool of {a['num_pages']} pages of {settings['page_size']} "
-          f"(long-tailed outputs, mean {2 * settings['output_mean']:.0f}); SLA: first token "
-          f"<= {settings['sla_ttft']} s, later tokens <= "
-          f"{settings['sla_per_token']} s")  # fmt: skip
-    print("| admission | seconds | output tokens/s | preemptions | met the SLA | goodput req/s |")
-    print("|---|---|---|---|---|---|")
+          f"(outputs ended by stop ids: mean {lengths['mean']:.0f}, p99 {lengths['p99']:.0f}, "
+          f"cap {8 * settings['output_mean']:.0f}); SLA: first token "
+          f"<= {settings['sla_ttft']} s, later tokens <= {settings['sla_per_token']} s; "
+          f"the run of median goodput of {a['repeats']}")  # fmt: skip
+    print("| admission | seconds | output tokens/s | preemptions | first token late | later "
+          "tokens slow | met the SLA | goodput req/s | goodput, all runs | preemptions, "
+          "all runs |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in ("fcfs", "past_future"):
         r = a[name]
+        g, p = r["goodput_spread"], r["preemptions_spread"]
         print(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | {r['preemptions']} | "
-              f"{r['goodput_requests']} | {r['goodput_per_sec']:.2f} |")  # fmt: skip
-    print(f"goodput, past_future / fcfs: {a['goodput_ratio']:.2f}x")
+              f"{r['late_first_token']} | {r['slow_later_tokens']} | "
+              f"{r['goodput_requests']} | {r['goodput_per_sec']:.2f} | "
+              f"{g['min']:.2f}-{g['max']:.2f} | {p['min']}-{p['max']} |")  # fmt: skip
+    ratio = a["goodput_ratio_spread"]
+    print(f"goodput, past_future / fcfs, paired runs: median {ratio['median']:.2f}x "
+          f"({ratio['min']:.2f}-{ratio['max']:.2f}x)")  # fmt: skip
 
 
 # comparison -> its table, in the order they print

@@ -40,6 +40,13 @@ def test_generate_benchmark_runs(capsys):
     admission = result["admission"]
     assert admission["fcfs"]["tokens"] == admission["past_future"]["tokens"]
     assert admission["past_future"]["preemptions"] <= admission["fcfs"]["preemptions"]
+    requests = result["settings"]["requests"]
+    for name in ("fcfs", "past_future"):
+        run = admission[name]
+        assert 0 <= run["goodput_requests"] <= requests
+        assert (
+            0 <= run["late_first_token"] <= requests and 0 <= run["slow_later_tokens"] <= requests
+        )
     speculative = result["speculative"]
     assert speculative["same_outputs"] and 0 <= speculative["ngram"]["acceptance"] <= 1
     assert 0 <= speculative["draft"]["acceptance"] <= 1 and 0 <= speculative["quoted"] <= 1
@@ -48,6 +55,20 @@ def test_generate_benchmark_runs(capsys):
     printed = capsys.readouterr().out
     assert "python benchmarks/generate.py --smoke" in printed
     assert printed.count("| static |") == 1
+
+
+def test_sla_misses_count_each_half_from_the_timestamps():
+    """Request 0: first token 0.5 s after submission, then 0.1 s a token; request 1: 5 s
+    to its first token, then 0.5 s; request 2: one token, on time."""
+    token_times = {0: [1.0, 1.1, 1.2], 1: [5.0, 5.5], 2: [0.3]}
+    submitted = {0: 0.5, 1: 0.0, 2: 0.0}
+    misses = bench._sla_misses(token_times, submitted, (2.0, 0.2))
+    assert misses == {"late_first_token": 1, "slow_later_tokens": 1}
+    assert bench._sla_misses(token_times, submitted, (6.0, 0.05)) == {
+        "late_first_token": 0,
+        "slow_later_tokens": 2,
+    }
+    assert bench._sla_misses(token_times, submitted, None) == {}
 
 
 def test_lact_grid_benchmark_runs(capsys):
