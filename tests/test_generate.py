@@ -785,12 +785,13 @@ def test_past_future_admission_predicts_from_history_once_enough_have_finished(r
     """24 requests of 2 to 24 new tokens: once `HISTORY_MIN` have finished, admission
     draws the running requests' lengths from the survival estimate, past what each has
     generated (not every request at its max_new_tokens); it preempts less than first come
-    first served, and the outputs are the same."""
+    first served, and the outputs are the same. The lengths are fixed, so the page
+    demand (and FCFS's preemptions) does not depend on the test's seed."""
     from lcx.generate import past_future
 
     model = tiny_model(seed=16)
-    prompts = random_prompts(rng, rng.integers(2, 5, 24).tolist())
-    ends = rng.integers(2, 25, 24)
+    prompts = random_prompts(rng, [2, 3, 4] * 8)
+    ends = [2, 24, 5, 20, 9, 3, 16, 12] * 3
     drawn = []
     original = past_future.sample_output_lengths
     monkeypatch.setattr(
@@ -800,7 +801,7 @@ def test_past_future_admission_predicts_from_history_once_enough_have_finished(r
     def run(admission):
         engine = Engine(model, slots=4, max_length=32, token_budget=12, page_size=4,
                         num_pages=16, admission=admission)  # fmt: skip
-        ids = [engine.submit(Request(p, int(n))) for p, n in zip(prompts, ends, strict=True)]
+        ids = [engine.submit(Request(p, n)) for p, n in zip(prompts, ends, strict=True)]
         results = engine.run()
         return [results[i] for i in ids], engine
 
@@ -810,3 +811,32 @@ def test_past_future_admission_predicts_from_history_once_enough_have_finished(r
     assert predicted_outputs == fcfs
     assert drawn and max(drawn) > 0  # running requests' lengths drawn past what they have
     assert predicted.preemptions < first_come.preemptions
+
+
+def test_predicted_peak_is_the_engines_peak_page_use(rng):
+    """Four requests decoding towards known ends: from the first step all four run, the
+    most pages the engine holds in a step is what admission predicts from their cache
+    entries. Counting each sequence's last token, which is never written, would predict
+    more."""
+    from lcx.generate import past_future
+
+    model = tiny_model(seed=17)
+    ends = [6, 9, 3, 12]
+    engine = Engine(model, slots=4, max_length=32, token_budget=16, page_size=4, num_pages=32)
+    steps, run_step = [], engine._run
+
+    def recording(*args, **kwargs):
+        running = [(len(r.request.prompt), len(r.generated), r.request.max_new_tokens)
+                   for r in engine._running if r is not None and r.generated]  # fmt: skip
+        steps.append((engine.pages_in_use, running))
+        return run_step(*args, **kwargs)
+
+    engine._run = recording
+    for prompt, n in zip(random_prompts(rng, [3, 5, 2, 4]), ends, strict=True):
+        engine.submit(Request(prompt, n))
+    engine.run()
+    first = next(i for i, (_, running) in enumerate(steps) if len(running) == 4)
+    now, end = np.array([past_future.cache_entries(*r) for r in steps[first][1]]).T
+    held = max(pages for pages, _ in steps[first:])
+    assert past_future.peak_pages(now[None], end[None], 4) == held
+    assert past_future.peak_pages(now[None], end[None] + 1, 4) > held

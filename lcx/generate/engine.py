@@ -853,8 +853,9 @@ class Engine:
             if trusted:
                 draws = past_future.uniforms(r.request_id)
                 outputs = past_future.sample_output_lengths(lengths, longer, generated, most, draws)
-            now.append(np.full(past_future.SAMPLES, prompt + generated))
-            end.append(prompt + outputs)
+            entries_now, entries_at_end = past_future.cache_entries(prompt, generated, outputs)
+            now.append(np.full(past_future.SAMPLES, entries_now))
+            end.append(entries_at_end)
         peak = past_future.peak_pages(np.stack(now, 1), np.stack(end, 1), self.page_size)
         return peak <= self._pool.num_pages
 

@@ -67,6 +67,14 @@ def sample_output_lengths(lengths, longer, generated: int, most: int, uniform):
     return np.clip(draws, min(generated + 1, most), most)
 
 
+def cache_entries(prompt: int, generated: int, outputs):
+    """(cache entries a request has written, its entries at its last step) for `outputs`
+    tokens in all: its prompt and every token but the newest (each step writes the token
+    the last one sampled, and a sequence's last token is never written). One more each
+    step: a queued request's prefill step is its first."""
+    return prompt + generated - 1, prompt + np.asarray(outputs) - 1
+
+
 def peak_pages(now, end, page_size: int) -> int:
     """The most pages requests holding `now` tokens and ending at `end` tokens hold at
     once, taking `end` at each of its rows as one possible future ([samples, requests]):
