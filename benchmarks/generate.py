@@ -218,9 +218,9 @@ def make_trace(documents, rng, n, rate, prompt_cap, output_mean, output_cap):
 def open_ended(trace, stop_ids, cap, first_seed=0):
     """The trace's requests sampled (temperature 1, a seed each) until one of `stop_ids`
     or `cap` tokens: with the random model's near-uniform distributions, k stop ids of a
-    vocabulary of V end a request after about V / k tokens, long-tailed, and nothing in
-    a request tells the engine when (the drawn lengths as max_new_tokens would tell it
-    exactly)."""
+    vocabulary of V end a request after about V / k tokens, geometrically (memoryless,
+    as the trace's exponential draws are), and nothing in a request tells the engine
+    when (the drawn lengths as max_new_tokens would tell it exactly)."""
     return [
         (arrival, dataclasses.replace(request, max_new_tokens=cap, stop_ids=stop_ids,
                                       sampling=SamplingParams(temperature=1.0, seed=seed)))
