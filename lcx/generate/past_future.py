@@ -11,11 +11,16 @@ conservative one (every request runs to its `max_new_tokens`, or to a high quant
 at once: slots left empty while requests queue).
 
 Two departures from LightLLM, each measured in BENCHMARKS.md ("Past-Future admission
-from a survival estimate"): the output-length distribution is the Kaplan-Meier
-estimate, which counts the running requests as outputs longer than they are so far
-(the finished ones alone are the short ones, early in a trace), where LightLLM starts
-its window with copies of the server's longest output; and each request's draws are
-fixed by its id, not drawn afresh at every admission attempt.
+from a survival estimate, on open-ended requests"): the output-length distribution is
+the Kaplan-Meier estimate, which counts the running requests as outputs longer than
+they are so far (the finished ones alone are the short ones, early in a trace), where
+LightLLM starts its window with copies of the server's longest output; and each
+request's draws are fixed by its id, not drawn afresh at every admission attempt.
+
+What it leaves out: a request grows one entry per step (chunked prefill and accepted
+drafts grow faster), a request that stopped at its `max_new_tokens` counts as an
+output of that length, and queued preempted requests are not among the running ones
+the estimate counts.
 
 numpy on the host: a few arrays of at most `HISTORY` + slots lengths per admission.
 """
