@@ -256,20 +256,14 @@ def run_continuous(
     trace), uncounted: a server's history of finished requests, as admission uses it."""
     engine = Engine(model, slots=slots, max_length=max_length, token_budget=token_budget,
                     page_size=page_size, **engine_settings)  # fmt: skip
+    counters = lambda: (engine.preemptions, engine.goodput_requests, engine.decode_pages_read)  # noqa: E731
     _feed(engine, warmup, slots, max_length, model.cfg)
-    before = engine.preemptions, engine.goodput_requests, engine.decode_pages_read
+    before = counters()
     token_times, submitted, seconds, own, contiguous = _feed(
         engine, trace, slots, max_length, model.cfg
     )
     stats = _trace_stats(token_times, seconds)
-    preemptions, goodput, pages_read = (
-        now - then
-        for now, then in zip(
-            (engine.preemptions, engine.goodput_requests, engine.decode_pages_read),
-            before,
-            strict=True,
-        )
-    )
+    preemptions, goodput, pages_read = (a - b for a, b in zip(counters(), before, strict=True))
     read = contiguous if page_size is None else pages_read * page_size
     return {
         **stats,
