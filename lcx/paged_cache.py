@@ -17,10 +17,11 @@ step reads each slot's own pages up to its own length (inside its attention wind
 never up to the longest slot. Each item's scores are computed on its page alone and the
 items of a group are combined by a segment-wise log-sum-exp (the online softmax of
 FlashAttention, arXiv 2205.14135, over an unordered list). The step builds its list
-itself (`lcx.attention.ragged_paged_xla.work_in_graph`, one shape for every step), except
-for the TPU kernel, whose grid is one step per item: its lists come from the host
-(`ragged_work`), padded to a power of two (padding items name the group past the last,
-whose results are dropped), so a step compiles once per bucket.
+itself (`lcx.attention.ragged_paged_xla.work_in_graph`, one shape for every step; the
+TPU kernel's grid runs only its real steps, a dynamic extent). A `PageLayout` can carry
+lists made on the host instead (`ragged_work`: the step's items, padded to a power of two,
+padding items naming the group past the last, whose results are dropped), at one
+compiled step per bucket.
 
 `lcx.attention.ragged_paged_xla` is the XLA path (every backend, and the reference). On
 TPU and GPU the same work list runs as one Pallas kernel (`lcx.attention.ragged_paged_tpu`,
@@ -45,12 +46,13 @@ from lcx.cache import AttentionCache, check_decode_rows, query_groups
 
 MIN_ITEMS = 8  # the smallest work-list bucket
 
-# Backends whose kernel runs one grid step per work item (the TPU kernel): the engine cuts
-# their lists to the step's items on the host, in power-of-two buckets. Elsewhere the step
-# builds its list itself (`work_in_graph`): no host lists and no compiled variant per
-# bucket (the paged engine compiled 25 step variants on a request trace, and stalled on
-# each new one).
-HOST_WORK_BACKENDS = ("tpu",)
+# Backends on which the engine cuts the work lists to the step's items on the host, in
+# power-of-two buckets (`ragged_work`): none. Everywhere the step builds its list itself
+# (`work_in_graph`): no compiled variant per bucket (the paged engine compiled 25 step
+# variants on a request trace, and stalled on each new one). The TPU kernel took the
+# host's lists while its grid was one step per list item; its grid now runs only the
+# list's real steps.
+HOST_WORK_BACKENDS = ()
 
 
 class PageLayout(NamedTuple):

@@ -4,15 +4,19 @@ of tests/test_paged_cache.py, and at production sizes they lower for TPU and for
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import export
 
-from lcx.attention import pallas_gpu
+from lcx.attention import pallas_gpu, ragged_paged_tpu
+from lcx.attention.ragged_paged_tpu import step_pages
 from lcx.paged_cache import PagedAttentionCache, PageLayout, paged_cache_attention
 from tests.test_attention_lowering import TARGETS, _target, _triton_dots
-from tests.test_paged_cache import assert_matches, paged_step
+from tests.test_paged_cache import PAGE, assert_matches, paged_step
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 PLATFORMS = {"pallas_tpu": "tpu", "pallas_gpu": "cuda"}
@@ -32,25 +36,33 @@ def _refuses_without_triton(rng) -> bool:
 # Each kernel in each layout (one query per slot, no window; a token and two drafts per
 # slot, a window) and dtype; benchmarks/gpu_check.py's smoke run (tests/
 # test_benchmark_gpu_check.py) adds pallas_gpu in float32 on verify rows.
-# The TPU kernel gets the host's lists (the engine's, there); the GPU kernel the lists the
-# step builds (the engine's on GPU), and the host's.
+# Each kernel gets the lists the step builds (the engine's) and the host's; the TPU
+# kernel's grid steps take 3 pages (groups of 1 to 6 pages: whole, part-filled and single
+# steps), one, or every page a group has.
 CASES = [
-    ("pallas_tpu", jnp.float32, None, 1, True),
-    ("pallas_tpu", jnp.bfloat16, 6, 3, True),
-    ("pallas_gpu", jnp.bfloat16, None, 1, True),
-    ("pallas_gpu", jnp.float32, 6, 3, False),
+    ("pallas_tpu", jnp.float32, None, 1, True, 3),
+    ("pallas_tpu", jnp.bfloat16, 6, 3, True, 1),
+    ("pallas_tpu", jnp.float32, 6, 3, False, 3),
+    ("pallas_tpu", jnp.float32, None, 1, True, 8),
+    ("pallas_gpu", jnp.bfloat16, None, 1, True, None),
+    ("pallas_gpu", jnp.float32, 6, 3, False, None),
 ]
 
 
-@pytest.mark.parametrize("implementation, dtype, window, decode_width, host_lists", CASES)
+@pytest.mark.parametrize(
+    "implementation, dtype, window, decode_width, host_lists, pages_per_step", CASES
+)
 def test_kernel_equals_float64_per_slot_attention(
-    rng, window, decode_width, dtype, implementation, host_lists
+    rng, window, decode_width, dtype, implementation, host_lists, pages_per_step, monkeypatch
 ):
     # Decode tokens (or a token and two drafts per slot) and chunk blocks, shuffled pages,
     # an offset, two q heads per kv head, a padding decode query and a chunk block of
     # mostly padding.
     if implementation == "pallas_gpu" and _refuses_without_triton(rng):
         return
+    if pages_per_step is not None:
+        monkeypatch.setattr(ragged_paged_tpu, "KEYS_PER_STEP", pages_per_step * PAGE)
+        assert ragged_paged_tpu.pages_per_step(PAGE, interpret=True) == pages_per_step
     out, lse, wants, _ = paged_step(
         rng, window, dtype, decode_width, host_lists, implementation=implementation,
         interpret=True,
@@ -59,19 +71,79 @@ def test_kernel_equals_float64_per_slot_attention(
     assert_matches(out, lse, wants, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("per_step", [1, 3, 4])
+def test_tpu_grid_steps_cover_each_groups_pages_once_and_fetch_only_real_pages(rng, per_step):
+    # Random work lists as the host makes them: G groups of 0 to 9 consecutive pages from
+    # a random first page, then padding items (W items in all); a random page table.
+    g, per_slot, w = 5, 12, 56
+    steps_of = jax.jit(step_pages, static_argnums=(5, 6))
+    for i in range(20):
+        count_G = rng.integers(0, 10, g) if i else np.zeros(g, np.int64)  # first: no items
+        first_G = rng.integers(0, per_slot - count_G + 1)
+        real = int(count_G.sum())
+        group_W = np.full(w, g, np.int32)
+        page_W = np.zeros(w, np.int32)
+        group_W[:real] = np.repeat(np.arange(g), count_G)
+        page_W[:real] = np.concatenate(
+            [f + np.arange(n) for f, n in zip(first_G, count_G, strict=True)]
+        )
+        table = rng.permutation(g * per_slot).reshape(g, per_slot).astype(np.int32)
+        offset_S = rng.integers(0, 5, g).astype(np.int32)
+        steps, extent = steps_of(group_W, page_W, np.arange(g), table, offset_S, PAGE, per_step)
+        group_T, start_T, keys_T = (np.asarray(x) for x in (steps.group, steps.start, steps.keys))
+        physical_TxM = np.asarray(steps.physical).reshape(-1, per_step)
+        # Each group's steps: consecutive, ceil(n / per_step) of them, its pages in order.
+        expected_steps = -(-count_G // per_step)
+        assert len(group_T) == min(w, -(-w // per_step) + g)
+        assert (group_T[: expected_steps.sum()] == np.repeat(np.arange(g), expected_steps)).all()
+        assert (group_T[expected_steps.sum() :] == g).all()
+        assert extent == max(expected_steps.sum(), 1)  # the steps the grid runs
+        for s in range(g):
+            at = np.flatnonzero(group_T == s)
+            pages = [physical_TxM[t, : keys_T[t] // PAGE] for t in at]
+            want = table[s, first_G[s] : first_G[s] + count_G[s]]
+            np.testing.assert_array_equal(np.concatenate([[], *pages]), want)
+            np.testing.assert_array_equal(
+                start_T[at], offset_S[s] + (first_G[s] + per_step * np.arange(len(at))) * PAGE
+            )
+        # A place whose page changes from the step before is a fetch; the first step
+        # fetches every place.
+        physical_TxM = physical_TxM[:extent]
+        fetches = per_step + (physical_TxM[1:] != physical_TxM[:-1]).sum()
+        assert fetches <= real + per_step
+
+
+def test_tpu_kernel_without_items_gives_zeros(rng):
+    # Every item padding (group G): the grid runs one padding step, every query keeps 0
+    # and lse -inf.
+    q = jnp.asarray(rng.standard_normal((2, 3, 4, 8)), jnp.float32)
+    cache = PagedAttentionCache.zeros(4, PAGE, 2, 8, jnp.float32)
+    out, lse = ragged_paged_tpu.ragged_paged_attention_tpu(
+        q, jnp.ones((2, 3), bool), jnp.zeros((2, 3), jnp.int32), jnp.arange(2),
+        jnp.full(8, 2), jnp.zeros(8, jnp.int32), cache=cache, table=jnp.zeros((2, 2), jnp.int32),
+        offset_S=jnp.zeros(2, jnp.int32), window=None, interpret=True,
+    )  # fmt: skip
+    assert not np.asarray(out).any() and np.isneginf(np.asarray(lse)).all()
+
+
 def _spec(*shape, dtype=jnp.int32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
-def test_kernel_lowers_at_production_sizes(implementation, rng):
-    # 32 decode slots and 16 chunk blocks over pages of 128 tokens, 8 q heads on 2 kv
-    # heads of 128, bfloat16: 256 decode and 512 chunk work items.
+@pytest.mark.parametrize(
+    "implementation, size, host_lists",
+    [("pallas_tpu", 128, True), ("pallas_tpu", 16, False), ("pallas_gpu", 128, True)],
+)
+def test_kernel_lowers_at_production_sizes(implementation, size, host_lists, rng):
+    # 32 decode slots and 16 chunk blocks over pages of 128 tokens (the TPU kernel: 4
+    # pages a grid step; and of 16, 32 a step, its lists built in the step as the engine
+    # does), 8 q heads on 2 kv heads of 128, bfloat16: 256 decode and 512 chunk work
+    # items from the host.
     platform = PLATFORMS[implementation]
     if platform == "cuda" and _refuses_without_triton(rng):
         return
     _, marker, checks = TARGETS[platform]
-    slots, pages, size, kv_heads, d, blocks = 32, 4096, 128, 2, 128, 16
+    slots, pages, kv_heads, d, blocks = 32, 4096, 2, 128, 16
     width = slots + 16 * blocks
 
     def step(q, seg, positions, k, v, table, *items):
@@ -82,15 +154,16 @@ def test_kernel_lowers_at_production_sizes(implementation, rng):
         )
 
     pool = _spec(pages, size, kv_heads, d, dtype=jnp.bfloat16)
-    items = [_spec(256), _spec(256), _spec(512), _spec(512)]
+    items = [_spec(256), _spec(256), _spec(512), _spec(512)] if host_lists else []
     args = [_spec(1, width, 8, d, dtype=jnp.bfloat16), _spec(1, width), _spec(1, width)]
     args += [pool, pool, _spec(slots, 64), *items]
     with _target(platform):
         exported = export.export(jax.jit(step), platforms=[platform], disabled_checks=checks)
         text = exported(*args).mlir_module()
     assert text.count(marker) == 2  # one kernel for decode, one for chunks
-    for n in (256, 512):  # nothing gathers the items' pages out of the pool
-        assert f"{n}x{size}x{kv_heads}x{d}xbf16" not in text
+    # Nothing gathers the items' pages out of the pool: the pool is all there is of its
+    # shape.
+    assert set(re.findall(rf"(\d+)x{size}x{kv_heads}x{d}xbf16", text)) == {str(pages)}
 
 
 @pytest.mark.parametrize("dtype,operand", [(jnp.float32, "xf32"), (jnp.bfloat16, "xbf16")])

@@ -27,9 +27,9 @@ def check_inputs(name, q_GxCxHxD, real_GxC, positions_GxC, group_W, page_W, cach
             f"{name}: {q_GxCxHxD.shape=} needs real and positions of shape {(g, c)}; got "
             f"{real_GxC.shape=} and {positions_GxC.shape=}"
         )
-    if group_W.ndim != 1 or group_W.shape != page_W.shape:
+    if group_W.ndim != 1 or group_W.shape != page_W.shape or not group_W.shape[0]:
         raise ValueError(
-            f"{name}: group_W and page_W must be one list of work items; got "
+            f"{name}: group_W and page_W must be one non-empty list of work items; got "
             f"{group_W.shape=} and {page_W.shape=}"
         )
     dtypes = {jnp.dtype(x.dtype) for x in (q_GxCxHxD, cache.k, cache.v)}

@@ -7,26 +7,36 @@ SOSP 2023, arXiv 2309.06180), with FlashAttention's online softmax (Dao et al.,
 "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness", 2022,
 arXiv 2205.14135) across a group's pages.
 
-The grid is one step per work item (query group, logical page). Scalar-prefetched
-arrays name each item's group, its physical page (looked up in the page table before the
-call) and its first key position, and drive the `index_map`s: the q block is the item's
-group, the k/v blocks are the item's page read straight from the pool in HBM (no gather
-in XLA), and the output block is the item's group, so the items of one group (consecutive:
-the host lists them group-major) accumulate (m, l, acc) in VMEM and are written once,
-at the group's last item. Padding items name the dummy group G, whose results are dropped;
-they point at the last real page, so they fetch nothing new and skip the arithmetic.
-A group with no items keeps the zeros (and -inf lse) its aliased outputs start with.
+The grid is one step per run of up to `pages_per_step` consecutive pages of one query
+group (`step_pages`: a group of n pages takes ceil(n / pages_per_step) steps), so a
+step's fixed cost (about 0.35 us on TPU) is spread over `KEYS_PER_STEP` keys instead of
+one page's, as tpu-inference's kernel takes several pages per step. Scalar-prefetched
+arrays name each step's group, its pages' physical indices (looked up in the page table
+before the call), its first key position and how many of its keys are real, and drive the
+`index_map`s: the q block is the step's group, and each of the step's pages is its own
+k and v operand (the same pool, `pages_per_step` times), read straight from the pool in
+HBM (no gather in XLA); a step's pages are joined in VMEM into one [pages * P, D] block
+per kv head. The output block is the step's group, so a group's steps (consecutive)
+accumulate (m, l, acc) in VMEM and are written once, at the group's last step. Where a
+step has fewer pages than operands, the spare operands keep the page they had the step
+before, so they fetch nothing new (and their keys are masked). The grid's extent is
+dynamic, the list's real steps, so the list's padding (a fixed-size list built in the
+step, `ragged_paged_xla.work_in_graph`) costs no grid step; with no real step, one runs,
+naming the dummy group G, whose results are dropped. A group with no pages keeps the
+zeros (and -inf lse) its aliased outputs start with.
 
-Layout: the pool [N, P, K, D] is read as [N, P, K * D] (a free reshape), one whole page
-per step, and each kv head's keys are a lane-aligned slice of it (D a multiple of 128 on
-TPU). The queries of a group are arranged [K, Q, D] (head h = k * R + r on row c * R + r,
-Q = C * R padded to 16 rows, `lcx.attention.ragged_paged_common`), so each kv head is one
-[Q, D] x [D, P] product.
+Layout: the pool [N, P, K, D] is read as [N, P, K * D] (a free reshape), whole pages,
+and each kv head's keys are a lane-aligned slice of a page (D a multiple of 128 on TPU;
+several pages per step need P a multiple of 16, whole bfloat16 sublane tiles). The
+queries of a group are arranged [K, Q, D] (head h = k * R + r on row c * R + r, Q = C * R
+padded to 16 rows, `lcx.attention.ragged_paged_common`), so each kv head is one
+[Q, D] x [D, pages * P] product.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,50 +44,107 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lcx.attention.kernel_common import MASK_VALUE, products_precision
-from lcx.attention.ragged_paged_common import (
-    by_kv_head,
-    check_inputs,
-    from_kv_heads,
-    item_pages,
-    per_row,
-)
+from lcx.attention.ragged_paged_common import by_kv_head, check_inputs, from_kv_heads, per_row
 
 NAME = "ragged_paged_attention_tpu"
+# Keys a grid step reads (whole pages): 512 at pages of 16 is 32 pages a step, the order
+# of tpu-inference's tuned kv blocks for small pages.
+KEYS_PER_STEP = 512
 _LANES = 128
-_SUBLANES = 16  # q rows padded to whole (bfloat16-packed) sublane tiles
+_SUBLANES = 16  # q rows padded to whole (bfloat16-packed) sublane tiles; pages joined too
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _ANY = pl.BlockSpec(memory_space=pl.ANY)  # an aliased output's first value: not read
+
+
+class StepPages(NamedTuple):
+    """The kernel's grid, one entry per step, int32: group [T] (G: padding), physical
+    [T * pages_per_step] (step t's pages at t * pages_per_step onwards), start [T] (its
+    first key's position) and keys [T] (how many of its keys are real)."""
+
+    group: jax.Array
+    physical: jax.Array
+    start: jax.Array
+    keys: jax.Array
+
+
+def pages_per_step(page_size: int, interpret: bool = False) -> int:
+    """How many pages a grid step reads: `KEYS_PER_STEP` worth, or 1 where pages are not
+    whole sublane tiles (they are joined on sublanes; the interpreter joins any)."""
+    if page_size % _SUBLANES and not interpret:
+        return 1
+    return max(1, KEYS_PER_STEP // page_size)
+
+
+def step_pages(group_W, page_W, slot_G, table, offset_S, page_size, per_step):
+    """(StepPages, grid extent): the grid steps of a work list (a group, a logical page of
+    its slot; group-major, each group's pages consecutive and ascending, padding items
+    naming group G last): runs of up to `per_step` pages of one group, in arrays of
+    T = min(W, ceil(W / per_step) + G) steps (enough for any split of W items among G
+    groups), padding steps last. The extent, int32 [], counts the real steps (at least
+    one: with none, one padding step), so padding steps are never run.
+
+    A step's spare places (past its real pages) keep the physical page their place had
+    the step before (the first step's, at step 0), so the kernel fetches a page only for
+    a real one: fetches <= real items + per_step.
+    """
+    g, w = slot_G.shape[0], group_W.shape[0]
+    per_slot = table.shape[1]
+    real_W = group_W < g
+    count_G = jax.ops.segment_sum(real_W.astype(jnp.int32), jnp.minimum(group_W, g), g + 1)[:g]
+    first_item_G = jnp.cumsum(count_G) - count_G
+    first_page_G = page_W[jnp.clip(first_item_G, 0, w - 1)]
+    steps_G = -(-count_G // per_step)
+    end_G = jnp.cumsum(steps_G)
+    t = jnp.arange(min(w, -(-w // per_step) + g), dtype=jnp.int32)
+    group_T = jnp.searchsorted(end_G, t, side="right").astype(jnp.int32)  # G past the end
+    at_T = jnp.minimum(group_T, g - 1)
+    first_T = first_page_G[at_T] + (t - (end_G - steps_G)[at_T]) * per_step
+    pages_T = jnp.clip(first_page_G[at_T] + count_G[at_T] - first_T, 0, per_step)
+    pages_T = jnp.where(group_T < g, pages_T, 0)
+    place = jnp.arange(per_step, dtype=jnp.int32)
+    logical_TxM = jnp.clip(first_T[:, None] + place, 0, per_slot - 1)
+    physical_TxM = table[slot_G[at_T][:, None], logical_TxM]
+    real_TxM = place < pages_T[:, None]
+    # Each place's last real step so far: its page is kept through the steps after it.
+    last_TxM = jax.lax.cummax(jnp.where(real_TxM, t[:, None], -1), axis=0)
+    kept = physical_TxM[jnp.maximum(last_TxM, 0), place]
+    physical_TxM = jnp.where(last_TxM >= 0, kept, physical_TxM[0, 0])
+    start_T = offset_S[slot_G[at_T]] + first_T * page_size
+    steps = StepPages(
+        group_T,
+        physical_TxM.reshape(-1).astype(jnp.int32),
+        start_T.astype(jnp.int32),
+        (pages_T * page_size).astype(jnp.int32),
+    )
+    return steps, jnp.maximum(end_G[-1], 1).astype(jnp.int32)
 
 
 def _kernel(
     group_ref,
     physical_ref,
-    start_ref,  # scalar prefetch: each item's group, physical page, first key position
+    start_ref,
+    keys_ref,  # scalar prefetch: StepPages
     q_ref,
     pos_ref,
-    real_ref,
-    k_ref,
-    v_ref,  # blocks
-    o_init_ref,
-    lse_init_ref,  # aliased to the outputs, unread
-    o_ref,
-    lse_ref,
-    m_sc,
-    l_sc,
-    acc_sc,
-    *,
+    real_ref,  # blocks
+    *refs,  # the step's pages' keys, then their values; the aliased outputs (unread),
+    # the outputs, the scratch
     groups,
     window,
     precision,
+    per_step,
 ):
-    """One work item: a group's queries against one page, folded into the running softmax."""
-    del physical_ref, o_init_ref, lse_init_ref
-    w, n = pl.program_id(0), pl.num_programs(0)
-    group = group_ref[w]
-    first = (w == 0) | (group_ref[jnp.maximum(w - 1, 0)] != group)
-    last = (w == n - 1) | (group_ref[jnp.minimum(w + 1, n - 1)] != group)
+    """One step: a group's queries against its next pages, folded into the running
+    softmax."""
+    del physical_ref
+    k_refs, v_refs = refs[:per_step], refs[per_step : 2 * per_step]
+    o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * per_step + 2 :]
+    t, n = pl.program_id(0), pl.num_programs(0)
+    group = group_ref[t]
+    first = (t == 0) | (group_ref[jnp.maximum(t - 1, 0)] != group)
+    last = (t == n - 1) | (group_ref[jnp.minimum(t + 1, n - 1)] != group)
     kv_heads, rows, d = q_ref.shape
-    size = k_ref.shape[0]
+    size = k_refs[0].shape[0] * per_step
 
     @pl.when(first)
     def _init():
@@ -88,15 +155,23 @@ def _kernel(
     @pl.when(group < groups)
     def _compute():
         # int32 tiles, broadcast before comparing: no [rows, 1] boolean is broadcast.
-        kv_pos = start_ref[w] + jax.lax.broadcasted_iota(jnp.int32, (rows, size), 1)
+        key = jax.lax.broadcasted_iota(jnp.int32, (rows, size), 1)
+        kv_pos = start_ref[t] + key
         q_pos = jnp.broadcast_to(pos_ref[...], (rows, size))
-        visible = (kv_pos <= q_pos) & (jnp.broadcast_to(real_ref[...], (rows, size)) != 0)
+        real = jnp.broadcast_to(real_ref[...], (rows, size)) != 0
+        visible = (kv_pos <= q_pos) & real & (key < keys_ref[t])
         if window is not None:
             visible &= q_pos - kv_pos < window
+
+        def joined(page_refs, kv):
+            """kv head `kv` of the step's pages, [pages * P, D]."""
+            parts = [r[:, kv * d : (kv + 1) * d] for r in page_refs]
+            return parts[0] if per_step == 1 else jnp.concatenate(parts, axis=0)
+
         for kv in range(kv_heads):
             q = q_ref[kv]
-            k = k_ref[:, kv * d : (kv + 1) * d].astype(q.dtype)
-            v = v_ref[:, kv * d : (kv + 1) * d]
+            k = joined(k_refs, kv).astype(q.dtype)
+            v = joined(v_refs, kv)
             s = jax.lax.dot_general(
                 q, k, _NT, preferred_element_type=jnp.float32, precision=precision
             )
@@ -160,8 +235,9 @@ def ragged_paged_attention_tpu(
     Args:
       q_GxCxHxD: G groups of C queries; real_GxC: which queries are real;
         positions_GxC: their positions; slot_G: each group's cache slot.
-      group_W, page_W: the work items (a group, a logical page of its slot), group-major;
-        padding items name group G.
+      group_W, page_W: the work items (a group, a logical page of its slot), group-major,
+        each group's pages consecutive and ascending; padding items name group G. The
+        kernel runs them `pages_per_step` at a time (`step_pages`).
       cache: anything with `k` and `v`, [num_pages, page_size, K, D] each (a
         `PagedAttentionCache`); table: [slots, pages per slot] physical pages;
         offset_S: each slot's first position; window: None or a sliding window.
@@ -176,36 +252,45 @@ def ragged_paged_attention_tpu(
     n, size, kv_heads, _ = cache.k.shape
     r = h // kv_heads
     rows = -(-c * r // _SUBLANES) * _SUBLANES
-    items = item_pages(group_W, page_W, slot_G, table, offset_S, size)
+    per_step = pages_per_step(size, interpret)
+    steps, extent = step_pages(group_W, page_W, slot_G, table, offset_S, size, per_step)
     q_GxKxQxD = _with_dummy_group(by_kv_head(q_GxCxHxD, kv_heads, rows))
     pos_GxQx1 = _with_dummy_group(per_row(positions_GxC, r, rows))[..., None]
     real_GxQx1 = _with_dummy_group(per_row(real_GxC, r, rows))[..., None]
     k_NxPxKD = cache.k.reshape(n, size, kv_heads * d)
     v_NxPxKD = cache.v.reshape(n, size, kv_heads * d)
 
-    def by_group(w, group_ref, *_):
-        return group_ref[w], 0, 0
+    def by_group(t, group_ref, *_):
+        return group_ref[t], 0, 0
 
-    def by_page(w, group_ref, physical_ref, *_):
-        return physical_ref[w], 0, 0
+    def page_block(place):
+        """The operand holding place `place` of each step's pages."""
+        return pl.BlockSpec(
+            (None, size, kv_heads * d),
+            lambda t, group_ref, physical_ref, *_: (physical_ref[t * per_step + place], 0, 0),
+        )
 
     group_block = pl.BlockSpec((None, kv_heads, rows, d), lambda *a: (*by_group(*a), 0))
     group_rows = pl.BlockSpec((None, kv_heads, rows, 1), lambda *a: (*by_group(*a), 0))
-    page_block = pl.BlockSpec((None, size, kv_heads * d), by_page)
     row_block = pl.BlockSpec((None, rows, 1), by_group)
+    pages = [page_block(place) for place in range(per_step)]
     outs = [
         jnp.zeros((g + 1, kv_heads, rows, d), q_GxCxHxD.dtype),
         jnp.full((g + 1, kv_heads, rows, 1), -jnp.inf, jnp.float32),
     ]
     kernel = functools.partial(
-        _kernel, groups=g, window=window, precision=products_precision(q_GxCxHxD.dtype)
-    )
+        _kernel, groups=g, window=window, precision=products_precision(q_GxCxHxD.dtype),
+        per_step=per_step,
+    )  # fmt: skip
+    operands = [q_GxKxQxD, pos_GxQx1, real_GxQx1, *[k_NxPxKD] * per_step]
+    operands += [*[v_NxPxKD] * per_step, *outs]
+    aliased = len(steps) + len(operands) - 2  # the outputs' first values, after the rest
     out, lse = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(group_W.shape[0],),
-            in_specs=[group_block, row_block, row_block, page_block, page_block, _ANY, _ANY],
+            num_scalar_prefetch=len(steps),
+            grid=(extent,),
+            in_specs=[group_block, row_block, row_block, *pages, *pages, _ANY, _ANY],
             out_specs=[group_block, group_rows],
             scratch_shapes=[
                 pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
@@ -214,8 +299,8 @@ def ragged_paged_attention_tpu(
             ],
         ),
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-        input_output_aliases={8: 0, 9: 1},  # after 3 prefetched lists and 5 operands
+        input_output_aliases={aliased: 0, aliased + 1: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=interpret,
-    )(*items, q_GxKxQxD, pos_GxQx1, real_GxQx1, k_NxPxKD, v_NxPxKD, *outs)
+    )(*steps, *operands)
     return from_kv_heads(out[:g], lse[:g, ..., 0], c, r)

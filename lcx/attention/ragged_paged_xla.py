@@ -13,8 +13,7 @@ copy of the step's whole read, written out and read back, in every layer).
 
 Work lists come from `work_in_graph`, built in the step (a paged cache's, and
 `lcx.cache`'s one stretch per slot, read in pages of its rows by
-`ragged_stretch_attention_xla`), or from the host (`lcx.paged_cache.ragged_work`, for
-the TPU kernel, whose grid is the list).
+`ragged_stretch_attention_xla`), or from the host (`lcx.paged_cache.ragged_work`).
 """
 
 from __future__ import annotations
