@@ -14,9 +14,11 @@ step's queries come in groups (one decode token per slot, then blocks of
 `CHUNK_QUERY_BLOCK` prompt-chunk queries of one slot each, as in `lcx.cache`), and a
 work list names one item (group, logical page) for every page a group can see, so a
 step reads each slot's own pages up to its own length (inside its attention window),
-never up to the longest slot. Each item's scores are computed on its page alone and the
-items of a group are combined by a segment-wise log-sum-exp (the online softmax of
-FlashAttention, arXiv 2205.14135, over an unordered list). The step builds its list
+never up to the longest slot. A group's items name consecutive logical pages, ascending,
+groups in order and padding last (both `work_in_graph` and `ragged_work` list them so; the
+TPU kernel relies on it). In XLA each item's scores are computed on its page alone and
+the items of a group combined by a segment-wise log-sum-exp (the online softmax of
+FlashAttention, arXiv 2205.14135); the kernels fold a group's pages in order. The step builds its list
 itself (`lcx.attention.ragged_paged_xla.work_in_graph`, one shape for every step; the
 TPU kernel's grid runs only its real steps, a dynamic extent). A `PageLayout` can carry
 lists made on the host instead (`ragged_work`: the step's items, padded to a power of two,
@@ -61,7 +63,8 @@ class PageLayout(NamedTuple):
     `table_SxP`: each slot's physical pages, in order ([slots, pages per slot]).
     `decode_group_W`, `decode_page_W`: the decode queries' work items (the slot, a logical
     page of it); `chunk_group_W`, `chunk_page_W`: the chunk blocks' (the block's index,
-    a logical page of its slot). A group index past the last group marks padding. The
+    a logical page of its slot), group-major, each group's pages consecutive and ascending.
+    A group index past the last group marks padding, after every real item. The
     item lists are None where the step builds them (`work_in_graph`), and for a step that
     only writes (prepacked prefill).
     """

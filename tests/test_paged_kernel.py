@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from lcx.attention import pallas_gpu, ragged_paged_tpu
+from lcx.attention import pallas_gpu, ragged_paged_tpu, ragged_paged_xla
 from lcx.attention.ragged_paged_tpu import step_pages
 from lcx.paged_cache import PagedAttentionCache, PageLayout, paged_cache_attention
 from tests.test_attention_lowering import TARGETS, _target, _triton_dots
@@ -62,7 +62,7 @@ def test_kernel_equals_float64_per_slot_attention(
         return
     if pages_per_step is not None:
         monkeypatch.setattr(ragged_paged_tpu, "KEYS_PER_STEP", pages_per_step * PAGE)
-        assert ragged_paged_tpu.pages_per_step(PAGE, interpret=True) == pages_per_step
+        assert ragged_paged_tpu.pages_per_step(PAGE, 1, interpret=True) == pages_per_step
     out, lse, wants, _ = paged_step(
         rng, window, dtype, decode_width, host_lists, implementation=implementation,
         interpret=True,
@@ -124,6 +124,51 @@ def test_tpu_kernel_without_items_gives_zeros(rng):
         offset_S=jnp.zeros(2, jnp.int32), window=None, interpret=True,
     )  # fmt: skip
     assert not np.asarray(out).any() and np.isneginf(np.asarray(lse)).all()
+
+
+def test_tpu_kernel_reads_only_the_listed_pages(rng, monkeypatch):
+    # A list that stops short of its groups' queries (pages 0-1 of slot 0 and page 1 of
+    # slot 1, whose queries sit on their third pages) equals the XLA read of the same list
+    # with 3 pages a step: the spare places hold pages the causal mask would let through.
+    monkeypatch.setattr(ragged_paged_tpu, "KEYS_PER_STEP", 3 * PAGE)
+    cache = PagedAttentionCache(
+        *(jnp.asarray(rng.standard_normal((8, PAGE, 2, 8)), jnp.float32) for _ in "kv")
+    )
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 8)), jnp.float32)
+    args = (q, jnp.ones((2, 1), bool), jnp.full((2, 1), 2 * PAGE + 1), jnp.arange(2))
+    lists = jnp.asarray([0, 0, 1, 2]), jnp.asarray([0, 1, 1, 0])
+    common = dict(
+        cache=cache, table=jnp.asarray([[3, 5, 1], [0, 6, 2]]), offset_S=jnp.zeros(2, int),
+        window=None,
+    )  # fmt: skip
+    out, lse = ragged_paged_tpu.ragged_paged_attention_tpu(*args, *lists, **common, interpret=True)
+    want_out, want_lse = ragged_paged_xla.ragged_paged_attention_xla(*args, *lists, **common)
+    np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_tpu_pages_per_step_fit_their_budgets():
+    # 512 keys a step within 4 MiB of double-buffered pages; 1 for pages that are not
+    # whole sublane tiles.
+    bf16_page = lambda kv_heads: 16 * kv_heads * 128 * 2  # noqa: E731
+    assert ragged_paged_tpu.pages_per_step(16, bf16_page(2)) == 32
+    assert ragged_paged_tpu.pages_per_step(16, bf16_page(32)) == 8  # 4 x 512 KiB
+    assert ragged_paged_tpu.pages_per_step(128, 128 * 64 * 128 * 4) == 1  # float32, K = 64
+    assert ragged_paged_tpu.pages_per_step(8, 1) == 1
+    # The step list built in the step for 128 slots x 32K tokens of 16-token pages passes
+    # the SMEM budget: the kernel refuses (the XLA read serves the call).
+    pool = jax.ShapeDtypeStruct((4096, 16, 2, 128), jnp.bfloat16)
+
+    def read(q, table):
+        cache = PagedAttentionCache(
+            jnp.zeros(pool.shape, pool.dtype), jnp.zeros(pool.shape, pool.dtype)
+        )
+        layout = PageLayout(table)
+        ids = jnp.arange(1, 129)[None]
+        return paged_cache_attention(q, ids, ids, cache, layout, implementation="pallas_tpu")
+
+    with pytest.raises(NotImplementedError, match="KiB of SMEM, over 512 KiB"):
+        jax.eval_shape(read, _spec(1, 128, 8, 128, dtype=jnp.bfloat16), _spec(128, 2048))
 
 
 def _spec(*shape, dtype=jnp.int32):

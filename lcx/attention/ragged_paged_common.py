@@ -3,7 +3,8 @@
 The kernels (`ragged_paged_tpu`, `ragged_paged_gpu`) compute `ragged_paged_xla`'s ragged
 read (Ragged Paged Attention's work list over PagedAttention's page pool, arXiv
 2309.06180). Both arrange a group's queries by kv head, [K, C * R, D] with head
-h = k * R + r, so each kv head is one product against a page's keys.
+h = k * R + r, so each kv head is one product against the keys of the pages it reads at
+once (one page on GPU, up to `ragged_paged_tpu.KEYS_PER_STEP` keys on TPU).
 """
 
 from __future__ import annotations

@@ -47,9 +47,14 @@ from lcx.attention.kernel_common import MASK_VALUE, products_precision
 from lcx.attention.ragged_paged_common import by_kv_head, check_inputs, from_kv_heads, per_row
 
 NAME = "ragged_paged_attention_tpu"
-# Keys a grid step reads (whole pages): 512 at pages of 16 is 32 pages a step, the order
-# of tpu-inference's tuned kv blocks for small pages.
+# Keys a grid step reads (whole pages; 512 at pages of 16 is 32 pages a step), within
+# PAGE_BUFFER_BYTES of VMEM for the pages' double-buffered keys and values (Mosaic's
+# default scoped VMEM is 16 MiB on v5e, 32 MiB on v6e).
 KEYS_PER_STEP = 512
+PAGE_BUFFER_BYTES = 4 << 20
+# The prefetched step arrays live in SMEM (1 MiB per core on v4 to v6e, shared with
+# Mosaic's own scalars); lists past this take the XLA read (NotImplementedError).
+STEP_LIST_BYTES = 512 << 10
 _LANES = 128
 _SUBLANES = 16  # q rows padded to whole (bfloat16-packed) sublane tiles; pages joined too
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
@@ -67,12 +72,14 @@ class StepPages(NamedTuple):
     keys: jax.Array
 
 
-def pages_per_step(page_size: int, interpret: bool = False) -> int:
-    """How many pages a grid step reads: `KEYS_PER_STEP` worth, or 1 where pages are not
-    whole sublane tiles (they are joined on sublanes; the interpreter joins any)."""
+def pages_per_step(page_size: int, page_bytes: int = 0, interpret: bool = False) -> int:
+    """How many pages a grid step reads: `KEYS_PER_STEP` worth, fewer where their
+    double-buffered keys and values (`page_bytes` each, k or v) would pass
+    `PAGE_BUFFER_BYTES`, and 1 where pages are not whole sublane tiles (they are joined on
+    sublanes; the interpreter joins any)."""
     if page_size % _SUBLANES and not interpret:
         return 1
-    return max(1, KEYS_PER_STEP // page_size)
+    return max(1, min(KEYS_PER_STEP // page_size, PAGE_BUFFER_BYTES // max(4 * page_bytes, 1)))
 
 
 def step_pages(group_W, page_W, slot_G, table, offset_S, page_size, per_step):
@@ -208,6 +215,17 @@ def _check_lanes(q_GxCxHxD, cache, interpret):
         )
 
 
+def _check_step_list(steps: StepPages):
+    """NotImplementedError where the prefetched step arrays would pass STEP_LIST_BYTES."""
+    size = sum(x.size * x.dtype.itemsize for x in steps)
+    if size > STEP_LIST_BYTES:
+        raise NotImplementedError(
+            f"pallas_tpu: the step list needs {size >> 10} KiB of SMEM, over "
+            f"{STEP_LIST_BYTES >> 10} KiB (a list built in the step grows with slots x "
+            f"max_length / page_size); larger pages or fewer slots fit"
+        )
+
+
 def _with_dummy_group(x):
     """x with a zero group G appended: padding items' q block, output and mask rows."""
     return jnp.pad(x, [(0, 1)] + [(0, 0)] * (x.ndim - 1))
@@ -252,8 +270,9 @@ def ragged_paged_attention_tpu(
     n, size, kv_heads, _ = cache.k.shape
     r = h // kv_heads
     rows = -(-c * r // _SUBLANES) * _SUBLANES
-    per_step = pages_per_step(size, interpret)
+    per_step = pages_per_step(size, size * kv_heads * d * cache.k.dtype.itemsize, interpret)
     steps, extent = step_pages(group_W, page_W, slot_G, table, offset_S, size, per_step)
+    _check_step_list(steps)
     q_GxKxQxD = _with_dummy_group(by_kv_head(q_GxCxHxD, kv_heads, rows))
     pos_GxQx1 = _with_dummy_group(per_row(positions_GxC, r, rows))[..., None]
     real_GxQx1 = _with_dummy_group(per_row(real_GxC, r, rows))[..., None]

@@ -274,7 +274,7 @@ class Engine:
             self._pool = PagePool(num_pages, page_size, prefix_cache=prefix_cache)
             self._table = np.zeros((slots, -(-max_length // page_size)), np.int32)
             self._cache = model.init_paged_cache(num_pages, page_size, cache_dtype)
-            # Work lists from the host only on HOST_WORK_BACKENDS (none now).
+            # Work lists from the host only on paged_cache.HOST_WORK_BACKENDS.
             self._host_work = jax.default_backend() in paged_cache.HOST_WORK_BACKENDS
         self._window = cfg.attention_window
         self._draft_k, self._draft_n, draft_model = self._check_speculative(cfg, speculative)
