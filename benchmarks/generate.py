@@ -386,9 +386,10 @@ def bench_admission(
     """FCFS vs Past-Future admission on a paged engine whose pool holds `pool_fraction` of
     `slots` full-length sequences, `repeats` times, the two alternating; each run's
     engine first serves `warmup` (it compiles, and Past-Future learns the lengths, as a
-    server that has been up a while has). Each side's run of median goodput, the spread
-    of its goodput and preemptions, and the paired runs' goodput ratios (one overloaded
-    run to the next swings by tens of percent on a 2-core CPU)."""
+    server that has been up a while has). Each side's run of median goodput (the upper
+    middle run for an even count), the spread of its goodput and preemptions, and the
+    paired runs' goodput ratios (one overloaded run to the next swings by tens of
+    percent on a 2-core CPU)."""
     longest = max(len(r.prompt) + r.max_new_tokens for _, r in [*trace, *warmup])
     max_length = -(-longest // 8) * 8
     per_sequence = -(-max_length // page_size)
@@ -632,7 +633,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", default="float32", help="model.dtype")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.repeats, args.prefill_prompts, args.prompt_cap = 2, 8, 64
+        args.repeats = min(args.repeats, 2)  # --repeats=1 stays 1
+        args.prefill_prompts, args.prompt_cap = 8, 64
         args.decode_batch, args.prefix, args.new_tokens = 4, 32, 3
         args.requests, args.slots, args.token_budget, args.output_mean = 10, 3, 16, 4
         args.rate = 200.0
