@@ -12,18 +12,18 @@ returns them when a sequence ends, so cache memory follows the tokens in use, no
 Reads are ragged (the work-list layout of tpu-inference's Ragged Paged Attention): a
 step's queries come in groups (one decode token per slot, then blocks of
 `CHUNK_QUERY_BLOCK` prompt-chunk queries of one slot each, as in `lcx.cache`), and a
-work list names one item (group, logical page) for every page a group can see, so a
-step reads each slot's own pages up to its own length (inside its attention window),
-never up to the longest slot. A group's items name consecutive logical pages, ascending,
-groups in order and padding last (both `work_in_graph` and `ragged_work` list them so; the
-TPU kernel relies on it). In XLA each item's scores are computed on its page alone and
-the items of a group combined by a segment-wise log-sum-exp (the online softmax of
-FlashAttention, arXiv 2205.14135); the kernels fold a group's pages in order. The step builds its list
-itself (`lcx.attention.ragged_paged_xla.work_in_graph`, one shape for every step; the
-TPU kernel's grid runs only its real steps, a dynamic extent). A `PageLayout` can carry
-lists made on the host instead (`ragged_work`: the step's items, padded to a power of two,
-padding items naming the group past the last, whose results are dropped), at one
-compiled step per bucket.
+work list names one item (group, logical page) for every page a group can see, so a step
+reads each slot's own pages up to its own length (inside its attention window), never up
+to the longest slot. A group's items name consecutive logical pages, ascending, groups
+in order and padding last (both `work_in_graph` and `ragged_work` list them so; the TPU
+kernel relies on it). In XLA each item's scores are computed on its page alone and the
+items of a group combined by a segment-wise log-sum-exp (the online softmax of
+FlashAttention, arXiv 2205.14135); the kernels fold a group's pages in order. The step
+builds its list itself (`lcx.attention.ragged_paged_xla.work_in_graph`, one shape for
+every step; the TPU kernel's grid runs only its real steps, a dynamic extent). A
+`PageLayout` can carry lists made on the host instead (`ragged_work`: the step's items,
+padded to a power of two, padding items naming the group past the last, whose results
+are dropped), at one compiled step per bucket.
 
 `lcx.attention.ragged_paged_xla` is the XLA path (every backend, and the reference). On
 TPU and GPU the same work list runs as one Pallas kernel (`lcx.attention.ragged_paged_tpu`,
