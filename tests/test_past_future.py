@@ -5,15 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lcx.generate.past_future import (
-    HISTORY_MIN,
-    History,
-    peak_pages,
-    prompt_bucket,
-    sample_output_lengths,
-    survival,
-    uniforms,
-)
+from lcx.generate.past_future import peak_pages, sample_output_lengths, survival, uniforms
 
 
 def _peak_by_stepping(now, end, page_size) -> int:
@@ -61,37 +53,3 @@ def test_output_lengths_follow_the_estimate_past_what_was_generated(rng):
     assert sample_output_lengths(lengths, longer, 0, 25, rng.random(100)).min() == 10
     np.testing.assert_array_equal(uniforms(7), uniforms(7))
     assert not np.array_equal(uniforms(7), uniforms(8))
-
-
-def test_history_estimates_by_prompt_bucket_once_the_bucket_has_enough():
-    """Questions of 4-7 tokens answered in 50 tokens, documents of 300-511 in 5: each
-    bucket's estimate is its own once it has HISTORY_MIN finished, its running requests
-    counted as longer; a bucket with fewer (or none) takes every request's."""
-    assert [prompt_bucket(n) for n in (0, 1, 2, 3, 4, 7, 8, 300, 511)] == [
-        1,
-        1,
-        2,
-        2,
-        3,
-        3,
-        4,
-        9,
-        9,
-    ]
-    history = History()
-    for _ in range(HISTORY_MIN):
-        history.add(5, 50)
-        history.add(400, 5)
-    history.add(40, 20)  # bucket 6: one finished
-    running = [(6, 60), (300, 2)]
-    lengths, longer = history.estimate(7, running)
-    np.testing.assert_array_equal(lengths, [50])
-    np.testing.assert_allclose(longer, [1 / (HISTORY_MIN + 1)])  # the one at 60 runs on
-    lengths, longer = history.estimate(511, running)
-    np.testing.assert_array_equal(lengths, [5])
-    np.testing.assert_allclose(longer, [0.0])  # the one at 2 is not at risk at 5
-    everyone = survival([50, 5] * HISTORY_MIN + [20], [60, 2])
-    for prompt in (40, 2000):
-        for got, want in zip(history.estimate(prompt, running), everyone, strict=True):
-            np.testing.assert_allclose(got, want)
-    assert len(history) == 2 * HISTORY_MIN + 1

@@ -211,10 +211,9 @@ class Engine:
         admitted only while the predicted peak page use of everything running, and of it,
         fits the pool in each of `past_future.SAMPLES` futures, where every request's
         output length is drawn from the lengths of the last `past_future.HISTORY`
-        finished requests and of the running ones (a survival estimate; those of its
-        prompt-length bucket once the bucket has `past_future.HISTORY_MIN` finished),
-        given that it runs past what it has generated (`lcx.generate.past_future`);
-        until `past_future.HISTORY_MIN` have finished, each runs to its `max_new_tokens`.
+        finished requests and of the running ones (a survival estimate), given that it
+        runs past what it has generated (`lcx.generate.past_future`); until
+        `past_future.HISTORY_MIN` have finished, each runs to its `max_new_tokens`.
       sla: (seconds to the first token, seconds per later token) a request must meet to
         count in `goodput_requests`; None: none counted.
     """
@@ -285,7 +284,9 @@ class Engine:
         if admission == "past_future" and page_size is None:
             raise ValueError("admission='past_future' predicts page use: it needs page_size")
         self._admission, self._sla = admission, sla
-        self._history = past_future.History()  # finished output lengths, for admission
+        self._finished_lengths: collections.deque[int] = collections.deque(
+            maxlen=past_future.HISTORY
+        )
         cache_sharding = None
         if mesh is not None:
             self._state = jax.device_put(self._state, _param_shardings(self._state, mesh, rules))
@@ -812,7 +813,7 @@ class Engine:
         )
         if done:
             self.results[running.request_id] = running.generated
-            self._history.add(len(running.request.prompt), len(running.generated))
+            self._finished_lengths.append(len(running.generated))
             self.goodput_requests += self._met_sla(running)
             self._release(slot)
         return done
@@ -831,16 +832,16 @@ class Engine:
     def _fits(self, request_id, request) -> bool:
         """Whether the predicted peak page use of the running requests and the queued one
         fits the pool in every one of `past_future.SAMPLES` futures drawn from the output
-        lengths of the finished and running requests, by prompt bucket once a bucket has
-        `past_future.HISTORY_MIN` finished (`lcx.generate.past_future`); before that many
-        have finished at all, each request runs to its max_new_tokens."""
+        lengths of the finished and running requests (`lcx.generate.past_future`); before
+        `past_future.HISTORY_MIN` have finished, each request runs to its max_new_tokens."""
         running = [r for r in self._running if r is not None]
         if not running:
             return True  # alone it fits: the pool holds one max_length sequence
         queued = self._preempted.get(request_id) or _Running(request_id, request)
-        trusted = len(self._history) >= past_future.HISTORY_MIN
-        so_far = [(len(r.request.prompt), len(r.generated)) for r in running]
-        estimates = {}  # by prompt bucket
+        trusted = len(self._finished_lengths) >= past_future.HISTORY_MIN
+        lengths, longer = past_future.survival(
+            self._finished_lengths, [len(r.generated) for r in running]
+        )
         now, end = [], []
         for r in [*running, queued]:
             prompt, generated, most = (
@@ -850,13 +851,8 @@ class Engine:
             )
             outputs = np.full(past_future.SAMPLES, most)
             if trusted:
-                bucket = past_future.prompt_bucket(prompt)
-                if bucket not in estimates:
-                    estimates[bucket] = self._history.estimate(prompt, so_far)
                 draws = past_future.uniforms(r.request_id)
-                outputs = past_future.sample_output_lengths(
-                    *estimates[bucket], generated, most, draws
-                )
+                outputs = past_future.sample_output_lengths(lengths, longer, generated, most, draws)
             entries_now, entries_at_end = past_future.cache_entries(prompt, generated, outputs)
             now.append(np.full(past_future.SAMPLES, entries_now))
             end.append(entries_at_end)

@@ -17,11 +17,6 @@ they are so far (the finished ones alone are the short ones, early in a trace), 
 LightLLM starts its window with copies of the server's longest output; and each
 request's draws are fixed by its id, not drawn afresh at every admission attempt.
 
-The estimate is made per prompt-length bucket (powers of two) once a bucket has
-`HISTORY_MIN` finished requests, from that bucket's finished and running requests (the
-issue's "per prompt-length bucket": a short question and a long document to summarise
-seldom answer alike), and from every request before that.
-
 What it leaves out: a request grows one entry per step (chunked prefill and accepted
 drafts grow faster), a request that stopped at its `max_new_tokens` counts as an
 output of that length, and queued preempted requests are not among the running ones
@@ -31,9 +26,6 @@ numpy on the host: a few arrays of at most `HISTORY` + slots lengths per admissi
 """
 
 from __future__ import annotations
-
-import collections
-import functools
 
 import numpy as np
 
@@ -54,41 +46,6 @@ def survival(finished, running) -> tuple[np.ndarray, np.ndarray]:
     at_risk = (finished[None, :] >= lengths[:, None]).sum(1)
     at_risk += (running[None, :] >= lengths[:, None]).sum(1)
     return lengths, np.cumprod(1.0 - ended / at_risk)
-
-
-def prompt_bucket(prompt_length: int) -> int:
-    """A prompt's length bucket: 1 token, 2-3, 4-7, 8-15, ... (bit length)."""
-    return max(int(prompt_length), 1).bit_length()
-
-
-class History:
-    """Finished requests' output lengths: the last `HISTORY` of all and of each prompt
-    bucket."""
-
-    def __init__(self):
-        self.overall: collections.deque[int] = collections.deque(maxlen=HISTORY)
-        self.by_bucket: dict[int, collections.deque[int]] = collections.defaultdict(
-            functools.partial(collections.deque, maxlen=HISTORY)
-        )
-
-    def __len__(self) -> int:
-        return len(self.overall)
-
-    def add(self, prompt_length: int, output_length: int) -> None:
-        """Record a finished request."""
-        self.overall.append(output_length)
-        self.by_bucket[prompt_bucket(prompt_length)].append(output_length)
-
-    def estimate(self, prompt_length: int, running) -> tuple[np.ndarray, np.ndarray]:
-        """`survival` for a request with a prompt of `prompt_length` tokens: from its
-        bucket's finished requests and the running ones (`running`: (prompt length,
-        generated) pairs) in it, once the bucket has `HISTORY_MIN` finished; before, from
-        every request."""
-        bucket = prompt_bucket(prompt_length)
-        finished = self.by_bucket.get(bucket, ())
-        if len(finished) >= HISTORY_MIN:
-            return survival(finished, [g for p, g in running if prompt_bucket(p) == bucket])
-        return survival(self.overall, [g for _, g in running])
 
 
 def uniforms(request_id: int) -> np.ndarray:
