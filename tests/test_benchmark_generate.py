@@ -2,6 +2,8 @@
 
 import math
 
+import numpy as np
+
 from benchmarks import generate as bench
 
 
@@ -63,11 +65,12 @@ def test_sla_misses_count_each_half_from_the_timestamps():
     token_times = {0: [1.0, 1.1, 1.2], 1: [5.0, 5.5], 2: [0.3]}
     submitted = {0: 0.5, 1: 0.0, 2: 0.0}
     misses = bench._sla_misses(token_times, submitted, (2.0, 0.2))
+    met = misses.pop("met_by_sla_scale")
     assert misses == {"late_first_token": 1, "slow_later_tokens": 1}
-    assert bench._sla_misses(token_times, submitted, (6.0, 0.05)) == {
-        "late_first_token": 0,
-        "slow_later_tokens": 2,
-    }
+    # Both halves at 0.25x (0.5 s, 0.05 s): request 2 only; 0.5x to 2x: requests 0 and 2.
+    assert met == {0.25: 1, 0.5: 2, 1.0: 2, 2.0: 2}
+    misses = bench._sla_misses(token_times, submitted, (6.0, 0.05))
+    assert misses["late_first_token"] == 0 and misses["slow_later_tokens"] == 2
     assert bench._sla_misses(token_times, submitted, None) == {}
 
 
@@ -79,3 +82,12 @@ def test_lact_grid_benchmark_runs(capsys):
         assert 0 < result[grid]["min"] <= result[grid]["median"] <= result[grid]["max"]
     assert result["document_over_row"] > 0
     assert "| document |" in capsys.readouterr().out
+
+
+def test_admission_answers_by_prompt_length():
+    # "by_prompt": questions (under 64 tokens) stop on 3 of 384 ids (mean 128), documents
+    # on 24 (mean 16); "alike": one set of 6 (mean 64) for all.
+    rng = np.random.default_rng(0)
+    stops = bench.admission_stop_ids("by_prompt", 384, 64, 64, rng)
+    assert len(stops(63)) == 3 and len(stops(64)) == 24
+    assert len(bench.admission_stop_ids("alike", 384, 64, 64, rng)) == 6
