@@ -61,12 +61,14 @@ from flax import nnx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from lcx.attention.ragged_paged_tpu import pages_per_step  # noqa: E402
 from lcx.attention.xla_chunked import DEFAULT_BLOCK_SIZES  # noqa: E402
 from lcx.cache import DENSE_DECODE_CACHE, ragged_page  # noqa: E402
 from lcx.config_loading import load_config  # noqa: E402
 from lcx.generate import Engine, Request  # noqa: E402
 from lcx.generate.sampling import SamplingParams  # noqa: E402
 from lcx.model import Transformer, TransformerConfig  # noqa: E402
+from lcx.paged_cache import ragged_work  # noqa: E402
 from lcx.settings import resolve  # noqa: E402
 from lcx.train.input import load_split  # noqa: E402
 
@@ -276,8 +278,9 @@ def run_continuous(
     counters = lambda: (engine.preemptions, engine.goodput_requests, engine.decode_pages_read)  # noqa: E731
     _feed(engine, warmup, slots, max_length, model.cfg)
     before = counters()
+    rows = [] if page_size else None
     token_times, submitted, seconds, own, contiguous = _feed(
-        engine, trace, slots, max_length, model.cfg
+        engine, trace, slots, max_length, model.cfg, rows
     )
     stats = _trace_stats(token_times, seconds)
     preemptions, goodput, pages_read = (a - b for a, b in zip(counters(), before, strict=True))
@@ -289,13 +292,33 @@ def run_continuous(
         "goodput_per_sec": goodput / stats["seconds"],
         "goodput_requests": goodput,
         **_sla_misses(token_times, submitted, engine_settings.get("sla")),
+        **({} if rows is None else tpu_grid_steps(rows, slots, page_size, model.cfg)),
     }
 
 
-def _feed(engine, trace, slots, max_length, cfg):
+def tpu_grid_steps(rows, slots, page_size, cfg) -> dict:
+    """The paged TPU kernel's grid steps over the paged engine's rows (counted on the
+    host, after the timed run): one per work item (a group's page) when the kernel took
+    a page a step, and runs of up to `ragged_paged_tpu.pages_per_step` pages of one group
+    now (both kernel calls, decodes and chunks, per layer)."""
+    page_bytes = page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
+    per_step = pages_per_step(page_size, page_bytes)
+    items = steps = 0
+    for row in rows:
+        offset = np.zeros(slots, np.int32)
+        where = (row["segment_ids"][0], row["positions"][0], slots, offset, page_size)
+        lists, counts = ragged_work(*where, cfg.attention_window)
+        for group, real in zip(lists[0::2], counts, strict=True):
+            pages_G = np.bincount(group[:real])
+            items += real
+            steps += int((-(-pages_G // per_step)).sum())
+    return {"tpu_grid_steps": {"page_a_step": items, "pages_per_step": per_step, "now": steps}}
+
+
+def _feed(engine, trace, slots, max_length, cfg, rows=None):
     """Submit the trace's requests as they arrive and step the engine until it is idle:
     (token timestamps per request, submission times, seconds, decode tokens' own lengths,
-    entries the one-stretch cache reads for them)."""
+    entries the one-stretch cache reads for them); each step's row appended to `rows`."""
     token_times, submitted, pending = {}, {}, list(trace)
     own = contiguous = 0
     start = time.perf_counter()
@@ -308,6 +331,8 @@ def _feed(engine, trace, slots, max_length, cfg):
             continue
         for event in engine.step():
             token_times.setdefault(event.request_id, []).append(time.perf_counter())
+        if rows is not None:
+            rows.append(engine.last_row)
         step_own, step_read = _decode_reads(engine, slots, max_length, cfg)
         own, contiguous = own + step_own, contiguous + step_read
     return token_times, submitted, time.perf_counter() - start, own, contiguous
@@ -819,6 +844,11 @@ def _report_trace(results):
           f"{t['paged_throughput_ratio']:.2f}x); over static with ragged reads: "
           f"{t['throughput_ratio_ragged_static']:.2f}x (paged: "
           f"{t['paged_throughput_ratio_ragged_static']:.2f}x)")  # fmt: skip
+    grid = t["continuous_paged"]["tpu_grid_steps"]
+    fewer = grid["page_a_step"] / max(grid["now"], 1)
+    print(f"the paged TPU kernel's grid steps over the paged run (counted): "
+          f"{grid['page_a_step']} at a page a step, {grid['now']} at up to "
+          f"{grid['pages_per_step']} pages a step ({fewer:.1f}x fewer)")  # fmt: skip
 
 
 def _report_chat(results):

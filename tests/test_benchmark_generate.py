@@ -28,6 +28,9 @@ def test_generate_benchmark_runs(capsys):
     # smoke cache is small: its decodes read it whole, the dense product).
     for name in ("continuous_paged", "continuous_chunked", "static_ragged_reads"):
         assert 1 <= trace[name]["decode_reads_over_own_lengths"] < 16
+    # The paged TPU kernel's grid, counted over the paged run: fewer steps than pages.
+    grid = trace["continuous_paged"]["tpu_grid_steps"]
+    assert 0 < grid["now"] < grid["page_a_step"] and grid["pages_per_step"] > 1
     # Static padded batching reads every slot up to the batch's longest, in 128-entry tiles.
     padded_reads = trace["static"]["decode_reads_over_own_lengths"]
     assert padded_reads > trace["static_ragged_reads"]["decode_reads_over_own_lengths"]
