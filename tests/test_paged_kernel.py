@@ -4,6 +4,7 @@ of tests/test_paged_cache.py, and at production sizes they lower for TPU and for
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -153,22 +154,30 @@ def test_tpu_pages_per_step_fit_their_budgets():
     bf16_page = lambda kv_heads: 16 * kv_heads * 128 * 2  # noqa: E731
     assert ragged_paged_tpu.pages_per_step(16, bf16_page(2)) == 32
     assert ragged_paged_tpu.pages_per_step(16, bf16_page(32)) == 8  # 4 x 512 KiB
-    assert ragged_paged_tpu.pages_per_step(128, 128 * 64 * 128 * 4) == 1  # float32, K = 64
     assert ragged_paged_tpu.pages_per_step(8, 1) == 1
-    # The step list built in the step for 128 slots x 32K tokens of 16-token pages passes
-    # the SMEM budget: the kernel refuses (the XLA read serves the call).
-    pool = jax.ShapeDtypeStruct((4096, 16, 2, 128), jnp.bfloat16)
 
-    def read(q, table):
+    def read(pool, q, table):
+        """The paged read of one query per slot, the pallas_tpu kernel asked for."""
         cache = PagedAttentionCache(
             jnp.zeros(pool.shape, pool.dtype), jnp.zeros(pool.shape, pool.dtype)
         )
-        layout = PageLayout(table)
-        ids = jnp.arange(1, 129)[None]
-        return paged_cache_attention(q, ids, ids, cache, layout, implementation="pallas_tpu")
+        ids = jnp.arange(1, table.shape[0] + 1)[None]
+        return paged_cache_attention(
+            q, ids, ids, cache, PageLayout(table), implementation="pallas_tpu"
+        )
 
+    # The kernel refuses (and the XLA read serves the call) where the step list built in
+    # the step for 128 slots x 32K tokens of 16-token pages passes the SMEM budget, and
+    # where one float32 page of 128 tokens x 64 kv heads of 128, double-buffered with its
+    # values, takes 16 MiB of VMEM.
+    pool = jax.ShapeDtypeStruct((4096, 16, 2, 128), jnp.bfloat16)
+    q = _spec(1, 128, 8, 128, dtype=jnp.bfloat16)
     with pytest.raises(NotImplementedError, match="KiB of SMEM, over 512 KiB"):
-        jax.eval_shape(read, _spec(1, 128, 8, 128, dtype=jnp.bfloat16), _spec(128, 2048))
+        jax.eval_shape(functools.partial(read, pool), q, _spec(128, 2048))
+    pool = jax.ShapeDtypeStruct((64, 128, 64, 128), jnp.float32)
+    q = _spec(1, 4, 64, 128, dtype=jnp.float32)
+    with pytest.raises(NotImplementedError, match="take 16 MiB of VMEM, over 8 MiB"):
+        jax.eval_shape(functools.partial(read, pool), q, _spec(4, 8))
 
 
 def _spec(*shape, dtype=jnp.int32):

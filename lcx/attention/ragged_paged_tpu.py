@@ -52,6 +52,9 @@ NAME = "ragged_paged_attention_tpu"
 # default scoped VMEM is 16 MiB on v5e, 32 MiB on v6e).
 KEYS_PER_STEP = 512
 PAGE_BUFFER_BYTES = 4 << 20
+# A page whose double-buffered keys and values alone pass this takes the XLA read
+# (NotImplementedError): half of v5e's default scoped VMEM, the rest for q, acc, scores.
+ONE_PAGE_LIMIT_BYTES = 8 << 20
 # The prefetched step arrays live in SMEM (1 MiB per core on v4 to v6e, shared with
 # Mosaic's own scalars); lists past this take the XLA read (NotImplementedError).
 STEP_LIST_BYTES = 512 << 10
@@ -270,7 +273,14 @@ def ragged_paged_attention_tpu(
     n, size, kv_heads, _ = cache.k.shape
     r = h // kv_heads
     rows = -(-c * r // _SUBLANES) * _SUBLANES
-    per_step = pages_per_step(size, size * kv_heads * d * cache.k.dtype.itemsize, interpret)
+    page_bytes = size * kv_heads * d * cache.k.dtype.itemsize
+    if 4 * page_bytes > ONE_PAGE_LIMIT_BYTES and not interpret:
+        raise NotImplementedError(
+            f"pallas_tpu: one page's double-buffered keys and values take "
+            f"{4 * page_bytes >> 20} MiB of VMEM, over {ONE_PAGE_LIMIT_BYTES >> 20} MiB; "
+            f"smaller pages fit"
+        )
+    per_step = pages_per_step(size, page_bytes, interpret)
     steps, extent = step_pages(group_W, page_W, slot_G, table, offset_S, size, per_step)
     _check_step_list(steps)
     q_GxKxQxD = _with_dummy_group(by_kv_head(q_GxCxHxD, kv_heads, rows))
