@@ -19,7 +19,8 @@
    Total time, output tokens/s, median and p99 time between a request's tokens; each
    variant runs the trace twice and reports the second (compilation excluded). The
    paged engine runs beside them, and each reports its decodes' cache reads over the
-   slots' own lengths.
+   slots' own lengths; the paged run's rows also give the paged TPU kernel's grid
+   steps, counted (`tpu_grid_steps`).
 4. `chat`: conversations whose every turn resends the conversation so far (a long first
    turn, short later ones): mean time to first token with and without the prefix cache.
 5. `speculative`: greedy decoding of copy-heavy prompts (a passage quoted twice) by a
@@ -297,22 +298,28 @@ def run_continuous(
 
 
 def tpu_grid_steps(rows, slots, page_size, cfg) -> dict:
-    """The paged TPU kernel's grid steps over the paged engine's rows (counted on the
-    host, after the timed run): one per work item (a group's page) when the kernel took
-    a page a step, and runs of up to `ragged_paged_tpu.pages_per_step` pages of one group
-    now (both kernel calls, decodes and chunks, per layer)."""
+    """The paged TPU kernel's grid steps over the paged engine's rows, counted on the
+    host after the timed run, per layer: each step calls the kernel for its decodes, and
+    for its prompt chunks where it has some. Before, the grid was the host's list of the
+    call's items padded to a power of two (`ragged_work`); now it is runs of up to
+    `pages_per_step` pages of one group, at least one step a call (`step_pages`).
+
+    The counts depend on the pages alone. lm_tiny's 2 kv heads of 64 are not
+    lane-aligned, so on a TPU its reads would take XLA; at head_dim 128 the kernel
+    serves them and takes the same 32 pages of 16 a step."""
     page_bytes = page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     per_step = pages_per_step(page_size, page_bytes)
-    items = steps = 0
+    before = now = 0
     for row in rows:
         offset = np.zeros(slots, np.int32)
         where = (row["segment_ids"][0], row["positions"][0], slots, offset, page_size)
         lists, counts = ragged_work(*where, cfg.attention_window)
-        for group, real in zip(lists[0::2], counts, strict=True):
-            pages_G = np.bincount(group[:real])
-            items += real
-            steps += int((-(-pages_G // per_step)).sum())
-    return {"tpu_grid_steps": {"page_a_step": items, "pages_per_step": per_step, "now": steps}}
+        for call, (group, real) in enumerate(zip(lists[0::2], counts, strict=True)):
+            if call and not real:
+                continue  # no prompt chunks: no chunk call
+            before += len(group)
+            now += max(int((-(-np.bincount(group[:real]) // per_step)).sum()), 1)
+    return {"tpu_grid_steps": {"before": before, "pages_per_step": per_step, "now": now}}
 
 
 def _feed(engine, trace, slots, max_length, cfg, rows=None):
@@ -329,9 +336,10 @@ def _feed(engine, trace, slots, max_length, cfg, rows=None):
         if engine.idle:
             time.sleep(max(0.0, pending[0][0] - now))
             continue
+        steps = engine.steps
         for event in engine.step():
             token_times.setdefault(event.request_id, []).append(time.perf_counter())
-        if rows is not None:
+        if rows is not None and engine.steps > steps:
             rows.append(engine.last_row)
         step_own, step_read = _decode_reads(engine, slots, max_length, cfg)
         own, contiguous = own + step_own, contiguous + step_read
@@ -845,9 +853,9 @@ def _report_trace(results):
           f"{t['throughput_ratio_ragged_static']:.2f}x (paged: "
           f"{t['paged_throughput_ratio_ragged_static']:.2f}x)")  # fmt: skip
     grid = t["continuous_paged"]["tpu_grid_steps"]
-    fewer = grid["page_a_step"] / max(grid["now"], 1)
-    print(f"the paged TPU kernel's grid steps over the paged run (counted): "
-          f"{grid['page_a_step']} at a page a step, {grid['now']} at up to "
+    fewer = grid["before"] / max(grid["now"], 1)
+    print(f"the paged TPU kernel's grid steps over the paged run, per layer (counted): "
+          f"{grid['before']} at a page a step (padded lists), {grid['now']} at up to "
           f"{grid['pages_per_step']} pages a step ({fewer:.1f}x fewer)")  # fmt: skip
 
 

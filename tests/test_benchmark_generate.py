@@ -30,7 +30,7 @@ def test_generate_benchmark_runs(capsys):
         assert 1 <= trace[name]["decode_reads_over_own_lengths"] < 16
     # The paged TPU kernel's grid, counted over the paged run: fewer steps than pages.
     grid = trace["continuous_paged"]["tpu_grid_steps"]
-    assert 0 < grid["now"] < grid["page_a_step"] and grid["pages_per_step"] > 1
+    assert 0 < grid["now"] < grid["before"] and grid["pages_per_step"] > 1
     # Static padded batching reads every slot up to the batch's longest, in 128-entry tiles.
     padded_reads = trace["static"]["decode_reads_over_own_lengths"]
     assert padded_reads > trace["static_ragged_reads"]["decode_reads_over_own_lengths"]
@@ -94,3 +94,31 @@ def test_admission_answers_by_prompt_length():
     stops = bench.admission_stop_ids("by_prompt", 384, 64, 64, rng)
     assert len(stops(63)) == 3 and len(stops(64)) == 24
     assert len(bench.admission_stop_ids("alike", 384, 64, 64, rng)) == 6
+
+
+def test_tpu_grid_steps_count_what_the_kernel_runs():
+    # Slot 0 decodes at 100 (7 pages of 16), slot 2 at 0 (1 page), slot 1 prefills 40-59
+    # in two blocks of 16 queries (4 pages each): before, the host's lists padded to 8
+    # items each; now a step per group (32 pages a step), the kernel's own step lists.
+    from types import SimpleNamespace
+
+    import jax.numpy as jnp
+
+    from lcx.attention.ragged_paged_tpu import step_pages
+    from lcx.paged_cache import ragged_work
+
+    seg = np.array([1, 0, 3] + [2] * 20 + [0] * 12, np.int32)
+    pos = np.array([100, 0, 0] + list(range(40, 60)) + [0] * 12, np.int32)
+    cfg = SimpleNamespace(num_kv_heads=2, head_dim=128, dtype="bfloat16", attention_window=None)
+    row = {"segment_ids": seg[None], "positions": pos[None]}
+    grid = bench.tpu_grid_steps([row], 3, 16, cfg)["tpu_grid_steps"]
+    assert grid == {"before": 16, "pages_per_step": 32, "now": 4}
+    lists, _ = ragged_work(seg, pos, 3, np.zeros(3, np.int32), 16)
+    table = jnp.zeros((3, 8), jnp.int32)
+    slot_G = (jnp.arange(3), jnp.array([1, 1]))  # decode groups; slot 1's two blocks
+    extents = [
+        step_pages(jnp.asarray(group), jnp.asarray(page), slots, table, jnp.zeros(3, jnp.int32),
+                   16, 32)[1]
+        for group, page, slots in zip(lists[0::2], lists[1::2], slot_G, strict=True)
+    ]  # fmt: skip
+    assert sum(int(e) for e in extents) == grid["now"]
