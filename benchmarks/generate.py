@@ -309,7 +309,7 @@ def tpu_grid_steps(rows, slots, page_size, cfg) -> dict:
     serves them and takes the same 32 pages of 16 a step."""
     page_bytes = page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     per_step = pages_per_step(page_size, page_bytes)
-    before = now = 0
+    items = before = now = 0
     for row in rows:
         offset = np.zeros(slots, np.int32)
         where = (row["segment_ids"][0], row["positions"][0], slots, offset, page_size)
@@ -317,9 +317,11 @@ def tpu_grid_steps(rows, slots, page_size, cfg) -> dict:
         for call, (group, real) in enumerate(zip(lists[0::2], counts, strict=True)):
             if call and not real:
                 continue  # no prompt chunks: no chunk call
+            items += real
             before += len(group)
             now += max(int((-(-np.bincount(group[:real]) // per_step)).sum()), 1)
-    return {"tpu_grid_steps": {"before": before, "pages_per_step": per_step, "now": now}}
+    counts = {"items": items, "before": before, "pages_per_step": per_step, "now": now}
+    return {"tpu_grid_steps": counts}
 
 
 def _feed(engine, trace, slots, max_length, cfg, rows=None):
@@ -855,7 +857,8 @@ def _report_trace(results):
     grid = t["continuous_paged"]["tpu_grid_steps"]
     fewer = grid["before"] / max(grid["now"], 1)
     print(f"the paged TPU kernel's grid steps over the paged run, per layer (counted): "
-          f"{grid['before']} at a page a step (padded lists), {grid['now']} at up to "
+          f"{grid['items']} pages read, {grid['before']} steps at a page a step (padded "
+          f"lists), {grid['now']} at up to "
           f"{grid['pages_per_step']} pages a step ({fewer:.1f}x fewer)")  # fmt: skip
 
 

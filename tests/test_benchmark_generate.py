@@ -30,7 +30,7 @@ def test_generate_benchmark_runs(capsys):
         assert 1 <= trace[name]["decode_reads_over_own_lengths"] < 16
     # The paged TPU kernel's grid, counted over the paged run: fewer steps than pages.
     grid = trace["continuous_paged"]["tpu_grid_steps"]
-    assert 0 < grid["now"] < grid["before"] and grid["pages_per_step"] > 1
+    assert 0 < grid["now"] < grid["items"] <= grid["before"] and grid["pages_per_step"] > 1
     # Static padded batching reads every slot up to the batch's longest, in 128-entry tiles.
     padded_reads = trace["static"]["decode_reads_over_own_lengths"]
     assert padded_reads > trace["static_ragged_reads"]["decode_reads_over_own_lengths"]
@@ -112,7 +112,7 @@ def test_tpu_grid_steps_count_what_the_kernel_runs():
     cfg = SimpleNamespace(num_kv_heads=2, head_dim=128, dtype="bfloat16", attention_window=None)
     row = {"segment_ids": seg[None], "positions": pos[None]}
     grid = bench.tpu_grid_steps([row], 3, 16, cfg)["tpu_grid_steps"]
-    assert grid == {"before": 16, "pages_per_step": 32, "now": 4}
+    assert grid == {"items": 16, "before": 16, "pages_per_step": 32, "now": 4}
     lists, _ = ragged_work(seg, pos, 3, np.zeros(3, np.int32), 16)
     table = jnp.zeros((3, 8), jnp.int32)
     slot_G = (jnp.arange(3), jnp.array([1, 1]))  # decode groups; slot 1's two blocks
