@@ -813,6 +813,24 @@ def test_past_future_admission_predicts_from_history_once_enough_have_finished(r
     assert predicted.preemptions < first_come.preemptions
 
 
+def test_past_future_counts_requests_that_ran_to_their_cap_as_longer_outputs(rng):
+    """Ten requests asking for one token each (as a classifier's would) finish first;
+    they say only that an output runs at least one token. Requests of 24 tokens after
+    them are predicted at their max_new_tokens, not at one token, and nothing is
+    preempted; counted as outputs that ended at one token, the estimate would admit
+    them as short (2 preemptions here)."""
+    model = tiny_model(seed=18)
+    engine = Engine(model, slots=4, max_length=32, token_budget=12, page_size=4,
+                    num_pages=16, admission="past_future")  # fmt: skip
+    for prompt in random_prompts(rng, [3] * 10):
+        engine.submit(Request(prompt, 1))
+    engine.run()
+    ids = [engine.submit(Request(p, 24)) for p in random_prompts(rng, [4, 3, 4, 2, 4, 3])]
+    results = engine.run()
+    assert all(len(results[i]) == 24 for i in ids)
+    assert engine.preemptions == 0
+
+
 def test_predicted_peak_is_the_engines_peak_page_use(rng):
     """Four requests decoding towards known ends: from the first step all four run, the
     most pages the engine holds in a step is what admission predicts from their cache

@@ -53,3 +53,18 @@ def test_output_lengths_follow_the_estimate_past_what_was_generated(rng):
     assert sample_output_lengths(lengths, longer, 0, 25, rng.random(100)).min() == 10
     np.testing.assert_array_equal(uniforms(7), uniforms(7))
     assert not np.array_equal(uniforms(7), uniforms(8))
+
+
+def test_capped_outputs_count_as_at_least_their_length(rng):
+    """Outputs that ran to their max_new_tokens of 4 are censored, as running ones are:
+    with no output ended by a stop id, a request's draws run to its own max; counted as
+    ended, they would say every output stops at 4."""
+    lengths, longer = survival([], [4] * 10)
+    assert lengths.size == 0
+    assert (sample_output_lengths(lengths, longer, 0, 30, rng.random(100)) == 30).all()
+    lengths, longer = survival([4] * 10, [])
+    assert (sample_output_lengths(lengths, longer, 0, 30, rng.random(100)) == 4).all()
+    # A stop id's ends beside the caps: of 4 at risk at 6 (2 capped at 4 are not), one
+    # ends there.
+    lengths, longer = survival([6, 9, 9], [4, 4, 12])
+    np.testing.assert_allclose(longer, [3 / 4, 3 / 4 * 1 / 3])

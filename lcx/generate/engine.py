@@ -211,8 +211,10 @@ class Engine:
         admitted only while the predicted peak page use of everything running, and of it,
         fits the pool in each of `past_future.SAMPLES` futures, where every request's
         output length is drawn from the lengths of the last `past_future.HISTORY`
-        finished requests and of the running ones (a survival estimate), given that it
-        runs past what it has generated (`lcx.generate.past_future`); until
+        finished requests and of the running ones (a survival estimate, where a request
+        that ran to its max_new_tokens, like a running one, only says its output runs at
+        least that long), given that it runs past what it has generated
+        (`lcx.generate.past_future`); until
         `past_future.HISTORY_MIN` have finished, each runs to its `max_new_tokens`.
       sla: (seconds to the first token, seconds per later token) a request must meet to
         count in `goodput_requests`; None: none counted.
@@ -284,7 +286,9 @@ class Engine:
         if admission == "past_future" and page_size is None:
             raise ValueError("admission='past_future' predicts page use: it needs page_size")
         self._admission, self._sla = admission, sla
-        self._finished_lengths: collections.deque[int] = collections.deque(
+        # Finished requests' (output length, whether a stop id ended it): one that ran to
+        # its max_new_tokens only says its output would have been at least that long.
+        self._finished: collections.deque[tuple[int, bool]] = collections.deque(
             maxlen=past_future.HISTORY
         )
         cache_sharding = None
@@ -813,7 +817,7 @@ class Engine:
         )
         if done:
             self.results[running.request_id] = running.generated
-            self._finished_lengths.append(len(running.generated))
+            self._finished.append((len(running.generated), token in request.stop_ids))
             self.goodput_requests += self._met_sla(running)
             self._release(slot)
         return done
@@ -838,9 +842,11 @@ class Engine:
         if not running:
             return True  # alone it fits: the pool holds one max_length sequence
         queued = self._preempted.get(request_id) or _Running(request_id, request)
-        trusted = len(self._finished_lengths) >= past_future.HISTORY_MIN
+        trusted = len(self._finished) >= past_future.HISTORY_MIN
+        stopped = [n for n, by_stop_id in self._finished if by_stop_id]
+        capped = [n for n, by_stop_id in self._finished if not by_stop_id]
         lengths, longer = past_future.survival(
-            self._finished_lengths, [len(r.generated) for r in running]
+            stopped, [*capped, *(len(r.generated) for r in running)]
         )
         now, end = [], []
         for r in [*running, queued]:

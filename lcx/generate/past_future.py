@@ -10,17 +10,19 @@ between an aggressive scheduler (every request ends at the mean: preemptions) an
 conservative one (every request runs to its `max_new_tokens`, or to a high quantile,
 at once: slots left empty while requests queue).
 
-Two departures from LightLLM, each measured in BENCHMARKS.md ("Past-Future admission
-from a survival estimate, on open-ended requests"): the output-length distribution is
-the Kaplan-Meier estimate, which counts the running requests as outputs longer than
-they are so far (the finished ones alone are the short ones, early in a trace), where
-LightLLM starts its window with copies of the server's longest output; and each
-request's draws are fixed by its id, not drawn afresh at every admission attempt.
+Three departures from LightLLM, each measured in BENCHMARKS.md ("Past-Future admission
+from a survival estimate, on open-ended requests", and "... when requests set their own
+max_new_tokens"): the output-length distribution is the Kaplan-Meier estimate, which
+counts the running requests as outputs longer than they are so far (the finished ones
+alone are the short ones, early in a trace), where LightLLM starts its window with
+copies of the server's longest output; a request that ran to its `max_new_tokens`
+counts the same way, as an output at least that long, not as one that ended there (a
+client asking for 16 tokens says nothing about how long the next chat answer runs); and
+each request's draws are fixed by its id, not drawn afresh at every admission attempt.
 
 What it leaves out: a request grows one entry per step (chunked prefill and accepted
-drafts grow faster), a request that stopped at its `max_new_tokens` counts as an
-output of that length, and queued preempted requests are not among the running ones
-the estimate counts.
+drafts grow faster), and queued preempted requests are not among the running ones the
+estimate counts.
 
 numpy on the host: a few arrays of at most `HISTORY` + slots lengths per admission.
 """
@@ -35,17 +37,19 @@ SAMPLES = 5  # futures drawn per admission (LightLLM's); the largest peak must f
 SEED = 0  # of the futures' draws (never of a sampled token)
 
 
-def survival(finished, running) -> tuple[np.ndarray, np.ndarray]:
+def survival(ended, censored) -> tuple[np.ndarray, np.ndarray]:
     """(lengths, the fraction of requests whose output runs longer than each): the
-    Kaplan-Meier estimate (Kaplan & Meier, JASA 1958) from `finished` requests' output
-    lengths and `running` requests' lengths so far, which only say their output will be
-    longer. Finished lengths alone under-predict: the short requests finish first, so
-    early in a trace the history holds hardly any long one."""
-    finished, running = np.asarray(finished), np.asarray(running)
-    lengths, ended = np.unique(finished, return_counts=True)
-    at_risk = (finished[None, :] >= lengths[:, None]).sum(1)
-    at_risk += (running[None, :] >= lengths[:, None]).sum(1)
-    return lengths, np.cumprod(1.0 - ended / at_risk)
+    Kaplan-Meier estimate (Kaplan & Meier, JASA 1958) from the output lengths of requests
+    a stop id `ended`, and the `censored` lengths, which only say an output runs at least
+    that long: running requests' lengths so far, and finished requests' that ran to their
+    max_new_tokens. Ended lengths alone under-predict: the short requests finish first,
+    so early in a trace the history holds hardly any long one; and short caps would pass
+    for short answers."""
+    ended, censored = np.asarray(ended, dtype=np.int64), np.asarray(censored, dtype=np.int64)
+    lengths, count = np.unique(ended, return_counts=True)
+    at_risk = (ended[None, :] >= lengths[:, None]).sum(1)
+    at_risk += (censored[None, :] >= lengths[:, None]).sum(1)
+    return lengths, np.cumprod(1.0 - count / at_risk)
 
 
 def uniforms(request_id: int) -> np.ndarray:
