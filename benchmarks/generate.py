@@ -34,8 +34,9 @@
    Past-Future admission: goodput (requests meeting the SLA per second), preemptions.
    Its requests are sampled until a stop id (`open_ended`), so their lengths are
    unknown to the engine, with `max_new_tokens` a cap; with `--answers by_prompt`,
-   short prompts answer long and long ones short. Goodput is also counted at scaled
-   SLAs (`SLA_SCALES`).
+   short prompts answer long and long ones short; with `--short_caps F`, a fraction F
+   of the requests ask for at most `--short_cap` tokens (`short_capped`). Goodput is
+   also counted at scaled SLAs (`SLA_SCALES`).
 
 The model has lm_tiny's shape in float32 (`--dtype`); weights are random (the timing does
 not depend on them); greedy decoding runs to `max_new_tokens` (no stop ids), so every
@@ -234,6 +235,18 @@ def open_ended(trace, stop_ids, cap, first_seed=0):
                                       sampling=SamplingParams(temperature=1.0, seed=seed)))
         for seed, (arrival, request) in enumerate(trace, start=first_seed)
     ]  # fmt: skip
+
+
+def short_capped(trace, fraction, cap, rng):
+    """The trace with `fraction` of its requests (drawn by `rng`) asking for at most `cap`
+    new tokens, as a classifier's or a title generator's would, the rest unchanged: they
+    nearly always stop at the cap, which says only that their output would run at least
+    that long."""
+    picked = rng.random(len(trace)) < fraction
+    return [
+        (arrival, dataclasses.replace(request, max_new_tokens=cap) if short else request)
+        for (arrival, request), short in zip(trace, picked, strict=True)
+    ]
 
 
 def admission_stop_ids(answers, vocab, output_mean, short_prompt, rng):
@@ -692,6 +705,11 @@ def main(argv=None) -> dict:
         "length (questions answer long, documents short)",
     )  # fmt: skip
     parser.add_argument("--short_prompt", type=int, default=64, help="tokens: a question's")
+    parser.add_argument(
+        "--short_caps", type=float, default=0.0,
+        help="admission: the fraction of requests asking for at most --short_cap new tokens",
+    )  # fmt: skip
+    parser.add_argument("--short_cap", type=int, default=4, help="admission: new tokens")
     parser.add_argument("--sla_ttft", type=float, default=2.0, help="seconds")
     parser.add_argument("--sla_per_token", type=float, default=0.05, help="seconds")
     parser.add_argument("--spec_batch", type=int, default=8)
@@ -772,6 +790,9 @@ def main(argv=None) -> dict:
         )
         trace = open_ended(trace, stop_ids, 8 * args.output_mean)
         warmup = open_ended(warmup, stop_ids, 8 * args.output_mean, first_seed=len(trace))
+        if args.short_caps:
+            trace = short_capped(trace, args.short_caps, args.short_cap, rng)
+            warmup = short_capped(warmup, args.short_caps, args.short_cap, rng)
         results["admission"] = bench_admission(
             model, trace, warmup, slots=args.slots, token_budget=args.token_budget,
             page_size=args.page_size, pool_fraction=args.pool_fraction,
@@ -800,6 +821,13 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def _short_caps(settings) -> str:
+    """The admission trace's short max_new_tokens, if any requests have them."""
+    if not settings["short_caps"]:
+        return ""
+    return f"; {settings['short_caps']:.0%} of requests capped at {settings['short_cap']}"
 
 
 def report(results, argv):
@@ -901,7 +929,7 @@ def _report_admission(results):
     lengths = a["fcfs"]["output_length"]
     print(f"\nAdmission under a pool of {a['num_pages']} pages of {settings['page_size']} "
           f"(outputs ended by stop ids: mean {lengths['mean']:.0f}, p99 {lengths['p99']:.0f}, "
-          f"cap {8 * settings['output_mean']:.0f}); SLA: first token "
+          f"cap {8 * settings['output_mean']:.0f}{_short_caps(settings)}); SLA: first token "
           f"<= {settings['sla_ttft']} s, later tokens <= {settings['sla_per_token']} s; "
           f"the run of median goodput of {a['repeats']}")  # fmt: skip
     print("| admission | seconds | output tokens/s | preemptions | first token late | later "

@@ -8,7 +8,7 @@ from benchmarks import generate as bench
 
 
 def test_generate_benchmark_runs(capsys):
-    result = bench.main(["--smoke", "--repeats=1"])
+    result = bench.main(["--smoke", "--repeats=1", "--short_caps=0.3"])
     prefill = result["prefill"]
     assert prefill["padded"]["rows"] == 8 and prefill["ffd"]["rows"] <= 8
     for name in ("padded", "ffd"):
@@ -60,6 +60,7 @@ def test_generate_benchmark_runs(capsys):
     printed = capsys.readouterr().out
     assert "python benchmarks/generate.py --smoke" in printed
     assert printed.count("| static |") == 1
+    assert "; 30% of requests capped at 4)" in printed
 
 
 def test_sla_misses_count_each_half_from_the_timestamps():
@@ -94,6 +95,12 @@ def test_admission_answers_by_prompt_length():
     stops = bench.admission_stop_ids("by_prompt", 384, 64, 64, rng)
     assert len(stops(63)) == 3 and len(stops(64)) == 24
     assert len(bench.admission_stop_ids("alike", 384, 64, 64, rng)) == 6
+    # --short_caps: that share of the requests asks for at most --short_cap tokens.
+    trace = [(float(i), bench.Request([1, 2], 256)) for i in range(1000)]
+    capped = bench.short_capped(trace, 0.3, 16, rng)
+    caps = [request.max_new_tokens for _, request in capped]
+    assert set(caps) == {16, 256} and 250 < caps.count(16) < 350
+    assert [arrival for arrival, _ in capped] == [arrival for arrival, _ in trace]
 
 
 def test_tpu_grid_steps_count_what_the_kernel_runs():
