@@ -148,6 +148,36 @@ def test_tpu_kernel_reads_only_the_listed_pages(rng, monkeypatch):
     np.testing.assert_allclose(lse, want_lse, rtol=1e-5, atol=1e-5)
 
 
+def test_tpu_kernel_in_windows_of_steps_equals_float64(rng, monkeypatch):
+    # SMEM's budget made room for 4 steps of 2 pages (a slot's 8 pages): the list runs as
+    # several calls on windows of whole groups' steps, in a loop over the real steps
+    # only, its outputs aliased through; the result is float64 attention's as in one
+    # call. The chunk blocks take 3 and 2 steps: windows of 3 and 2 (4 would cut one).
+    monkeypatch.setattr(ragged_paged_tpu, "KEYS_PER_STEP", 2 * PAGE)
+    monkeypatch.setattr(ragged_paged_tpu, "STEP_LIST_BYTES", 4 * 4 * (3 + 2))
+    ends, window_end = [], ragged_paged_tpu.window_end
+
+    def recorded(last_end_T, lo, size, extent):
+        end = window_end(last_end_T, lo, size, extent)
+        jax.debug.callback(lambda *a: ends.append(tuple(map(int, a))), lo, end, extent)
+        return end
+
+    monkeypatch.setattr(ragged_paged_tpu, "window_end", recorded)
+    out, lse, wants, _ = paged_step(
+        rng, 6, jnp.float32, 3, False, implementation="pallas_tpu", interpret=True
+    )
+    assert_matches(out, lse, wants, rtol=1e-5, atol=1e-5)
+    calls = [[]]  # each kernel call's windows (lo, end), run one after another
+    for lo, end, extent in ends:
+        calls[-1].append((lo, end))
+        if end == extent:
+            calls.append([])
+    assert calls[-1] == [] and [(0, 3), (3, 5)] in calls
+    for windows in calls[:-1]:
+        assert windows[0][0] == 0 and all(0 < end - lo <= 4 for lo, end in windows)
+        assert all(a[1] == b[0] for a, b in zip(windows, windows[1:], strict=False))
+
+
 def test_tpu_pages_per_step_fit_their_budgets():
     # 512 keys a step within 4 MiB of double-buffered pages; 1 for pages that are not
     # whole sublane tiles.
@@ -166,14 +196,20 @@ def test_tpu_pages_per_step_fit_their_budgets():
             q, ids, ids, cache, PageLayout(table), implementation="pallas_tpu"
         )
 
-    # The kernel refuses (and the XLA read serves the call) where the step list built in
-    # the step for 128 slots x 32K tokens of 16-token pages passes the SMEM budget, and
-    # where one float32 page of 128 tokens x 64 kv heads of 128, double-buffered with its
-    # values, takes 16 MiB of VMEM.
+    # The step list built in the step for 128 slots x 32K tokens of 16-token pages
+    # (262,144 items, 8,320 steps of 32 pages) passes the SMEM budget: the kernel runs in
+    # a loop over windows of its steps (the test above). It refuses (and the XLA read
+    # serves the call) where one slot's steps pass a window, and where one float32 page
+    # of 128 tokens x 64 kv heads of 128, double-buffered with its values, takes 16 MiB
+    # of VMEM.
     pool = jax.ShapeDtypeStruct((4096, 16, 2, 128), jnp.bfloat16)
     q = _spec(1, 128, 8, 128, dtype=jnp.bfloat16)
-    with pytest.raises(NotImplementedError, match="KiB of SMEM, over 512 KiB"):
-        jax.eval_shape(functools.partial(read, pool), q, _spec(128, 2048))
+    jaxpr = str(jax.make_jaxpr(functools.partial(read, pool))(q, _spec(128, 2048)))
+    assert jaxpr.count("pallas_call[") == 1 and jaxpr.count("while[") == 1
+    assert ragged_paged_tpu.window_steps(32) == 3744  # 140 bytes a step
+    with pytest.raises(NotImplementedError, match="one slot's 120000 pages take more grid"):
+        one = _spec(1, 1, 8, 128, dtype=jnp.bfloat16)
+        jax.eval_shape(functools.partial(read, pool), one, _spec(1, 120_000))
     pool = jax.ShapeDtypeStruct((64, 128, 64, 128), jnp.float32)
     q = _spec(1, 4, 64, 128, dtype=jnp.float32)
     with pytest.raises(NotImplementedError, match="take 16 MiB of VMEM, over 8 MiB"):
@@ -185,10 +221,17 @@ def _spec(*shape, dtype=jnp.int32):
 
 
 @pytest.mark.parametrize(
-    "implementation, size, host_lists",
-    [("pallas_tpu", 128, True), ("pallas_tpu", 16, False), ("pallas_gpu", 128, True)],
+    "implementation, size, host_lists, step_list_bytes",
+    [
+        ("pallas_tpu", 128, True, None),
+        ("pallas_tpu", 16, False, None),
+        ("pallas_tpu", 16, False, 8 << 10),  # in-graph lists in windows of 58 steps
+        ("pallas_gpu", 128, True, None),
+    ],
 )
-def test_kernel_lowers_at_production_sizes(implementation, size, host_lists, rng):
+def test_kernel_lowers_at_production_sizes(
+    implementation, size, host_lists, step_list_bytes, rng, monkeypatch
+):
     # 32 decode slots and 16 chunk blocks over pages of 128 tokens (the TPU kernel: 4
     # pages a grid step; and of 16, 32 a step, its lists built in the step as the engine
     # does), 8 q heads on 2 kv heads of 128, bfloat16: 256 decode and 512 chunk work
@@ -211,9 +254,18 @@ def test_kernel_lowers_at_production_sizes(implementation, size, host_lists, rng
     items = [_spec(256), _spec(256), _spec(512), _spec(512)] if host_lists else []
     args = [_spec(1, width, 8, d, dtype=jnp.bfloat16), _spec(1, width), _spec(1, width)]
     args += [pool, pool, _spec(slots, 64), *items]
-    with _target(platform):
-        exported = export.export(jax.jit(step), platforms=[platform], disabled_checks=checks)
-        text = exported(*args).mlir_module()
+
+    def lowered():
+        with _target(platform):
+            fresh = jax.jit(lambda *a: step(*a))  # traced anew: no cached trace
+            exported = export.export(fresh, platforms=[platform], disabled_checks=checks)
+            return exported(*args).mlir_module()
+
+    text = lowered()
+    if step_list_bytes:  # the kernel calls sit in loops over windows: more loops than in one
+        monkeypatch.setattr(ragged_paged_tpu, "STEP_LIST_BYTES", step_list_bytes)
+        one_window, text = text, lowered()
+        assert text.count("stablehlo.while") > one_window.count("stablehlo.while")
     assert text.count(marker) == 2  # one kernel for decode, one for chunks
     # Nothing gathers the items' pages out of the pool: the pool is all there is of its
     # shape.

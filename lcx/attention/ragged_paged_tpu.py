@@ -23,7 +23,10 @@ before, so they fetch nothing new (and their keys are masked). The grid's extent
 dynamic, the list's real steps, so the list's padding (a fixed-size list built in the
 step, `ragged_paged_xla.work_in_graph`) costs no grid step; with no real step, one runs,
 naming the dummy group G, whose results are dropped. A group with no pages keeps the
-zeros (and -inf lse) its aliased outputs start with.
+zeros (and -inf lse) its aliased outputs start with. A step list too long for SMEM
+(`STEP_LIST_BYTES`; 128 slots x 32K tokens of 16-token pages) runs in a loop over
+windows of whole groups' steps, one call each, the outputs aliased through them, as the
+training kernels' lists do (`lcx.attention.step_list`); only the real steps' windows run.
 
 Layout: the pool [N, P, K, D] is read as [N, P, K * D] (a free reshape), whole pages,
 and each kv head's keys are a lane-aligned slice of a page (D a multiple of 128 on TPU;
@@ -56,7 +59,9 @@ PAGE_BUFFER_BYTES = 4 << 20
 # (NotImplementedError): half of v5e's default scoped VMEM, the rest for q, acc, scores.
 ONE_PAGE_LIMIT_BYTES = 8 << 20
 # The prefetched step arrays live in SMEM (1 MiB per core on v4 to v6e, shared with
-# Mosaic's own scalars); lists past this take the XLA read (NotImplementedError).
+# Mosaic's own scalars); a longer list runs as several calls, each on a window of whole
+# groups' steps whose arrays fit this (`window_end`), as the training kernels' lists do
+# (`lcx.attention.step_list`).
 STEP_LIST_BYTES = 512 << 10
 _LANES = 128
 _SUBLANES = 16  # q rows padded to whole (bfloat16-packed) sublane tiles; pages joined too
@@ -218,15 +223,25 @@ def _check_lanes(q_GxCxHxD, cache, interpret):
         )
 
 
-def _check_step_list(steps: StepPages):
-    """NotImplementedError where the prefetched step arrays would pass STEP_LIST_BYTES."""
-    size = sum(x.size * x.dtype.itemsize for x in steps)
-    if size > STEP_LIST_BYTES:
-        raise NotImplementedError(
-            f"pallas_tpu: the step list needs {size >> 10} KiB of SMEM, over "
-            f"{STEP_LIST_BYTES >> 10} KiB (a list built in the step grows with slots x "
-            f"max_length / page_size); larger pages or fewer slots fit"
-        )
+def window_steps(per_step: int) -> int:
+    """Steps a window of the step list holds: their int32 arrays (group, start, keys and
+    `per_step` pages each) within STEP_LIST_BYTES."""
+    return STEP_LIST_BYTES // (4 * (3 + per_step))
+
+
+def last_group_ends(group_T):
+    """int32 [T]: at each step t, the last end of a group (a step index + 1) <= t + 1."""
+    t = jnp.arange(group_T.shape[0], dtype=jnp.int32)
+    ends = jnp.concatenate([group_T[1:] != group_T[:-1], jnp.ones((1,), bool)])
+    return jax.lax.cummax(jnp.where(ends, t + 1, 0))
+
+
+def window_end(last_end_T, lo, size, extent):
+    """The end of the window of steps from `lo`: its last group end within `size` steps
+    (`last_group_ends`; a window never cuts a group, whose first and last steps write its
+    output), at most the list's `extent`, at least one step on."""
+    end = last_end_T[jnp.minimum(lo + size, last_end_T.shape[0]) - 1]
+    return jnp.maximum(jnp.minimum(end, extent), lo + 1)
 
 
 def _with_dummy_group(x):
@@ -282,7 +297,6 @@ def ragged_paged_attention_tpu(
         )
     per_step = pages_per_step(size, page_bytes, interpret)
     steps, extent = step_pages(group_W, page_W, slot_G, table, offset_S, size, per_step)
-    _check_step_list(steps)
     q_GxKxQxD = _with_dummy_group(by_kv_head(q_GxCxHxD, kv_heads, rows))
     pos_GxQx1 = _with_dummy_group(per_row(positions_GxC, r, rows))[..., None]
     real_GxQx1 = _with_dummy_group(per_row(real_GxC, r, rows))[..., None]
@@ -312,24 +326,60 @@ def ragged_paged_attention_tpu(
         per_step=per_step,
     )  # fmt: skip
     operands = [q_GxKxQxD, pos_GxQx1, real_GxQx1, *[k_NxPxKD] * per_step]
-    operands += [*[v_NxPxKD] * per_step, *outs]
-    aliased = len(steps) + len(operands) - 2  # the outputs' first values, after the rest
-    out, lse = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(steps),
-            grid=(extent,),
-            in_specs=[group_block, row_block, row_block, *pages, *pages, _ANY, _ANY],
-            out_specs=[group_block, group_rows],
-            scratch_shapes=[
-                pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
-                pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
-                pltpu.VMEM((kv_heads, rows, d), jnp.float32),
-            ],
-        ),
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
-        input_output_aliases={aliased: 0, aliased + 1: 1},
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
-        interpret=interpret,
-    )(*steps, *operands)
+    operands += [*[v_NxPxKD] * per_step]
+    aliased = len(steps) + len(operands)  # the outputs' first values, after the rest
+
+    def run(part: StepPages, extent, outs):
+        """The kernel over the first `extent` steps of `part`, writing their groups'
+        results into `outs` (aliased: other groups keep theirs)."""
+        return pl.pallas_call(
+            kernel,
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=len(part),
+                grid=(extent,),
+                in_specs=[group_block, row_block, row_block, *pages, *pages, _ANY, _ANY],
+                out_specs=[group_block, group_rows],
+                scratch_shapes=[
+                    pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
+                    pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
+                    pltpu.VMEM((kv_heads, rows, d), jnp.float32),
+                ],
+            ),
+            out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+            input_output_aliases={aliased: 0, aliased + 1: 1},
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+            interpret=interpret,
+        )(*part, *operands, *outs)
+
+    cap = window_steps(per_step)
+    if -(-table.shape[1] // per_step) > cap:  # one slot's steps must fit a window
+        raise NotImplementedError(
+            f"pallas_tpu: one slot's {table.shape[1]} pages take more grid steps than a step "
+            f"list in {STEP_LIST_BYTES >> 10} KiB of SMEM holds ({cap}); larger pages fit"
+        )
+    if steps.group.shape[0] <= cap:
+        out, lse = run(steps, extent, outs)
+    else:
+        # Windows of whole groups, in a loop over the list's real steps only. Each reads
+        # `cap` steps of the arrays from its first, padded by `cap` so no slice is clamped.
+        per_entry = StepPages(1, per_step, 1, 1)  # each array's entries per step
+        padded = StepPages(*(
+            jnp.pad(x, (0, cap * n), constant_values=g if x is steps.group else 0)
+            for x, n in zip(steps, per_entry, strict=True)
+        ))  # fmt: skip
+
+        last_end_T = last_group_ends(steps.group)
+
+        def next_window(state):
+            lo, outs = state
+            end = window_end(last_end_T, lo, cap, extent)
+            part = StepPages(*(
+                jax.lax.dynamic_slice(x, (lo * n,), (cap * n,))
+                for x, n in zip(padded, per_entry, strict=True)
+            ))  # fmt: skip
+            return end, tuple(run(part, end - lo, outs))
+
+        _, (out, lse) = jax.lax.while_loop(
+            lambda state: state[0] < extent, next_window, (jnp.int32(0), tuple(outs))
+        )
     return from_kv_heads(out[:g], lse[:g, ..., 0], c, r)
