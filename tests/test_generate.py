@@ -3,6 +3,7 @@ prefixes, sampling, bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import subprocess
@@ -755,19 +756,19 @@ def test_draft_verification_draws_from_the_target_distribution(temperature, top_
 
 def test_every_serving_feature_at_once_keeps_the_plain_engines_tokens(rng):
     """A pool too small for every slot (preemption by recomputation), the prefix cache,
-    n-gram speculation, prompts that share a prefix and quote themselves, stop ids, and
+    n-gram speculation, prompts that share a prefix and quote themselves, a stop id, and
     requests arriving while others run: the tokens are the plain engine's (one stretch
-    per slot, no cache, no drafts), with first-come-first-served and Past-Future
-    admission, and every page but the cached ones comes back. (A random search over these
-    settings, 142 combinations of pool, page size, window, draft model and cancels, found
-    no difference; this one exercises all of them at once.)"""
+    per slot, no cache, no drafts), with first-come-first-served admission and with
+    Past-Future's (eight requests, before its history: each at its max_new_tokens), and
+    every page but the cached ones comes back. (A one-off random search, not kept, over
+    142 combinations of pool, page size, window, draft model and cancels found no
+    difference; this one exercises all of them at once.)"""
     model = tiny_model(seed=19)
-    base, *tails = random_prompts(rng, [8, 5, 3, 6, 4, 7, 2])
-    stops = tuple(int(t) for t in rng.choice(VOCAB, 2, replace=False))
-    requests = [Request(base + t + t, 12, stop_ids=stops) for t in tails]
+    base, *tails = random_prompts(rng, [8, 5, 3, 6, 4, 7, 2, 5, 3])
+    requests = [Request(base + t + t, 12) for t in tails]
 
     def serve(**features):
-        """(outputs, cached prompt tokens, engine): three requests, then three more after
+        """(outputs, cached prompt tokens, engine): three requests, then five more after
         three steps."""
         engine = Engine(model, slots=3, max_length=40, token_budget=15, **features)
         ids = [engine.submit(r) for r in requests[:3]]
@@ -776,7 +777,11 @@ def test_every_serving_feature_at_once_keeps_the_plain_engines_tokens(rng):
         results = engine.run(events.append)
         return [results[i] for i in ids], sum(e.cached_tokens for e in events), engine
 
+    # The stop id: the first request's sixth token, so it ends by then.
+    stop = serve()[0][0][5]
+    requests = [dataclasses.replace(r, stop_ids=(stop,)) for r in requests]
     plain, _, _ = serve()
+    assert len(plain[0]) <= 6
     every = dict(page_size=4, num_pages=11, prefix_cache=True,
                  speculative={"method": "ngram", "k": 3})  # fmt: skip
     outputs, cached, engine = serve(**every)
@@ -793,8 +798,8 @@ def test_every_serving_feature_at_once_keeps_the_plain_engines_tokens(rng):
 def test_past_future_admission_avoids_the_preemptions_fcfs_runs_into(rng):
     """A pool of 16 pages of 4 and requests that each grow to 7 pages: first come first
     served fills every slot and preempts; Past-Future admits only what its predicted peak
-    (the requests' max_new_tokens, then the finished ones' lengths) fits, and preempts
-    nothing. The outputs are the same; the SLA counter counts what met it."""
+    (the requests' max_new_tokens: no stop id has ended any) fits, and preempts nothing.
+    The outputs are the same; the SLA counter counts what met it."""
     model = tiny_model(seed=15)
     prompts = random_prompts(rng, [4, 3, 4, 2, 4, 3, 4, 4])
 
@@ -816,34 +821,40 @@ def test_past_future_admission_avoids_the_preemptions_fcfs_runs_into(rng):
 
 
 def test_past_future_admission_predicts_from_history_once_enough_have_finished(rng, monkeypatch):
-    """24 requests of 2 to 24 new tokens: once `HISTORY_MIN` have finished, admission
-    draws the running requests' lengths from the survival estimate, past what each has
-    generated (not every request at its max_new_tokens); it preempts less than first come
-    first served, and the outputs are the same. The lengths are fixed, so the page
-    demand (and FCFS's preemptions) does not depend on the test's seed."""
+    """24 requests of up to 24 new tokens, each ended by a stop id near 2 to 24 tokens
+    (its greedy output's first new token from there on): once `HISTORY_MIN` have
+    finished, admission draws the running requests' lengths from the survival estimate
+    of the ended ones, past what each has generated, many short of max_new_tokens; it
+    preempts less than first come first served, and the outputs are the same."""
     from lcx.generate import past_future
 
     model = tiny_model(seed=16)
     prompts = random_prompts(rng, [2, 3, 4] * 8)
-    ends = [2, 24, 5, 20, 9, 3, 16, 12] * 3
-    drawn = []
+    requests = []
+    for prompt, greedy, end in zip(prompts, generate(model, prompts, max_new_tokens=24),
+                                   [2, 24, 5, 20, 9, 3, 16, 12] * 3, strict=True):  # fmt: skip
+        n = next((n for n in range(end, 25) if greedy[n - 1] not in greedy[: n - 1]), None)
+        requests.append(Request(prompt, 24, stop_ids=() if n is None else (greedy[n - 1],)))
+    drawn = []  # (generated, max_new_tokens, the draws)
     original = past_future.sample_output_lengths
     monkeypatch.setattr(
-        past_future, "sample_output_lengths", lambda *a: drawn.append(a[2]) or original(*a)
-    )
+        past_future, "sample_output_lengths",
+        lambda *a: drawn.append((a[2], a[3], original(*a))) or drawn[-1][2],
+    )  # fmt: skip
 
     def run(admission):
         engine = Engine(model, slots=4, max_length=32, token_budget=12, page_size=4,
                         num_pages=16, admission=admission)  # fmt: skip
-        ids = [engine.submit(Request(p, n)) for p, n in zip(prompts, ends, strict=True)]
+        ids = [engine.submit(r) for r in requests]
         results = engine.run()
         return [results[i] for i in ids], engine
 
     fcfs, first_come = run("fcfs")
     assert not drawn
     predicted_outputs, predicted = run("past_future")
-    assert predicted_outputs == fcfs
-    assert drawn and max(drawn) > 0  # running requests' lengths drawn past what they have
+    assert predicted_outputs == fcfs and min(map(len, fcfs)) < 24
+    assert any(generated > 0 for generated, *_ in drawn)  # running ones, past what they have
+    assert any((draws < most).any() for _, most, draws in drawn)  # from the ended lengths
     assert predicted.preemptions < first_come.preemptions
 
 

@@ -55,7 +55,7 @@ def test_output_lengths_follow_the_estimate_past_what_was_generated(rng):
     assert not np.array_equal(uniforms(7), uniforms(8))
 
 
-def test_capped_outputs_count_as_at_least_their_length(rng):
+def test_capped_outputs_count_as_longer_than_their_length(rng):
     """Outputs that ran to their max_new_tokens of 4 are censored, as running ones are:
     with no output ended by a stop id, a request's draws run to its own max; counted as
     ended, they would say every output stops at 4."""
@@ -68,3 +68,7 @@ def test_capped_outputs_count_as_at_least_their_length(rng):
     # ends there.
     lengths, longer = survival([6, 9, 9], [4, 4, 12])
     np.testing.assert_allclose(longer, [3 / 4, 3 / 4 * 1 / 3])
+    # An output censored at 4 runs on past it: at risk of ending at 4 and at 5 (2 of 3
+    # at risk there run on), not at 6.
+    lengths, longer = survival([4, 5, 6], [4])
+    np.testing.assert_allclose(longer, [3 / 4, 3 / 4 * 2 / 3, 0])

@@ -24,7 +24,7 @@ dynamic, the list's real steps, so the list's padding (a fixed-size list built i
 step, `ragged_paged_xla.work_in_graph`) costs no grid step; with no real step, one runs,
 naming the dummy group G, whose results are dropped. A group with no pages keeps the
 zeros (and -inf lse) its aliased outputs start with. A step list too long for SMEM
-(`STEP_LIST_BYTES`; 128 slots x 32K tokens of 16-token pages) runs in a loop over
+(`STEP_LIST_BYTES`; e.g. 128 slots x 32K tokens of 16-token pages) runs in a loop over
 windows of whole groups' steps, one call each, the outputs aliased through them, as the
 training kernels' lists do (`lcx.attention.step_list`); only the real steps' windows run.
 
@@ -100,7 +100,7 @@ def step_pages(group_W, page_W, slot_G, table, offset_S, page_size, per_step):
 
     A step's spare places (past its real pages) keep the physical page their place had
     the step before (the first step's, at step 0), so the kernel fetches a page only for
-    a real one: fetches <= real items + per_step.
+    a real one: fetches <= real items + per_step per call (per window of a long list).
     """
     g, w = slot_G.shape[0], group_W.shape[0]
     per_slot = table.shape[1]
@@ -241,6 +241,8 @@ def window_end(last_end_T, lo, size, extent):
     (`last_group_ends`; a window never cuts a group, whose first and last steps write its
     output), at most the list's `extent`, at least one step on."""
     end = last_end_T[jnp.minimum(lo + size, last_end_T.shape[0]) - 1]
+    # `lo + 1` only where a group has more than `size` steps, which the kernel refuses
+    # before its loop (and the list's one padding step, with no real steps).
     return jnp.maximum(jnp.minimum(end, extent), lo + 1)
 
 
@@ -329,14 +331,14 @@ def ragged_paged_attention_tpu(
     operands += [*[v_NxPxKD] * per_step]
     aliased = len(steps) + len(operands)  # the outputs' first values, after the rest
 
-    def run(part: StepPages, extent, outs):
-        """The kernel over the first `extent` steps of `part`, writing their groups'
-        results into `outs` (aliased: other groups keep theirs)."""
+    def run(part: StepPages, part_extent, part_outs):
+        """The kernel over the first `part_extent` steps of `part`, writing their groups'
+        results into `part_outs` (aliased: other groups keep theirs)."""
         return pl.pallas_call(
             kernel,
             grid_spec=pltpu.PrefetchScalarGridSpec(
                 num_scalar_prefetch=len(part),
-                grid=(extent,),
+                grid=(part_extent,),
                 in_specs=[group_block, row_block, row_block, *pages, *pages, _ANY, _ANY],
                 out_specs=[group_block, group_rows],
                 scratch_shapes=[
@@ -345,29 +347,31 @@ def ragged_paged_attention_tpu(
                     pltpu.VMEM((kv_heads, rows, d), jnp.float32),
                 ],
             ),
-            out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outs],
+            out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in part_outs],
             input_output_aliases={aliased: 0, aliased + 1: 1},
             compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
             interpret=interpret,
-        )(*part, *operands, *outs)
+        )(*part, *operands, *part_outs)
 
     cap = window_steps(per_step)
-    if -(-table.shape[1] // per_step) > cap:  # one slot's steps must fit a window
-        raise NotImplementedError(
-            f"pallas_tpu: one slot's {table.shape[1]} pages take more grid steps than a step "
-            f"list in {STEP_LIST_BYTES >> 10} KiB of SMEM holds ({cap}); larger pages fit"
-        )
     if steps.group.shape[0] <= cap:
         out, lse = run(steps, extent, outs)
     else:
+        slot_steps = -(-min(table.shape[1], group_W.shape[0]) // per_step)  # a group's most
+        if slot_steps > cap:
+            raise NotImplementedError(
+                f"pallas_tpu: one slot's pages take {slot_steps} grid steps, more than a "
+                f"step list in {STEP_LIST_BYTES >> 10} KiB of SMEM holds ({cap}); larger "
+                f"pages fit"
+            )
         # Windows of whole groups, in a loop over the list's real steps only. Each reads
         # `cap` steps of the arrays from its first, padded by `cap` so no slice is clamped.
         per_entry = StepPages(1, per_step, 1, 1)  # each array's entries per step
+        pad_value = StepPages(g, 0, 0, 0)  # padding steps name the dummy group
         padded = StepPages(*(
-            jnp.pad(x, (0, cap * n), constant_values=g if x is steps.group else 0)
-            for x, n in zip(steps, per_entry, strict=True)
+            jnp.pad(x, (0, cap * n), constant_values=v)
+            for x, n, v in zip(steps, per_entry, pad_value, strict=True)
         ))  # fmt: skip
-
         last_end_T = last_group_ends(steps.group)
 
         def next_window(state):

@@ -212,8 +212,8 @@ class Engine:
         fits the pool in each of `past_future.SAMPLES` futures, where every request's
         output length is drawn from the lengths of the last `past_future.HISTORY`
         finished requests and of the running ones (a survival estimate, where a request
-        that ran to its max_new_tokens, like a running one, only says its output runs at
-        least that long), given that it runs past what it has generated
+        that ran to its max_new_tokens, like a running one, only says its output runs
+        longer than that), given that it runs past what it has generated
         (`lcx.generate.past_future`); until
         `past_future.HISTORY_MIN` have finished, each runs to its `max_new_tokens`.
       sla: (seconds to the first token, seconds per later token) a request must meet to
@@ -287,7 +287,7 @@ class Engine:
             raise ValueError("admission='past_future' predicts page use: it needs page_size")
         self._admission, self._sla = admission, sla
         # Finished requests' (output length, whether a stop id ended it): one that ran to
-        # its max_new_tokens only says its output would have been at least that long.
+        # its max_new_tokens only says its output would have run longer.
         self._finished: collections.deque[tuple[int, bool]] = collections.deque(
             maxlen=past_future.HISTORY
         )

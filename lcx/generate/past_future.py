@@ -11,12 +11,12 @@ conservative one (every request runs to its `max_new_tokens`, or to a high quant
 at once: slots left empty while requests queue).
 
 Three departures from LightLLM, each measured in BENCHMARKS.md ("Past-Future admission
-from a survival estimate, on open-ended requests", and "... when requests set their own
+from a survival estimate, on open-ended requests" and "Requests that set their own
 max_new_tokens"): the output-length distribution is the Kaplan-Meier estimate, which
 counts the running requests as outputs longer than they are so far (the finished ones
 alone are the short ones, early in a trace), where LightLLM starts its window with
 copies of the server's longest output; a request that ran to its `max_new_tokens`
-counts the same way, as an output at least that long, not as one that ended there (a
+counts the same way, as an output longer than that, not as one that ended there (a
 client asking for 16 tokens says nothing about how long the next chat answer runs); and
 each request's draws are fixed by its id, not drawn afresh at every admission attempt.
 
@@ -40,15 +40,16 @@ SEED = 0  # of the futures' draws (never of a sampled token)
 def survival(ended, censored) -> tuple[np.ndarray, np.ndarray]:
     """(lengths, the fraction of requests whose output runs longer than each): the
     Kaplan-Meier estimate (Kaplan & Meier, JASA 1958) from the output lengths of requests
-    a stop id `ended`, and the `censored` lengths, which only say an output runs at least
-    that long: running requests' lengths so far, and finished requests' that ran to their
-    max_new_tokens. Ended lengths alone under-predict: the short requests finish first,
-    so early in a trace the history holds hardly any long one; and short caps would pass
-    for short answers."""
+    a stop id `ended`, and the `censored` lengths, which only say an output runs longer
+    than that (no stop id among its tokens so far): running requests' lengths so far, and
+    finished requests' that ran to their max_new_tokens. A censored length c is at risk
+    of ending at every length up to c + 1. Ended lengths alone under-predict: the short
+    requests finish first, so early in a trace the history holds hardly any long one;
+    and short caps would pass for short answers."""
     ended, censored = np.asarray(ended, dtype=np.int64), np.asarray(censored, dtype=np.int64)
     lengths, count = np.unique(ended, return_counts=True)
     at_risk = (ended[None, :] >= lengths[:, None]).sum(1)
-    at_risk += (censored[None, :] >= lengths[:, None]).sum(1)
+    at_risk += (censored[None, :] + 1 >= lengths[:, None]).sum(1)
     return lengths, np.cumprod(1.0 - count / at_risk)
 
 
