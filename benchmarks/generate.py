@@ -928,7 +928,8 @@ def _report_admission(results):
     a, settings = results["admission"], results["settings"]
     lengths = a["fcfs"]["output_length"]
     print(f"\nAdmission under a pool of {a['num_pages']} pages of {settings['page_size']} "
-          f"(outputs ended by stop ids: mean {lengths['mean']:.0f}, p99 {lengths['p99']:.0f}, "
+          f"(outputs ended by stop ids or caps: mean {lengths['mean']:.0f}, "
+          f"p99 {lengths['p99']:.0f}, "
           f"cap {8 * settings['output_mean']:.0f}{_short_caps(settings)}); SLA: first token "
           f"<= {settings['sla_ttft']} s, later tokens <= {settings['sla_per_token']} s; "
           f"the run of median goodput of {a['repeats']}")  # fmt: skip
