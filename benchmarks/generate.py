@@ -317,9 +317,9 @@ def tpu_grid_steps(rows, slots, page_size, cfg) -> dict:
     call's items padded to a power of two (`ragged_work`); now it is runs of up to
     `pages_per_step` pages of one group, at least one step a call (`step_pages`).
 
-    The counts depend on the pages alone. lm_tiny's 2 kv heads of 64 are not
-    lane-aligned, so on a TPU its reads would take XLA; at head_dim 128 the kernel
-    serves them and takes the same 32 pages of 16 a step."""
+    The counts depend on the pages alone. lm_tiny's 2 kv heads of 64 share one
+    128-lane tile, which the kernel reads for each (`ragged_paged_tpu.lane_span`); at
+    head_dim 128 it takes the same 32 pages of 16 a step."""
     page_bytes = page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     per_step = pages_per_step(page_size, page_bytes)
     items = before = now = 0

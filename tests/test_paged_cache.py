@@ -24,26 +24,30 @@ SLOTS, PAGE, PAGES, K, H, D = 3, 4, 24, 2, 4, 8
 
 def _reference(q, keys, values, q_index, seen, window):
     """float64 causal attention of one query over a slot's keys [0, seen): (out, lse)."""
+    (heads, d), kv_heads = q.shape, keys.shape[1]
     at = np.arange(seen)
     visible = at <= q_index
     if window is not None:
         visible &= q_index - at < window
-    out, lse = np.zeros((H, D)), np.full(H, -np.inf)
-    for h in range(H):
-        kv = h // (H // K)
+    out, lse = np.zeros((heads, d)), np.full(heads, -np.inf)
+    for h in range(heads):
+        kv = h // (heads // kv_heads)
         if not visible.any():
             continue
-        logits = keys[at[visible], kv] @ q[h] / np.sqrt(D)
+        logits = keys[at[visible], kv] @ q[h] / np.sqrt(d)
         lse[h] = np.log(np.exp(logits - logits.max()).sum()) + logits.max()
         out[h] = np.exp(logits - lse[h]) @ values[at[visible], kv]
     return out, lse
 
 
-def paged_step(rng, window, dtype=jnp.float64, decode_width=1, host_lists=True, **attention):
+def paged_step(
+    rng, window, dtype=jnp.float64, decode_width=1, host_lists=True, heads=(H, K, D),
+    **attention,
+):  # fmt: skip
     """One engine step against a paged cache in `dtype`, `attention` passed to
     `paged_cache_attention`, its work lists from the host (`ragged_work`) or, without
-    `host_lists`, built in the step: (out [1, T, H, D], lse [1, T, H], wants, real item
-    counts),
+    `host_lists`, built in the step, with `heads` (q heads, kv heads, head dim): (out
+    [1, T, H, D], lse [1, T, H], wants, real item counts),
     wants[t] the float64 reference (out, lse) of query t on the inputs rounded to `dtype`,
     None for padding.
 
@@ -52,7 +56,7 @@ def paged_step(rng, window, dtype=jnp.float64, decode_width=1, host_lists=True, 
     `decode_width` C > 1 the decode part holds C places per slot and slot 0 verifies C
     tokens ending at index 9 (a last token and its drafts).
     """
-    c = decode_width
+    c, (q_heads, kv_heads, d) = decode_width, heads
     rounded = lambda x: x.astype(jnp.dtype(dtype)).astype(np.float64)  # noqa: E731
     offset = np.array([0, 2, 0], np.int32)
     lengths = [10, 23, 1]  # after this step's writes
@@ -60,11 +64,11 @@ def paged_step(rng, window, dtype=jnp.float64, decode_width=1, host_lists=True, 
     table = np.zeros((SLOTS, 8), np.int32)
     for s, n in enumerate(lengths):
         table[s, : -(-n // PAGE)], order = order[: -(-n // PAGE)], order[-(-n // PAGE) :]
-    keys = [rounded(rng.standard_normal((n, K, D))) for n in lengths]
-    values = [rounded(rng.standard_normal((n, K, D))) for n in lengths]
+    keys = [rounded(rng.standard_normal((n, kv_heads, d))) for n in lengths]
+    values = [rounded(rng.standard_normal((n, kv_heads, d))) for n in lengths]
     with jax.enable_x64(jnp.dtype(dtype) == jnp.float64):
         # Everything before this step, written as one packed row of earlier tokens.
-        cache = PagedAttentionCache.zeros(PAGES, PAGE, K, D, dtype)
+        cache = PagedAttentionCache.zeros(PAGES, PAGE, kv_heads, d, dtype)
         before = [(0, 10 - c), (1, 3), (2, 0)]
         ids = np.concatenate([np.full(n, s + 1) for s, n in before])[None]
         pos = np.concatenate([np.arange(n) + offset[s] for s, n in before])[None]
@@ -83,14 +87,14 @@ def paged_step(rng, window, dtype=jnp.float64, decode_width=1, host_lists=True, 
         chunk = slice(SLOTS * c, SLOTS * c + 20)
         seg[chunk], index[chunk] = 2, np.arange(3, 23)
         positions = index + offset[np.maximum(seg - 1, 0)]
-        step_k, step_v = np.zeros((1, width, K, D)), np.zeros((1, width, K, D))
+        step_k, step_v = np.zeros((1, width, kv_heads, d)), np.zeros((1, width, kv_heads, d))
         for t in np.flatnonzero(seg):
             step_k[0, t] = keys[seg[t] - 1][index[t]]
             step_v[0, t] = values[seg[t] - 1][index[t]]
         lists, real = ragged_work(seg, positions, SLOTS, offset, PAGE, window, SLOTS * c)
         assert ragged_reads(seg, positions, SLOTS, offset, PAGE, window, SLOTS * c) == real
         layout = PageLayout(jnp.asarray(table), *map(jnp.asarray, lists if host_lists else ()))
-        q = rounded(rng.standard_normal((1, width, H, D)))
+        q = rounded(rng.standard_normal((1, width, q_heads, d)))
 
         @jax.jit
         def step(cache, q, k, v, seg, positions, offset):

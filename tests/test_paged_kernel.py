@@ -72,6 +72,35 @@ def test_kernel_equals_float64_per_slot_attention(
     assert_matches(out, lse, wants, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
+def test_tpu_kernel_reads_heads_narrower_than_a_lane_tile_from_the_tile(rng, monkeypatch):
+    # 4 kv heads of 64 (Llama 3.2 1B's, Qwen2.5 0.5B's width) fill two 128-lane tiles, two
+    # heads in each: every kv head reads its tile, its queries at its own lanes. Verify
+    # rows and a window; 3 pages a grid step.
+    assert ragged_paged_tpu.lane_span(64, 4) == 128
+    monkeypatch.setattr(ragged_paged_tpu, "KEYS_PER_STEP", 3 * PAGE)
+    out, lse, wants, _ = paged_step(
+        rng, 6, jnp.float32, 3, False, heads=(8, 4, 64), implementation="pallas_tpu",
+        interpret=True,
+    )  # fmt: skip
+    assert_matches(out, lse, wants, rtol=TOLERANCE[jnp.float32], atol=TOLERANCE[jnp.float32])
+
+
+def test_tpu_kernel_lane_spans():
+    span = ragged_paged_tpu.lane_span
+    assert span(128, 2) == 128 and span(256, 8) == 256  # lane-aligned heads: their own
+    assert span(64, 1) == 64  # one head: the page's whole width
+    assert span(64, 2) == span(32, 8) == 128  # narrow heads: their lane tile
+    # Neither: a head across two tiles (96), or a tile past the page's lanes (3 x 64).
+    assert span(96, 2) is None and span(64, 3) is None
+    q = _spec(1, 1, 4, 96, dtype=jnp.bfloat16)
+    cache = PagedAttentionCache(*[_spec(8, 16, 2, 96, dtype=jnp.bfloat16)] * 2)
+    with pytest.raises(NotImplementedError, match="head_dim=96 must be a multiple of 128"):
+        ragged_paged_tpu.ragged_paged_attention_tpu(
+            q, _spec(1, 1), _spec(1, 1), _spec(1), _spec(4), _spec(4), cache=cache,
+            table=_spec(2, 4), offset_S=_spec(2), window=None,
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("per_step", [1, 3, 4])
 def test_tpu_grid_steps_cover_each_groups_pages_once_and_fetch_only_real_pages(rng, per_step):
     # Random work lists as the host makes them: G groups of 0 to 9 consecutive pages from
@@ -222,26 +251,27 @@ def _spec(*shape, dtype=jnp.int32):
 
 
 @pytest.mark.parametrize(
-    "implementation, size, host_lists, step_list_bytes",
+    "implementation, size, host_lists, step_list_bytes, d",
     [
-        ("pallas_tpu", 128, True, None),
-        ("pallas_tpu", 16, False, None),
-        ("pallas_tpu", 16, False, 8 << 10),  # in-graph lists in windows of 58 steps
-        ("pallas_gpu", 128, True, None),
+        ("pallas_tpu", 128, True, None, 128),
+        ("pallas_tpu", 16, False, None, 128),
+        ("pallas_tpu", 16, False, 8 << 10, 128),  # in-graph lists in windows of 58 steps
+        ("pallas_tpu", 16, False, None, 64),  # narrow heads: both in one lane tile
+        ("pallas_gpu", 128, True, None, 128),
     ],
 )
 def test_kernel_lowers_at_production_sizes(
-    implementation, size, host_lists, step_list_bytes, rng, monkeypatch
+    implementation, size, host_lists, step_list_bytes, d, rng, monkeypatch
 ):
     # 32 decode slots and 16 chunk blocks over pages of 128 tokens (the TPU kernel: 4
     # pages a grid step; and of 16, 32 a step, its lists built in the step as the engine
-    # does), 8 q heads on 2 kv heads of 128, bfloat16: 256 decode and 512 chunk work
-    # items from the host.
+    # does), 8 q heads on 2 kv heads of d (128; 64 as in lm_tiny or Llama 3.2 1B),
+    # bfloat16: 256 decode and 512 chunk work items from the host.
     platform = PLATFORMS[implementation]
     if platform == "cuda" and _refuses_without_triton(rng):
         return
     _, marker, checks = TARGETS[platform]
-    slots, pages, kv_heads, d, blocks = 32, 4096, 2, 128, 16
+    slots, pages, kv_heads, blocks = 32, 4096, 2, 16
     width = slots + 16 * blocks
 
     def step(q, seg, positions, k, v, table, *items):

@@ -29,11 +29,15 @@ windows of whole groups' steps, one call each, the outputs aliased through them,
 training kernels' lists do (`lcx.attention.step_list`); only the real steps' windows run.
 
 Layout: the pool [N, P, K, D] is read as [N, P, K * D] (a free reshape), whole pages,
-and each kv head's keys are a lane-aligned slice of a page (D a multiple of 128 on TPU;
-several pages per step need P a multiple of 16, whole bfloat16 sublane tiles). The
-queries of a group are arranged [K, Q, D] (head h = k * R + r on row c * R + r, Q = C * R
-padded to 16 rows, `lcx.attention.ragged_paged_common`), so each kv head is one
-[Q, D] x [D, pages * P] product.
+and each kv head's keys are a lane-aligned slice of a page (several pages per step need
+P a multiple of 16, whole bfloat16 sublane tiles). The queries of a group are arranged
+[K, Q, D] (head h = k * R + r on row c * R + r, Q = C * R padded to 16 rows,
+`lcx.attention.ragged_paged_common`), so each kv head is one [Q, D] x [D, pages * P]
+product. Heads narrower than a lane tile (D dividing 128: 64 in Llama 3.2 1B, Qwen2.5
+0.5B, SmolLM2 and lm_tiny) cannot be sliced one by one; each kv head reads the whole
+128-lane tile holding it (`lane_span`) with its queries at its own lanes and zeros on
+the others', so the product over the tile is its own (the MXU runs a 64-deep product
+as a 128-deep one anyway), and its output is its own lanes of the tile's.
 """
 
 from __future__ import annotations
@@ -148,9 +152,11 @@ def _kernel(
     window,
     precision,
     per_step,
+    head_dim,
 ):
     """One step: a group's queries against its next pages, folded into the running
-    softmax."""
+    softmax. Each kv head's q, output and accumulator blocks are its lane span (the
+    head's own lanes, or the lane tile holding it: `lane_span`)."""
     del physical_ref
     k_refs, v_refs = refs[:per_step], refs[per_step : 2 * per_step]
     o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * per_step + 2 :]
@@ -158,7 +164,7 @@ def _kernel(
     group = group_ref[t]
     first = (t == 0) | (group_ref[jnp.maximum(t - 1, 0)] != group)
     last = (t == n - 1) | (group_ref[jnp.minimum(t + 1, n - 1)] != group)
-    kv_heads, rows, d = q_ref.shape
+    kv_heads, rows, span = q_ref.shape
     size = k_refs[0].shape[0] * per_step
 
     @pl.when(first)
@@ -179,8 +185,9 @@ def _kernel(
             visible &= q_pos - kv_pos < window
 
         def joined(page_refs, kv):
-            """kv head `kv` of the step's pages, [pages * P, D]."""
-            parts = [r[:, kv * d : (kv + 1) * d] for r in page_refs]
+            """The lane span of kv head `kv` in the step's pages, [pages * P, span]."""
+            lo = kv * head_dim // span * span
+            parts = [r[:, lo : lo + span] for r in page_refs]
             return parts[0] if per_step == 1 else jnp.concatenate(parts, axis=0)
 
         for kv in range(kv_heads):
@@ -190,7 +197,7 @@ def _kernel(
             s = jax.lax.dot_general(
                 q, k, _NT, preferred_element_type=jnp.float32, precision=precision
             )
-            s = jnp.where(visible, s * d**-0.5, MASK_VALUE)
+            s = jnp.where(visible, s * head_dim**-0.5, MASK_VALUE)
             m_prev = m_sc[kv]
             m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
             p = jnp.where(visible, jnp.exp(s - jnp.broadcast_to(m_next[:, :1], s.shape)), 0.0)
@@ -200,7 +207,7 @@ def _kernel(
             pv = jax.lax.dot(
                 p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=precision
             )
-            acc_sc[kv] = acc_sc[kv] * jnp.broadcast_to(alpha[:, :1], (rows, d)) + pv
+            acc_sc[kv] = acc_sc[kv] * jnp.broadcast_to(alpha[:, :1], (rows, span)) + pv
 
     @pl.when(last)
     def _finish():
@@ -208,19 +215,59 @@ def _kernel(
             m, l = m_sc[kv][:, :1], l_sc[kv][:, :1]
             seen = l > 0
             safe = jnp.where(seen, l, 1.0)
-            out = acc_sc[kv] / jnp.broadcast_to(safe, (rows, d))
+            out = acc_sc[kv] / jnp.broadcast_to(safe, (rows, span))
             o_ref[kv] = jnp.where(seen, out, 0.0).astype(o_ref.dtype)
             lse_ref[kv] = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
 
 
-def _check_lanes(q_GxCxHxD, cache, interpret):
-    """NotImplementedError unless each kv head's slice of a page is lane-aligned."""
+def lane_span(head_dim: int, kv_heads: int) -> int | None:
+    """The lanes of a page the kernel reads for each kv head: its own `head_dim` where
+    that slice is lane-aligned (or the page has one head); the `_LANES` tile holding it
+    where heads are narrower and tile the page (`head_dim` divides `_LANES`, and
+    `_LANES` divides `kv_heads * head_dim`); None where neither holds."""
+    if kv_heads == 1 or head_dim % _LANES == 0:
+        return head_dim
+    if _LANES % head_dim == 0 and kv_heads * head_dim % _LANES == 0:
+        return _LANES
+    return None
+
+
+def _span(q_GxCxHxD, cache, interpret) -> int:
+    """`lane_span` of these heads; NotImplementedError where there is none (Pallas'
+    interpreter slices any lanes: there, each head's own)."""
     d, kv_heads = q_GxCxHxD.shape[3], cache.k.shape[2]
-    if not interpret and kv_heads > 1 and d % _LANES:
+    span = lane_span(d, kv_heads)
+    if span is None and not interpret:
         raise NotImplementedError(
             f"pallas_tpu: with several kv heads the kernel slices pages by head on lanes; "
-            f"head_dim={d} must be a multiple of {_LANES}"
+            f"head_dim={d} must be a multiple of {_LANES}, or divide it with "
+            f"kv_heads * head_dim ({kv_heads * d}) a multiple of it"
         )
+    return d if span is None else span
+
+
+def _own_lanes(x_GxKxQxD, span):
+    """[G, K, Q, span]: each kv head's D lanes at its place in its lane tile (k * D mod
+    span), zeros elsewhere; x itself where span is D."""
+    d = x_GxKxQxD.shape[3]
+    if span == d:
+        return x_GxKxQxD
+    heads = [
+        jnp.pad(x_GxKxQxD[:, kv], ((0, 0), (0, 0), (kv * d % span, span - kv * d % span - d)))
+        for kv in range(x_GxKxQxD.shape[1])
+    ]
+    return jnp.stack(heads, axis=1)
+
+
+def _from_own_lanes(x_GxKxQxS, d):
+    """_own_lanes' inverse: each kv head's D lanes of its tile, [G, K, Q, D]."""
+    span = x_GxKxQxS.shape[3]
+    if span == d:
+        return x_GxKxQxS
+    heads = [
+        x_GxKxQxS[:, kv, :, kv * d % span : kv * d % span + d] for kv in range(x_GxKxQxS.shape[1])
+    ]
+    return jnp.stack(heads, axis=1)
 
 
 def window_steps(per_step: int) -> int:
@@ -285,7 +332,7 @@ def ragged_paged_attention_tpu(
       out in q's dtype, 0 where a query saw no key; lse float32, natural, -inf there.
     """
     check_inputs(NAME, q_GxCxHxD, real_GxC, positions_GxC, group_W, page_W, cache)
-    _check_lanes(q_GxCxHxD, cache, interpret)
+    span = _span(q_GxCxHxD, cache, interpret)
     g, c, h, d = q_GxCxHxD.shape
     n, size, kv_heads, _ = cache.k.shape
     r = h // kv_heads
@@ -299,7 +346,7 @@ def ragged_paged_attention_tpu(
         )
     per_step = pages_per_step(size, page_bytes, interpret)
     steps, extent = step_pages(group_W, page_W, slot_G, table, offset_S, size, per_step)
-    q_GxKxQxD = _with_dummy_group(by_kv_head(q_GxCxHxD, kv_heads, rows))
+    q_GxKxQxS = _with_dummy_group(_own_lanes(by_kv_head(q_GxCxHxD, kv_heads, rows), span))
     pos_GxQx1 = _with_dummy_group(per_row(positions_GxC, r, rows))[..., None]
     real_GxQx1 = _with_dummy_group(per_row(real_GxC, r, rows))[..., None]
     k_NxPxKD = cache.k.reshape(n, size, kv_heads * d)
@@ -315,19 +362,19 @@ def ragged_paged_attention_tpu(
             lambda t, group_ref, physical_ref, *_: (physical_ref[t * per_step + place], 0, 0),
         )
 
-    group_block = pl.BlockSpec((None, kv_heads, rows, d), lambda *a: (*by_group(*a), 0))
+    group_block = pl.BlockSpec((None, kv_heads, rows, span), lambda *a: (*by_group(*a), 0))
     group_rows = pl.BlockSpec((None, kv_heads, rows, 1), lambda *a: (*by_group(*a), 0))
     row_block = pl.BlockSpec((None, rows, 1), by_group)
     pages = [page_block(place) for place in range(per_step)]
     outs = [
-        jnp.zeros((g + 1, kv_heads, rows, d), q_GxCxHxD.dtype),
+        jnp.zeros((g + 1, kv_heads, rows, span), q_GxCxHxD.dtype),
         jnp.full((g + 1, kv_heads, rows, 1), -jnp.inf, jnp.float32),
     ]
     kernel = functools.partial(
         _kernel, groups=g, window=window, precision=products_precision(q_GxCxHxD.dtype),
-        per_step=per_step,
+        per_step=per_step, head_dim=d,
     )  # fmt: skip
-    operands = [q_GxKxQxD, pos_GxQx1, real_GxQx1, *[k_NxPxKD] * per_step]
+    operands = [q_GxKxQxS, pos_GxQx1, real_GxQx1, *[k_NxPxKD] * per_step]
     operands += [*[v_NxPxKD] * per_step]
     aliased = len(steps) + len(operands)  # the outputs' first values, after the rest
 
@@ -344,7 +391,7 @@ def ragged_paged_attention_tpu(
                 scratch_shapes=[
                     pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
                     pltpu.VMEM((kv_heads, rows, _LANES), jnp.float32),
-                    pltpu.VMEM((kv_heads, rows, d), jnp.float32),
+                    pltpu.VMEM((kv_heads, rows, span), jnp.float32),
                 ],
             ),
             out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in part_outs],
@@ -386,4 +433,4 @@ def ragged_paged_attention_tpu(
         _, (out, lse) = jax.lax.while_loop(
             lambda state: state[0] < extent, next_window, (jnp.int32(0), tuple(outs))
         )
-    return from_kv_heads(out[:g], lse[:g, ..., 0], c, r)
+    return from_kv_heads(_from_own_lanes(out[:g], d), lse[:g, ..., 0], c, r)
