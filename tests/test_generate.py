@@ -754,15 +754,18 @@ def test_draft_verification_draws_from_the_target_distribution(temperature, top_
         assert 0.5 * np.abs(empirical - p).sum() < 0.015
 
 
-def test_every_serving_feature_at_once_keeps_the_plain_engines_tokens(rng):
+def test_every_serving_feature_at_once_keeps_the_plain_engines_tokens(rng, monkeypatch):
     """A pool too small for every slot (preemption by recomputation), the prefix cache,
     n-gram speculation, prompts that share a prefix and quote themselves, a stop id, and
     requests arriving while others run: the tokens are the plain engine's (one stretch
     per slot, no cache, no drafts), with first-come-first-served admission and with
-    Past-Future's (eight requests, before its history: each at its max_new_tokens), and
-    every page but the cached ones comes back. (A one-off random search, not kept, over
-    142 combinations of pool, page size, window, draft model and cancels found no
-    difference; this one exercises all of them at once.)"""
+    Past-Future's (its history trusted from the first finished request on, so it draws
+    lengths from the survival estimate), and every page but the cached ones comes back.
+    (A one-off random search, not kept, over 142 combinations of pool, page size,
+    window, draft model and cancels found no difference; this one exercises all of them
+    at once.)"""
+    from lcx.generate import past_future
+
     model = tiny_model(seed=19)
     base, *tails = random_prompts(rng, [8, 5, 3, 6, 4, 7, 2, 5, 3])
     requests = [Request(base + t + t, 12) for t in tails]
@@ -788,8 +791,14 @@ def test_every_serving_feature_at_once_keeps_the_plain_engines_tokens(rng):
     assert outputs == plain
     assert engine.preemptions > 0 and engine.accepted_tokens > 0 and cached > 0
     assert engine.pages_in_use == 0
+    monkeypatch.setattr(past_future, "HISTORY_MIN", 1)
+    drawn = []
+    original = past_future.sample_output_lengths
+    monkeypatch.setattr(
+        past_future, "sample_output_lengths", lambda *a: drawn.append(a) or original(*a)
+    )
     outputs, _, engine = serve(**every, admission="past_future")
-    assert outputs == plain and engine.pages_in_use == 0
+    assert outputs == plain and engine.pages_in_use == 0 and drawn
 
 
 # ---- admission ------------------------------------------------------------------------

@@ -20,9 +20,13 @@ counts the same way, as an output longer than that, not as one that ended there 
 client asking for 16 tokens says nothing about how long the next chat answer runs); and
 each request's draws are fixed by its id, not drawn afresh at every admission attempt.
 
-What it leaves out: a request grows one entry per step (chunked prefill and accepted
-drafts grow faster), and queued preempted requests are not among the running ones the
-estimate counts.
+What it leaves out: a request grows one entry per step. A prompt being prefilled in
+chunks is counted whole from admission on, so chunked prefill is over-counted, not
+under; accepted drafts grow a request faster, but at one rate for all requests the
+peak is the same (the requests end in the same order, each holding what it holds when
+another ends), so only rates that differ between requests move it, and drafts take
+pages only where they are free (`Engine._drafts`), never by preempting. Queued
+preempted requests are not among the running ones the estimate counts.
 
 numpy on the host: a few arrays of at most `HISTORY` + slots lengths per admission.
 """
