@@ -411,9 +411,12 @@ def run_static(model, trace, *, slots, max_length):
     return {**stats, "decode_reads_over_own_lengths": read / own}
 
 
-def bench_trace(model, padded_reads_model, trace, *, slots, token_budget, page_size):
+def bench_trace(model, padded_reads_model, trace, *, slots, token_budget, page_size, repeats=1):
     """Static batching vs the engine with chunked prefill (one stretch per slot, and
-    paged) vs whole-prompt prefill.
+    paged) vs whole-prompt prefill: after one run of each (it compiles), `repeats`
+    rounds of the variants in turn; each variant's run of median throughput, and the
+    median (min-max) of each round's throughput ratios (a round's variants run minutes
+    apart at most, so the ratios ride out the machine's slower hours better than times).
 
     Static batching runs twice: as static padded batching does (transformers' padded
     batch; `padded_reads_model`, whose attention reads every slot up to the batch's
@@ -443,19 +446,24 @@ def bench_trace(model, padded_reads_model, trace, *, slots, token_budget, page_s
             page_size=page_size,
         ),  # fmt: skip
     }
-    out = {}
-    for name, run in runs.items():
+    for run in runs.values():
         run(trace)  # compiles every shape this variant meets (static: one per batch width)
-        out[name] = run(trace)
-    out["throughput_ratio"] = (
-        out["continuous_chunked"]["tokens_per_sec"] / out["static"]["tokens_per_sec"]
-    )
-    out["paged_throughput_ratio"] = (
-        out["continuous_paged"]["tokens_per_sec"] / out["static"]["tokens_per_sec"]
-    )
-    ragged = out["static_ragged_reads"]["tokens_per_sec"]
-    out["throughput_ratio_ragged_static"] = out["continuous_chunked"]["tokens_per_sec"] / ragged
-    out["paged_throughput_ratio_ragged_static"] = out["continuous_paged"]["tokens_per_sec"] / ragged
+    rounds = [{name: run(trace) for name, run in runs.items()} for _ in range(repeats)]
+    out = {"repeats": repeats}
+    for name in runs:
+        done = sorted((r[name] for r in rounds), key=lambda r: r["tokens_per_sec"])
+        out[name] = {**done[len(done) // 2], "tokens_per_sec_spread": spread(
+            [r["tokens_per_sec"] for r in done])}  # fmt: skip
+    ratios = {  # name: (engine variant, baseline)
+        "throughput_ratio": ("continuous_chunked", "static"),
+        "paged_throughput_ratio": ("continuous_paged", "static"),
+        "throughput_ratio_ragged_static": ("continuous_chunked", "static_ragged_reads"),
+        "paged_throughput_ratio_ragged_static": ("continuous_paged", "static_ragged_reads"),
+    }
+    for name, (variant, baseline) in ratios.items():
+        paired = spread([r[variant]["tokens_per_sec"] / r[baseline]["tokens_per_sec"]
+                         for r in rounds])  # fmt: skip
+        out[name], out[f"{name}_spread"] = paired["median"], paired
     return out
 
 
@@ -765,7 +773,7 @@ def main(argv=None) -> dict:
         padded_reads_model, _ = build_model(args.smoke, "xla_chunked", args.dtype)
         results["trace"] = bench_trace(
             model, padded_reads_model, trace, slots=args.slots,
-            token_budget=args.token_budget, page_size=args.page_size,
+            token_budget=args.token_budget, page_size=args.page_size, repeats=args.repeats,
         )  # fmt: skip
     if "chat" in only:
         rng = np.random.default_rng(args.seed + 3)
@@ -875,13 +883,17 @@ def _report_trace(results):
              "continuous_paged")  # fmt: skip
     for name in names:
         r = t[name]
-        print(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} | "
+        rate = r["tokens_per_sec_spread"]
+        print(f"| {name} | {r['seconds']:.2f} | {r['tokens_per_sec']:.0f} "
+              f"({rate['min']:.0f}-{rate['max']:.0f}) | "
               f"{r['itl_median_ms']:.1f} | {r['itl_p99_ms']:.1f} | "
               f"{r['decode_reads_over_own_lengths']:.2f} |")  # fmt: skip
-    print(f"continuous / static throughput: {t['throughput_ratio']:.2f}x (paged: "
-          f"{t['paged_throughput_ratio']:.2f}x); over static with ragged reads: "
-          f"{t['throughput_ratio_ragged_static']:.2f}x (paged: "
-          f"{t['paged_throughput_ratio_ragged_static']:.2f}x)")  # fmt: skip
+    x = lambda name: "{median:.2f}x ({min:.2f}-{max:.2f})".format(**t[f"{name}_spread"])  # noqa: E731
+    print(f"each variant's run of median throughput of {t['repeats']} (min-max); per round, "
+          f"median (min-max): continuous / static throughput: {x('throughput_ratio')} "
+          f"(paged: {x('paged_throughput_ratio')}); over static with ragged reads: "
+          f"{x('throughput_ratio_ragged_static')} (paged: "
+          f"{x('paged_throughput_ratio_ragged_static')})")  # fmt: skip
     grid = t["continuous_paged"]["tpu_grid_steps"]
     fewer = grid["before"] / max(grid["now"], 1)
     print(f"the paged TPU kernel's grid steps over the paged run, per layer (counted): "

@@ -38,6 +38,10 @@ def test_generate_benchmark_runs(capsys):
         row = trace[name]
         assert row["seconds"] > 0 and row["tokens_per_sec"] > 0
         assert 0 <= row["itl_median_ms"] <= row["itl_p99_ms"]
+        rates = row["tokens_per_sec_spread"]  # of the rounds; this variant's median run
+        assert rates["min"] <= row["tokens_per_sec"] <= rates["max"]
+    ratio = trace["paged_throughput_ratio_spread"]  # per round: the paged over static
+    assert ratio["min"] <= trace["paged_throughput_ratio"] == ratio["median"] <= ratio["max"]
     assert all(math.isfinite(result[k]["speedup"]) for k in ("prefill", "decode"))
     chat = result["chat"]  # the second turns find the first turns' pages
     assert chat["no_cache"]["cached_tokens"] == 0 < chat["prefix_cache"]["cached_tokens"]
