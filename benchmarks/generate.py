@@ -17,7 +17,8 @@
    continuous-batching engine with chunked prefill piggybacked on decodes, and the engine
    prefilling whole prompts in one step.
    Total time, output tokens/s, median and p99 time between a request's tokens; each
-   variant runs the trace twice and reports the second (compilation excluded). The
+   variant runs the trace once to compile, then `--repeats` rounds of the variants in
+   turn: each variant's run of median throughput, and the rounds' ratios. The
    paged engine runs beside them, and each reports its decodes' cache reads over the
    slots' own lengths; the paged run's rows also give the paged TPU kernel's grid
    steps, counted (`tpu_grid_steps`).
@@ -414,9 +415,7 @@ def run_static(model, trace, *, slots, max_length):
 def bench_trace(model, padded_reads_model, trace, *, slots, token_budget, page_size, repeats=1):
     """Static batching vs the engine with chunked prefill (one stretch per slot, and
     paged) vs whole-prompt prefill: after one run of each (it compiles), `repeats`
-    rounds of the variants in turn; each variant's run of median throughput, and the
-    median (min-max) of each round's throughput ratios (a round's variants run minutes
-    apart at most, so the ratios ride out the machine's slower hours better than times).
+    rounds of the variants in turn; `summarize_rounds`.
 
     Static batching runs twice: as static padded batching does (transformers' padded
     batch; `padded_reads_model`, whose attention reads every slot up to the batch's
@@ -449,17 +448,29 @@ def bench_trace(model, padded_reads_model, trace, *, slots, token_budget, page_s
     for run in runs.values():
         run(trace)  # compiles every shape this variant meets (static: one per batch width)
     rounds = [{name: run(trace) for name, run in runs.items()} for _ in range(repeats)]
-    out = {"repeats": repeats}
-    for name in runs:
+    return summarize_rounds(rounds, TRACE_RATIOS)
+
+
+# The trace's throughput ratios: name -> (engine variant, baseline).
+TRACE_RATIOS = {
+    "throughput_ratio": ("continuous_chunked", "static"),
+    "paged_throughput_ratio": ("continuous_paged", "static"),
+    "throughput_ratio_ragged_static": ("continuous_chunked", "static_ragged_reads"),
+    "paged_throughput_ratio_ragged_static": ("continuous_paged", "static_ragged_reads"),
+}
+
+
+def summarize_rounds(rounds, ratios) -> dict:
+    """From rounds of runs ({variant: its run's results}): each variant's run of median
+    throughput (the upper middle run for an even count) with the spread of its
+    throughput, and for each of `ratios` the median (min-max) of the rounds' own ratios
+    (a round's variants run minutes apart at most, so its ratio rides out the machine's
+    slower hours better than times from different rounds)."""
+    out = {"repeats": len(rounds)}
+    for name in rounds[0]:
         done = sorted((r[name] for r in rounds), key=lambda r: r["tokens_per_sec"])
         out[name] = {**done[len(done) // 2], "tokens_per_sec_spread": spread(
             [r["tokens_per_sec"] for r in done])}  # fmt: skip
-    ratios = {  # name: (engine variant, baseline)
-        "throughput_ratio": ("continuous_chunked", "static"),
-        "paged_throughput_ratio": ("continuous_paged", "static"),
-        "throughput_ratio_ragged_static": ("continuous_chunked", "static_ragged_reads"),
-        "paged_throughput_ratio_ragged_static": ("continuous_paged", "static_ragged_reads"),
-    }
     for name, (variant, baseline) in ratios.items():
         paired = spread([r[variant]["tokens_per_sec"] / r[baseline]["tokens_per_sec"]
                          for r in rounds])  # fmt: skip

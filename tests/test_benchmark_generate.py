@@ -7,6 +7,22 @@ import numpy as np
 from benchmarks import generate as bench
 
 
+def test_trace_rounds_give_each_variants_median_run_and_the_rounds_ratios():
+    # Three rounds: the median run of each variant, and the median of the rounds' own
+    # ratios (2, 2.5, 0.8: 2x), not the ratio of the medians (20 / 12).
+    rounds = [
+        {"engine": {"tokens_per_sec": a, "round": i}, "static": {"tokens_per_sec": b}}
+        for i, (a, b) in enumerate([(10, 5), (30, 12), (20, 25)])
+    ]
+    out = bench.summarize_rounds(rounds, {"ratio": ("engine", "static")})
+    assert out["repeats"] == 3 and out["engine"]["round"] == 2
+    assert out["engine"]["tokens_per_sec_spread"] == {"median": 20, "min": 10, "max": 30}
+    assert out["static"]["tokens_per_sec"] == 12
+    assert out["ratio"] == 2.0 and out["ratio_spread"] == {"median": 2.0, "min": 0.8, "max": 2.5}
+    # An even count: the upper middle run.
+    assert bench.summarize_rounds(rounds[:2], {})["engine"]["round"] == 1
+
+
 def test_generate_benchmark_runs(capsys):
     result = bench.main(["--smoke", "--repeats=1", "--short_caps=0.3"])
     prefill = result["prefill"]

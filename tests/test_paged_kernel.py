@@ -72,17 +72,24 @@ def test_kernel_equals_float64_per_slot_attention(
     assert_matches(out, lse, wants, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
-def test_tpu_kernel_reads_heads_narrower_than_a_lane_tile_from_the_tile(rng, monkeypatch):
-    # 4 kv heads of 64 (Llama 3.2 1B's, Qwen2.5 0.5B's width) fill two 128-lane tiles, two
-    # heads in each: every kv head reads its tile, its queries at its own lanes. Verify
-    # rows and a window; 3 pages a grid step.
-    assert ragged_paged_tpu.lane_span(64, 4) == 128
+@pytest.mark.parametrize(
+    "heads, dtype",
+    [((8, 4, 64), jnp.float32), ((16, 8, 32), jnp.bfloat16)],
+    ids=["4 kv heads of 64", "8 kv heads of 32"],
+)
+def test_tpu_kernel_reads_heads_narrower_than_a_lane_tile_from_the_tile(
+    rng, heads, dtype, monkeypatch
+):
+    # Kv heads of 64 (Llama 3.2 1B's, Qwen2.5 0.5B's width) or 32 fill 128-lane tiles, two
+    # or four heads in each, two tiles: every kv head reads its tile, its queries at its
+    # own lanes. Verify rows and a window; 3 pages a grid step.
+    _, kv_heads, d = heads
+    assert ragged_paged_tpu.lane_span(d, kv_heads) == 128
     monkeypatch.setattr(ragged_paged_tpu, "KEYS_PER_STEP", 3 * PAGE)
     out, lse, wants, _ = paged_step(
-        rng, 6, jnp.float32, 3, False, heads=(8, 4, 64), implementation="pallas_tpu",
-        interpret=True,
-    )  # fmt: skip
-    assert_matches(out, lse, wants, rtol=TOLERANCE[jnp.float32], atol=TOLERANCE[jnp.float32])
+        rng, 6, dtype, 3, False, heads=heads, implementation="pallas_tpu", interpret=True
+    )
+    assert_matches(out, lse, wants, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
 
 
 def test_tpu_kernel_lane_spans():
@@ -251,27 +258,28 @@ def _spec(*shape, dtype=jnp.int32):
 
 
 @pytest.mark.parametrize(
-    "implementation, size, host_lists, step_list_bytes, d",
+    "implementation, size, host_lists, step_list_bytes, kv_heads, d",
     [
-        ("pallas_tpu", 128, True, None, 128),
-        ("pallas_tpu", 16, False, None, 128),
-        ("pallas_tpu", 16, False, 8 << 10, 128),  # in-graph lists in windows of 58 steps
-        ("pallas_tpu", 16, False, None, 64),  # narrow heads: both in one lane tile
-        ("pallas_gpu", 128, True, None, 128),
+        ("pallas_tpu", 128, True, None, 2, 128),
+        ("pallas_tpu", 16, False, None, 2, 128),
+        ("pallas_tpu", 16, False, 8 << 10, 2, 128),  # in-graph lists in windows of 58 steps
+        ("pallas_tpu", 16, False, None, 2, 64),  # narrow heads: lm_tiny's, one lane tile
+        ("pallas_tpu", 16, False, None, 8, 64),  # Llama 3.2 1B's: four tiles
+        ("pallas_gpu", 128, True, None, 2, 128),
     ],
 )
 def test_kernel_lowers_at_production_sizes(
-    implementation, size, host_lists, step_list_bytes, d, rng, monkeypatch
+    implementation, size, host_lists, step_list_bytes, kv_heads, d, rng, monkeypatch
 ):
     # 32 decode slots and 16 chunk blocks over pages of 128 tokens (the TPU kernel: 4
     # pages a grid step; and of 16, 32 a step, its lists built in the step as the engine
-    # does), 8 q heads on 2 kv heads of d (128; 64 as in lm_tiny or Llama 3.2 1B),
-    # bfloat16: 256 decode and 512 chunk work items from the host.
+    # does), 4 q heads per kv head, bfloat16: 256 decode and 512 chunk work items from
+    # the host.
     platform = PLATFORMS[implementation]
     if platform == "cuda" and _refuses_without_triton(rng):
         return
     _, marker, checks = TARGETS[platform]
-    slots, pages, kv_heads, blocks = 32, 4096, 2, 16
+    slots, pages, blocks = 32, 4096, 16
     width = slots + 16 * blocks
 
     def step(q, seg, positions, k, v, table, *items):
@@ -283,7 +291,8 @@ def test_kernel_lowers_at_production_sizes(
 
     pool = _spec(pages, size, kv_heads, d, dtype=jnp.bfloat16)
     items = [_spec(256), _spec(256), _spec(512), _spec(512)] if host_lists else []
-    args = [_spec(1, width, 8, d, dtype=jnp.bfloat16), _spec(1, width), _spec(1, width)]
+    args = [_spec(1, width, 4 * kv_heads, d, dtype=jnp.bfloat16), _spec(1, width)]
+    args += [_spec(1, width)]
     args += [pool, pool, _spec(slots, 64), *items]
 
     def lowered():

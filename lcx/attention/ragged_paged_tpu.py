@@ -33,11 +33,12 @@ and each kv head's keys are a lane-aligned slice of a page (several pages per st
 P a multiple of 16, whole bfloat16 sublane tiles). The queries of a group are arranged
 [K, Q, D] (head h = k * R + r on row c * R + r, Q = C * R padded to 16 rows,
 `lcx.attention.ragged_paged_common`), so each kv head is one [Q, D] x [D, pages * P]
-product. Heads narrower than a lane tile (D dividing 128: 64 in Llama 3.2 1B, Qwen2.5
-0.5B, SmolLM2 and lm_tiny) cannot be sliced one by one; each kv head reads the whole
-128-lane tile holding it (`lane_span`) with its queries at its own lanes and zeros on
-the others', so the product over the tile is its own (the MXU runs a 64-deep product
-as a 128-deep one anyway), and its output is its own lanes of the tile's.
+product. Heads narrower than a lane tile (D dividing 128 with K * D a multiple of 128:
+8 kv heads of 64 in Llama 3.2 1B, 2 in Qwen2.5 0.5B and lm_tiny) cannot be sliced one
+by one; each kv head reads the whole 128-lane tile holding it (`lane_span`; a tile's
+pages are joined once for the heads in it) with its queries at its own lanes and zeros
+on the others', so the product over the tile is its own (the MXU runs a 64-deep
+product as a 128-deep one anyway), and its output is its own lanes of the tile's.
 """
 
 from __future__ import annotations
@@ -184,16 +185,18 @@ def _kernel(
         if window is not None:
             visible &= q_pos - kv_pos < window
 
-        def joined(page_refs, kv):
-            """The lane span of kv head `kv` in the step's pages, [pages * P, span]."""
-            lo = kv * head_dim // span * span
+        def joined(page_refs, lo):
+            """Lanes [lo, lo + span) of the step's pages, [pages * P, span]."""
             parts = [r[:, lo : lo + span] for r in page_refs]
             return parts[0] if per_step == 1 else jnp.concatenate(parts, axis=0)
 
+        tiles = {}  # lane span start: its keys and values, joined once for its heads
         for kv in range(kv_heads):
             q = q_ref[kv]
-            k = joined(k_refs, kv).astype(q.dtype)
-            v = joined(v_refs, kv)
+            lo = kv * head_dim // span * span
+            if lo not in tiles:
+                tiles[lo] = (joined(k_refs, lo).astype(q.dtype), joined(v_refs, lo))
+            k, v = tiles[lo]
             s = jax.lax.dot_general(
                 q, k, _NT, preferred_element_type=jnp.float32, precision=precision
             )

@@ -21,12 +21,14 @@ client asking for 16 tokens says nothing about how long the next chat answer run
 each request's draws are fixed by its id, not drawn afresh at every admission attempt.
 
 What it leaves out: a request grows one entry per step. A prompt being prefilled in
-chunks is counted whole from admission on, so chunked prefill is over-counted, not
-under; accepted drafts grow a request faster, but at one rate for all requests the
-peak is the same (the requests end in the same order, each holding what it holds when
-another ends), so only rates that differ between requests move it, and drafts take
-pages only where they are free (`Engine._drafts`), never by preempting. Queued
-preempted requests are not among the running ones the estimate counts.
+chunks is counted whole from admission on, but its output starts only after its
+remaining chunk steps, which the prediction does not wait for: it ends that request
+early, so where prompts take many steps to prefill (long prompts, a small token budget)
+the peak can be under-counted. Accepted drafts grow a request faster, but at one rate
+for all requests the peak is the same (the requests end in the same order, each holding
+what it holds when another ends), so only rates that differ between requests move it;
+drafts take pages only where they are free (`Engine._drafts`), never by preempting.
+Queued preempted requests are not among the running ones the estimate counts.
 
 numpy on the host: a few arrays of at most `HISTORY` + slots lengths per admission.
 """
