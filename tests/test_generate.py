@@ -912,3 +912,38 @@ def test_predicted_peak_is_the_engines_peak_page_use(rng):
     held = max(pages for pages, _ in steps[first:])
     assert past_future.peak_pages(now[None], end[None], 4) == held
     assert past_future.peak_pages(now[None], end[None] + 1, 4) > held
+
+
+def test_predicted_peak_waits_for_a_long_prompts_prefill(rng):
+    """A request decoding towards 12 tokens, and a 20-token prompt arriving beside it, 4
+    prompt tokens a step: the prompt's 3 outputs come after 4 more chunk steps, so it is
+    still held when the other ends. Predicted with its prefill steps (`prefill_steps`),
+    the peak is the engine's; taken as growing from admission, one page short."""
+    from lcx.generate import past_future
+
+    model = tiny_model(seed=17)
+    engine = Engine(model, slots=2, max_length=48, token_budget=6, page_size=4, num_pages=32)
+    steps, run_step = [], engine._run
+
+    def recording(*args, **kwargs):
+        running = sorted((r for r in engine._running if r), key=lambda r: r.request_id)
+        steps.append((engine.pages_in_use, [
+            (len(r.request.prompt), len(r.generated), r.request.max_new_tokens,
+             len(r.context) - r.prefilled)
+            for r in running
+        ]))  # fmt: skip
+        return run_step(*args, **kwargs)
+
+    engine._run = recording
+    decoding, long_prompt = random_prompts(rng, [3, 20])
+    engine.submit(Request(decoding, 12))
+    engine.step(), engine.step()
+    engine.submit(Request(long_prompt, 3))
+    engine.run()
+    first = next(i for i, (_, running) in enumerate(steps) if len(running) == 2)
+    now, end = np.array([past_future.cache_entries(*r[:3]) for r in steps[first][1]]).T
+    start = past_future.prefill_steps([r[3] for r in steps[first][1]], 4)  # after this step
+    assert start.tolist() == [0, 3]
+    held = max(pages for pages, _ in steps[first:])
+    assert past_future.peak_pages(now[None], end[None], 4, start) == held
+    assert past_future.peak_pages(now[None], end[None], 4) == held - 1

@@ -5,27 +5,49 @@ from __future__ import annotations
 
 import numpy as np
 
-from lcx.generate.past_future import peak_pages, sample_output_lengths, survival, uniforms
+from lcx.generate.past_future import (
+    peak_pages,
+    prefill_steps,
+    sample_output_lengths,
+    survival,
+    uniforms,
+)
 
 
-def _peak_by_stepping(now, end, page_size) -> int:
-    """The most pages held at any step, each request growing a token a step from `now`
-    and holding its pages through the step it reaches `end`."""
+def _peak_by_stepping(now, end, page_size, start) -> int:
+    """The most pages held at any step, each request holding `now` tokens until its
+    `start`, then growing a token a step, and holding its pages through the step it
+    reaches `end`."""
     peak = 0
-    for step in range(int((end - now).max()) + 1):
-        tokens = np.where(now + step <= end, now + step, 0)
-        peak = max(peak, int((-(-tokens // page_size)).sum()))
+    for step in range(int((start + end - now).max()) + 1):
+        tokens = now + np.clip(step - start, 0, None)
+        peak = max(peak, int((-(-np.where(tokens <= end, tokens, 0) // page_size)).sum()))
     return peak
 
 
 def test_peak_pages_equals_stepping_through_each_future(rng):
-    for _ in range(50):
+    for case in range(100):
         samples, requests = rng.integers(1, 4), rng.integers(1, 9)
         now = rng.integers(1, 60, (samples, requests))
         end = now + rng.integers(0, 80, (samples, requests))
         page_size = int(rng.choice([1, 4, 16]))
-        stepped = max(_peak_by_stepping(n, e, page_size) for n, e in zip(now, end, strict=True))
-        assert peak_pages(now, end, page_size) == stepped
+        start = rng.integers(0, 30, requests) * (case % 2)  # half the cases: no prefill left
+        stepped = max(
+            _peak_by_stepping(n, e, page_size, start) for n, e in zip(now, end, strict=True)
+        )
+        assert peak_pages(now, end, page_size, start) == stepped
+
+
+def test_a_prefilling_request_ends_after_its_prefill():
+    # One token a page. A decoding request at 10 tokens ends at 20; a prompt of 30 still
+    # prefilling for 9 steps then writes 2 more. Both are held when the first ends (20 +
+    # 31 = 51); taken as growing from now on, the prompt would end first (32 + 12 = 44).
+    now, end = np.array([[10, 30]]), np.array([[20, 32]])
+    assert peak_pages(now, end, 1, start=np.array([0, 9])) == 51
+    assert peak_pages(now, end, 1) == 44
+    # Prompts left to prefill, oldest first, 112 tokens a step: one decoding, then 100
+    # (done in the next step), 50 (in the step after, behind the 100), 300 (the 5th).
+    np.testing.assert_array_equal(prefill_steps([0, 100, 50, 0, 300], 112), [0, 0, 1, 0, 4])
 
 
 def test_survival_counts_running_requests_as_longer_outputs():

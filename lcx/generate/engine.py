@@ -849,7 +849,8 @@ class Engine:
             stopped, [*capped, *(len(r.generated) for r in running)]
         )
         now, end = [], []
-        for r in [*running, queued]:
+        requests = sorted([*running, queued], key=lambda r: r.request_id)  # oldest first
+        for r in requests:
             prompt, generated, most = (
                 len(r.request.prompt),
                 len(r.generated),
@@ -862,7 +863,10 @@ class Engine:
             entries_now, entries_at_end = past_future.cache_entries(prompt, generated, outputs)
             now.append(np.full(past_future.SAMPLES, entries_now))
             end.append(entries_at_end)
-        peak = past_future.peak_pages(np.stack(now, 1), np.stack(end, 1), self.page_size)
+        start = past_future.prefill_steps(
+            [len(r.context) - r.prefilled for r in requests], self.token_budget - self.slots
+        )  # as `_plan_row` takes prompt chunks: oldest first, beside every slot's decode
+        peak = past_future.peak_pages(np.stack(now, 1), np.stack(end, 1), self.page_size, start)
         return peak <= self._pool.num_pages
 
     # ---- speculative decoding ---------------------------------------------------------

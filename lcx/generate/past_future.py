@@ -20,11 +20,10 @@ counts the same way, as an output longer than that, not as one that ended there 
 client asking for 16 tokens says nothing about how long the next chat answer runs); and
 each request's draws are fixed by its id, not drawn afresh at every admission attempt.
 
-What it leaves out: a request grows one entry per step. A prompt being prefilled in
-chunks is counted whole from admission on, but its output starts only after its
-remaining chunk steps, which the prediction does not wait for: it ends that request
-early, so where prompts take many steps to prefill (long prompts, a small token budget)
-the peak can be under-counted. Accepted drafts grow a request faster, but at one rate
+What it leaves out: a request grows one entry per step once its prompt is prefilled
+(a prompt being prefilled counts whole from admission on, and its output starts after
+the steps its chunks and those of older prompts take, `prefill_steps`; the prefix
+cache can make them fewer). Accepted drafts grow a request faster, but at one rate
 for all requests the peak is the same (the requests end in the same order, each holding
 what it holds when another ends), so only rates that differ between requests move it;
 drafts take pages only where they are free (`Engine._drafts`), never by preempting.
@@ -91,15 +90,27 @@ def cache_entries(prompt: int, generated: int, outputs):
     return prompt + generated - 1, prompt + np.asarray(outputs) - 1
 
 
-def peak_pages(now, end, page_size: int) -> int:
+def peak_pages(now, end, page_size: int, start=0) -> int:
     """The most pages requests holding `now` tokens and ending at `end` tokens hold at
     once, taking `end` at each of its rows as one possible future ([samples, requests]):
-    a request holds ceil(tokens / page_size) pages, one token more each step, until it
-    ends and frees them all, so the total peaks at the step some request ends, counting
-    the requests that last at least as long."""
+    a request holds ceil(tokens / page_size) pages, one token more each step from its
+    `start` (the steps its prompt still takes to prefill: `prefill_steps`; it holds
+    `now` until then) until it ends and frees them all, so the total peaks at the step
+    some request ends, counting the requests that last at least as long."""
     now, end = np.atleast_2d(now), np.atleast_2d(end)
-    left = end - now  # steps until each request ends
-    lasting = left[:, None, :] >= left[:, :, None]  # [s, i, j]: j lasts until i ends
-    tokens = now[:, None, :] + left[:, :, None]
+    start = np.broadcast_to(start, now.shape)
+    finish = start + end - now  # the step at which each request ends
+    lasting = finish[:, None, :] >= finish[:, :, None]  # [s, i, j]: j lasts until i ends
+    grown = np.clip(finish[:, :, None] - start[:, None, :], 0, (end - now)[:, None, :])
+    tokens = now[:, None, :] + grown
     pages = np.where(lasting, -(-tokens // page_size), 0).sum(axis=-1)
     return int(pages.max(initial=0))
+
+
+def prefill_steps(remaining, per_step: int) -> np.ndarray:
+    """The steps before each request's output starts to grow: requests whose prompts
+    have `remaining` tokens left to prefill (0 for one decoding), in the order the
+    engine prefills them (oldest first), `per_step` prompt tokens a step; a request's
+    prefill ends in the step where everything before it and its own are done."""
+    done_by = np.cumsum(remaining)
+    return np.where(np.asarray(remaining) > 0, -(-done_by // per_step) - 1, 0)
